@@ -1,0 +1,1 @@
+"""Placeholder package: retrieval is built on the steering core."""

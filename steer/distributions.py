@@ -1,0 +1,194 @@
+"""Distributions a program can `sample` from and `observe`.
+
+Each distribution answers two async questions, `sample()` -> (value, log-prob) and `log_prob(value)`,
+and may `commit(value)`: the side effect of choosing that value (the LM's next token extends its
+context).  Program.sample/observe call `commit` only after the importance weight is computed, so a
+proposal and a target can both look at the same context before it moves on.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import SteerError
+from .lm import LMContext, Token
+from .randomness import streams
+
+NEG_INF = float("-inf")
+
+
+class Distribution(ABC):
+    @abstractmethod
+    async def sample(self) -> tuple[Any, float]:
+        """Draw a value and return it with its log-probability."""
+
+    @abstractmethod
+    async def log_prob(self, value: Any) -> float:
+        """Log-probability (or density) of `value`; -inf outside the support."""
+
+    def commit(self, value: Any) -> None:
+        """Apply the side effect of `value` having been chosen (default: none)."""
+
+
+class Categorical(Distribution):
+    """A finite distribution over arbitrary values, from probabilities or log-weights."""
+
+    def __init__(self, values: Sequence[Any], probs: Sequence[float] | None = None,
+                 logits: Sequence[float] | None = None):
+        if (probs is None) == (logits is None):
+            raise SteerError("Categorical needs exactly one of probs= or logits=")
+        self.values = list(values)
+        if probs is not None:
+            with np.errstate(divide="ignore"):
+                logits = np.log(np.asarray(probs, dtype=float))
+        logits = np.asarray(logits, dtype=float)
+        if len(logits) != len(self.values) or not len(self.values):
+            raise SteerError("Categorical needs one weight per value, and at least one value")
+        top = logits.max()
+        if not np.isfinite(top):
+            raise SteerError("Categorical has no value with positive probability")
+        self.logp = logits - (top + np.log(np.exp(logits - top).sum()))
+
+    async def sample(self) -> tuple[Any, float]:
+        i = int(streams.numpy.choice(len(self.values), p=np.exp(self.logp)))
+        return self.values[i], float(self.logp[i])
+
+    async def log_prob(self, value: Any) -> float:
+        total = [lp for v, lp in zip(self.values, self.logp) if v == value]
+        return float(np.logaddexp.reduce(total)) if total else NEG_INF
+
+
+class Bernoulli(Distribution):
+    def __init__(self, p: float):
+        if not 0.0 <= p <= 1.0:
+            raise SteerError(f"Bernoulli probability must lie in [0, 1], got {p}")
+        self.p = p
+
+    async def sample(self) -> tuple[bool, float]:
+        value = bool(streams.numpy.random() < self.p)
+        return value, await self.log_prob(value)
+
+    async def log_prob(self, value: Any) -> float:
+        q = self.p if value else 1.0 - self.p
+        return math.log(q) if q > 0 else NEG_INF
+
+
+class Geometric(Distribution):
+    """Number of failures before the first success, P(k) = (1-p)^k p, k = 0, 1, 2, ..."""
+
+    def __init__(self, p: float):
+        if not 0.0 < p <= 1.0:
+            raise SteerError(f"Geometric probability must lie in (0, 1], got {p}")
+        self.p = p
+
+    async def sample(self) -> tuple[int, float]:
+        value = int(streams.numpy.geometric(self.p)) - 1
+        return value, await self.log_prob(value)
+
+    async def log_prob(self, value: Any) -> float:
+        if not isinstance(value, (int, np.integer)) or value < 0:
+            return NEG_INF
+        return value * math.log1p(-self.p) + math.log(self.p) if self.p < 1 else (0.0 if value == 0 else NEG_INF)
+
+
+def _log_mass(logprobs: torch.Tensor, mask: torch.Tensor | None) -> float:
+    if mask is None:
+        return 0.0
+    return torch.logsumexp(logprobs.masked_fill(~mask, NEG_INF), 0).item()
+
+
+class NextToken(Distribution):
+    """The LM's next token in a context, optionally restricted to a mask and renormalised.
+
+    Committing a token appends it to the context.  A restriction set by observing `ctx.allowed(mask)`
+    applies too.
+    """
+
+    def __init__(self, context: LMContext, mask: Any = None):
+        self.context = context
+        self.mask_spec = mask
+
+    def _mask(self) -> torch.Tensor | None:
+        from .masks import resolve
+
+        mask = resolve(self.mask_spec, self.context)
+        if self.context.mask is not None:
+            mask = self.context.mask if mask is None else mask & self.context.mask
+        return mask
+
+    async def sample(self) -> tuple[Token, float]:
+        ctx = self.context
+        logprobs = await ctx.next_logprobs()
+        mask = self._mask()
+        log_z = _log_mass(logprobs, mask)
+        if log_z == NEG_INF:
+            raise SteerError("no token is allowed here (use observe/condition to reject instead of sample)")
+        token_id = ctx.draw
+        ctx.draw = None
+        # The batched round's draw is a sample of the unrestricted LM; accepted only inside the mask
+        # it is an exact sample of the restricted one (rejection sampling with one try).
+        if token_id is None or (mask is not None and not mask[token_id]):
+            weights = logprobs if mask is None else logprobs.masked_fill(~mask, NEG_INF)
+            token_id = int(torch.multinomial((weights - log_z).exp(), 1, generator=streams.torch))
+        return ctx.lm.token(token_id), logprobs[token_id].item() - log_z
+
+    async def log_prob(self, value: Any) -> float:
+        token_id = int(value)
+        logprobs = await self.context.next_logprobs()
+        mask = self._mask()
+        if mask is not None and not mask[token_id]:
+            return NEG_INF
+        return logprobs[token_id].item() - _log_mass(logprobs, mask)
+
+    def commit(self, value: Any) -> None:
+        self.context.extend([int(value)])
+
+
+class TokenInMask(Distribution):
+    """Bernoulli: is the next token in the mask?  Committing True restricts the next token to it."""
+
+    def __init__(self, context: LMContext, mask: Any):
+        self.context = context
+        self.mask_spec = mask
+
+    async def _log_mass(self) -> float:
+        from .masks import resolve
+
+        self._resolved = resolve(self.mask_spec, self.context)
+        return _log_mass(await self.context.next_logprobs(), self._resolved)
+
+    async def sample(self) -> tuple[bool, float]:
+        log_in = await self._log_mass()
+        value = bool(streams.numpy.random() < math.exp(log_in))
+        return value, await self.log_prob(value)
+
+    async def log_prob(self, value: Any) -> float:
+        log_in = await self._log_mass()
+        if value:
+            return log_in
+        return math.log1p(-math.exp(log_in)) if log_in < 0 else NEG_INF
+
+    def commit(self, value: Any) -> None:
+        mask = self._resolved if value else ~self._resolved
+        self.context.mask = mask if self.context.mask is None else self.context.mask & mask
+
+
+class Continuation(Distribution):
+    """The text that continues a context.  Observing a string appends it and adds its log-probability,
+    scored in one batched forward pass whatever its length."""
+
+    def __init__(self, context: LMContext):
+        self.context = context
+
+    async def sample(self) -> tuple[str, float]:
+        raise SteerError("a continuation can only be observed; sample tokens with next_token()")
+
+    async def log_prob(self, value: Any) -> float:
+        tokens = list(value) if not isinstance(value, str) else self.context.lm.encode(value, bos=False)
+        return await self.context.extend_scored(tokens)

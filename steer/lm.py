@@ -1,0 +1,379 @@
+"""Language-model backend: batched next-token log-probabilities over one shared KV cache.
+
+`LanguageModel` is the small interface the SMC core relies on; `HFLanguageModel` implements it for any
+transformers causal LM.  All contexts of a model live as rows of a single transformers cache.  Every
+batched round (`advance`) lays the rows out afresh:
+
+* a row is kept for every live context, keyed by (source row, tokens not yet encoded); contexts with the
+  same key share one row, so N particles with the same prompt encode it once, and identical particles
+  after resampling are computed once;
+* rows are gathered with the cache's own `reorder_cache` (as beam search does), so resampled copies
+  start from their parent's keys and values;
+* new tokens are left-padded into one chunk, padding is masked out of attention and positions are
+  counted per row, so each context costs the tokens it adds, never a re-encoding of its past;
+* the LM head runs only on each row's last position (and on every position of rows being scored).
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .errors import SteerError
+from .scheduler import LogprobsRequest
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """What constraints need to know about a tokenizer: each token's text and which ids are special."""
+
+    strings: list[str]
+    eos_ids: frozenset[int]
+    bos_id: int | None
+    special: np.ndarray  # bool per token: control tokens that never stand for text
+
+    @property
+    def size(self) -> int:
+        return len(self.strings)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, size: int | None = None) -> Vocabulary:
+        size = max(size or 0, len(tokenizer))
+        ids = list(range(len(tokenizer)))
+        strings = tokenizer.batch_decode([[i] for i in ids]) + [""] * (size - len(tokenizer))
+        special = np.zeros(size, dtype=bool)
+        special[len(tokenizer):] = True
+        for i, added in tokenizer.added_tokens_decoder.items():
+            if added.special and i < size:
+                special[i] = True
+        special[tokenizer.all_special_ids] = True
+        eos = tokenizer.eos_token_id
+        eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        for i in eos_ids:
+            strings[i] = ""
+        return cls(strings, eos_ids, tokenizer.bos_token_id, special)
+
+
+@dataclass(frozen=True)
+class Token:
+    """A sampled token: compares equal to its id or its text."""
+
+    id: int
+    text: str
+    is_eos: bool = False
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Token):
+            return self.id == other.id
+        if isinstance(other, int):
+            return self.id == other
+        if isinstance(other, str):
+            return (other == "eos" and self.is_eos) or (not self.is_eos and self.text == other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __int__(self) -> int:
+        return self.id
+
+
+class LanguageModel(ABC):
+    """The interface the SMC core uses; another engine (vLLM, llama.cpp) plugs in by implementing it."""
+
+    vocab: Vocabulary
+    max_length: int
+    name: str
+
+    @abstractmethod
+    def encode(self, text: str, *, bos: bool = True) -> list[int]:
+        """Token ids of `text`, with the model's BOS token first when `bos`."""
+
+    @abstractmethod
+    def advance(self, requests: Sequence[LogprobsRequest]) -> None:
+        """Serve one batched round: set `context.logprobs` (float32, shape [vocab]) for every request,
+        and `context.pending_scores` for those with `score=True`."""
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.vocab.strings[i] for i in ids)
+
+    def token(self, token_id: int) -> Token:
+        return Token(token_id, self.vocab.strings[token_id], token_id in self.vocab.eos_ids)
+
+    def context(self, prompt: str = "", *, bos: bool = True) -> LMContext:
+        return LMContext(self, prompt, bos=bos)
+
+    def release(self, context: LMContext) -> None:
+        """Forget the cache state held for `context` (it will be re-encoded if used again)."""
+
+    def set_seed(self, generator: torch.Generator) -> None:
+        """Use `generator` for the pre-drawn samples of the next rounds."""
+        self.generator = generator
+
+    def __deepcopy__(self, memo):  # particles are deep-copied; the model they use is shared
+        return self
+
+
+class LMContext:
+    """A token sequence under a language model: the state a particle extends token by token.
+
+    Copies made by resampling share the model and, until they diverge, the cache row of their parent.
+    """
+
+    _serials = itertools.count()
+
+    def __init__(self, lm: LanguageModel, prompt: str | Sequence[int] = "", *, bos: bool = True):
+        self.lm = lm
+        self.tokens: list[int] = lm.encode(prompt, bos=bos) if isinstance(prompt, str) else list(prompt)
+        if not self.tokens:
+            raise SteerError("an LM context needs at least one token (use bos=True for an empty prompt)")
+        if len(self.tokens) >= lm.max_length:
+            raise SteerError(
+                f"prompt is {len(self.tokens)} tokens; the model's context holds {lm.max_length}"
+            )
+        self.prompt_length = len(self.tokens)
+        self.logprobs: torch.Tensor | None = None  # next-token log-probs after self.tokens
+        self.pending_scores: list[float] | None = None
+        self.draw: int | None = None  # a sample from `logprobs` drawn in the batched round, unused so far
+        self.mask: torch.Tensor | None = None  # restriction on the next token set by `allowed`
+        self._text: list[str] = []
+        self.serial = next(self._serials)
+        self.backend_state: object = None  # owned by the model backend
+
+    # -- state ----------------------------------------------------------------------------------------
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_length:]
+
+    @property
+    def text(self) -> str:
+        """The generated text (prompt excluded)."""
+        return "".join(self._text)
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"LMContext({self.text!r})"
+
+    def extend(self, token_ids: Sequence[int]) -> None:
+        """Append tokens (their log-probabilities are not counted: use `observe` for that)."""
+        if len(self.tokens) + len(token_ids) > self.lm.max_length:
+            raise SteerError(f"context would exceed the model's {self.lm.max_length} tokens")
+        self.tokens.extend(token_ids)
+        self._text.extend(self.lm.vocab.strings[t] for t in token_ids)
+        self.logprobs = None
+        self.draw = None
+        self.mask = None
+
+    async def next_logprobs(self) -> torch.Tensor:
+        """Log-probabilities of the next token (waits for the batched round if out of date)."""
+        if self.logprobs is None:
+            await LogprobsRequest(self)
+        return self.logprobs
+
+    async def extend_scored(self, token_ids: Sequence[int]) -> float:
+        """Append tokens and return their total log-probability, in one batched round."""
+        if not token_ids:
+            return 0.0
+        first = (await self.next_logprobs())[token_ids[0]].item()
+        self.extend(token_ids)
+        if len(token_ids) == 1:
+            return first
+        await LogprobsRequest(self, score=True)
+        return first + sum(self.pending_scores)
+
+    # -- distributions --------------------------------------------------------------------------------
+    def next_token(self, mask: object = None):
+        """The LM's next-token distribution here, optionally restricted to `mask` and renormalised."""
+        from .distributions import NextToken
+
+        return NextToken(self, mask)
+
+    def allowed(self, mask: object):
+        """A Bernoulli over "the next token is in `mask`"; observing True restricts the next token."""
+        from .distributions import TokenInMask
+
+        return TokenInMask(self, mask)
+
+    def continuation(self):
+        """The distribution of a string continuing this context; observe it to force and score text."""
+        from .distributions import Continuation
+
+        return Continuation(self)
+
+    # -- copying --------------------------------------------------------------------------------------
+    def __deepcopy__(self, memo):
+        new = LMContext.__new__(LMContext)
+        new.__dict__.update(self.__dict__)
+        new.tokens = list(self.tokens)
+        new._text = list(self._text)
+        new.serial = next(self._serials)
+        new.draw = None  # a pre-drawn sample is used by one context only
+        memo[id(self)] = new
+        return new
+
+
+@dataclass
+class _Slot:
+    """Where a context lives in the shared cache: its row in layout `layout`, `cached` tokens encoded."""
+
+    layout: int
+    row: int
+    cached: int
+
+
+class HFLanguageModel(LanguageModel):
+    """A transformers causal LM served through one batched, reorderable KV cache (see module docs)."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        name: str | None = None,
+        vocab: Vocabulary | None = None,
+    ):
+        from transformers import DynamicCache
+
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name or getattr(model.config, "name_or_path", "") or type(model).__name__
+        self.vocab = vocab or Vocabulary.from_tokenizer(tokenizer, model.config.vocab_size)
+        self.max_length = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.device = next(model.parameters()).device
+        self._decoder = model.get_decoder()
+        self._head = model.get_output_embeddings()
+        self._softcap = getattr(model.config, "final_logit_softcapping", None)
+        self._make_cache = lambda: DynamicCache(config=model.config)
+        self._cache = None
+        self._mask: torch.Tensor | None = None  # [rows, columns] which cache columns hold real tokens
+        self._layout = 0
+        self._resident: weakref.WeakValueDictionary[int, LMContext] = weakref.WeakValueDictionary()
+        self.generator = torch.Generator().manual_seed(0)
+        self.forward_calls = 0  # batched forward passes served, for tests and benchmarks
+
+    def encode(self, text: str, *, bos: bool = True) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if bos and self.vocab.bos_id is not None:
+            ids = [self.vocab.bos_id, *ids]
+        return ids
+
+    def release(self, context: LMContext) -> None:
+        context.backend_state = None
+        self._resident.pop(context.serial, None)
+
+    def reset(self) -> None:
+        """Drop the whole cache (every context will be re-encoded on its next use)."""
+        self._cache = self._mask = None
+        self._layout += 1
+        self._resident.clear()
+
+    def _slot(self, context: LMContext) -> _Slot | None:
+        slot = context.backend_state
+        return slot if isinstance(slot, _Slot) and slot.layout == self._layout else None
+
+    @torch.inference_mode()
+    def advance(self, requests: Sequence[LogprobsRequest]) -> None:
+        requested = {r.context.serial: r for r in requests}
+        live = [r.context for r in requests]
+        live += [c for s, c in sorted(self._resident.items()) if s not in requested and self._slot(c)]
+
+        # One row per distinct (source row, tokens to encode).
+        keys: dict[tuple, int] = {}
+        rows_of: list[int] = []
+        sources: list[int | None] = []
+        chunks: list[list[int]] = []
+        cached_after: list[int] = []
+        for context in live:
+            slot = self._slot(context)
+            source, cached = (slot.row, slot.cached) if slot else (None, 0)
+            # Contexts nobody asked about keep their row as it is; their new tokens wait for a request.
+            new_tokens = context.tokens[cached:] if context.serial in requested else []
+            cached_after.append(cached + len(new_tokens))
+            key = (source, tuple(new_tokens))
+            if key not in keys:
+                keys[key] = len(sources)
+                sources.append(source)
+                chunks.append(new_tokens)
+            rows_of.append(keys[key])
+
+        scored_rows = {rows_of[i] for i, c in enumerate(live) if c.serial in requested and requested[c.serial].score}
+        hidden = self._forward(sources, chunks)  # [rows, chunk, hidden]
+        self._layout += 1
+        self.forward_calls += 1
+
+        # Log-probs at each row's last position (only rows someone asked for), in float32.
+        wanted = sorted({rows_of[i] for i, c in enumerate(live) if c.serial in requested})
+        position = {row: i for i, row in enumerate(wanted)}
+        logprobs = self._logprobs(hidden[wanted, -1])
+        multiplicity = np.bincount([rows_of[i] for i, c in enumerate(live) if c.serial in requested],
+                                   minlength=len(sources))
+        draws = torch.multinomial(logprobs.exp(), int(multiplicity.max()), replacement=True,
+                                  generator=self.generator).tolist()
+        used = dict.fromkeys(wanted, 0)
+        width = hidden.shape[1]
+        row_scores = {}
+        for row in scored_rows:
+            n = len(chunks[row])
+            lp = self._logprobs(hidden[row, width - n:width - 1])
+            row_scores[row] = lp.gather(1, torch.tensor(chunks[row][1:])[:, None])[:, 0].tolist()
+
+        for context, row, cached in zip(live, rows_of, cached_after):
+            context.backend_state = _Slot(self._layout, row, cached)
+            self._resident[context.serial] = context
+            if context.serial in requested:
+                context.logprobs = logprobs[position[row]]
+                context.draw = draws[position[row]][used[row]]
+                used[row] += 1
+                context.pending_scores = row_scores.get(row)
+
+    def _forward(self, sources: list[int | None], chunks: list[list[int]]) -> torch.Tensor:
+        """Lay out the cache rows `sources` (None: a fresh row), append `chunks`, return hidden states."""
+        width = max(len(c) for c in chunks)
+        n_rows = len(sources)
+        index = torch.tensor([0 if s is None else s for s in sources])
+        fresh = torch.tensor([s is None for s in sources])
+        if self._cache is None or fresh.all():
+            self._cache, past = self._make_cache(), torch.zeros(n_rows, 0, dtype=torch.long)
+        else:
+            if not torch.equal(index, torch.arange(self._mask.shape[0])):
+                self._cache.reorder_cache(index)
+            past = self._mask[index].masked_fill(fresh[:, None], 0)
+        input_ids = torch.full((n_rows, width), self.pad_id, dtype=torch.long)
+        chunk_mask = torch.zeros(n_rows, width, dtype=torch.long)
+        for i, chunk in enumerate(chunks):
+            if chunk:
+                input_ids[i, width - len(chunk):] = torch.tensor(chunk)
+                chunk_mask[i, width - len(chunk):] = 1
+        self._mask = torch.cat([past, chunk_mask], dim=1)
+        # Each token's position counts only the real tokens before it in its own row.
+        positions = (self._mask.cumsum(1) - 1).clamp(min=0)[:, -width:]
+        out = self._decoder(
+            input_ids=input_ids.to(self.device),
+            attention_mask=self._mask.to(self.device),
+            position_ids=positions.to(self.device),
+            cache=self._cache,
+            use_cache=True,
+        )
+        return out.last_hidden_state
+
+    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self._head(hidden).float()
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return torch.log_softmax(logits, dim=-1).cpu()

@@ -1,0 +1,139 @@
+"""Token masks: which next tokens keep a constraint satisfiable, computed vectorised over the vocabulary.
+
+A mask spec is any of: a boolean tensor over the vocabulary, a collection of token ids, a callable
+`context -> tensor`, or a `TokenConstraint`.  `resolve` turns a spec into a tensor for one context.
+Per-token string properties are computed once per vocabulary (`TokenTable.of`), so each mask costs a
+few vector operations over the 262k-token vocabulary, not a Python loop.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import SteerError
+from .lm import LMContext, Vocabulary
+
+
+_LETTERS = re.compile(r"[^\W\d_]+")
+
+
+class TokenTable:
+    """Per-token string properties of one vocabulary, shared by all masks built on it."""
+
+    _tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __init__(self, vocab: Vocabulary):
+        self.vocab = vocab
+        n = vocab.size
+        self.eos = np.zeros(n, dtype=bool)
+        self.eos[list(vocab.eos_ids)] = True
+        self.text = ~vocab.special  # tokens that stand for text
+        # Word structure: leading letters (continuing the current word), longest complete inner word,
+        # trailing letters (the word left open), and whether the token contains a non-letter.
+        self.lead = np.zeros(n, dtype=np.int32)
+        self.inner = np.zeros(n, dtype=np.int32)
+        self.trail = np.zeros(n, dtype=np.int32)
+        self.breaks = np.zeros(n, dtype=bool)
+        for i, s in enumerate(vocab.strings):
+            if not s or not self.text[i]:
+                continue
+            runs = [(m.start(), m.end()) for m in _LETTERS.finditer(s)]
+            if runs == [(0, len(s))]:
+                self.lead[i] = len(s)
+                continue
+            self.breaks[i] = True
+            inner = [b - a for a, b in runs if a > 0 and b < len(s)]
+            self.inner[i] = max(inner, default=0)
+            if runs and runs[0][0] == 0:
+                self.lead[i] = runs[0][1]
+            if runs and runs[-1][1] == len(s):
+                self.trail[i] = runs[-1][1] - runs[-1][0]
+
+    @classmethod
+    def of(cls, vocab: Vocabulary) -> TokenTable:
+        table = cls._tables.get(vocab)
+        if table is None:
+            table = cls._tables[vocab] = cls(vocab)
+        return table
+
+
+class TokenConstraint:
+    """A constraint on the next token that depends on the context's text so far."""
+
+    def mask(self, context: LMContext) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class WordLength(TokenConstraint):
+    """Every word (run of letters) has between `min` and `max` letters; words continue across tokens.
+
+    `min` is checked when a word ends, so a token that closes a too-short word is excluded.
+    """
+
+    def __init__(self, max: int | None = None, min: int = 1, allow_eos: bool = True):
+        if max is not None and max < min:
+            raise SteerError(f"word_length: max ({max}) is below min ({min})")
+        self.max, self.min, self.allow_eos = max, min, allow_eos
+        self._cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    def mask(self, context: LMContext) -> torch.Tensor:
+        open_word = _open_word(context.text)
+        key = (id(context.lm.vocab), open_word)
+        if key not in self._cache:
+            self._cache[key] = self._build(TokenTable.of(context.lm.vocab), open_word)
+        return self._cache[key]
+
+    def _build(self, t: TokenTable, open_word: int) -> torch.Tensor:
+        hi = self.max if self.max is not None else 1 << 30
+        first = open_word + t.lead  # the word the token continues (or starts)
+        ok = first <= hi
+        closes_first = t.breaks & (first > 0)
+        ok &= ~closes_first | (first >= self.min)
+        ok &= ~t.breaks | ((t.inner == 0) | ((t.inner >= self.min) & (t.inner <= hi)))
+        ok &= t.trail <= hi
+        ok &= t.text
+        if self.allow_eos:
+            ok |= t.eos & (open_word == 0 or open_word >= self.min)
+        return torch.from_numpy(ok)
+
+
+def _open_word(text: str) -> int:
+    n = 0
+    for ch in reversed(text):
+        if not ch.isalpha():
+            break
+        n += 1
+    return n
+
+
+def word_length(max: int | None = None, min: int = 1, allow_eos: bool = True) -> WordLength:
+    """Every word has at most `max` (and at least `min`) letters."""
+    return WordLength(max=max, min=min, allow_eos=allow_eos)
+
+
+def resolve(spec: Any, context: LMContext) -> torch.Tensor | None:
+    """The boolean mask over the vocabulary that `spec` stands for in `context` (None: no restriction)."""
+    if spec is None:
+        return None
+    if isinstance(spec, TokenConstraint):
+        return spec.mask(context)
+    if isinstance(spec, torch.Tensor):
+        if spec.dtype != torch.bool or spec.shape != (context.lm.vocab.size,):
+            raise SteerError(f"a mask tensor must be bool of shape ({context.lm.vocab.size},)")
+        return spec
+    if callable(spec):
+        return resolve(spec(context), context)
+    if isinstance(spec, Iterable):
+        mask = torch.zeros(context.lm.vocab.size, dtype=torch.bool)
+        mask[list(spec)] = True
+        return mask
+    raise SteerError(f"cannot use {type(spec).__name__} as a token mask")
+
+
+MaskSpec = torch.Tensor | Iterable[int] | Callable[[LMContext], Any] | TokenConstraint

