@@ -149,7 +149,6 @@ class LMContext:
         self.pending_scores: list[float] | None = None
         self.draw: int | None = None  # a sample from `logprobs` drawn in the batched round, unused so far
         self.mask: torch.Tensor | None = None  # restriction on the next token set by `allowed`
-        self._text: list[str] = []
         self.serial = next(self._serials)
         self.backend_state: object = None  # owned by the model backend
 
@@ -161,7 +160,7 @@ class LMContext:
     @property
     def text(self) -> str:
         """The generated text (prompt excluded)."""
-        return "".join(self._text)
+        return self.lm.decode(self.generated)
 
     def __str__(self) -> str:
         return self.text
@@ -174,7 +173,6 @@ class LMContext:
         if len(self.tokens) + len(token_ids) > self.lm.max_length:
             raise SteerError(f"context would exceed the model's {self.lm.max_length} tokens")
         self.tokens.extend(token_ids)
-        self._text.extend(self.lm.vocab.strings[t] for t in token_ids)
         self.logprobs = None
         self.draw = None
         self.mask = None
@@ -220,7 +218,6 @@ class LMContext:
         new = LMContext.__new__(LMContext)
         new.__dict__.update(self.__dict__)
         new.tokens = list(self.tokens)
-        new._text = list(self._text)
         new.serial = next(self._serials)
         new.draw = None  # a pre-drawn sample is used by one context only
         memo[id(self)] = new
@@ -266,6 +263,10 @@ class HFLanguageModel(LanguageModel):
         self._resident: weakref.WeakValueDictionary[int, LMContext] = weakref.WeakValueDictionary()
         self.generator = torch.Generator().manual_seed(0)
         self.forward_calls = 0  # batched forward passes served, for tests and benchmarks
+
+    def decode(self, ids: Sequence[int]) -> str:
+        eos = self.vocab.eos_ids
+        return self.tokenizer.decode([i for i in ids if i not in eos], skip_special_tokens=False)
 
     def encode(self, text: str, *, bos: bool = True) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False)

@@ -72,7 +72,9 @@ def load_model(path: str | os.PathLike | None = None, *, device: str = "cpu",
     """Load a causal LM for steering: the default Gemma 3 270M when `path` is None, else a local HF
     checkpoint directory (config, safetensors weights, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # loading takes seconds; its per-tensor bar is noise
     directory = default_model_path() if path is None else Path(path)
     if not directory.is_dir():
         raise ModelLoadError(f"model directory not found: {directory}")

@@ -88,6 +88,8 @@ class Posterior:
         """Posterior probability of each distinct result, most probable first."""
         totals: dict[Any, float] = {}
         for particle, w in zip(self.particles, self.weights):
+            if w == 0.0:
+                continue
             key = particle.result()
             totals[key] = totals.get(key, 0.0) + float(w)
         return dict(sorted(totals.items(), key=lambda kv: -kv[1]))

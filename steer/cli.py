@@ -1,0 +1,121 @@
+"""The `steer` command line.  User errors print one line and exit 2; internal errors exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from .errors import SteerError
+
+EXIT_USER = 2
+EXIT_INTERNAL = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, as for every other user error
+        self.exit(EXIT_USER, f"{self.prog}: error: {message}\n")
+
+
+def _positive(name: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}")
+        return value
+
+    return parse
+
+
+def add_sampler_options(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:
+    """Flags shared by every command that runs a sampler (None where a file may give the value)."""
+    from .resampling import SCHEMES
+    from .smc import METHODS
+
+    d = (lambda v: v) if defaults else (lambda v: None)
+    parser.add_argument("--particles", "-n", type=_positive("--particles"), default=d(16))
+    parser.add_argument("--method", choices=METHODS, default=d("smc"))
+    parser.add_argument("--resampling", choices=sorted(SCHEMES), default=d("systematic"))
+    parser.add_argument("--ess", type=float, default=d(0.5), help="resample when ESS < ess * N (smc)")
+    parser.add_argument("--beam", type=_positive("--beam"), default=d(3), help="children per particle (smc-steer)")
+    parser.add_argument("--seed", type=int, default=d(0))
+    parser.add_argument("--model", default=None, help="local HF model directory (default: Gemma 3 270M)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per particle, then a summary")
+    parser.add_argument("--progress", action="store_true", help="show a progress bar")
+
+
+def sampler_options(args: argparse.Namespace) -> dict:
+    options = {"particles": args.particles, "seed": args.seed, "progress": args.progress}
+    if args.method == "smc":
+        options.update(ess_threshold=args.ess, resampling=args.resampling)
+    elif args.method == "smc-steer":
+        options.update(beam=args.beam)
+    return options
+
+
+def print_posterior(posterior, as_json: bool, out=sys.stdout) -> None:
+    if as_json:
+        for particle, w, lw in zip(posterior.particles, posterior.weights, posterior.log_weights):
+            print(json.dumps({"text": particle.result(), "weight": float(w), "log_weight": float(lw)}), file=out)
+        print(json.dumps({"summary": posterior.summary()}), file=out)
+        return
+    for text, w in posterior.distribution().items():
+        print(f"{w:7.4f}  {json.dumps(text, ensure_ascii=False)}", file=out)
+    s = posterior.summary()
+    print(f"log_ml = {s['log_ml']:.4f}   ess = {s['ess']:.2f}/{s['particles']}   steps = {s['steps']}   "
+          f"resampled = {s['resampled']}   {s['seconds']:.1f}s", file=out)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import Generate
+    from .models import load_model
+    from .smc import run
+
+    lm = load_model(args.model)
+    program = Generate(lm, args.prompt, max_tokens=args.max_tokens, stop=args.stop)
+    posterior = run(program, args.method, **sampler_options(args))
+    print_posterior(posterior, args.json)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="steer", description="Steer language models with SMC.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = commands.add_parser("generate", help="sample continuations of a prompt with SMC")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", "-t", type=_positive("--max-tokens"), default=32)
+    gen.add_argument("--stop", default=None, help="stop at this string (excluded from the result)")
+    add_sampler_options(gen)
+    gen.set_defaults(handler=_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(message)s")
+    try:
+        return args.handler(args)
+    except SteerError as e:
+        if args.debug:
+            raise
+        print(f"steer: error: {e}", file=sys.stderr)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
+        if args.debug:
+            raise
+        print(f"steer: internal error: {type(e).__name__}: {e} (rerun with --debug for details)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""The stock program: sample a continuation of a prompt, optionally masked, up to a stop string."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import SteerError
+from .lm import LanguageModel
+from .program import Program
+
+
+class Generate(Program):
+    """Continue `prompt` for at most `max_tokens` tokens, stopping at EOS or at the first `stop` string.
+
+    `mask` (any mask spec, e.g. `steer.masks.word_length(max=5)`) restricts every token through a
+    locally constrained proposal, which adds the log mass of the allowed tokens to the weight.
+    """
+
+    def __init__(self, lm: LanguageModel, prompt: str, max_tokens: int = 32, stop: str | None = None,
+                 mask: Any = None):
+        super().__init__()
+        if max_tokens < 1:
+            raise SteerError(f"max_tokens must be at least 1, got {max_tokens}")
+        self.context = lm.context(prompt)
+        if len(self.context.tokens) + max_tokens > lm.max_length:
+            raise SteerError(
+                f"prompt ({len(self.context.tokens)} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                f"model's context of {lm.max_length} tokens"
+            )
+        self.max_tokens = max_tokens
+        self.stop = stop or None
+        self.mask = mask
+
+    async def step(self) -> None:
+        ctx = self.context
+        proposal = ctx.next_token(self.mask) if self.mask is not None else None
+        token = await self.sample(ctx.next_token(), proposal=proposal)
+        if token.is_eos or len(ctx.generated) >= self.max_tokens or (self.stop and self.stop in ctx.text):
+            self.finish()
+
+    def result(self) -> str:
+        text = self.context.text
+        return text.split(self.stop, 1)[0] if self.stop else text

@@ -1,0 +1,15 @@
+import pytest
+
+import steer
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    """A 4-token model (<eos>, <bos>, a, b): every sequence can be enumerated."""
+    return steer.tiny_model("ab", seed=2, temperature=2.0)
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """The real default model (converted once into the cache, then loaded in seconds)."""
+    return steer.load_model()

@@ -1,0 +1,29 @@
+"""Independent reference computations: exact enumeration of a tiny model's sequence distribution."""
+
+from __future__ import annotations
+
+import torch
+
+
+def next_logprobs(lm, tokens: list[int]) -> torch.Tensor:
+    """log p(next | tokens) from one plain full-sequence forward pass (no cache)."""
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([tokens])).logits[0, -1].float()
+    return torch.log_softmax(logits, -1)
+
+
+def complete_sequences(lm, prompt: list[int], max_tokens: int):
+    """Every complete continuation (ending in EOS, or at max_tokens) with its exact log-probability."""
+    eos = next(iter(lm.vocab.eos_ids))
+    out = {}
+
+    def walk(generated: list[int], logp: float):
+        if len(generated) == max_tokens or (generated and generated[-1] == eos):
+            out[tuple(generated)] = logp
+            return
+        lp = next_logprobs(lm, prompt + generated)
+        for t in range(lm.vocab.size):
+            walk(generated + [t], logp + lp[t].item())
+
+    walk([], 0.0)
+    return out
