@@ -2,6 +2,7 @@
 
 from . import masks
 from .distributions import Bernoulli, Categorical, Continuation, Distribution, Geometric, NextToken, TokenInMask
+from .generate import Generate
 from .errors import ModelLoadError, ParticlesDiedError, SteerError
 from .lm import HFLanguageModel, LanguageModel, LMContext, Token, Vocabulary
 from .models import load_model, tiny_model
@@ -9,7 +10,7 @@ from .program import Program, SubProgram, program
 from .smc import Posterior, StepRecord, importance_sampling, run, smc, smc_steer
 
 __all__ = [
-    "Bernoulli", "Categorical", "Continuation", "Distribution", "Geometric", "HFLanguageModel",
+    "Bernoulli", "Categorical", "Generate", "Continuation", "Distribution", "Geometric", "HFLanguageModel",
     "LMContext", "LanguageModel", "ModelLoadError", "NextToken", "ParticlesDiedError", "Posterior",
     "Program", "SteerError", "StepRecord", "SubProgram", "Token", "TokenInMask", "Vocabulary",
     "importance_sampling", "load_model", "masks", "program", "run", "smc", "smc_steer", "tiny_model",
