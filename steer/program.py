@@ -93,7 +93,7 @@ class Program(_Weighted):
         return str(self)
 
     def __str__(self) -> str:
-        contexts = list(self.contexts())
+        contexts = list(self._lm_contexts())
         if len(contexts) == 1:
             return contexts[0].text
         return repr(self)
@@ -121,13 +121,13 @@ class Program(_Weighted):
         if self.finished:
             self._untwist()
 
-    def contexts(self) -> Iterator[LMContext]:
+    def _lm_contexts(self) -> Iterator[LMContext]:
         """The LM contexts this particle holds (in attributes, lists, dicts and sub-programs)."""
         yield from _find_contexts(vars(self), set())
 
-    def release(self) -> None:
+    def _release(self) -> None:
         """Give back the cache space of this particle's contexts (done when it finishes)."""
-        for context in self.contexts():
+        for context in self._lm_contexts():
             context.lm.release(context)
 
 

@@ -143,7 +143,7 @@ class _Run:
         run_batched([p._advance() for p in particles if not p.finished])
         for p in particles:
             if p.finished:
-                p.release()
+                p._release()
         if all(p.weight == NEG_INF for p in particles):
             reasons = [p.death_reason for p in particles if p.death_reason]
             raise ParticlesDiedError(t, reasons[-1] if reasons else None)
@@ -167,7 +167,7 @@ class _Run:
     def done(self, particles: list[Program], **info: Any) -> Posterior:
         self.bar.close()
         for p in particles:
-            p.release()
+            p._release()
         log_w = np.array([p.weight for p in particles], dtype=float)
         return Posterior(particles, log_w, _logsumexp(log_w) - math.log(len(log_w)), self.trace,
                          self.method, self.seed, time.perf_counter() - self.started, info)
