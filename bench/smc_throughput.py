@@ -88,6 +88,7 @@ def main() -> None:
                          ess_threshold=1.0)
 
     runs = {"hf generate": hf_generate, "steer smc": smc_plain, "steer smc, resample every step": smc_resampling}
+    # (after resampling, copies that draw the same token share one cache row and are computed once)
     times = {k: [] for k in runs}
     memory = {k: 0 for k in runs}
     flat = []

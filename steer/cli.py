@@ -58,7 +58,8 @@ def sampler_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def print_posterior(posterior, as_json: bool, out=sys.stdout) -> None:
+def print_posterior(posterior, as_json: bool, out=None) -> None:
+    out = out or sys.stdout
     if as_json:
         for particle, w, lw in zip(posterior.particles, posterior.weights, posterior.log_weights):
             print(json.dumps({"text": particle.result(), "weight": float(w), "log_weight": float(lw)}), file=out)

@@ -1,0 +1,63 @@
+"""The `steer` command: output formats and one-line errors with exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import steer
+from steer.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    lm = steer.tiny_model("ab ", seed=2, temperature=2.0, max_length=64)
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+def test_generate_json(tiny_dir, capsys):
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "ab", "-n", "5", "-t", "4", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    particles, summary = lines[:-1], lines[-1]["summary"]
+    assert len(particles) == 5
+    assert sum(p["weight"] for p in particles) == pytest.approx(1.0)
+    assert summary["steps"] <= 4 and all(p["text"] for p in particles)
+    assert summary["particles"] == 5 and summary["method"] == "smc" and "log_ml" in summary
+
+
+def test_generate_stop_string(tiny_dir, capsys):
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "a", "-n", "8", "-t", "20",
+                 "--stop", "b", "--json", "--method", "is"]) == 0
+    texts = [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()[:-1]]
+    assert all("b" not in t for t in texts)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/no/such/model"], "model directory not found"),
+    (["--particles", "0"], "--particles must be at least 1"),
+    (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+    (["--prompt", "a" * 100], "the model's context"),
+    (["--prompt", "a" * 50, "-t", "30"], "exceeds the model's context"),
+    (["--method", "mcmc"], "invalid choice"),
+])
+def test_bad_input_is_one_line_and_exit_2(tiny_dir, capsys, args, message):
+    argv = ["generate", "--model", str(tiny_dir), "--prompt", "ab", *args]
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_console_script_on_the_default_model():
+    out = subprocess.run([sys.executable, "-m", "steer.cli", "generate", "--prompt", "The sky is",
+                          "-n", "3", "-t", "5", "--seed", "1"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "log_ml =" in out.stdout and len(out.stdout.splitlines()) >= 2
