@@ -47,10 +47,13 @@ def add_sampler_options(parser: argparse.ArgumentParser, *, defaults: bool = Tru
     parser.add_argument("--model", default=None, help="local HF model directory (default: Gemma 3 270M)")
     parser.add_argument("--json", action="store_true", help="one JSON object per particle, then a summary")
     parser.add_argument("--progress", action="store_true", help="show a progress bar")
+    parser.add_argument("--trace", metavar="FILE.html", default=None,
+                        help="write an HTML page of the run: particles, weights, ESS and resampling per step")
 
 
 def sampler_options(args: argparse.Namespace) -> dict:
-    options = {"particles": args.particles, "seed": args.seed, "progress": args.progress}
+    options = {"particles": args.particles, "seed": args.seed, "progress": args.progress,
+               "record_particles": args.trace is not None}
     if args.method == "smc":
         options.update(ess_threshold=args.ess, resampling=args.resampling)
     elif args.method == "smc-steer":
@@ -81,6 +84,8 @@ def _generate(args: argparse.Namespace) -> int:
     program = Generate(lm, args.prompt, max_tokens=args.max_tokens, stop=args.stop)
     posterior = run(program, args.method, **sampler_options(args))
     print_posterior(posterior, args.json)
+    if args.trace:
+        posterior.write_html(args.trace, title=f"steer generate: {args.prompt}")
     return 0
 
 

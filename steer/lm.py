@@ -277,6 +277,8 @@ class HFLanguageModel(LanguageModel):
     def release(self, context: LMContext) -> None:
         context.backend_state = None
         self._resident.pop(context.serial, None)
+        if not self._resident:  # nobody holds a row: free the keys and values now
+            self.reset()
 
     def reset(self) -> None:
         """Drop the whole cache (every context will be re-encoded on its next use)."""

@@ -66,6 +66,9 @@ class TokenTable:
 class TokenConstraint:
     """A constraint on the next token that depends on the context's text so far."""
 
+    def __deepcopy__(self, memo):  # an immutable spec (its caches are shareable): particles share it
+        return self
+
     def mask(self, context: LMContext) -> torch.Tensor:
         raise NotImplementedError
 

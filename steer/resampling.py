@@ -47,13 +47,15 @@ SCHEMES: dict[str, Callable[[np.ndarray, int, np.random.Generator], np.ndarray]]
 }
 
 
+def check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise SteerError(f"unknown resampling scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
+
+
 def resample(weights: np.ndarray, n: int, scheme: str, rng: np.random.Generator) -> np.ndarray:
     """Ancestor indices (sorted) for `n` offspring of particles with normalised `weights`."""
-    try:
-        draw = SCHEMES[scheme]
-    except KeyError:
-        raise SteerError(f"unknown resampling scheme {scheme!r}; choose from {', '.join(SCHEMES)}") from None
-    return np.sort(draw(weights, n, rng))
+    check_scheme(scheme)
+    return np.sort(SCHEMES[scheme](weights, n, rng))
 
 
 def without_replacement(log_weights: np.ndarray, n: int, rng: np.random.Generator):

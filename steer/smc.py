@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from . import randomness
 from .errors import ParticlesDiedError, SteerError
 from .program import Program, clone
-from .resampling import SCHEMES, resample, without_replacement
+from .resampling import check_scheme, resample, without_replacement
 from .scheduler import run_batched
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,12 @@ class Posterior:
         rng = rng or np.random.default_rng()
         return self.particles[int(rng.choice(len(self.particles), p=self.weights))]
 
+    def write_html(self, path, title: str = "steer run"):
+        """Write a self-contained HTML page of this run (see `steer.report`)."""
+        from .report import write_html
+
+        return write_html(self, path, title)
+
     def summary(self) -> dict[str, Any]:
         return {
             "method": self.method,
@@ -180,11 +186,11 @@ def smc(program: Program, particles: int = 16, *, ess_threshold: float = 0.5,
 
     `ess_threshold=1` resamples every step; `0` never does (importance sampling).
     """
-    if resampling not in SCHEMES:
-        raise SteerError(f"unknown resampling scheme {resampling!r}; choose from {', '.join(SCHEMES)}")
+    check_scheme(resampling)
     if not 0.0 <= ess_threshold <= 1.0:
         raise SteerError(f"ess_threshold must lie in [0, 1], got {ess_threshold}")
-    run = _Run(program, particles, seed, max_steps, record_particles, progress, "smc")
+    method = "smc" if ess_threshold > 0 else "is"
+    run = _Run(program, particles, seed, max_steps, record_particles, progress, method)
     population = run.particles
     n = len(population)
     while not all(p.finished for p in population):
@@ -200,22 +206,17 @@ def smc(program: Program, particles: int = 16, *, ess_threshold: float = 0.5,
             population = _offspring(population, ancestors)
             for p in population:
                 p.weight = log_ml
+    if method == "is":
+        return run.done(population)
     return run.done(population, resampling=resampling, ess_threshold=ess_threshold)
 
 
 def importance_sampling(program: Program, particles: int = 16, *, seed: int | None = None,
                         max_steps: int = 100_000, record_particles: bool = False,
                         progress: bool = False) -> Posterior:
-    """Run every particle to the end independently and weigh them (no resampling)."""
-    run = _Run(program, particles, seed, max_steps, record_particles, progress, "is")
-    population = run.particles
-    while not all(p.finished for p in population):
-        start = time.perf_counter()
-        run.step(population)
-        log_w = np.array([p.weight for p in population])
-        run.record(population, False, None, effective_sample_size(log_w), start,
-                   _logsumexp(log_w) - math.log(len(log_w)))
-    return run.done(population)
+    """Run every particle to the end independently and weigh them (SMC that never resamples)."""
+    return smc(program, particles, ess_threshold=0.0, seed=seed, max_steps=max_steps,
+               record_particles=record_particles, progress=progress)
 
 
 def smc_steer(program: Program, particles: int = 16, *, beam: int = 3, seed: int | None = None,

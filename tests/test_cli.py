@@ -55,9 +55,21 @@ def test_bad_input_is_one_line_and_exit_2(tiny_dir, capsys, args, message):
     assert message in err and len(err.splitlines()) == 1, err
 
 
+def test_trace_page(tiny_dir, tmp_path, capsys):
+    page = tmp_path / "run.html"
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "a", "-n", "4", "-t", "3", "--ess", "1",
+                 "--trace", str(page)]) == 0
+    text = page.read_text()
+    assert text.startswith("<!doctype html>") and "<script" not in text  # self-contained, static
+    assert 1 <= text.count("<details>") <= 3 and "<svg" in text and "ESS after each step" in text
+
+
 @pytest.mark.slow
-def test_console_script_on_the_default_model():
+def test_console_script_on_the_default_model(tmp_path):
+    page = tmp_path / "trace.html"
     out = subprocess.run([sys.executable, "-m", "steer.cli", "generate", "--prompt", "The sky is",
-                          "-n", "3", "-t", "5", "--seed", "1"], capture_output=True, text=True, timeout=600)
+                          "-n", "3", "-t", "5", "--seed", "1", "--trace", str(page)],
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "log_ml =" in out.stdout and len(out.stdout.splitlines()) >= 2
+    assert page.read_text().count("<details>") >= 1
