@@ -170,6 +170,8 @@ class LMContext:
 
     def extend(self, token_ids: Sequence[int]) -> None:
         """Append tokens (their log-probabilities are not counted: use `observe` for that)."""
+        if not token_ids:
+            return
         if len(self.tokens) + len(token_ids) > self.lm.max_length:
             raise SteerError(f"context would exceed the model's {self.lm.max_length} tokens")
         self.tokens.extend(token_ids)
@@ -302,11 +304,12 @@ class HFLanguageModel(LanguageModel):
         sources: list[int | None] = []
         chunks: list[list[int]] = []
         cached_after: list[int] = []
-        for context in live:
+        asked = [c.serial in requested for c in live]
+        for context, is_asked in zip(live, asked):
             slot = self._slot(context)
             source, cached = (slot.row, slot.cached) if slot else (None, 0)
             # Contexts nobody asked about keep their row as it is; their new tokens wait for a request.
-            new_tokens = context.tokens[cached:] if context.serial in requested else []
+            new_tokens = context.tokens[cached:] if is_asked else []
             cached_after.append(cached + len(new_tokens))
             key = (source, tuple(new_tokens))
             if key not in keys:
@@ -315,17 +318,17 @@ class HFLanguageModel(LanguageModel):
                 chunks.append(new_tokens)
             rows_of.append(keys[key])
 
-        scored_rows = {rows_of[i] for i, c in enumerate(live) if c.serial in requested and requested[c.serial].score}
+        scored_rows = {row for row, c, a in zip(rows_of, live, asked) if a and requested[c.serial].score}
         hidden = self._forward(sources, chunks)  # [rows, chunk, hidden]
         self._layout += 1
         self.forward_calls += 1
 
         # Log-probs at each row's last position (only rows someone asked for), in float32.
-        wanted = sorted({rows_of[i] for i, c in enumerate(live) if c.serial in requested})
+        asked_rows = [row for row, a in zip(rows_of, asked) if a]
+        wanted = sorted(set(asked_rows))
         position = {row: i for i, row in enumerate(wanted)}
         logprobs = self._logprobs(hidden[wanted, -1])
-        multiplicity = np.bincount([rows_of[i] for i, c in enumerate(live) if c.serial in requested],
-                                   minlength=len(sources))
+        multiplicity = np.bincount(asked_rows, minlength=len(sources))
         draws = torch.multinomial(logprobs.exp(), int(multiplicity.max()), replacement=True,
                                   generator=self.generator).tolist()
         used = dict.fromkeys(wanted, 0)
@@ -336,10 +339,10 @@ class HFLanguageModel(LanguageModel):
             lp = self._logprobs(hidden[row, width - n:width - 1])
             row_scores[row] = lp.gather(1, torch.tensor(chunks[row][1:])[:, None])[:, 0].tolist()
 
-        for context, row, cached in zip(live, rows_of, cached_after):
+        for context, row, cached, is_asked in zip(live, rows_of, cached_after, asked):
             context.backend_state = _Slot(self._layout, row, cached)
             self._resident[context.serial] = context
-            if context.serial in requested:
+            if is_asked:
                 context.logprobs = logprobs[position[row]]
                 context.draw = draws[position[row]][used[row]]
                 used[row] += 1
