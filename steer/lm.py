@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .errors import SteerError
+from .randomness import streams
 from .scheduler import LogprobsRequest
 
 if TYPE_CHECKING:
@@ -118,10 +119,6 @@ class LanguageModel(ABC):
 
     def release(self, context: LMContext) -> None:
         """Forget the cache state held for `context` (it will be re-encoded if used again)."""
-
-    def set_seed(self, generator: torch.Generator) -> None:
-        """Use `generator` for the pre-drawn samples of the next rounds."""
-        self.generator = generator
 
     def __deepcopy__(self, memo):  # particles are deep-copied; the model they use is shared
         return self
@@ -263,7 +260,6 @@ class HFLanguageModel(LanguageModel):
         self._mask: torch.Tensor | None = None  # [rows, columns] which cache columns hold real tokens
         self._layout = 0
         self._resident: weakref.WeakValueDictionary[int, LMContext] = weakref.WeakValueDictionary()
-        self.generator = torch.Generator().manual_seed(0)
         self.forward_calls = 0  # batched forward passes served, for tests and benchmarks
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -330,7 +326,7 @@ class HFLanguageModel(LanguageModel):
         logprobs = self._logprobs(hidden[wanted, -1])
         multiplicity = np.bincount(asked_rows, minlength=len(sources))
         draws = torch.multinomial(logprobs.exp(), int(multiplicity.max()), replacement=True,
-                                  generator=self.generator).tolist()
+                                  generator=streams.torch).tolist()
         used = dict.fromkeys(wanted, 0)
         width = hidden.shape[1]
         row_scores = {}

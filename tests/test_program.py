@@ -185,3 +185,12 @@ def test_trace_records_every_step(tiny_lm):
         assert 0 < record.ess <= 6 + 1e-9
     assert post.trace[-1].log_ml == pytest.approx(post.log_ml)
     assert np.isclose(post.weights.sum(), 1.0)
+
+
+def test_same_seed_same_run(tiny_lm):
+    def texts(seed):
+        post = steer.smc(steer.Generate(tiny_lm, "a", max_tokens=6), particles=6, seed=seed)
+        return [p.result() for p in post.particles], post.log_ml
+
+    assert texts(5) == texts(5)
+    assert texts(5) != texts(6)
