@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -138,5 +138,3 @@ def resolve(spec: Any, context: LMContext) -> torch.Tensor | None:
         return mask
     raise SteerError(f"cannot use {type(spec).__name__} as a token mask")
 
-
-MaskSpec = torch.Tensor | Iterable[int] | Callable[[LMContext], Any] | TokenConstraint

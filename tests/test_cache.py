@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 
-import steer
 from exact import next_logprobs
 from steer.scheduler import run_batched
 
