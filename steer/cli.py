@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 
 from .errors import SteerError
 
@@ -19,7 +20,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER, f"{self.prog}: error: {message}\n")
 
 
-def _positive(name: str) -> Callable[[str], int]:
+def positive(name: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -38,11 +39,11 @@ def add_sampler_options(parser: argparse.ArgumentParser, *, defaults: bool = Tru
     from .smc import METHODS
 
     d = (lambda v: v) if defaults else (lambda v: None)
-    parser.add_argument("--particles", "-n", type=_positive("--particles"), default=d(16))
+    parser.add_argument("--particles", "-n", type=positive("--particles"), default=d(16))
     parser.add_argument("--method", choices=METHODS, default=d("smc"))
     parser.add_argument("--resampling", choices=sorted(SCHEMES), default=d("systematic"))
     parser.add_argument("--ess", type=float, default=d(0.5), help="resample when ESS < ess * N (smc)")
-    parser.add_argument("--beam", type=_positive("--beam"), default=d(3), help="children per particle (smc-steer)")
+    parser.add_argument("--beam", type=positive("--beam"), default=d(3), help="children per particle (smc-steer)")
     parser.add_argument("--seed", type=int, default=d(0))
     parser.add_argument("--model", default=None, help="local HF model directory (default: Gemma 3 270M)")
     parser.add_argument("--json", action="store_true", help="one JSON object per particle, then a summary")
@@ -96,10 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="sample continuations of a prompt with SMC")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-tokens", "-t", type=_positive("--max-tokens"), default=32)
+    gen.add_argument("--max-tokens", "-t", type=positive("--max-tokens"), default=32)
     gen.add_argument("--stop", default=None, help="stop at this string (excluded from the result)")
     add_sampler_options(gen)
     gen.set_defaults(handler=_generate)
+    # Higher layers (the .steer language, training) add their commands through an entry point, so
+    # this core module never imports them.
+    for entry in sorted(entry_points(group="steer.commands"), key=lambda e: e.name):
+        entry.load()(commands)
     return parser
 
 
@@ -112,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SteerError as e:
         if args.debug:
             raise
-        print(f"steer: error: {e}", file=sys.stderr)
+        print(f"{e.cli_prefix}{e}", file=sys.stderr)
         return EXIT_USER
     except KeyboardInterrupt:
         return 130

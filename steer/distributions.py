@@ -151,7 +151,11 @@ class NextToken(Distribution):
 
 
 class TokenInMask(Distribution):
-    """Bernoulli: is the next token in the mask?  Committing True restricts the next token to it."""
+    """Bernoulli: is the next token in the mask?  Committing True restricts the next token to it.
+
+    If the next token is already restricted (an earlier `allowed` was committed), the probability is
+    conditional on that restriction, so successive observations multiply up to the joint probability.
+    """
 
     def __init__(self, context: LMContext, mask: Any):
         self.context = context
@@ -161,7 +165,14 @@ class TokenInMask(Distribution):
         from .masks import resolve
 
         self._resolved = resolve(self.mask_spec, self.context)
-        return _log_mass(await self.context.next_logprobs(), self._resolved)
+        logprobs = await self.context.next_logprobs()
+        given = self.context.mask
+        if given is None:
+            return _log_mass(logprobs, self._resolved)
+        log_given = _log_mass(logprobs, given)
+        if log_given == NEG_INF:
+            return NEG_INF
+        return _log_mass(logprobs, self._resolved & given) - log_given
 
     async def sample(self) -> tuple[bool, float]:
         log_in = await self._log_mass()

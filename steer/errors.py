@@ -6,6 +6,8 @@ from __future__ import annotations
 class SteerError(Exception):
     """Base class for every error that is the user's to fix (bad input, impossible constraint)."""
 
+    cli_prefix = "steer: error: "  # errors whose message names its own place set this to ""
+
 
 class ModelLoadError(SteerError):
     """A model directory is missing, incomplete or not a causal LM."""

@@ -64,13 +64,99 @@ class TokenTable:
 
 
 class TokenConstraint:
-    """A constraint on the next token that depends on the context's text so far."""
+    """A constraint on the next token that depends on the context's text so far.
+
+    Constraints combine with `&` (both), `|` (either) and `~` (not).
+    """
 
     def __deepcopy__(self, memo):  # an immutable spec (its caches are shareable): particles share it
         return self
 
     def mask(self, context: LMContext) -> torch.Tensor:
         raise NotImplementedError
+
+    def __and__(self, other: TokenConstraint) -> TokenConstraint:
+        return Combined("and", self, other)
+
+    def __or__(self, other: TokenConstraint) -> TokenConstraint:
+        return Combined("or", self, other)
+
+    def __invert__(self) -> TokenConstraint:
+        return Combined("not", self)
+
+
+class Combined(TokenConstraint):
+    """Intersection, union or complement of constraints."""
+
+    def __init__(self, op: str, *parts: TokenConstraint):
+        self.op, self.parts = op, parts
+
+    def mask(self, context: LMContext) -> torch.Tensor:
+        masks = [part.mask(context) for part in self.parts]
+        if self.op == "not":
+            return ~masks[0]
+        return masks[0] & masks[1] if self.op == "and" else masks[0] | masks[1]
+
+    def __repr__(self) -> str:
+        if self.op == "not":
+            return f"~{self.parts[0]!r}"
+        return f"({self.parts[0]!r} {'&' if self.op == 'and' else '|'} {self.parts[1]!r})"
+
+
+class _FixedSet(TokenConstraint):
+    """A constraint that does not depend on the text so far: one mask per vocabulary, built once."""
+
+    def __init__(self):
+        self._masks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def mask(self, context: LMContext) -> torch.Tensor:
+        vocab = context.lm.vocab
+        if vocab not in self._masks:
+            self._masks[vocab] = torch.from_numpy(self._build(TokenTable.of(vocab)))
+        return self._masks[vocab]
+
+    def _build(self, table: TokenTable) -> np.ndarray:
+        raise NotImplementedError
+
+
+class Charset(_FixedSet):
+    """Tokens made only of the given characters (e.g. digits)."""
+
+    def __init__(self, chars: str, allow_eos: bool = False):
+        super().__init__()
+        if not chars:
+            raise SteerError("charset needs at least one character")
+        self.chars, self.allow_eos = frozenset(chars), allow_eos
+
+    def _build(self, t: TokenTable) -> np.ndarray:
+        ok = np.fromiter((bool(s) and set(s) <= self.chars for s in t.vocab.strings), bool, t.vocab.size)
+        ok &= t.text
+        return ok | (t.eos if self.allow_eos else False)
+
+    def __repr__(self) -> str:
+        return f"charset({''.join(sorted(self.chars))!r})"
+
+
+class OneOf(_FixedSet):
+    """Tokens whose text is exactly one of the given strings."""
+
+    def __init__(self, strings: Iterable[str], allow_eos: bool = False):
+        super().__init__()
+        self.strings, self.allow_eos = frozenset(strings), allow_eos
+
+    def _build(self, t: TokenTable) -> np.ndarray:
+        ok = np.fromiter((s in self.strings for s in t.vocab.strings), bool, t.vocab.size) & t.text
+        return ok | (t.eos if self.allow_eos else False)
+
+    def __repr__(self) -> str:
+        return f"one_of({sorted(self.strings)!r})"
+
+
+class ContinuesWord(_FixedSet):
+    """Tokens made only of letters: appended to a word, they make it longer."""
+
+    def _build(self, t: TokenTable) -> np.ndarray:
+        return t.text & ~t.breaks & (t.lead > 0)
 
 
 class WordLength(TokenConstraint):
@@ -86,11 +172,14 @@ class WordLength(TokenConstraint):
         self._cache: dict[tuple[int, int], torch.Tensor] = {}
 
     def mask(self, context: LMContext) -> torch.Tensor:
-        open_word = _open_word(context.text)
+        open_word = open_word_length(context.text)
         key = (id(context.lm.vocab), open_word)
         if key not in self._cache:
             self._cache[key] = self._build(TokenTable.of(context.lm.vocab), open_word)
         return self._cache[key]
+
+    def __repr__(self) -> str:
+        return f"word_length(max={self.max}, min={self.min})"
 
     def _build(self, t: TokenTable, open_word: int) -> torch.Tensor:
         hi = self.max if self.max is not None else 1 << 30
@@ -106,7 +195,8 @@ class WordLength(TokenConstraint):
         return torch.from_numpy(ok)
 
 
-def _open_word(text: str) -> int:
+def open_word_length(text: str) -> int:
+    """Letters at the end of `text` (the length of the word still open)."""
     n = 0
     for ch in reversed(text):
         if not ch.isalpha():
@@ -118,6 +208,21 @@ def _open_word(text: str) -> int:
 def word_length(max: int | None = None, min: int = 1, allow_eos: bool = True) -> WordLength:
     """Every word has at most `max` (and at least `min`) letters."""
     return WordLength(max=max, min=min, allow_eos=allow_eos)
+
+
+def charset(chars: str, allow_eos: bool = False) -> Charset:
+    """Tokens made only of the characters in `chars` (e.g. `charset("0123456789")` for digits)."""
+    return Charset(chars, allow_eos=allow_eos)
+
+
+def one_of(strings: Iterable[str], allow_eos: bool = False) -> OneOf:
+    """Tokens whose text is exactly one of `strings`."""
+    return OneOf(strings, allow_eos=allow_eos)
+
+
+def continues_word() -> ContinuesWord:
+    """Tokens that continue an open word (letters only, no leading space)."""
+    return ContinuesWord()
 
 
 def resolve(spec: Any, context: LMContext) -> torch.Tensor | None:

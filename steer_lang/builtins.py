@@ -1,0 +1,297 @@
+"""The names a `.steer` program can call: pure functions over text and numbers, token masks (the same
+names as `steer.masks`), and the distributions `sample` and `observe` take.
+
+This table is the whole of what a program can reach: there is no way to name anything else in
+Python, which is what makes the language a sandbox.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import regex
+
+from steer import masks
+from steer.lm import LMContext, Token
+from steer.masks import TokenConstraint
+
+MAX_LENGTH = 1_000_000  # longest string or list a program may build
+REGEX_TIMEOUT = 1.0  # seconds; a pathological pattern is an error, not a hang
+REQUIRED = object()
+
+# Types the checker knows.  "text" accepts a string or a token; "number" an int, float or bool.
+TYPES = ("str", "int", "float", "bool", "list", "token", "context", "mask")
+
+
+class BuiltinError(Exception):
+    """A built-in refused its arguments; the interpreter reports it at the call."""
+
+
+def type_of(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    for t, name in ((int, "int"), (float, "float"), (str, "str"), (list, "list"), (Token, "token"),
+                    (LMContext, "context"), (TokenConstraint, "mask")):
+        if isinstance(value, t):
+            return name
+    return "none" if value is None else type(value).__name__
+
+
+def accepts(expected: str, actual: str) -> bool:
+    """Whether a value of type `actual` may be passed where `expected` is wanted."""
+    if "any" in (expected, actual):
+        return True
+    return actual in {
+        "number": ("int", "float", "bool"), "float": ("int", "float", "bool"), "int": ("int", "bool"),
+        "text": ("str", "token"), "str": ("str", "token"),
+    }.get(expected, (expected,))
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str
+    default: Any = REQUIRED
+
+
+@dataclass(frozen=True)
+class Builtin:
+    name: str
+    params: tuple[Param, ...]
+    returns: str
+    kind: str  # "function", "mask" or "distribution"
+    impl: Callable | None
+    doc: str
+
+    def signature(self) -> str:
+        parts = [p.name if p.default is REQUIRED else f"{p.name}={_show(p.default)}" for p in self.params]
+        return f"{self.name}({', '.join(parts)})"
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def text(x: Any) -> str:
+    """The text of a string or token."""
+    return x.text if isinstance(x, Token) else x
+
+
+def _sized(value):
+    if len(value) > MAX_LENGTH:
+        raise BuiltinError(f"result would hold {len(value):,} items; the limit is {MAX_LENGTH:,}")
+    return value
+
+
+def _regex(pattern: str, s: str, full: bool) -> bool:
+    try:
+        compiled = regex.compile(pattern)
+    except regex.error as e:
+        raise BuiltinError(f"bad regular expression {pattern!r}: {e}") from None
+    try:
+        match = (compiled.fullmatch if full else compiled.search)(s, timeout=REGEX_TIMEOUT)
+    except TimeoutError:
+        raise BuiltinError(f"regular expression {pattern!r} took over {REGEX_TIMEOUT}s") from None
+    return match is not None
+
+
+def _words(s: str) -> list[str]:
+    return regex.findall(r"[^\W\d_]+(?:['’][^\W\d_]+)*", s)
+
+
+def _number(kind: type) -> Callable:
+    def convert(x):
+        try:
+            return kind(text(x))
+        except (ValueError, OverflowError, TypeError):
+            raise BuiltinError(f"cannot convert {text(x)!r} to {kind.__name__}") from None
+
+    return convert
+
+
+def _extreme(pick: Callable) -> Callable:
+    def f(a, b=None):
+        if b is None:
+            if not isinstance(a, list) or not a:
+                raise BuiltinError(f"{pick.__name__} of one argument needs a non-empty list")
+            try:
+                return pick(a)
+            except TypeError:
+                raise BuiltinError(f"{pick.__name__}: the list mixes values that cannot be compared") from None
+        try:
+            return pick(a, b)
+        except TypeError:
+            raise BuiltinError(f"{pick.__name__}: cannot compare {type_of(a)} and {type_of(b)}") from None
+
+    return f
+
+
+def _math(f: Callable, name: str) -> Callable:
+    def g(x):
+        try:
+            return f(x)
+        except (ValueError, OverflowError):
+            raise BuiltinError(f"{name}({x}) is undefined") from None
+
+    return g
+
+
+def _range(a: int, b: int | None = None) -> list[int]:
+    start, stop = (0, a) if b is None else (a, b)
+    if stop - start > MAX_LENGTH:
+        raise BuiltinError(f"range of {stop - start:,} numbers; the limit is {MAX_LENGTH:,}")
+    return list(range(start, stop))
+
+
+def _contains(s, sub) -> bool:
+    if isinstance(s, list):
+        return sub in s
+    return text(sub) in text(s)
+
+
+def _sum(items: list):
+    if not all(type_of(x) in ("int", "float", "bool") for x in items):
+        raise BuiltinError("sum needs a list of numbers")
+    return sum(items)
+
+
+def _join(items: list, sep: str = "") -> str:
+    return _sized(text(sep).join(text(x) if isinstance(x, (str, Token)) else _to_str(x) for x in items))
+
+
+def _to_str(x: Any) -> str:
+    if isinstance(x, bool):
+        return "true" if x else "false"
+    if isinstance(x, (str, Token)):
+        return text(x)
+    if isinstance(x, list):
+        return "[" + ", ".join(repr(text(v)) if isinstance(v, (str, Token)) else _to_str(v) for v in x) + "]"
+    if isinstance(x, LMContext):
+        return x.text
+    return str(x)
+
+
+def _replace(s, old, new) -> str:
+    s, old, new = text(s), text(old), text(new)
+    if old and len(s) // len(old) * len(new) > MAX_LENGTH:
+        raise BuiltinError("replace would build too long a string")
+    return _sized(s.replace(old, new))
+
+
+def _split(s, sep=None) -> list[str]:
+    sep = text(sep) if sep is not None else None
+    if sep == "":
+        raise BuiltinError("split separator is empty")
+    return text(s).split(sep)
+
+
+def _ended(c: LMContext) -> bool:
+    return bool(c.generated) and c.generated[-1] in c.lm.vocab.eos_ids
+
+
+def _word_length(max=None, min=1, allow_eos=True):
+    try:
+        return masks.word_length(max=max, min=min, allow_eos=allow_eos)
+    except Exception as e:  # a SteerError naming the bad bound
+        raise BuiltinError(str(e)) from None
+
+
+def _charset(chars, allow_eos=False):
+    if not chars:
+        raise BuiltinError("charset needs at least one character")
+    return masks.charset(text(chars), allow_eos=allow_eos)
+
+
+def _one_of(strings, allow_eos=False):
+    if not all(isinstance(s, (str, Token)) for s in strings):
+        raise BuiltinError("one_of needs a list of strings")
+    return masks.one_of([text(s) for s in strings], allow_eos=allow_eos)
+
+
+def _b(name, params, returns, impl, doc, kind="function"):
+    return Builtin(name, tuple(Param(*p) for p in params), returns, kind, impl, doc)
+
+
+_BUILTINS = [
+    # text
+    _b("len", [("x", "any")], "int", lambda x: len(text(x)) if isinstance(x, (str, Token)) else len(x),
+       "length of a string, token or list"),
+    _b("str", [("x", "any")], "str", _to_str, "text form of a value"),
+    _b("int", [("x", "any")], "int", _number(int), "integer from a number or a string"),
+    _b("float", [("x", "any")], "float", _number(float), "float from a number or a string"),
+    _b("words", [("s", "text")], "list", lambda s: _words(text(s)), "the words (runs of letters) of s"),
+    _b("word_count", [("s", "text")], "int", lambda s: len(_words(text(s))), "number of words in s"),
+    _b("contains", [("s", "any"), ("sub", "any")], "bool", _contains, "sub occurs in s (string or list)"),
+    _b("starts_with", [("s", "text"), ("prefix", "text")], "bool", lambda s, p: text(s).startswith(text(p)),
+       "s starts with prefix"),
+    _b("ends_with", [("s", "text"), ("suffix", "text")], "bool", lambda s, p: text(s).endswith(text(p)),
+       "s ends with suffix"),
+    _b("count", [("s", "text"), ("sub", "text")], "int", lambda s, sub: text(s).count(text(sub)),
+       "occurrences of sub in s"),
+    _b("matches", [("s", "text"), ("pattern", "str")], "bool", lambda s, p: _regex(p, text(s), True),
+       "the whole of s matches the regular expression"),
+    _b("search", [("s", "text"), ("pattern", "str")], "bool", lambda s, p: _regex(p, text(s), False),
+       "the regular expression matches somewhere in s"),
+    _b("lower", [("s", "text")], "str", lambda s: text(s).lower(), "s in lower case"),
+    _b("upper", [("s", "text")], "str", lambda s: text(s).upper(), "s in upper case"),
+    _b("strip", [("s", "text")], "str", lambda s: text(s).strip(), "s without surrounding white space"),
+    _b("split", [("s", "text"), ("sep", "text", None)], "list", _split, "pieces of s between separators"),
+    _b("join", [("items", "list"), ("sep", "text", "")], "str", _join, "the items joined by sep"),
+    _b("replace", [("s", "text"), ("old", "text"), ("new", "text")], "str", _replace, "s with old replaced"),
+    # numbers and lists
+    _b("abs", [("x", "number")], "any", abs, "absolute value"),
+    _b("min", [("a", "any"), ("b", "any", None)], "any", _extreme(min), "smaller of a and b, or least of a list"),
+    _b("max", [("a", "any"), ("b", "any", None)], "any", _extreme(max), "larger of a and b, or largest of a list"),
+    _b("round", [("x", "number")], "int", lambda x: int(round(x)), "nearest integer"),
+    _b("log", [("x", "number")], "float", _math(math.log, "log"), "natural logarithm"),
+    _b("exp", [("x", "number")], "float", _math(math.exp, "exp"), "e to the power x"),
+    _b("sum", [("items", "list")], "any", _sum, "sum of a list of numbers"),
+    _b("range", [("a", "int"), ("b", "int", None)], "list", _range, "[0, ..., a-1], or [a, ..., b-1]"),
+    # contexts
+    _b("text", [("c", "context")], "str", lambda c: c.text, "the text generated in context c"),
+    _b("prompt", [("c", "context")], "str", lambda c: c.lm.decode(c.tokens[:c.prompt_length]),
+       "the prompt of context c"),
+    _b("tokens", [("c", "context")], "int", lambda c: len(c.generated), "number of tokens generated in c"),
+    _b("ended", [("c", "context")], "bool", _ended, "c has generated the end-of-text token"),
+    # token masks (the `where` of a sample); combine with and / or / not
+    _b("word_length", [("max", "int", None), ("min", "int", 1), ("allow_eos", "bool", True)], "mask",
+       _word_length, "every word has between min and max letters", "mask"),
+    _b("charset", [("chars", "str"), ("allow_eos", "bool", False)], "mask", _charset,
+       "tokens made only of these characters", "mask"),
+    _b("one_of", [("strings", "list"), ("allow_eos", "bool", False)], "mask", _one_of,
+       "tokens whose text is one of these strings", "mask"),
+    # distributions (only after `sample` or `observe ... from`)
+    _b("next", [("c", "context")], "token", None, "the LM's next token in c", "distribution"),
+    _b("word", [("c", "context")], "str", None, "the LM's next word in c (its text)", "distribution"),
+    _b("continuation", [("c", "context")], "str", None, "text continuing c (observe only)", "distribution"),
+    _b("bernoulli", [("p", "number")], "bool", None, "true with probability p", "distribution"),
+    _b("categorical", [("values", "list"), ("probs", "list")], "any", None,
+       "one of values, with the given probabilities", "distribution"),
+    _b("geometric", [("p", "number")], "int", None, "failures before the first success", "distribution"),
+]
+
+BUILTINS: dict[str, Builtin] = {b.name: b for b in _BUILTINS}
+
+CONSTANTS = {"eos": "token"}  # `eos` equals the end-of-text token of any model
+
+# Names people reach for that the sandbox deliberately lacks, with what to do instead.
+FORBIDDEN = {
+    name: "a .steer program cannot open files, import modules or run Python; pass data in with `input`"
+    for name in ("open", "eval", "exec", "compile", "__import__", "import", "getattr", "setattr", "globals",
+                 "locals", "vars", "input", "print", "exit", "quit", "breakpoint", "help", "dir", "type",
+                 "delattr", "memoryview", "object", "os", "sys", "subprocess")
+}
+
+SETTINGS: dict[str, dict[str, str]] = {
+    "smc": {"particles": "int", "ess": "float", "resampling": "str", "seed": "int", "max_tokens": "int"},
+    "smc-steer": {"particles": "int", "beam": "int", "seed": "int", "max_tokens": "int"},
+    "is": {"particles": "int", "seed": "int", "max_tokens": "int"},
+}
+METHOD_ALIASES = {"smc_steer": "smc-steer", "importance": "is"}

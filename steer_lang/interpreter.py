@@ -1,0 +1,542 @@
+"""Running a checked program: `ScriptProgram` is a `steer.Program` whose step interprets the AST.
+
+The particle's whole execution state is plain data (variables and a stack of frames pointing into
+the shared AST), so resampling copies a particle mid-program like any other.  One SMC step runs the
+program up to the next sampled token and the statements that follow it (observations, conditions,
+twists), stopping just before the token after; so every particle moves one token per step.
+
+Sandbox limits hold at run time too: loop bounds, a cap on statements executed, on tokens sampled,
+and on the size of strings and lists.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+from steer.distributions import Bernoulli, Categorical, Geometric
+from steer.errors import SteerError
+from steer.lm import LanguageModel, LMContext, Token
+from steer.masks import TokenConstraint
+from steer.program import Program
+from steer.words import NextWord
+
+from . import ast
+from .builtins import BUILTINS, MAX_LENGTH, REQUIRED, BuiltinError, accepts, text, type_of
+from .errors import Diagnostic, LangError, ProgramError
+
+MAX_STATEMENTS = 1_000_000  # per particle and run
+MAX_INT = 2**63
+
+
+class _Return(Exception):
+    def __init__(self, value: Any):
+        self.value = value
+
+
+class _StopLoop(Exception):
+    pass
+
+
+class _Frame:
+    """A block being executed: its statements, the next index, and the loop it belongs to (if any)."""
+
+    __slots__ = ("stmts", "i", "loop", "count", "limit", "items")
+
+    def __init__(self, stmts: list[ast.Stmt], loop: ast.Stmt | None = None, limit: int = 0, items=None):
+        self.stmts, self.i, self.loop = stmts, 0, loop
+        self.count, self.limit, self.items = 0, limit, items
+
+    def __deepcopy__(self, memo):  # the AST and the iterated items are never mutated: share them
+        new = _Frame.__new__(_Frame)
+        new.stmts, new.i, new.loop = self.stmts, self.i, self.loop
+        new.count, new.limit, new.items = self.count, self.limit, self.items
+        return new
+
+
+class Code:
+    """What all particles of one run share: the checked module, the model, the limits."""
+
+    def __init__(self, module: ast.Module, lm: LanguageModel, max_tokens: int):
+        self.module = module
+        self.lm = lm
+        self.max_tokens = max_tokens
+        self.functions = {f.name: f for f in module.functions}
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def fail(self, node: ast.Node, message: str) -> LangError:
+        return LangError([Diagnostic(self.module.filename, node.line, node.col, message)], self.module.source)
+
+
+class ScriptProgram(Program):
+    """One particle of a `.steer` program."""
+
+    def __init__(self, code: Code, inputs: dict[str, Any]):
+        super().__init__()
+        self.code = code
+        self.env: dict[str, Any] = dict(inputs)
+        self.frames = [_Frame(code.module.body)]
+        self.statements = 0
+        self.tokens_sampled = 0
+        self.value: Any = None
+        self._has_value = False
+
+    # -- stepping ----------------------------------------------------------------------------------
+    async def step(self) -> None:
+        try:
+            await self._run_until_next_token()
+        except ProgramError as e:
+            raise self.code.fail(e.node, e.message) from None
+        except RecursionError:
+            raise self.code.fail(self.code.module, "the program is nested too deeply") from None
+
+    async def _run_until_next_token(self) -> None:
+        moved = False
+        while self.frames:
+            frame = self.frames[-1]
+            if frame.i >= len(frame.stmts):
+                self._next_iteration(frame)
+                continue
+            stmt = frame.stmts[frame.i]
+            if _samples_token(stmt):
+                if moved:
+                    return  # the next step starts here
+                if self.tokens_sampled >= self.code.max_tokens:
+                    break
+                moved = True
+            frame.i += 1
+            self._spend(stmt)
+            await self._exec(stmt)
+            if self.finished:
+                return
+        self.finish()
+
+    def finish(self) -> None:
+        if not self.finished and self.weight > float("-inf"):
+            self._compute_result()
+        super().finish()
+
+    def _compute_result(self) -> None:
+        results = self.code.module.results
+        try:
+            if results:
+                self.value = _hashable(self._eval(results[0].value, self.env))
+            else:
+                contexts = [v for v in self.env.values() if isinstance(v, LMContext)]
+                self.value = contexts[0].text if contexts else None
+        except ProgramError as e:
+            raise self.code.fail(e.node, e.message) from None
+        self._has_value = True
+
+    def result(self) -> Any:
+        return self.value if self._has_value else None
+
+    def __str__(self) -> str:
+        if self._has_value:
+            return str(self.value)
+        return " | ".join(v.text for v in self.env.values() if isinstance(v, LMContext))
+
+    def _spend(self, node: ast.Node) -> None:
+        self.statements += 1
+        if self.statements > MAX_STATEMENTS:
+            raise ProgramError(node, f"the program ran more than {MAX_STATEMENTS:,} statements; "
+                                     "lower a loop bound")
+
+    def _next_iteration(self, frame: _Frame) -> None:
+        loop = frame.loop
+        if loop is None:
+            self.frames.pop()
+            return
+        frame.count += 1
+        frame.i = 0
+        if frame.count >= frame.limit:
+            self.frames.pop()
+        elif isinstance(loop, ast.Repeat):
+            if loop.var is not None:
+                self.env[loop.var] = frame.count
+        elif isinstance(loop, ast.For):
+            self.env[loop.var] = frame.items[frame.count]
+        elif isinstance(loop, ast.While) and not _truth(self._eval(loop.test, self.env), loop.test):
+            self.frames.pop()
+
+    # -- statements --------------------------------------------------------------------------------
+    async def _exec(self, s: ast.Stmt) -> None:
+        env = self.env
+        if isinstance(s, ast.Sample):
+            value = await self._sample(s)
+            if s.target is not None:
+                env[s.target] = value
+        elif isinstance(s, ast.Observe):
+            await self._observe(s)
+        elif isinstance(s, ast.Condition):
+            self.condition(_truth(self._eval(s.test, env), s.test), f"condition at line {s.line} failed")
+        elif isinstance(s, ast.Score):
+            self.score(_number(self._eval(s.value, env), s.value))
+        elif isinstance(s, ast.Twist):
+            self.twist(_number(self._eval(s.value, env), s.value))
+        elif isinstance(s, ast.Finish):
+            self.finish()
+        elif isinstance(s, ast.Stop):
+            while self.frames and self.frames[-1].loop is None:
+                self.frames.pop()
+            self.frames.pop()
+        elif isinstance(s, ast.ContextDecl):
+            prompt = self._eval(s.prompt, env)
+            if not isinstance(prompt, (str, Token)):
+                raise ProgramError(s.prompt, f"a context's prompt must be a string, got {type_of(prompt)}")
+            try:
+                env[s.name] = self.code.lm.context(text(prompt))
+            except SteerError as e:
+                raise ProgramError(s, str(e)) from None
+        elif isinstance(s, ast.If):
+            for test, body in s.branches:
+                if _truth(self._eval(test, env), test):
+                    self.frames.append(_Frame(body))
+                    return
+            if s.orelse:
+                self.frames.append(_Frame(s.orelse))
+        elif isinstance(s, (ast.Repeat, ast.While, ast.For)):
+            self._enter_loop(s, env, self.frames)
+        else:
+            self._exec_pure(s, env)
+
+    def _enter_loop(self, s: ast.Stmt, env: dict, frames: list[_Frame]) -> None:
+        if isinstance(s, ast.Repeat):
+            n = self._eval(s.count, env)
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise ProgramError(s.count, f"repeat needs a whole number of times >= 0, got {n!r}")
+            if n and s.var is not None:
+                env[s.var] = 0
+            frame = _Frame(s.body, s, n)
+        elif isinstance(s, ast.For):
+            items = self._eval(s.iterable, env)
+            if isinstance(items, Token):
+                items = items.text
+            if not isinstance(items, (list, str)):
+                raise ProgramError(s.iterable, f"for ... in needs a list or a string, got {type_of(items)}")
+            items = list(items)
+            if items:
+                env[s.var] = items[0]
+            frame = _Frame(s.body, s, len(items), items)
+        else:
+            n = self._eval(s.max, env)
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise ProgramError(s.max, f"`max` needs a whole number >= 0, got {n!r}")
+            frame = _Frame(s.body, s, n)
+            if not n or not _truth(self._eval(s.test, env), s.test):
+                return
+        if frame.limit:
+            frames.append(frame)
+
+    def _exec_pure(self, s: ast.Stmt, env: dict) -> None:
+        """Statements allowed in helper functions too: they compute, never sample or weigh."""
+        if isinstance(s, ast.Assign):
+            value = self._eval(s.value, env)
+            if s.op is not None:
+                value = _binary(s.op[0], env[s.name], value, s)
+            env[s.name] = value
+        elif isinstance(s, ast.Return):
+            raise _Return(self._eval(s.value, env))
+        else:
+            raise ProgramError(s, f"{type(s).__name__.lower()} is not allowed here")
+
+    # -- sampling and observing --------------------------------------------------------------------
+    def _dist_args(self, call: ast.Call) -> dict[str, Any]:
+        return _bind(BUILTINS[call.func], call, [self._eval(a, self.env) for a in call.args],
+                     {k.name: self._eval(k.value, self.env) for k in call.kwargs})
+
+    def _context(self, call: ast.Call, args: dict[str, Any]) -> LMContext:
+        ctx = args["c"]
+        if not isinstance(ctx, LMContext):
+            raise ProgramError(call, f"{call.func}() needs a context, got {type_of(ctx)}")
+        return ctx
+
+    async def _sample(self, s: ast.Sample) -> Any:
+        call, args = s.dist, self._dist_args(s.dist)
+        if call.func in ("next", "word"):
+            ctx = self._context(call, args)
+            mask = None
+            if s.where is not None:
+                mask = self._eval(s.where, self.env)
+                if not isinstance(mask, TokenConstraint):
+                    raise ProgramError(s.where, f"`where` needs a token mask, got {type_of(mask)}")
+            try:
+                if call.func == "word":
+                    before = len(ctx.tokens)
+                    value = await self.call(NextWord(ctx, mask))
+                    self.tokens_sampled += len(ctx.tokens) - before
+                    return value
+                if mask is not None:
+                    await self.observe(ctx.allowed(mask), True)
+                    if self.finished:  # no allowed token: the particle died
+                        return ctx.lm.token(next(iter(ctx.lm.vocab.eos_ids)))
+                self.tokens_sampled += 1
+                return await self.sample(ctx.next_token())
+            except SteerError as e:
+                raise ProgramError(s, str(e)) from None
+        return await self.sample(self._simple_distribution(call, args))
+
+    def _simple_distribution(self, call: ast.Call, args: dict[str, Any]):
+        try:
+            if call.func == "bernoulli":
+                return Bernoulli(_number(args["p"], call))
+            if call.func == "geometric":
+                return Geometric(_number(args["p"], call))
+            if call.func == "categorical":
+                values, probs = args["values"], args["probs"]
+                if not isinstance(values, list) or not isinstance(probs, list):
+                    raise ProgramError(call, "categorical(values, probs) needs two lists")
+                return Categorical(values, probs=[_number(p, call) for p in probs])
+        except SteerError as e:
+            raise ProgramError(call, str(e)) from None
+        raise ProgramError(call, f"{call.func}() cannot be sampled")
+
+    async def _observe(self, s: ast.Observe) -> None:
+        call, args = s.dist, self._dist_args(s.dist)
+        value = self._eval(s.value, self.env)
+        try:
+            if call.func == "next":
+                ctx = self._context(call, args)
+                await self.observe(ctx.next_token(), _token_id(ctx, value, s.value))
+            elif call.func in ("continuation", "word"):
+                ctx = self._context(call, args)
+                if not isinstance(value, (str, Token)):
+                    raise ProgramError(s.value, f"observe needs text here, got {type_of(value)}")
+                await self.observe(ctx.continuation(), text(value))
+            else:
+                await self.observe(self._simple_distribution(call, args), value)
+        except SteerError as e:
+            raise ProgramError(s, str(e)) from None
+
+    # -- expressions -------------------------------------------------------------------------------
+    def _eval(self, e: ast.Expr, env: dict) -> Any:
+        if isinstance(e, ast.Const):
+            return e.value
+        if isinstance(e, ast.Name):
+            if e.id in env:
+                return env[e.id]
+            if e.id == "eos":
+                return self.code.lm.token(next(iter(self.code.lm.vocab.eos_ids)))
+            raise ProgramError(e, f"'{e.id}' has no value here (it is assigned only on some paths)")
+        if isinstance(e, ast.ListExpr):
+            return [self._eval(item, env) for item in e.items]
+        if isinstance(e, ast.Unary):
+            v = self._eval(e.operand, env)
+            if e.op == "not":
+                return ~v if isinstance(v, TokenConstraint) else not _truth(v, e.operand)
+            if type_of(v) not in ("int", "float", "bool"):
+                raise ProgramError(e, f"cannot negate {type_of(v)}")
+            return -v
+        if isinstance(e, ast.Binary):
+            if e.op in ("and", "or"):
+                left = self._eval(e.left, env)
+                if isinstance(left, TokenConstraint):
+                    right = self._eval(e.right, env)
+                    if not isinstance(right, TokenConstraint):
+                        raise ProgramError(e, f"cannot combine a mask with {type_of(right)}")
+                    return left & right if e.op == "and" else left | right
+                if _truth(left, e.left) == (e.op == "or"):
+                    return e.op == "or"
+                return _truth(self._eval(e.right, env), e.right)
+            return _binary(e.op, self._eval(e.left, env), self._eval(e.right, env), e)
+        if isinstance(e, ast.Index):
+            target, i = self._eval(e.target, env), self._eval(e.index, env)
+            target = text(target) if isinstance(target, Token) else target
+            if not isinstance(target, (str, list)):
+                raise ProgramError(e, f"cannot index a {type_of(target)}")
+            if not isinstance(i, int):
+                raise ProgramError(e.index, f"positions must be whole numbers, got {type_of(i)}")
+            if not -len(target) <= i < len(target):
+                raise ProgramError(e.index, f"position {i} is outside a {type_of(target)} of length {len(target)}")
+            return target[i]
+        if isinstance(e, ast.Slice):
+            target = self._eval(e.target, env)
+            target = text(target) if isinstance(target, Token) else target
+            bounds = [None if p is None else self._eval(p, env) for p in (e.start, e.stop)]
+            if not isinstance(target, (str, list)):
+                raise ProgramError(e, f"cannot slice a {type_of(target)}")
+            if not all(b is None or (isinstance(b, int) and not isinstance(b, bool)) for b in bounds):
+                raise ProgramError(e, "slice bounds must be whole numbers")
+            return target[bounds[0]:bounds[1]]
+        if isinstance(e, ast.Call):
+            return self._call(e, env)
+        raise ProgramError(e, f"{type(e).__name__} cannot be evaluated")
+
+    def _call(self, e: ast.Call, env: dict) -> Any:
+        args = [self._eval(a, env) for a in e.args]
+        if e.func in self.code.functions:
+            f = self.code.functions[e.func]
+            local = {name: self.env[name] for name in self._input_names()}
+            local.update(zip(f.params, args))
+            try:
+                self._run_function(f.body, local)
+            except _Return as r:
+                return r.value
+            raise ProgramError(e, f"function '{e.func}' ended without returning a value")
+        builtin = BUILTINS.get(e.func)
+        if builtin is None or builtin.kind == "distribution":
+            raise ProgramError(e, f"cannot call {e.func}() here")
+        bound = _bind(builtin, e, args, {k.name: self._eval(k.value, env) for k in e.kwargs})
+        try:
+            return builtin.impl(**bound)
+        except BuiltinError as err:
+            raise ProgramError(e, f"{e.func}(): {err}") from None
+        except SteerError as err:
+            raise ProgramError(e, str(err)) from None
+
+    def _input_names(self) -> list[str]:
+        return [i.name for i in self.code.module.inputs]
+
+    def _run_function(self, stmts: list[ast.Stmt], env: dict) -> None:
+        """Helpers run to completion inside one expression (they cannot sample, so never suspend)."""
+        frames = [_Frame(stmts)]
+        while frames:
+            frame = frames[-1]
+            if frame.i >= len(frame.stmts):
+                loop = frame.loop
+                frame.count += 1
+                frame.i = 0
+                if loop is None or frame.count >= frame.limit:
+                    frames.pop()
+                elif isinstance(loop, ast.Repeat) and loop.var is not None:
+                    env[loop.var] = frame.count
+                elif isinstance(loop, ast.For):
+                    env[loop.var] = frame.items[frame.count]
+                elif isinstance(loop, ast.While) and not _truth(self._eval(loop.test, env), loop.test):
+                    frames.pop()
+                continue
+            s = frame.stmts[frame.i]
+            frame.i += 1
+            self._spend(s)
+            if isinstance(s, ast.If):
+                for test, body in s.branches:
+                    if _truth(self._eval(test, env), test):
+                        frames.append(_Frame(body))
+                        break
+                else:
+                    if s.orelse:
+                        frames.append(_Frame(s.orelse))
+            elif isinstance(s, (ast.Repeat, ast.While, ast.For)):
+                self._enter_loop(s, env, frames)
+            elif isinstance(s, ast.Stop):
+                while frames and frames[-1].loop is None:
+                    frames.pop()
+                frames.pop()
+            else:
+                self._exec_pure(s, env)
+
+
+def _samples_token(s: ast.Stmt) -> bool:
+    return isinstance(s, ast.Sample) and s.dist.func in ("next", "word")
+
+
+def _bind(builtin, call: ast.Call, args: list, kwargs: dict) -> dict[str, Any]:
+    bound = dict(zip((p.name for p in builtin.params), args))
+    bound.update(kwargs)
+    for p in builtin.params:
+        if p.name not in bound:
+            if p.default is REQUIRED:
+                raise ProgramError(call, f"{builtin.name}() is missing argument '{p.name}'")
+            bound[p.name] = p.default
+        elif bound[p.name] is not p.default and not accepts(p.type, type_of(bound[p.name])):
+            raise ProgramError(call, f"argument '{p.name}' of {builtin.name}() must be {p.type}, "
+                                     f"got {type_of(bound[p.name])}")
+    return bound
+
+
+def _token_id(ctx: LMContext, value: Any, node: ast.Node) -> int:
+    if isinstance(value, Token):
+        return value.id
+    if isinstance(value, str):
+        ids = ctx.lm.encode(value, bos=False)
+        if len(ids) != 1:
+            raise ProgramError(node, f"{value!r} is {len(ids)} tokens; observe it from continuation(c) instead")
+        return ids[0]
+    raise ProgramError(node, f"observe ... from next(c) needs a token or a string, got {type_of(value)}")
+
+
+def _truth(value: Any, node: ast.Node) -> bool:
+    if isinstance(value, (LMContext, TokenConstraint)):
+        raise ProgramError(node, f"a {type_of(value)} is neither true nor false")
+    if isinstance(value, Token):
+        return bool(value.text)
+    return bool(value)
+
+
+def _number(value: Any, node: ast.Node) -> float:
+    if type_of(value) not in ("int", "float", "bool"):
+        raise ProgramError(node, f"expected a number, got {type_of(value)}")
+    if isinstance(value, float) and math.isnan(value):
+        raise ProgramError(node, "the value is NaN")
+    return value
+
+
+_ARITHMETIC = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
+               "//": operator.floordiv, "%": operator.mod}
+_COMPARE = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+
+
+def _binary(op: str, a: Any, b: Any, node: ast.Node) -> Any:
+    if op in ("==", "!="):
+        equal = _equal(a, b)
+        return equal if op == "==" else not equal
+    if op in ("in", "not in"):
+        if isinstance(b, Token):
+            b = b.text
+        if isinstance(b, str):
+            if not isinstance(a, (str, Token)):
+                raise ProgramError(node, f"'{op}' on text needs text on its left, got {type_of(a)}")
+            found = text(a) in b
+        elif isinstance(b, list):
+            found = any(_equal(a, x) for x in b)
+        else:
+            raise ProgramError(node, f"'{op}' needs a string or a list on its right, got {type_of(b)}")
+        return found if op == "in" else not found
+    a, b = (text(a) if isinstance(a, Token) else a), (text(b) if isinstance(b, Token) else b)
+    ta, tb = type_of(a), type_of(b)
+    numeric = ta in ("int", "float", "bool") and tb in ("int", "float", "bool")
+    if op in _COMPARE:
+        if numeric or (ta == tb == "str"):
+            return _COMPARE[op](a, b)
+        raise ProgramError(node, f"cannot compare {ta} and {tb} with '{op}'")
+    ok = numeric or (op == "+" and ta == tb and ta in ("str", "list")) or (
+        op == "*" and {ta, tb} in ({"str", "int"}, {"list", "int"}))
+    if not ok:
+        raise ProgramError(node, f"cannot apply '{op}' to {ta} and {tb}")
+    if op == "*" and not numeric:
+        n, seq = (b, a) if ta in ("str", "list") else (a, b)
+        if n * len(seq) > MAX_LENGTH:
+            raise ProgramError(node, f"result would hold {n * len(seq):,} items; the limit is {MAX_LENGTH:,}")
+    try:
+        result = _ARITHMETIC[op](a, b)
+    except ZeroDivisionError:
+        raise ProgramError(node, "division by zero") from None
+    except OverflowError:
+        raise ProgramError(node, "number too large") from None
+    if isinstance(result, (str, list)) and len(result) > MAX_LENGTH:
+        raise ProgramError(node, f"result would hold {len(result):,} items; the limit is {MAX_LENGTH:,}")
+    if isinstance(result, int) and abs(result) >= MAX_INT:
+        raise ProgramError(node, "integer too large (beyond 2**63)")
+    return result
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, Token) and isinstance(b, Token) and (a.is_eos or b.is_eos):
+        return a.is_eos and b.is_eos  # `eos` stands for every end-of-text token of the model
+    if isinstance(a, Token) or isinstance(b, Token):
+        return a == b if isinstance(a, Token) else b == a
+    return a == b
+
+
+def _hashable(value: Any) -> Any:
+    """Results group in the posterior, so they must be hashable: lists become tuples, tokens text."""
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, Token):
+        return value.text
+    if isinstance(value, LMContext):
+        return value.text
+    return value

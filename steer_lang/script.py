@@ -1,0 +1,199 @@
+"""A checked `.steer` program ready to run: its inputs, settings and model, and the program objects.
+
+`Script.run` is the one path from text to a posterior, shared by the CLI and Python callers; it
+builds a `ScriptProgram` (a `steer.Program`) and hands it to `steer.run`, the same samplers that run
+hand-written Python programs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from steer.errors import SteerError
+from steer.lm import LanguageModel
+from steer.smc import Posterior, run
+
+from . import ast
+from .builtins import METHOD_ALIASES, SETTINGS, type_of
+from .checker import check, setting_problem
+from .errors import LangError
+from .interpreter import Code, ScriptProgram
+from .parser import parse
+
+DEFAULTS = {"method": "smc", "particles": 16, "ess": 0.5, "resampling": "systematic", "seed": 0, "beam": 3,
+            "max_tokens": 128}
+_UNSET = object()
+
+
+@dataclass
+class InputSpec:
+    name: str
+    type: str
+    default: Any = _UNSET  # _UNSET: the caller must give a value
+
+
+class Script:
+    """A parsed and checked program.  Build with `Script.from_file(path)` or `Script.from_source(text)`."""
+
+    def __init__(self, module: ast.Module, base_dir: Path | None = None):
+        check(module)
+        self.module = module
+        self.base_dir = base_dir or Path.cwd()
+        self.inputs: dict[str, InputSpec] = {}
+        values: dict[str, Any] = {}
+        for node in module.inputs:
+            default = _UNSET
+            if node.default is not None:
+                default = values[node.name] = self._evaluate(node.default, values)
+            self.inputs[node.name] = InputSpec(node.name, node.type or type_of(default), default)
+
+    @classmethod
+    def from_source(cls, source: str, filename: str = "<string>") -> Script:
+        return cls(parse(source, filename))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Script:
+        path = Path(path)
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SteerError(f"cannot read {path}: {e}") from None
+        return cls(parse(source, str(path)), base_dir=path.parent)
+
+    # -- inputs, settings, model -------------------------------------------------------------------
+    def input_values(self, given: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Input values: `given` (values, or strings from the command line) over the defaults."""
+        given = dict(given or {})
+        unknown = sorted(set(given) - set(self.inputs))
+        if unknown:
+            declared = ", ".join(self.inputs) or "none"
+            raise SteerError(f"unknown input {unknown[0]!r}; the program declares: {declared}")
+        values: dict[str, Any] = {}
+        for name, spec in self.inputs.items():
+            if name in given:
+                values[name] = _coerce(spec, given[name])
+            elif spec.default is not _UNSET:
+                node = next(i for i in self.module.inputs if i.name == name)
+                values[name] = self._evaluate(node.default, values)  # defaults may use earlier inputs
+            else:
+                raise SteerError(f"input {name!r} has no default; give it with --set {name}=VALUE")
+        return values
+
+    def settings(self, values: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+        """Sampler settings: `overrides` (None = not given) over the file's `sampler` over the defaults.
+
+        `values` are the resolved input values (see `input_values`); settings may be computed from them.
+        """
+        values = self.input_values() if values is None else values
+        settings = dict(DEFAULTS)
+        for node in self.module.samplers[:1]:
+            settings["method"] = METHOD_ALIASES.get(node.method, node.method)
+            for s in node.settings:
+                value = self._evaluate(s.value, values)
+                problem = setting_problem(s.name, value)
+                if problem:
+                    raise self._fail(s.value, problem)
+                settings[s.name] = value
+        settings.update({k: v for k, v in overrides.items() if v is not None})
+        settings["method"] = METHOD_ALIASES.get(settings["method"], settings["method"])
+        if settings["method"] not in SETTINGS:
+            raise SteerError(f"unknown method {settings['method']!r}; choose one of {', '.join(SETTINGS)}")
+        for name in ("particles", "ess", "resampling", "seed", "beam", "max_tokens"):
+            problem = setting_problem(name, settings[name])
+            if problem:
+                raise SteerError(problem)
+        return settings
+
+    def model_path(self) -> Path | None:
+        """The model the file names (relative to the file), or None for the default model."""
+        if not self.module.models or self.module.models[0].path is None:
+            return None
+        path = Path(self.module.models[0].path).expanduser()
+        return path if path.is_absolute() else self.base_dir / path
+
+    # -- running -----------------------------------------------------------------------------------
+    def program(self, lm: LanguageModel, inputs: dict[str, Any] | None = None,
+                max_tokens: int | None = None) -> ScriptProgram:
+        """The program as a `steer.Program` (one particle; the samplers copy it)."""
+        values = self.input_values(inputs)
+        limit = max_tokens if max_tokens is not None else self.settings(values)["max_tokens"]
+        return ScriptProgram(Code(self.module, lm, limit), values)
+
+    def run(self, lm: LanguageModel | None = None, *, inputs: dict[str, Any] | None = None,
+            progress: bool = False, record_particles: bool = False, **overrides: Any) -> Posterior:
+        """Run with the file's sampler settings, `overrides` (particles=, method=, seed=, ...) winning."""
+        from steer.models import load_model
+
+        values = self.input_values(inputs)
+        s = self.settings(values, **overrides)
+        if lm is None:
+            lm = load_model(self.model_path())
+        options: dict[str, Any] = {"particles": s["particles"], "seed": s["seed"], "progress": progress,
+                                   "record_particles": record_particles}
+        if s["method"] == "smc":
+            options.update(ess_threshold=s["ess"], resampling=s["resampling"])
+        elif s["method"] == "smc-steer":
+            options.update(beam=s["beam"])
+        return run(self.program(lm, values, s["max_tokens"]), s["method"], **options)
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _evaluate(self, expr: ast.Expr, inputs: dict[str, Any]) -> Any:
+        """A constant expression over inputs (defaults, settings): evaluated without a model."""
+        evaluator = ScriptProgram(Code(self.module, None, 1), inputs)
+        try:
+            return evaluator._eval(expr, dict(inputs))
+        except Exception as e:  # noqa: BLE001 - reported at the expression
+            message = getattr(e, "message", None) or f"cannot evaluate this expression: {e}"
+            raise self._fail(expr, message) from None
+
+    def _fail(self, node: ast.Node, message: str) -> LangError:
+        return Code(self.module, None, 1).fail(node, message)
+
+
+def _coerce(spec: InputSpec, value: Any) -> Any:
+    """An input value of the declared type; strings (from the command line) are parsed."""
+    if not isinstance(value, str) or spec.type == "str":
+        if spec.type not in ("any", type_of(value)) and not (spec.type == "float" and type_of(value) == "int"):
+            raise SteerError(f"input {spec.name!r} is {spec.type}, got {type_of(value)}")
+        return float(value) if spec.type == "float" else value
+    text = value.strip()
+    try:
+        if spec.type == "int":
+            return int(text)
+        if spec.type == "float":
+            return float(text)
+    except ValueError:
+        raise SteerError(f"input {spec.name!r} is {spec.type}, got {value!r}") from None
+    if spec.type == "bool":
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise SteerError(f"input {spec.name!r} is bool: give true or false, got {value!r}")
+    if spec.type == "list":
+        return _literal_list(spec.name, text)
+    return value
+
+
+def _literal_list(name: str, text: str) -> list:
+    """A list literal in the language's own syntax, e.g. ["ocean", "music"] (nothing is evaluated)."""
+    try:
+        module = parse(f"result {text}\n", f"--set {name}")
+    except LangError as e:
+        raise SteerError(f"input {name!r} is a list, e.g. '[\"a\", \"b\"]': {e.first.message}") from None
+
+    def literal(e: ast.Expr) -> Any:
+        if isinstance(e, ast.Const):
+            return e.value
+        if isinstance(e, ast.ListExpr):
+            return [literal(x) for x in e.items]
+        if isinstance(e, ast.Unary) and e.op == "-" and isinstance(e.operand, ast.Const):
+            return -e.operand.value
+        raise SteerError(f"input {name!r} must be a literal list, got {text!r}")
+
+    value = literal(module.results[0].value) if module.results and not module.body else None
+    if not isinstance(value, list):
+        raise SteerError(f"input {name!r} is a list, e.g. '[\"a\", \"b\"]', got {text!r}")
+    return value
