@@ -7,10 +7,11 @@
 builds `steer.Program` objects that run on the same samplers as hand-written Python programs.
 """
 
+from . import ast
 from .checker import check
 from .errors import Diagnostic, LangError
 from .interpreter import ScriptProgram
 from .parser import parse
 from .script import Script
 
-__all__ = ["Diagnostic", "LangError", "Script", "ScriptProgram", "check", "parse"]
+__all__ = ["ast", "Diagnostic", "LangError", "Script", "ScriptProgram", "check", "parse"]

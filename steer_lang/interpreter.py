@@ -381,7 +381,7 @@ class ScriptProgram(Program):
             raise ProgramError(e, f"cannot call {e.func}() here")
         bound = _bind(builtin, e, args, {k.name: self._eval(k.value, env) for k in e.kwargs})
         try:
-            return builtin.impl(**bound)
+            return builtin.impl(*(bound[p.name] for p in builtin.params))
         except BuiltinError as err:
             raise ProgramError(e, f"{e.func}(): {err}") from None
         except SteerError as err:
