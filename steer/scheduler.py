@@ -34,6 +34,15 @@ class LogprobsRequest(Request):
 def run_batched(coroutines: Iterable[Coroutine]) -> None:
     """Run coroutines to completion, serving their requests one batched round at a time."""
     waiting: list[tuple[Coroutine, Any]] = [(c, None) for c in coroutines]
+    try:
+        _drive(waiting)
+    except BaseException:
+        for coroutine, _ in waiting:  # an error in one particle ends the round: close the others
+            coroutine.close()
+        raise
+
+
+def _drive(waiting: list[tuple[Coroutine, Any]]) -> None:
     while waiting:
         requests: list[tuple[Coroutine, Request]] = []
         for coroutine, value in waiting:
@@ -49,7 +58,7 @@ def run_batched(coroutines: Iterable[Coroutine]) -> None:
                 )
             requests.append((coroutine, request))
         _serve([r for _, r in requests])
-        waiting = [(c, None) for c, _ in requests]
+        waiting[:] = [(c, None) for c, _ in requests]
 
 
 def _serve(requests: list[Request]) -> None:

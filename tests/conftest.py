@@ -13,3 +13,13 @@ def tiny_lm():
 def gemma():
     """The real default model (converted once into the cache, then loaded in seconds)."""
     return steer.load_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny model saved as a local model directory, for commands that take --model."""
+    path = tmp_path_factory.mktemp("tiny")
+    lm = steer.tiny_model("ab ", seed=2, temperature=2.0, max_length=64)
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path

@@ -6,17 +6,7 @@ import sys
 
 import pytest
 
-import steer
 from steer.cli import main
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    lm = steer.tiny_model("ab ", seed=2, temperature=2.0, max_length=64)
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
 
 
 def test_generate_json(tiny_dir, capsys):
