@@ -23,3 +23,9 @@ def tiny_dir(tmp_path_factory):
     lm.model.save_pretrained(path)
     lm.tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_for_fuzz():
+    """A tiny model over letters, space, digits and punctuation, so mutated examples can run."""
+    return steer.tiny_model("abcdefghijklmnopqrstuvwxyz .,-0123456789\n", seed=3, max_length=256)
