@@ -8,10 +8,11 @@ from .lm import HFLanguageModel, LanguageModel, LMContext, Token, Vocabulary
 from .models import load_model, tiny_model
 from .program import Program, SubProgram, program
 from .smc import Posterior, StepRecord, importance_sampling, run, smc, smc_steer
+from .words import NextWord
 
 __all__ = [
     "Bernoulli", "Categorical", "Generate", "Continuation", "Distribution", "Geometric", "HFLanguageModel",
-    "LMContext", "LanguageModel", "ModelLoadError", "NextToken", "ParticlesDiedError", "Posterior",
+    "LMContext", "LanguageModel", "ModelLoadError", "NextToken", "NextWord", "ParticlesDiedError", "Posterior",
     "Program", "SteerError", "StepRecord", "SubProgram", "Token", "TokenInMask", "Vocabulary",
     "importance_sampling", "load_model", "masks", "program", "run", "smc", "smc_steer", "tiny_model",
 ]

@@ -56,3 +56,45 @@ def test_mask_specs(tiny_lm):
     assert resolve(lambda c: [3], ctx).tolist() == [False, False, False, True]
     with pytest.raises(steer.SteerError):
         resolve(torch.ones(3, dtype=torch.bool), ctx)
+
+
+@pytest.mark.slow
+def test_charset_one_of_and_combinations_match_a_direct_check(gemma):
+    ctx = gemma.context("The year was")
+    strings, special = gemma.vocab.strings, gemma.vocab.special
+    digits = steer.masks.charset("0123456789")
+    yes_no = steer.masks.one_of([" yes", " no"], allow_eos=True)
+    short = steer.masks.word_length(max=3)
+    eos = next(iter(gemma.vocab.eos_ids))
+    m = resolve(digits, ctx)
+    expected = torch.tensor([bool(s) and not special[i] and set(s) <= set("0123456789") for i, s in enumerate(strings)])
+    assert torch.equal(m, expected) and 10 <= int(m.sum()) < 100
+    m = resolve(yes_no, ctx)
+    assert sorted(strings[i] for i in m.nonzero().flatten().tolist() if i != eos) == [" no", " yes"] and m[eos]
+    both = resolve(short & ~digits, ctx)
+    assert torch.equal(both, resolve(short, ctx) & ~resolve(digits, ctx))
+    assert torch.equal(resolve(digits | yes_no, ctx), resolve(digits, ctx) | resolve(yes_no, ctx))
+
+
+def test_observing_two_restrictions_gives_the_joint_probability(tiny_lm):
+    """P(next in A) * P(next in B | next in A) = P(next in A and B): the second observation is conditional."""
+    import math
+
+    from exact import next_logprobs
+    from steer.scheduler import run_batched
+
+    ctx = tiny_lm.context("ab")
+    a, b = [0, 2, 3], [1, 2]  # overlap: token 2 only
+    p = next_logprobs(tiny_lm, ctx.tokens).exp()
+    found = []
+
+    class Two(steer.Program):
+        async def step(self):
+            found.append(await self.observe(ctx.allowed(a), True))
+            found.append(await self.observe(ctx.allowed(b), True))
+            self.finish()
+
+    run_batched([Two()._advance()])
+    assert math.exp(found[0]) == pytest.approx(p[a].sum().item(), rel=1e-5)
+    assert math.exp(sum(found)) == pytest.approx(p[2].item(), rel=1e-5)
+    assert ctx.mask.tolist() == [False, False, True, False]
