@@ -14,4 +14,4 @@ from .interpreter import ScriptProgram
 from .parser import parse
 from .script import Script
 
-__all__ = ["ast", "Diagnostic", "LangError", "Script", "ScriptProgram", "check", "parse"]
+__all__ = ["Diagnostic", "LangError", "Script", "ScriptProgram", "ast", "check", "parse"]

@@ -15,6 +15,7 @@ from typing import Any
 import regex
 
 from steer import masks
+from steer.errors import SteerError
 from steer.lm import LMContext, Token
 from steer.masks import TokenConstraint
 
@@ -199,7 +200,7 @@ def _ended(c: LMContext) -> bool:
 def _word_length(max=None, min=1, allow_eos=True):
     try:
         return masks.word_length(max=max, min=min, allow_eos=allow_eos)
-    except Exception as e:  # a SteerError naming the bad bound
+    except SteerError as e:  # names the bad bound
         raise BuiltinError(str(e)) from None
 
 
@@ -249,7 +250,7 @@ _BUILTINS = [
     _b("abs", [("x", "number")], "any", abs, "absolute value"),
     _b("min", [("a", "any"), ("b", "any", None)], "any", _extreme(min), "smaller of a and b, or least of a list"),
     _b("max", [("a", "any"), ("b", "any", None)], "any", _extreme(max), "larger of a and b, or largest of a list"),
-    _b("round", [("x", "number")], "int", lambda x: int(round(x)), "nearest integer"),
+    _b("round", [("x", "number")], "int", lambda x: round(x), "nearest integer"),
     _b("log", [("x", "number")], "float", _math(math.log, "log"), "natural logarithm"),
     _b("exp", [("x", "number")], "float", _math(math.exp, "exp"), "e to the power x"),
     _b("sum", [("items", "list")], "any", _sum, "sum of a list of numbers"),

@@ -13,7 +13,16 @@ import difflib
 from steer.resampling import SCHEMES
 
 from . import ast
-from .builtins import BUILTINS, CONSTANTS, FORBIDDEN, METHOD_ALIASES, REQUIRED, SETTINGS, accepts, type_of
+from .builtins import (
+    BUILTINS,
+    CONSTANTS,
+    FORBIDDEN,
+    METHOD_ALIASES,
+    REQUIRED,
+    SETTINGS,
+    accepts,
+    type_of,
+)
 from .errors import Diagnostic, LangError
 
 INPUT_TYPES = ("str", "int", "float", "bool", "list")

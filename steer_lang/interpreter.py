@@ -23,7 +23,15 @@ from steer.program import Program
 from steer.words import NextWord
 
 from . import ast
-from .builtins import BUILTINS, MAX_LENGTH, REQUIRED, BuiltinError, accepts, text, type_of
+from .builtins import (
+    BUILTINS,
+    MAX_LENGTH,
+    REQUIRED,
+    BuiltinError,
+    accepts,
+    text,
+    type_of,
+)
 from .errors import Diagnostic, LangError, ProgramError
 
 MAX_STATEMENTS = 1_000_000  # per particle and run
@@ -42,7 +50,7 @@ class _StopLoop(Exception):
 class _Frame:
     """A block being executed: its statements, the next index, and the loop it belongs to (if any)."""
 
-    __slots__ = ("stmts", "i", "loop", "count", "limit", "items")
+    __slots__ = ("count", "i", "items", "limit", "loop", "stmts")
 
     def __init__(self, stmts: list[ast.Stmt], loop: ast.Stmt | None = None, limit: int = 0, items=None):
         self.stmts, self.i, self.loop = stmts, 0, loop

@@ -6,11 +6,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from exact import next_logprobs
+from test_exact import NoDoubleB, exact_target
 
 import steer
-from exact import next_logprobs
 from steer_lang import LangError, Script
-from test_exact import NoDoubleB, exact_target
 
 NO_DOUBLE_B = """
 context c = ""

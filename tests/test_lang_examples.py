@@ -69,7 +69,7 @@ def test_required_words(gemma):
     required = script.input_values()["required"]
     for p, _ in live:
         pattern = r".*".join(rf"\b{re.escape(w)}\b" for w in required)
-        assert re.search(pattern, p.result(), re.S), p.result()
+        assert re.search(pattern, p.result(), re.DOTALL), p.result()
 
 
 def test_soft_preference_weight_is_the_final_score_only(gemma):
