@@ -2,8 +2,12 @@
 
 A mask spec is any of: a boolean tensor over the vocabulary, a collection of token ids, a callable
 `context -> tensor`, or a `TokenConstraint`.  `resolve` turns a spec into a tensor for one context.
-Per-token string properties are computed once per vocabulary (`TokenTable.of`), so each mask costs a
-few vector operations over the 262k-token vocabulary, not a Python loop.
+Constraints are built from the per-token properties of `steer.tokens.TokenTable` (cached on disk), so
+each mask costs a few vector operations over the 262k-token vocabulary, and masks that depend on the
+text so far are cached per state (e.g. per length of the open word).
+
+Words are runs of letters and continue across tokens: " extra" + "ordinary" is one word.  Masks look at
+the text generated in the context (the prompt is not part of it).
 """
 
 from __future__ import annotations
@@ -17,50 +21,12 @@ import numpy as np
 import torch
 
 from .errors import SteerError
-from .lm import LMContext, Vocabulary
+from .lm import LMContext
+from .tokens import TokenTable, ascii_bits
 
-
+_BIG = 1 << 30
 _LETTERS = re.compile(r"[^\W\d_]+")
-
-
-class TokenTable:
-    """Per-token string properties of one vocabulary, shared by all masks built on it."""
-
-    _tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-    def __init__(self, vocab: Vocabulary):
-        self.vocab = vocab
-        n = vocab.size
-        self.eos = np.zeros(n, dtype=bool)
-        self.eos[list(vocab.eos_ids)] = True
-        self.text = ~vocab.special  # tokens that stand for text
-        # Word structure: leading letters (continuing the current word), longest complete inner word,
-        # trailing letters (the word left open), and whether the token contains a non-letter.
-        self.lead = np.zeros(n, dtype=np.int32)
-        self.inner = np.zeros(n, dtype=np.int32)
-        self.trail = np.zeros(n, dtype=np.int32)
-        self.breaks = np.zeros(n, dtype=bool)
-        for i, s in enumerate(vocab.strings):
-            if not s or not self.text[i]:
-                continue
-            runs = [(m.start(), m.end()) for m in _LETTERS.finditer(s)]
-            if runs == [(0, len(s))]:
-                self.lead[i] = len(s)
-                continue
-            self.breaks[i] = True
-            inner = [b - a for a, b in runs if a > 0 and b < len(s)]
-            self.inner[i] = max(inner, default=0)
-            if runs and runs[0][0] == 0:
-                self.lead[i] = runs[0][1]
-            if runs and runs[-1][1] == len(s):
-                self.trail[i] = runs[-1][1] - runs[-1][0]
-
-    @classmethod
-    def of(cls, vocab: Vocabulary) -> TokenTable:
-        table = cls._tables.get(vocab)
-        if table is None:
-            table = cls._tables[vocab] = cls(vocab)
-        return table
+_OPEN_WORD = re.compile(r"[^\W\d_]+\Z")
 
 
 class TokenConstraint:
@@ -103,108 +69,349 @@ class Combined(TokenConstraint):
         return f"({self.parts[0]!r} {'&' if self.op == 'and' else '|'} {self.parts[1]!r})"
 
 
-class _FixedSet(TokenConstraint):
-    """A constraint that does not depend on the text so far: one mask per vocabulary, built once."""
+class _Cached(TokenConstraint):
+    """A constraint whose mask depends on the text only through a small `state`: one mask per state."""
 
     def __init__(self):
         self._masks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def mask(self, context: LMContext) -> torch.Tensor:
-        vocab = context.lm.vocab
-        if vocab not in self._masks:
-            self._masks[vocab] = torch.from_numpy(self._build(TokenTable.of(vocab)))
-        return self._masks[vocab]
+    def state(self, context: LMContext) -> Any:
+        return None
 
-    def _build(self, table: TokenTable) -> np.ndarray:
+    def mask(self, context: LMContext) -> torch.Tensor:
+        by_state = self._masks.setdefault(context.lm.vocab, {})
+        key = self.state(context)
+        if key not in by_state:
+            by_state[key] = torch.from_numpy(np.ascontiguousarray(self._build(TokenTable.of(context.lm.vocab), key)))
+        return by_state[key]
+
+    def _build(self, t: TokenTable, state: Any) -> np.ndarray:
         raise NotImplementedError
 
 
-class Charset(_FixedSet):
+def _with_eos(ok: np.ndarray, t: TokenTable, allow: bool) -> np.ndarray:
+    return (ok & ~t.eos) | (t.eos if allow else False)
+
+
+def _chars_only(t: TokenTable, chars: str) -> np.ndarray:
+    """Text tokens made only of `chars` (vectorised for ASCII; non-ASCII tokens checked one by one)."""
+    lo, hi = ascii_bits(chars)
+    ok = t.text & ((t.ascii_lo & np.uint64(~lo & (2**64 - 1))) == 0) & ((t.ascii_hi & np.uint64(~hi & (2**64 - 1))) == 0)
+    ok &= (t.ascii_lo | t.ascii_hi) != 0
+    allowed = set(chars)
+    for i in np.flatnonzero(t.nonascii & t.text):
+        s = t.vocab.strings[i]
+        ok[i] = bool(s) and set(s) <= allowed
+    return ok
+
+
+def _chars_none(t: TokenTable, chars: str) -> np.ndarray:
+    """Tokens containing none of `chars`."""
+    lo, hi = ascii_bits(chars)
+    ok = ((t.ascii_lo & np.uint64(lo)) == 0) & ((t.ascii_hi & np.uint64(hi)) == 0)
+    wide = {ch for ch in chars if ord(ch) >= 128}
+    if wide:
+        for i in np.flatnonzero(t.nonascii):
+            ok[i] = ok[i] and not (wide & set(t.vocab.strings[i]))
+    return ok
+
+
+# -- word-level constraints -------------------------------------------------------------------------
+class WordLength(_Cached):
+    """Every word has between `min` and `max` letters; words continue across tokens.
+
+    `min` is checked when a word ends, so a token that closes a too-short word is excluded.
+    """
+
+    def __init__(self, max: int | None = None, min: int = 1, allow_eos: bool = True):
+        super().__init__()
+        if max is not None and max < min:
+            raise SteerError(f"word_length: max ({max}) is below min ({min})")
+        self.max, self.min, self.allow_eos = max, min, allow_eos
+
+    def __repr__(self) -> str:
+        return f"word_length(max={self.max}, min={self.min})"
+
+    def state(self, context: LMContext) -> int:
+        return open_word_length(context.text)
+
+    def _build(self, t: TokenTable, open_word: int) -> np.ndarray:
+        hi = self.max if self.max is not None else _BIG
+        first = open_word + t.lead  # the word the token continues (or starts)
+        ok = first <= hi
+        closes_first = t.breaks & (first > 0)
+        ok &= ~closes_first | (first >= self.min)
+        ok &= ~t.breaks | ((t.inner == 0) | ((t.inner_min >= self.min) & (t.inner <= hi)))
+        ok &= t.trail <= hi
+        ok &= t.text
+        return _with_eos(ok, t, self.allow_eos and (open_word == 0 or open_word >= self.min))
+
+
+class Words(_Cached):
+    """Every word must (mode "allow") or must not (mode "ban") be one of `words`; case-insensitive.
+
+    A word is judged when it is complete (a non-letter or the end follows), so banning "cat" leaves
+    "category" alone, and "ca" may still become "cart" under an allow list.
+    """
+
+    def __init__(self, words: Iterable[str], mode: str, allow_eos: bool = True):
+        super().__init__()
+        self.words = frozenset(w.lower() for w in words)
+        if not self.words or not all(w.isalpha() for w in self.words):
+            raise SteerError("word lists need at least one word, and words are letters only")
+        self.mode, self.allow_eos = mode, allow_eos
+        self.prefixes = {w[:k] for w in self.words for k in range(len(w) + 1)}
+        self._static: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __repr__(self) -> str:
+        return f"{'allowed' if self.mode == 'allow' else 'banned'}_words({sorted(self.words)!r})"
+
+    def state(self, context: LMContext) -> str:
+        text = context.text
+        n = open_word_length(text)
+        return text[len(text) - n:].lower() if n else ""
+
+    def _ok_word(self, word: str) -> bool:
+        return (word in self.words) == (self.mode == "allow")
+
+    def _ok_open(self, word: str) -> bool:
+        return self.mode == "ban" or word in self.prefixes
+
+    def _token_static(self, t: TokenTable) -> np.ndarray:
+        """Per token: its inner words and its trailing open word are acceptable (state-independent)."""
+        if t.vocab not in self._static:
+            ok = t.text.copy()
+            for i in np.flatnonzero(t.text & t.breaks):
+                s = t.vocab.strings[i]
+                runs = [(m.start(), m.end()) for m in _LETTERS.finditer(s)]
+                for b, e in runs:
+                    word = s[b:e].lower()
+                    if b == 0:
+                        continue  # the leading run joins the open word: judged per state
+                    if e == len(s):
+                        if not self._ok_open(word):
+                            ok[i] = False
+                    elif not self._ok_word(word):
+                        ok[i] = False
+            self._static[t.vocab] = ok
+        return self._static[t.vocab]
+
+    def _build(self, t: TokenTable, open_word: str) -> np.ndarray:
+        ok = self._token_static(t).copy()
+        by_lead, by_letters = _lead_maps(t)
+        # Words this token completes (letters then a break) or extends (letters only), judged by the
+        # word they make with the open word; only a few candidate strings can matter.
+        completing = [w[len(open_word):] for w in self.words if w.startswith(open_word) and len(w) > len(open_word)]
+        if self.mode == "ban":
+            for rest in completing:
+                ok[by_lead.get(rest, [])] = False
+        else:
+            keep_complete = np.zeros(t.vocab.size, dtype=bool)
+            for rest in completing:
+                keep_complete[by_lead.get(rest, [])] = True
+            ok &= ~(t.breaks & (t.lead > 0)) | keep_complete
+            keep_open = np.zeros(t.vocab.size, dtype=bool)
+            for p in self.prefixes:
+                if p.startswith(open_word) and len(p) > len(open_word):
+                    keep_open[by_letters.get(p[len(open_word):], [])] = True
+            ok &= t.breaks | (t.lead == 0) | keep_open
+        if open_word and not self._ok_word(open_word):  # a token starting with a non-letter closes it
+            ok &= ~(t.text & (t.lead == 0))
+        return _with_eos(ok, t, self.allow_eos and (not open_word or self._ok_word(open_word)))
+
+
+def _lead_maps(t: TokenTable) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """Lower-cased leading letters of tokens that break after them; lower-cased letter-only tokens."""
+    cache = t.__dict__.get("_lead_maps")
+    if cache is None:
+        by_lead: dict[str, list[int]] = {}
+        by_letters: dict[str, list[int]] = {}
+        strings = t.vocab.strings
+        for i in np.flatnonzero(t.text & (t.lead > 0)):
+            key = strings[i][: t.lead[i]].lower()
+            (by_lead if t.breaks[i] else by_letters).setdefault(key, []).append(int(i))
+        cache = t.__dict__["_lead_maps"] = (by_lead, by_letters)
+    return cache
+
+
+class MaxWords(_Cached):
+    """At most `n` words."""
+
+    def __init__(self, n: int, allow_eos: bool = True):
+        super().__init__()
+        if n < 0:
+            raise SteerError(f"max_words needs n >= 0, got {n}")
+        self.n, self.allow_eos = n, allow_eos
+
+    def __repr__(self) -> str:
+        return f"max_words({self.n})"
+
+    def state(self, context: LMContext) -> tuple[int, bool]:
+        text = context.text
+        return len(_LETTERS.findall(text)), open_word_length(text) > 0
+
+    def _build(self, t: TokenTable, state: tuple[int, bool]) -> np.ndarray:
+        count, open_word = state
+        new = t.runs - ((t.lead > 0) & open_word).astype(np.int32)
+        ok = t.text & (count + new <= self.n)
+        return _with_eos(ok, t, self.allow_eos)
+
+
+# -- character- and string-level constraints --------------------------------------------------------
+class Charset(_Cached):
     """Tokens made only of the given characters (e.g. digits)."""
 
     def __init__(self, chars: str, allow_eos: bool = False):
         super().__init__()
         if not chars:
             raise SteerError("charset needs at least one character")
-        self.chars, self.allow_eos = frozenset(chars), allow_eos
+        self.chars, self.allow_eos = "".join(sorted(set(chars))), allow_eos
 
-    def _build(self, t: TokenTable) -> np.ndarray:
-        ok = np.fromiter((bool(s) and set(s) <= self.chars for s in t.vocab.strings), bool, t.vocab.size)
-        ok &= t.text
-        return ok | (t.eos if self.allow_eos else False)
+    def _build(self, t: TokenTable, state: None) -> np.ndarray:
+        return _with_eos(_chars_only(t, self.chars), t, self.allow_eos)
 
     def __repr__(self) -> str:
-        return f"charset({''.join(sorted(self.chars))!r})"
+        return f"charset({self.chars!r})"
 
 
-class OneOf(_FixedSet):
+class ExcludeChars(_Cached):
+    """Tokens without any of the given characters (a lipogram: `exclude_chars("eE")`)."""
+
+    def __init__(self, chars: str, allow_eos: bool = True):
+        super().__init__()
+        if not chars:
+            raise SteerError("exclude_chars needs at least one character")
+        self.chars, self.allow_eos = "".join(sorted(set(chars))), allow_eos
+
+    def _build(self, t: TokenTable, state: None) -> np.ndarray:
+        return _with_eos(t.text & _chars_none(t, self.chars), t, self.allow_eos)
+
+    def __repr__(self) -> str:
+        return f"exclude_chars({self.chars!r})"
+
+
+class OneOf(_Cached):
     """Tokens whose text is exactly one of the given strings."""
 
     def __init__(self, strings: Iterable[str], allow_eos: bool = False):
         super().__init__()
         self.strings, self.allow_eos = frozenset(strings), allow_eos
 
-    def _build(self, t: TokenTable) -> np.ndarray:
-        ok = np.fromiter((s in self.strings for s in t.vocab.strings), bool, t.vocab.size) & t.text
-        return ok | (t.eos if self.allow_eos else False)
+    def _build(self, t: TokenTable, state: None) -> np.ndarray:
+        ok = np.zeros(t.vocab.size, dtype=bool)
+        for s in self.strings:
+            ok[t.by_string.get(s, [])] = True
+        return _with_eos(ok, t, self.allow_eos)
 
     def __repr__(self) -> str:
         return f"one_of({sorted(self.strings)!r})"
 
 
-class ContinuesWord(_FixedSet):
-    """Tokens made only of letters: appended to a word, they make it longer."""
+class EndsWith(_Cached):
+    """The text may end (EOS) only once it ends with `suffix`; other tokens are unrestricted."""
 
-    def _build(self, t: TokenTable) -> np.ndarray:
-        return t.text & ~t.breaks & (t.lead > 0)
+    def __init__(self, suffix: str):
+        super().__init__()
+        if not suffix:
+            raise SteerError("ends_with needs a non-empty suffix")
+        self.suffix = suffix
 
+    def state(self, context: LMContext) -> bool:
+        return context.text.endswith(self.suffix)
 
-class WordLength(TokenConstraint):
-    """Every word (run of letters) has between `min` and `max` letters; words continue across tokens.
-
-    `min` is checked when a word ends, so a token that closes a too-short word is excluded.
-    """
-
-    def __init__(self, max: int | None = None, min: int = 1, allow_eos: bool = True):
-        if max is not None and max < min:
-            raise SteerError(f"word_length: max ({max}) is below min ({min})")
-        self.max, self.min, self.allow_eos = max, min, allow_eos
-        self._cache: dict[tuple[int, int], torch.Tensor] = {}
-
-    def mask(self, context: LMContext) -> torch.Tensor:
-        open_word = open_word_length(context.text)
-        key = (id(context.lm.vocab), open_word)
-        if key not in self._cache:
-            self._cache[key] = self._build(TokenTable.of(context.lm.vocab), open_word)
-        return self._cache[key]
+    def _build(self, t: TokenTable, done: bool) -> np.ndarray:
+        return _with_eos(t.text.copy(), t, done)
 
     def __repr__(self) -> str:
-        return f"word_length(max={self.max}, min={self.min})"
+        return f"ends_with({self.suffix!r})"
 
-    def _build(self, t: TokenTable, open_word: int) -> torch.Tensor:
-        hi = self.max if self.max is not None else 1 << 30
-        first = open_word + t.lead  # the word the token continues (or starts)
-        ok = first <= hi
-        closes_first = t.breaks & (first > 0)
-        ok &= ~closes_first | (first >= self.min)
-        ok &= ~t.breaks | ((t.inner == 0) | ((t.inner >= self.min) & (t.inner <= hi)))
-        ok &= t.trail <= hi
-        ok &= t.text
-        if self.allow_eos:
-            ok |= t.eos & (open_word == 0 or open_word >= self.min)
-        return torch.from_numpy(ok)
+
+class StopAt(_Cached):
+    """Generation ends right after any of the stop strings: text may not run past one, and once one
+    has appeared only EOS is allowed."""
+
+    def __init__(self, strings: Iterable[str]):
+        super().__init__()
+        self.strings = tuple(sorted({s for s in strings}))
+        if not self.strings or not all(self.strings):
+            raise SteerError("stop_at needs non-empty stop strings")
+
+    def state(self, context: LMContext) -> str:
+        text = context.text
+        if any(s in text for s in self.strings):
+            return "\x00stopped"
+        keep = max(len(s) for s in self.strings) - 1
+        return text[len(text) - keep:] if keep else ""
+
+    def _build(self, t: TokenTable, tail: str) -> np.ndarray:
+        if tail == "\x00stopped":
+            return t.eos.copy()
+        ok = t.text.copy()
+        strings = t.vocab.strings
+        for s in self.strings:
+            # A token may complete a stop string only at its very end.
+            for k in range(len(s)):  # k letters of s already at the end of the text
+                if k and not tail.endswith(s[:k]):
+                    continue
+                for i in t.starting_with(s[k:]) if k else _containing(t, s):
+                    text = tail[len(tail) - k:] + strings[i] if k else strings[i]
+                    at = text.find(s)
+                    if at >= 0 and at + len(s) < len(text):
+                        ok[i] = False
+        return ok | t.eos
+
+    def __repr__(self) -> str:
+        return f"stop_at({list(self.strings)!r})"
+
+
+def _containing(t: TokenTable, s: str) -> np.ndarray:
+    key = ("contains", s)
+    cache = t.__dict__.setdefault("_containing", {})
+    if key not in cache:
+        cache[key] = np.array([i for i, x in enumerate(t.vocab.strings) if t.text[i] and s in x], dtype=np.int64)
+    return cache[key]
+
+
+class MaxTokens(TokenConstraint):
+    """After `n` generated tokens only EOS is allowed."""
+
+    def __init__(self, n: int):
+        if n < 0:
+            raise SteerError(f"max_tokens needs n >= 0, got {n}")
+        self.n = n
+
+    def mask(self, context: LMContext) -> torch.Tensor:
+        t = TokenTable.of(context.lm.vocab)
+        return torch.from_numpy(t.eos.copy() if len(context.generated) >= self.n else t.text | t.eos)
+
+    def __repr__(self) -> str:
+        return f"max_tokens({self.n})"
+
+
+class EndOfText(_Cached):
+    """The end-of-text token(s) only: `~end_of_text()` forbids ending here."""
+
+    def _build(self, t: TokenTable, state: None) -> np.ndarray:
+        return t.eos.copy()
+
+    def __repr__(self) -> str:
+        return "end_of_text()"
+
+
+class ContinuesWord(_Cached):
+    """Tokens made only of letters: appended to a word, they make it longer."""
+
+    def _build(self, t: TokenTable, state: None) -> np.ndarray:
+        return t.text & ~t.breaks & (t.lead > 0)
 
 
 def open_word_length(text: str) -> int:
     """Letters at the end of `text` (the length of the word still open)."""
-    n = 0
-    for ch in reversed(text):
-        if not ch.isalpha():
-            break
-        n += 1
-    return n
+    m = _OPEN_WORD.search(text)
+    return m.end() - m.start() if m else 0
 
 
+# -- constructors (the names used in Python and in .steer files) ------------------------------------
 def word_length(max: int | None = None, min: int = 1, allow_eos: bool = True) -> WordLength:
     """Every word has at most `max` (and at least `min`) letters."""
     return WordLength(max=max, min=min, allow_eos=allow_eos)
@@ -215,9 +422,49 @@ def charset(chars: str, allow_eos: bool = False) -> Charset:
     return Charset(chars, allow_eos=allow_eos)
 
 
+def exclude_chars(chars: str, allow_eos: bool = True) -> ExcludeChars:
+    """Tokens containing none of `chars`: `exclude_chars("eE")` writes a lipogram."""
+    return ExcludeChars(chars, allow_eos=allow_eos)
+
+
 def one_of(strings: Iterable[str], allow_eos: bool = False) -> OneOf:
     """Tokens whose text is exactly one of `strings`."""
     return OneOf(strings, allow_eos=allow_eos)
+
+
+def banned_words(words: Iterable[str]) -> Words:
+    """No complete word is one of `words` (case-insensitive)."""
+    return Words(words, "ban")
+
+
+def allowed_words(words: Iterable[str]) -> Words:
+    """Every complete word is one of `words` (case-insensitive)."""
+    return Words(words, "allow")
+
+
+def max_words(n: int, allow_eos: bool = True) -> MaxWords:
+    """At most `n` words in the generated text."""
+    return MaxWords(n, allow_eos=allow_eos)
+
+
+def ends_with(suffix: str) -> EndsWith:
+    """The text may only end once it ends with `suffix`."""
+    return EndsWith(suffix)
+
+
+def stop_at(strings: Iterable[str]) -> StopAt:
+    """The text ends right after the first of `strings` to appear."""
+    return StopAt(strings)
+
+
+def max_tokens(n: int) -> MaxTokens:
+    """Only EOS after `n` generated tokens."""
+    return MaxTokens(n)
+
+
+def end_of_text() -> EndOfText:
+    """The end-of-text token; `~end_of_text()` forbids ending."""
+    return EndOfText()
 
 
 def continues_word() -> ContinuesWord:
@@ -242,4 +489,3 @@ def resolve(spec: Any, context: LMContext) -> torch.Tensor | None:
         mask[list(spec)] = True
         return mask
     raise SteerError(f"cannot use {type(spec).__name__} as a token mask")
-
