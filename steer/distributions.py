@@ -162,8 +162,11 @@ class TokenInMask(Distribution):
         self.mask_spec = mask
 
     async def _log_mass(self) -> float:
+        from .checks import TokenCheck
         from .masks import resolve
 
+        if isinstance(self.mask_spec, TokenCheck):
+            return await self._checked(self.mask_spec)
         self._resolved = resolve(self.mask_spec, self.context)
         logprobs = await self.context.next_logprobs()
         given = self.context.mask
@@ -174,12 +177,40 @@ class TokenInMask(Distribution):
             return NEG_INF
         return _log_mass(logprobs, self._resolved & given) - log_given
 
+    async def _checked(self, check) -> float:
+        """AWRS: an exact sample of the next token within the constraint, and an unbiased estimate of
+        the constraint's probability; observing True then fixes the next token to that sample."""
+        from .checks import awrs
+
+        ctx = self.context
+        vocab = ctx.lm.vocab
+        text = ctx.text
+
+        def accepts(i: int) -> bool:
+            if i in vocab.eos_ids:
+                return check.allows(text, complete=True)
+            return not vocab.special[i] and check.allows(text + vocab.strings[i])
+
+        token, log_w, _ = awrs(await ctx.next_logprobs(), ctx.mask, accepts)
+        self._resolved = torch.zeros(vocab.size, dtype=torch.bool)
+        if token is not None:
+            self._resolved[token] = True
+        return log_w
+
     async def sample(self) -> tuple[bool, float]:
+        from .checks import TokenCheck
+
+        if isinstance(self.mask_spec, TokenCheck):
+            raise SteerError("a checked constraint (grammar, partial_regex) can only be observed True")
         log_in = await self._log_mass()
         value = bool(streams.numpy.random() < math.exp(log_in))
         return value, await self.log_prob(value)
 
     async def log_prob(self, value: Any) -> float:
+        from .checks import TokenCheck
+
+        if isinstance(self.mask_spec, TokenCheck) and not value:
+            raise SteerError("a checked constraint (grammar, partial_regex) can only be observed True")
         log_in = await self._log_mass()
         if value:
             return log_in

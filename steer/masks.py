@@ -478,6 +478,11 @@ def resolve(spec: Any, context: LMContext) -> torch.Tensor | None:
         return None
     if isinstance(spec, TokenConstraint):
         return spec.mask(context)
+    from .checks import TokenCheck
+
+    if isinstance(spec, TokenCheck):
+        raise SteerError(f"{spec!r} is checked token by token, not a mask: observe "
+                         "`ctx.allowed(check)` as True, then sample `ctx.next_token()`")
     if isinstance(spec, torch.Tensor):
         if spec.dtype != torch.bool or spec.shape != (context.lm.vocab.size,):
             raise SteerError(f"a mask tensor must be bool of shape ({context.lm.vocab.size},)")

@@ -1,0 +1,232 @@
+"""Constraints checked on candidate tokens, sampled with adaptive weighted rejection sampling (AWRS).
+
+Some constraints cannot be turned into a mask over 262k tokens cheaply: a Lark grammar (each check is
+a parse) or a regular expression with look-around or back-references (each check is a partial
+match).  AWRS (Lipkin et al. 2025, arXiv 2504.05410) draws tokens from the LM without replacement,
+checks them one at a time and stops at the first that passes, so a step usually checks a handful of
+tokens.  A second rejection round yields an unbiased estimate of the allowed mass P(A), which becomes
+the particle's weight: with `ctx.allowed(check)` observed True, the token is an exact sample of the LM
+restricted to A and the weight is properly weighted for the LM conditioned on the constraint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+
+import regex
+import torch
+
+from .errors import SteerError
+from .randomness import streams
+
+NEG_INF = float("-inf")
+
+
+class TokenCheck:
+    """A constraint on the generated text, checked for one candidate token at a time."""
+
+    def __deepcopy__(self, memo):  # immutable spec with a shareable cache
+        return self
+
+    def __init__(self, cache_size: int = 100_000):
+        self._cache: OrderedDict[tuple[str, bool], bool] = OrderedDict()
+        self._cache_size = cache_size
+
+    def allows(self, text: str, complete: bool = False) -> bool:
+        """Whether `text` is a prefix of an allowed text (or, with `complete`, an allowed text)."""
+        key = (text, complete)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        ok = self._complete(text) if complete else self._prefix(text)
+        self._cache[key] = ok
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return ok
+
+    def _prefix(self, text: str) -> bool:
+        raise NotImplementedError
+
+    def _complete(self, text: str) -> bool:
+        raise NotImplementedError
+
+
+class PartialRegex(TokenCheck):
+    """The text matches `pattern` (the `regex` module's syntax: look-around, back-references, ...)."""
+
+    def __init__(self, pattern: str, timeout: float = 1.0):
+        super().__init__()
+        try:
+            self.compiled = regex.compile(pattern)
+        except regex.error as e:
+            raise SteerError(f"invalid regular expression {pattern!r}: {e}") from None
+        self.pattern, self.timeout = pattern, timeout
+
+    def __repr__(self) -> str:
+        return f"partial_regex({self.pattern!r})"
+
+    def _prefix(self, text: str) -> bool:
+        return self.compiled.fullmatch(text, partial=True, timeout=self.timeout) is not None
+
+    def _complete(self, text: str) -> bool:
+        return self.compiled.fullmatch(text, timeout=self.timeout) is not None
+
+
+class Grammar(TokenCheck):
+    """The text is a sentence of a Lark grammar (LALR); prefixes are checked with Lark's interactive
+    parser: every complete token is fed to the parser, and the text after the last one must be the
+    beginning of a terminal the parser accepts next."""
+
+    def __init__(self, grammar: str, start: str = "start"):
+        super().__init__()
+        from lark import Lark
+        from lark.exceptions import LarkError
+
+        try:
+            self.parser = Lark(grammar, start=start, parser="lalr", lexer="basic")
+        except (LarkError, SyntaxError, TypeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SteerError(f"invalid Lark grammar: {first}") from None
+        self.grammar = grammar
+        self._terminals = {t.name: regex.compile(t.pattern.to_regexp()) for t in self.parser.terminals}
+
+    def __repr__(self) -> str:
+        return f"grammar({self.grammar[:40]!r}...)"
+
+    def _complete(self, text: str) -> bool:
+        from lark.exceptions import LarkError
+
+        try:
+            self.parser.parse(text)
+        except LarkError:
+            return False
+        return True
+
+    def _lex(self, text: str):
+        """Complete tokens and the position where lexing stopped (len(text) if it did not)."""
+        from lark.exceptions import UnexpectedCharacters
+
+        tokens = []
+        try:
+            for token in self.parser.lex(text):
+                tokens.append(token)
+        except UnexpectedCharacters as e:
+            return tokens, e.pos_in_stream
+        return tokens, len(text)
+
+    def _feeds(self, tokens) -> object | None:
+        from lark.exceptions import LarkError
+
+        parser = self.parser.parse_interactive("")
+        try:
+            for token in tokens:
+                parser.feed_token(token)
+        except LarkError:
+            return None
+        return parser
+
+    def _continues(self, parser, rest: str) -> bool:
+        if not rest:
+            return True
+        for name in parser.accepts():
+            pattern = self._terminals.get(name)
+            if pattern is not None and pattern.fullmatch(rest, partial=True):
+                return True
+        return False
+
+    def _prefix(self, text: str) -> bool:
+        tokens, stop = self._lex(text)
+        candidates = []
+        if stop == len(text):
+            if tokens and tokens[-1].end_pos == len(text):  # the last token may still grow
+                candidates.append((tokens[:-1], text[tokens[-1].start_pos:]))
+            candidates.append((tokens, ""))
+        else:
+            if tokens and tokens[-1].end_pos == stop:  # e.g. "1." : NUMBER then a cut-off fraction
+                candidates.append((tokens[:-1], text[tokens[-1].start_pos:]))
+            candidates.append((tokens, text[stop:]))
+        for complete, rest in candidates:
+            parser = self._feeds(complete)
+            if parser is not None and self._continues(parser, rest):
+                return True
+        return False
+
+
+JSON_GRAMMAR = r"""
+?start: value
+?value: object | array | STRING | NUMBER | "true" | "false" | "null"
+array: "[" [value ("," value)*] "]"
+object: "{" [pair ("," pair)*] "}"
+pair: STRING ":" value
+STRING: /"([^"\\\x00-\x1f]|\\["\\\/bfnrt]|\\u[0-9a-fA-F]{4})*"/
+NUMBER: /-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?/
+%ignore /[ \t\n\r]+/
+"""
+
+
+def partial_regex(pattern: str) -> PartialRegex:
+    """The text matches `pattern`, checked token by token (any `regex`-module pattern)."""
+    return PartialRegex(pattern)
+
+
+def grammar(text: str, start: str = "start") -> Grammar:
+    """The text is a sentence of the Lark grammar `text`."""
+    return Grammar(text, start=start)
+
+
+def json_grammar() -> Grammar:
+    """The text is one JSON value (any JSON; use `steer.patterns.json_schema` to fix its shape)."""
+    return Grammar(JSON_GRAMMAR)
+
+
+# -- adaptive weighted rejection sampling -----------------------------------------------------------
+def _descending(keys: torch.Tensor) -> Iterator[int]:
+    """Indices in order of decreasing key, lazily (a few top-k calls instead of a full sort)."""
+    n, seen, k = keys.numel(), 0, 16
+    while seen < n:
+        k = min(n, max(k, 4 * seen))
+        values, order = torch.topk(keys, k)
+        for v, i in zip(values[seen:].tolist(), order[seen:].tolist()):
+            if v == NEG_INF:
+                return
+            yield i
+        seen = k
+
+
+def awrs(logprobs: torch.Tensor, given: torch.Tensor | None, accepts: Callable[[int], bool]) -> tuple[int | None, float, int]:
+    """Adaptive weighted rejection sampling of the LM's next token restricted to `accepts`.
+
+    `logprobs`: the LM's next-token log-probabilities; `given`: an existing restriction (the target is
+    then conditional on it).  Returns (token or None if no token is accepted, log of an unbiased
+    estimate of P(accepted | given), number of checks).
+    """
+    logps = logprobs.double().clone()
+    if given is not None:
+        logps = logps.masked_fill(~given, NEG_INF)
+    log_z = torch.logsumexp(logps, 0).item()
+    if log_z == NEG_INF:
+        return None, NEG_INF, 0
+    logps -= log_z
+    token, rejected, first_round, checks = None, 0, [], 0
+    for _ in range(2):
+        u = torch.rand(logps.shape, generator=streams.torch, dtype=torch.float64).clamp_min(1e-300)
+        keys = logps - torch.log(-torch.log(u))
+        for i in _descending(keys):
+            checks += 1
+            if accepts(i):
+                if token is None:
+                    token = i
+                break
+            rejected += 1
+            if token is None:
+                first_round.append(logps[i].item())
+            logps[i] = NEG_INF
+    if token is None:
+        return None, NEG_INF, checks
+    log_w = -math.log(rejected + 1)
+    if first_round:
+        mass = math.exp(torch.logsumexp(torch.tensor(first_round, dtype=torch.float64), 0).item())
+        log_w += math.log1p(-min(mass, 1.0)) if mass < 1.0 else NEG_INF
+    return token, log_w, checks

@@ -1,0 +1,233 @@
+"""Regular-expression and JSON-schema constraints as token masks, from a token-level automaton.
+
+`interegular` compiles a regular expression to a character automaton (DFA).  The token-level
+automaton is then computed here, vectorised: every token of the vocabulary is walked through the DFA
+at once (one table lookup per character position over a token x position matrix of character
+classes), so the allowed set of a DFA state costs a few milliseconds even for Gemma's 262k tokens,
+and each state's mask is cached.  (outlines-core's Rust token index was the first choice, but its
+0.2.14 index drops transitions out of accepting states, e.g. it forbids the second "a" of `(ab)+`;
+its JSON-schema-to-regex translation is used below.)
+
+Patterns beyond regular languages (look-around, back-references) cannot be automata; for them
+`steer.checks.partial_regex` checks candidate tokens with the `regex` module's partial matching.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import weakref
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import SteerError
+from .lm import LMContext, Vocabulary
+from .masks import TokenConstraint
+from .tokens import TokenTable
+
+_WIDTH = 32  # token characters walked in the vectorised pass; longer tokens are walked one by one
+_matrices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _codepoints(vocab: Vocabulary) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per vocabulary: a (tokens x _WIDTH) matrix of code points (-1 pads), the tokens that can be
+    walked (text tokens without broken UTF-8), and the ids of the longer ones."""
+    if vocab not in _matrices:
+        table = TokenTable.of(vocab)
+        n = vocab.size
+        matrix = np.full((n, _WIDTH), -1, dtype=np.int32)
+        usable = table.text.copy()
+        long_ids = []
+        for i, s in enumerate(vocab.strings):
+            if not usable[i] or not s or "\ufffd" in s:
+                usable[i] = False
+                continue
+            if len(s) > _WIDTH:
+                long_ids.append(i)
+                continue
+            matrix[i, : len(s)] = [ord(ch) for ch in s]
+        _matrices[vocab] = (matrix, usable, np.array(long_ids, dtype=np.int64))
+    return _matrices[vocab]
+
+
+class _Automaton:
+    """A regular expression's DFA, with a dead state and the states from which a match is reachable."""
+
+    def __init__(self, pattern: str):
+        import interegular
+        from interegular.fsm import anything_else
+
+        try:
+            fsm = interegular.parse_pattern(pattern).to_fsm()
+        except Exception:  # noqa: BLE001 - interegular raises several types for what it cannot handle
+            raise SteerError(
+                f"regex({pattern!r}) needs a regular pattern (no look-around or back-references); "
+                "partial_regex(...) checks such patterns by rejection sampling"
+            ) from None
+        states = sorted(fsm.states)
+        number = {s: k for k, s in enumerate(states)}
+        self.dead = len(states)
+        classes = max(fsm.alphabet.by_transition) + 1
+        self.pad = classes  # the class of padding: stays in place
+        table = np.full((self.dead + 1, classes + 1), self.dead, dtype=np.int32)
+        for s, moves in fsm.map.items():
+            for c, t in moves.items():
+                table[number[s], c] = number[t]
+        table[:, self.pad] = np.arange(self.dead + 1)
+        self.table = table
+        self.initial = number[fsm.initial]
+        self.finals = np.zeros(self.dead + 1, dtype=bool)
+        self.finals[[number[f] for f in fsm.finals]] = True
+        # Live states: a final state is reachable (reverse breadth-first search).
+        live = self.finals.copy()
+        while True:
+            grown = live | live[table[:, :classes]].any(axis=1)
+            grown[self.dead] = False
+            if (grown == live).all():
+                break
+            live = grown
+        self.live = live
+        self._alphabet, self._other = fsm.alphabet, anything_else
+
+    def char_class(self, ch: str) -> int:
+        try:
+            return self._alphabet[ch]
+        except KeyError:
+            return self._alphabet[self._other]
+
+    def walk(self, state: int, text: str) -> int:
+        for ch in text:
+            state = self.table[state, self.char_class(ch)]
+            if state == self.dead:
+                break
+        return int(state)
+
+
+class Regex(TokenConstraint):
+    """The generated text must match `pattern` in full by the time the text ends (EOS).
+
+    Each token allowed keeps the text a prefix of some match; EOS is allowed only on a full match.
+    """
+
+    def __init__(self, pattern: str, allow_eos: bool = True):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise SteerError(f"invalid regular expression {pattern!r}: {e}") from None
+        self.pattern, self.allow_eos = pattern, allow_eos
+        self.automaton = _Automaton(pattern)
+        self._classes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._states: dict[str, int] = {}
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+
+    def __repr__(self) -> str:
+        return f"regex({self.pattern!r})"
+
+    def state(self, text: str) -> int:
+        """The DFA state after `text` (the automaton's dead state if no match can follow)."""
+        if text not in self._states:
+            self._states[text] = self.automaton.walk(self.automaton.initial, text)
+        return self._states[text]
+
+    def _token_classes(self, vocab: Vocabulary) -> np.ndarray:
+        if vocab not in self._classes:
+            matrix, _, _ = _codepoints(vocab)
+            points, inverse = np.unique(matrix, return_inverse=True)
+            lut = np.array([self.automaton.pad if p < 0 else self.automaton.char_class(chr(p)) for p in points],
+                           dtype=np.int32)
+            self._classes[vocab] = lut[inverse.reshape(matrix.shape)]
+        return self._classes[vocab]
+
+    def allowed_after(self, vocab: Vocabulary, state: int) -> np.ndarray:
+        """Tokens that keep a match reachable from `state` (EOS: whether `state` is a full match)."""
+        a = self.automaton
+        classes = self._token_classes(vocab)
+        _, usable, long_ids = _codepoints(vocab)
+        current = np.full(vocab.size, state, dtype=np.int32)
+        for j in range(_WIDTH):
+            current = a.table[current, classes[:, j]]
+        ok = usable & a.live[current]
+        for i in long_ids:
+            ok[i] = bool(a.live[a.walk(state, vocab.strings[i])])
+        eos = list(vocab.eos_ids)
+        ok[eos] = self.allow_eos and bool(a.finals[state])
+        return ok
+
+    def mask(self, context: LMContext) -> torch.Tensor:
+        state = self.state(context.text)
+        key = (id(context.lm.vocab), state)
+        if key not in self._masks:
+            if state == self.automaton.dead:
+                ok = np.zeros(context.lm.vocab.size, dtype=bool)
+            else:
+                ok = self.allowed_after(context.lm.vocab, state)
+            self._masks[key] = torch.from_numpy(ok)
+        return self._masks[key]
+
+    def matches(self, text: str) -> bool:
+        return re.fullmatch(self.pattern, text) is not None
+
+
+def regex(pattern: str, allow_eos: bool = True) -> Regex:
+    """The generated text matches the regular expression `pattern` (a full match when it ends)."""
+    return Regex(pattern, allow_eos=allow_eos)
+
+
+# -- JSON schema ------------------------------------------------------------------------------------
+_SUPPORTED = {
+    "type", "properties", "required", "enum", "const", "items", "minItems", "maxItems", "minLength",
+    "maxLength", "minimum", "maximum", "additionalProperties", "title", "description", "$schema",
+    "anyOf", "oneOf", "default", "examples", "format", "pattern",
+}
+_TYPES = {"object", "array", "string", "integer", "number", "boolean", "null"}
+
+
+def check_schema(schema: Any, path: str = "$") -> None:
+    """Refuse what the constraint cannot honour, naming the keyword and where it is."""
+    if not isinstance(schema, dict):
+        raise SteerError(f"JSON schema at {path} must be an object, got {type(schema).__name__}")
+    for key, value in schema.items():
+        if key not in _SUPPORTED:
+            raise SteerError(f"JSON schema keyword {key!r} at {path} is not supported "
+                             f"(supported: {', '.join(sorted(_SUPPORTED))})")
+        if key == "type":
+            kinds = value if isinstance(value, list) else [value]
+            bad = [k for k in kinds if k not in _TYPES]
+            if bad:
+                raise SteerError(f"JSON schema type {bad[0]!r} at {path} is unknown")
+        if key == "properties":
+            if not isinstance(value, dict):
+                raise SteerError(f"JSON schema 'properties' at {path} must be an object")
+            for name, sub in value.items():
+                check_schema(sub, f"{path}.{name}")
+        elif key == "items":
+            check_schema(value, f"{path}[]")
+        elif key in ("anyOf", "oneOf"):
+            for i, sub in enumerate(value):
+                check_schema(sub, f"{path}.{key}[{i}]")
+        elif key == "additionalProperties" and value not in (False, True) and not isinstance(value, dict):
+            raise SteerError(f"JSON schema 'additionalProperties' at {path} must be a boolean or a schema")
+        if key == "required":
+            missing = [k for k in value if k not in schema.get("properties", {})]
+            if missing:
+                raise SteerError(f"JSON schema at {path} requires {missing[0]!r}, which it does not define")
+
+
+def json_schema(schema: dict | str, whitespace: str = r"[ ]?", allow_eos: bool = True) -> Regex:
+    """The generated text is a JSON document valid under `schema` (objects, typed values, enums,
+    arrays, nested objects).  Compiled to a regular expression, then to a token automaton."""
+    from outlines_core.json_schema import build_regex_from_schema
+
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise SteerError(f"the JSON schema is not valid JSON: {e}") from None
+    check_schema(schema)
+    try:
+        pattern = build_regex_from_schema(json.dumps(schema), whitespace)
+    except (ValueError, TypeError) as e:
+        raise SteerError(f"cannot use this JSON schema: {e}") from None
+    return Regex(pattern, allow_eos=allow_eos)

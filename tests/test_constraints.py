@@ -1,0 +1,148 @@
+"""Constraints against exact computations on tiny models: regex automata, partial regexes and Lark
+grammars (with AWRS) give the LM conditioned on the constraint, and AWRS's weight is unbiased."""
+
+import math
+
+import numpy as np
+import pytest
+import regex
+import torch
+
+import steer
+from exact import complete_sequences
+from steer.checks import awrs, grammar, json_grammar, partial_regex
+from steer.patterns import json_schema
+from steer.patterns import regex as regex_mask
+from steer.randomness import seed
+
+T = 4
+
+
+def test_awrs_weight_is_unbiased_and_its_sample_exact():
+    logprobs = torch.log_softmax(torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0]), 0)
+    allowed = {1, 3, 5}
+    p = logprobs.exp()
+    z = p[list(allowed)].sum().item()
+    seed(0)
+    n = 20000
+    weights, counts, checks = np.empty(n), np.zeros(6), 0
+    for k in range(n):
+        token, log_w, c = awrs(logprobs, None, lambda i: i in allowed)
+        weights[k] = math.exp(log_w)
+        counts[token] += 1
+        checks += c
+    se = weights.std() / math.sqrt(n)
+    assert abs(weights.mean() - z) < 4 * se, (weights.mean(), z)
+    expected = np.zeros(6)
+    expected[list(allowed)] = p[list(allowed)].numpy() / z
+    assert np.abs(counts / n - expected).max() < 0.015
+    assert counts[[0, 2, 4]].sum() == 0
+    # Restricted to an earlier restriction, the weight estimates the conditional probability.
+    given = torch.tensor([False, True, True, False, False, True])
+    cond = p[[1, 5]].sum().item() / p[[1, 2, 5]].sum().item()
+    ws = [math.exp(awrs(logprobs, given, lambda i: i in allowed)[1]) for _ in range(8000)]
+    assert abs(np.mean(ws) - cond) < 4 * np.std(ws) / math.sqrt(len(ws))
+
+
+def test_awrs_with_nothing_allowed_kills():
+    token, log_w, _ = awrs(torch.log_softmax(torch.zeros(5), 0), None, lambda i: False)
+    assert token is None and log_w == float("-inf")
+
+
+class Constrained(steer.Program):
+    """Up to T tokens, each observed to satisfy the constraint, then sampled from the LM."""
+
+    def __init__(self, lm, constraint):
+        super().__init__()
+        self.ctx = lm.context("")
+        self.constraint = constraint
+
+    async def step(self):
+        await self.observe(self.ctx.allowed(self.constraint), True)
+        token = await self.sample(self.ctx.next_token())
+        if token.is_eos or len(self.ctx.generated) >= T:
+            self.finish()
+
+    def result(self):
+        return tuple(self.ctx.generated)
+
+
+def exact(lm, prefix_ok, complete_ok):
+    """The LM conditioned on every prefix being valid and, at EOS, on the text being complete."""
+    eos = next(iter(lm.vocab.eos_ids))
+    target = {}
+    for seq, logp in complete_sequences(lm, lm.encode(""), T).items():
+        ids = [t for t in seq if t != eos]
+        texts = [lm.decode(ids[:k]) for k in range(1, len(ids) + 1)]
+        if any(lm.vocab.special[t] for t in ids) or not all(prefix_ok(x) for x in texts):
+            continue
+        if seq[-1] == eos and not complete_ok(lm.decode(ids)):
+            continue
+        target[seq] = math.exp(logp)
+    z = sum(target.values())
+    return {k: v / z for k, v in target.items()}, z
+
+
+CASES = {
+    # name: (alphabet, model seed, constraint factory, independent prefix check, independent completion check)
+    "regex automaton": ("ab ", 4, lambda: regex_mask(r"(ab|ba)+ ?"),
+                        lambda s: regex.fullmatch(r"(ab|ba)+ ?", s, partial=True) is not None,
+                        lambda s: regex.fullmatch(r"(ab|ba)+ ?", s) is not None),
+    "partial regex (back-reference)": ("ab ", 4, lambda: partial_regex(r"(a|b)\1+ ?"),
+                                       lambda s: regex.fullmatch(r"(a|b)\1+ ?", s, partial=True) is not None,
+                                       lambda s: regex.fullmatch(r"(a|b)\1+ ?", s) is not None),
+    "lark grammar": ("12+*", 3, lambda: grammar('?start: sum\n?sum: prod ("+" prod)*\n?prod: NUM ("*" NUM)*\n'
+                                             "NUM: /[12]+/\n"),
+                     lambda s: regex.fullmatch(r"[12]+([+*][12]+)*", s, partial=True) is not None,
+                     lambda s: regex.fullmatch(r"[12]+([+*][12]+)*", s) is not None),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_posterior_matches_the_exact_conditional(name):
+    alphabet, model_seed, make, prefix_ok, complete_ok = CASES[name]
+    lm = steer.tiny_model(alphabet, seed=model_seed, temperature=2.0)
+    target, z = exact(lm, prefix_ok, complete_ok)
+    assert 0.001 < z < 0.9 and len(target) >= 4
+    estimate: dict = {}
+    for s in range(3):
+        post = steer.smc(Constrained(lm, make()), particles=1500, seed=s)
+        for k, w in post.distribution().items():
+            estimate[k] = estimate.get(k, 0.0) + w / 3
+    assert set(estimate) <= set(target), set(estimate) - set(target)
+    tv = 0.5 * sum(abs(estimate.get(k, 0.0) - p) for k, p in target.items())
+    assert tv < 0.06, tv
+    estimates = [math.exp(steer.importance_sampling(Constrained(lm, make()), particles=200, seed=s).log_ml)
+                 for s in range(20)]
+    assert abs(np.mean(estimates) - z) < 4 * np.std(estimates) / math.sqrt(len(estimates)) + 1e-9
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: regex_mask("[a-"), "invalid regular expression '[a-'"),
+    (lambda: partial_regex("(?<=a"), "invalid regular expression"),
+    (lambda: grammar("start: undefined_rule\n"), "invalid Lark grammar"),
+    (lambda: json_schema({"type": "object", "patternProperties": {}}),
+     "JSON schema keyword 'patternProperties' at $ is not supported"),
+    (lambda: json_schema({"type": "object", "properties": {"a": {"type": "tuple"}}}),
+     "JSON schema type 'tuple' at $.a is unknown"),
+    (lambda: json_schema('{"type": '), "the JSON schema is not valid JSON"),
+])
+def test_bad_constraints_are_one_line_errors(make, message):
+    with pytest.raises(steer.SteerError) as info:
+        make()
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_regex_that_needs_look_around_points_to_partial_regex():
+    lm = steer.tiny_model("ab")
+    with pytest.raises(steer.SteerError, match="partial_regex"):
+        regex_mask(r"(?<=a)b").mask(lm.context(""))
+
+
+def test_json_grammar_prefixes():
+    g = json_grammar()
+    for ok in ['{', '{"a"', '{"a": [1, 2.', '{"a": tr', '[', '"x', '-', '{"a": {"b": null}, "c"']:
+        assert g.allows(ok), ok
+    for bad in ['}', '{"a" 1', '{"a": tx', '[1,,', '01']:
+        assert not g.allows(bad), bad
+    assert g.allows('{"a": [1, 2.5]}', complete=True) and not g.allows('{"a": [1', complete=True)
