@@ -25,7 +25,7 @@ class Unconstrained(steer.Program):
 
     def __init__(self, lm, prompt, n, penalty=0.0):
         super().__init__()
-        self.ctx = lm.context(prompt)
+        self.ctx = lm.context(prompt, heal=False)  # the same prompt tokens as model.generate
         self.n, self.penalty = n, penalty
 
     async def step(self):

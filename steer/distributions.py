@@ -110,22 +110,32 @@ class NextToken(Distribution):
     applies too.
     """
 
+    side_log_weight = 0.0  # log P(text continues the healed prompt), added by Program.sample
+
     def __init__(self, context: LMContext, mask: Any = None):
         self.context = context
         self.mask_spec = mask
 
     def _mask(self) -> torch.Tensor | None:
-        from .masks import resolve
+        from .masks import healing_mask, resolve
 
         mask = resolve(self.mask_spec, self.context)
-        if self.context.mask is not None:
-            mask = self.context.mask if mask is None else mask & self.context.mask
+        for extra in (self.context.mask, healing_mask(self.context)):
+            if extra is not None:
+                mask = extra if mask is None else mask & extra
         return mask
+
+    def _healing_log_mass(self, logprobs: torch.Tensor) -> float:
+        """Token healing observes that the text continues the backed-off prompt text: its log mass."""
+        from .masks import healing_mask
+
+        return _log_mass(logprobs, healing_mask(self.context))
 
     async def sample(self) -> tuple[Token, float]:
         ctx = self.context
         logprobs = await ctx.next_logprobs()
         mask = self._mask()
+        self.side_log_weight = self._healing_log_mass(logprobs)
         log_z = _log_mass(logprobs, mask)
         if log_z == NEG_INF:
             raise SteerError("no token is allowed here (use observe/condition to reject instead of sample)")
@@ -144,10 +154,20 @@ class NextToken(Distribution):
         mask = self._mask()
         if mask is not None and not mask[token_id]:
             return NEG_INF
-        return logprobs[token_id].item() - _log_mass(logprobs, mask)
+        return logprobs[token_id].item() - _log_mass(logprobs, mask) + self._healing_log_mass(logprobs)
 
     def commit(self, value: Any) -> None:
         self.context.extend([int(value)])
+
+
+def _given(context: LMContext) -> torch.Tensor | None:
+    """What is already known about the next token: a committed restriction and pending healing."""
+    from .masks import healing_mask
+
+    heal = healing_mask(context)
+    if heal is None:
+        return context.mask
+    return heal if context.mask is None else context.mask & heal
 
 
 class TokenInMask(Distribution):
@@ -169,7 +189,7 @@ class TokenInMask(Distribution):
             return await self._checked(self.mask_spec)
         self._resolved = resolve(self.mask_spec, self.context)
         logprobs = await self.context.next_logprobs()
-        given = self.context.mask
+        given = _given(self.context)
         if given is None:
             return _log_mass(logprobs, self._resolved)
         log_given = _log_mass(logprobs, given)
@@ -184,14 +204,17 @@ class TokenInMask(Distribution):
 
         ctx = self.context
         vocab = ctx.lm.vocab
-        text = ctx.text
+        text, pending = ctx.text, ctx.heal
 
         def accepts(i: int) -> bool:
             if i in vocab.eos_ids:
                 return check.allows(text, complete=True)
-            return not vocab.special[i] and check.allows(text + vocab.strings[i])
+            s = vocab.strings[i]
+            if pending:  # healing: only the part after the backed-off prompt text is new text
+                s = s[len(pending):] if s.startswith(pending) else ""
+            return not vocab.special[i] and check.allows(text + s)
 
-        token, log_w, _ = awrs(await ctx.next_logprobs(), ctx.mask, accepts)
+        token, log_w, _ = awrs(await ctx.next_logprobs(), _given(ctx), accepts)
         self._resolved = torch.zeros(vocab.size, dtype=torch.bool)
         if token is not None:
             self._resolved[token] = True
@@ -232,5 +255,7 @@ class Continuation(Distribution):
         raise SteerError("a continuation can only be observed; sample tokens with next_token()")
 
     async def log_prob(self, value: Any) -> float:
-        tokens = list(value) if not isinstance(value, str) else self.context.lm.encode(value, bos=False)
-        return await self.context.extend_scored(tokens)
+        if isinstance(value, str):
+            # With token healing pending, the backed-off prompt text and the value are tokenized together.
+            value = self.context.lm.encode(self.context.heal + value, bos=False)
+        return await self.context.extend_scored(list(value))

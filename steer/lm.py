@@ -114,8 +114,8 @@ class LanguageModel(ABC):
     def token(self, token_id: int) -> Token:
         return Token(token_id, self.vocab.strings[token_id], token_id in self.vocab.eos_ids)
 
-    def context(self, prompt: str = "", *, bos: bool = True) -> LMContext:
-        return LMContext(self, prompt, bos=bos)
+    def context(self, prompt: str = "", *, bos: bool = True, heal: bool = True) -> LMContext:
+        return LMContext(self, prompt, bos=bos, heal=heal)
 
     def release(self, context: LMContext) -> None:
         """Forget the cache state held for `context` (it will be re-encoded if used again)."""
@@ -132,9 +132,19 @@ class LMContext:
 
     _serials = itertools.count()
 
-    def __init__(self, lm: LanguageModel, prompt: str | Sequence[int] = "", *, bos: bool = True):
+    def __init__(self, lm: LanguageModel, prompt: str | Sequence[int] = "", *, bos: bool = True,
+                 heal: bool = True):
         self.lm = lm
         self.tokens: list[int] = lm.encode(prompt, bos=bos) if isinstance(prompt, str) else list(prompt)
+        # Token healing: a prompt ending in white space or mid-word ends in a token the model would
+        # rarely have produced there (" " before "(555)", "Fra" before "nce").  Its last token is backed
+        # off and the continuation must start with that text, so the natural tokenization is reachable.
+        self.healed = ""
+        if heal and isinstance(prompt, str) and prompt and (prompt[-1].isspace() or prompt[-1].isalnum()):
+            last = self.tokens[-1] if len(self.tokens) > 1 else None
+            if last is not None and not lm.vocab.special[last] and lm.vocab.strings[last]:
+                self.healed = lm.vocab.strings[last]
+                self.tokens.pop()
         if not self.tokens:
             raise SteerError("an LM context needs at least one token (use bos=True for an empty prompt)")
         if len(self.tokens) >= lm.max_length:
@@ -156,8 +166,17 @@ class LMContext:
 
     @property
     def text(self) -> str:
-        """The generated text (prompt excluded)."""
-        return self.lm.decode(self.generated)
+        """The generated text (prompt excluded, and so the text that token healing backed off)."""
+        full = self.lm.decode(self.generated)
+        return full[len(self.healed):] if self.healed else full
+
+    @property
+    def heal(self) -> str:
+        """The part of the backed-off prompt text that the next tokens must still reproduce."""
+        if not self.healed:
+            return ""
+        full = self.lm.decode(self.generated)
+        return self.healed[len(full):] if self.healed.startswith(full) else ""
 
     def __str__(self) -> str:
         return self.text

@@ -313,7 +313,7 @@ class EndsWith(_Cached):
     def __init__(self, suffix: str):
         super().__init__()
         if not suffix:
-            raise SteerError("ends_with needs a non-empty suffix")
+            raise SteerError("must_end_with needs a non-empty suffix")
         self.suffix = suffix
 
     def state(self, context: LMContext) -> bool:
@@ -323,7 +323,7 @@ class EndsWith(_Cached):
         return _with_eos(t.text.copy(), t, done)
 
     def __repr__(self) -> str:
-        return f"ends_with({self.suffix!r})"
+        return f"must_end_with({self.suffix!r})"
 
 
 class StopAt(_Cached):
@@ -405,6 +405,23 @@ class ContinuesWord(_Cached):
         return t.text & ~t.breaks & (t.lead > 0)
 
 
+def healing_mask(context: LMContext) -> torch.Tensor | None:
+    """While token healing is pending: the tokens that start with the backed-off text, or are a prefix
+    of it (None when nothing is pending)."""
+    pending = context.heal
+    if not pending:
+        return None
+    t = TokenTable.of(context.lm.vocab)
+    cache = t.__dict__.setdefault("_healing", {})
+    if pending not in cache:
+        ok = np.zeros(context.lm.vocab.size, dtype=bool)
+        ok[t.starting_with(pending)] = True
+        for k in range(1, len(pending)):
+            ok[t.by_string.get(pending[:k], [])] = True
+        cache[pending] = torch.from_numpy(ok)
+    return cache[pending]
+
+
 def open_word_length(text: str) -> int:
     """Letters at the end of `text` (the length of the word still open)."""
     m = _OPEN_WORD.search(text)
@@ -447,7 +464,7 @@ def max_words(n: int, allow_eos: bool = True) -> MaxWords:
     return MaxWords(n, allow_eos=allow_eos)
 
 
-def ends_with(suffix: str) -> EndsWith:
+def must_end_with(suffix: str) -> EndsWith:
     """The text may only end once it ends with `suffix`."""
     return EndsWith(suffix)
 

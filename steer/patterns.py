@@ -120,7 +120,7 @@ class Regex(TokenConstraint):
         self.automaton = _Automaton(pattern)
         self._classes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._states: dict[str, int] = {}
-        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+        self._masks: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def __repr__(self) -> str:
         return f"regex({self.pattern!r})"
@@ -140,29 +140,33 @@ class Regex(TokenConstraint):
             self._classes[vocab] = lut[inverse.reshape(matrix.shape)]
         return self._classes[vocab]
 
-    def allowed_after(self, vocab: Vocabulary, state: int) -> np.ndarray:
-        """Tokens that keep a match reachable from `state` (EOS: whether `state` is a full match)."""
+    def allowed_after(self, vocab: Vocabulary, state: int, skip: int = 0) -> np.ndarray:
+        """Tokens that keep a match reachable from `state` (EOS: whether `state` is a full match).
+
+        `skip` characters at the start of each token are not new text (token healing: they reproduce
+        the backed-off prompt); the healing mask keeps only the tokens for which that holds.
+        """
         a = self.automaton
         classes = self._token_classes(vocab)
         _, usable, long_ids = _codepoints(vocab)
         current = np.full(vocab.size, state, dtype=np.int32)
-        for j in range(_WIDTH):
+        for j in range(skip, _WIDTH):
             current = a.table[current, classes[:, j]]
         ok = usable & a.live[current]
         for i in long_ids:
-            ok[i] = bool(a.live[a.walk(state, vocab.strings[i])])
+            ok[i] = bool(a.live[a.walk(state, vocab.strings[i][skip:])])
         eos = list(vocab.eos_ids)
         ok[eos] = self.allow_eos and bool(a.finals[state])
         return ok
 
     def mask(self, context: LMContext) -> torch.Tensor:
-        state = self.state(context.text)
-        key = (id(context.lm.vocab), state)
+        state, pending = self.state(context.text), context.heal
+        key = (id(context.lm.vocab), state, len(pending))
         if key not in self._masks:
             if state == self.automaton.dead:
                 ok = np.zeros(context.lm.vocab.size, dtype=bool)
             else:
-                ok = self.allowed_after(context.lm.vocab, state)
+                ok = self.allowed_after(context.lm.vocab, state, skip=len(pending))
             self._masks[key] = torch.from_numpy(ok)
         return self._masks[key]
 
@@ -178,8 +182,8 @@ def regex(pattern: str, allow_eos: bool = True) -> Regex:
 # -- JSON schema ------------------------------------------------------------------------------------
 _SUPPORTED = {
     "type", "properties", "required", "enum", "const", "items", "minItems", "maxItems", "minLength",
-    "maxLength", "minimum", "maximum", "additionalProperties", "title", "description", "$schema",
-    "anyOf", "oneOf", "default", "examples", "format", "pattern",
+    "maxLength", "additionalProperties", "title", "description", "$schema", "anyOf", "default",
+    "examples", "format", "pattern",
 }
 _TYPES = {"object", "array", "string", "integer", "number", "boolean", "null"}
 
@@ -204,7 +208,7 @@ def check_schema(schema: Any, path: str = "$") -> None:
                 check_schema(sub, f"{path}.{name}")
         elif key == "items":
             check_schema(value, f"{path}[]")
-        elif key in ("anyOf", "oneOf"):
+        elif key == "anyOf":
             for i, sub in enumerate(value):
                 check_schema(sub, f"{path}.{key}[{i}]")
         elif key == "additionalProperties" and value not in (False, True) and not isinstance(value, dict):

@@ -37,6 +37,9 @@ class _Weighted:
         """Draw from `proposal` (default: `dist` itself), correcting the weight by the density ratio."""
         if proposal is None:
             value, _ = await dist.sample()
+            side = getattr(dist, "side_log_weight", 0.0)  # e.g. token healing's observation
+            if side:
+                self._particle()._add(side, "the text cannot continue the healed prompt")
         else:
             value, log_q = await proposal.sample()
             log_p = await dist.log_prob(value)

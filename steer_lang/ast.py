@@ -89,6 +89,12 @@ class Call(Expr):
     kwargs: list[Keyword]
 
 
+@dataclass(eq=False)
+class Setting(Node):
+    name: str
+    value: Expr
+
+
 # -- statements -------------------------------------------------------------------------------------
 class Stmt(Node):
     pass
@@ -148,6 +154,7 @@ class Return(Stmt):
 class ContextDecl(Stmt):
     name: str
     prompt: Expr
+    options: list[Setting] = field(default_factory=list)  # heal = false
 
 
 @dataclass(eq=False)
@@ -193,12 +200,6 @@ class Input(Node):
 @dataclass(eq=False)
 class ModelDecl(Node):
     path: str | None  # None: the default model
-
-
-@dataclass(eq=False)
-class Setting(Node):
-    name: str
-    value: Expr
 
 
 @dataclass(eq=False)

@@ -14,9 +14,10 @@ from typing import Any
 
 import regex
 
-from steer import masks
+from steer import checks, masks, patterns
 from steer.errors import SteerError
 from steer.lm import LMContext, Token
+from steer.checks import TokenCheck
 from steer.masks import TokenConstraint
 
 MAX_LENGTH = 1_000_000  # longest string or list a program may build
@@ -35,7 +36,7 @@ def type_of(value: Any) -> str:
     if isinstance(value, bool):
         return "bool"
     for t, name in ((int, "int"), (float, "float"), (str, "str"), (list, "list"), (Token, "token"),
-                    (LMContext, "context"), (TokenConstraint, "mask")):
+                    (LMContext, "context"), (TokenConstraint, "mask"), (TokenCheck, "mask")):
         if isinstance(value, t):
             return name
     return "none" if value is None else type(value).__name__
@@ -216,6 +217,24 @@ def _one_of(strings, allow_eos=False):
     return masks.one_of([text(s) for s in strings], allow_eos=allow_eos)
 
 
+def _constraint(make: Callable, *text_args: int) -> Callable:
+    """A constraint constructor taking language values (tokens as text); its errors become ours."""
+    def build(*args):
+        args = [text(a) if isinstance(a, Token) else a for a in args]
+        try:
+            return make(*args)
+        except SteerError as e:
+            raise BuiltinError(str(e)) from None
+
+    return build
+
+
+def _strings(name: str, items) -> list[str]:
+    if not all(isinstance(s, (str, Token)) for s in items):
+        raise BuiltinError(f"{name} needs a list of strings")
+    return [text(s) for s in items]
+
+
 def _b(name, params, returns, impl, doc, kind="function"):
     return Builtin(name, tuple(Param(*p) for p in params), returns, kind, impl, doc)
 
@@ -268,6 +287,29 @@ _BUILTINS = [
        "tokens made only of these characters", "mask"),
     _b("one_of", [("strings", "list"), ("allow_eos", "bool", False)], "mask", _one_of,
        "tokens whose text is one of these strings", "mask"),
+    _b("exclude_chars", [("chars", "str"), ("allow_eos", "bool", True)], "mask", _constraint(masks.exclude_chars),
+       "tokens without any of these characters (a lipogram)", "mask"),
+    _b("banned_words", [("words", "list")], "mask", lambda w: _constraint(masks.banned_words)(_strings("banned_words", w)),
+       "no complete word is one of these", "mask"),
+    _b("allowed_words", [("words", "list")], "mask",
+       lambda w: _constraint(masks.allowed_words)(_strings("allowed_words", w)), "every word is one of these", "mask"),
+    _b("max_words", [("n", "int"), ("allow_eos", "bool", True)], "mask", _constraint(masks.max_words),
+       "at most n words", "mask"),
+    _b("must_end_with", [("suffix", "str")], "mask", _constraint(masks.must_end_with),
+       "the text may only end once it ends with suffix", "mask"),
+    _b("stop_at", [("strings", "list")], "mask", lambda s: _constraint(masks.stop_at)(_strings("stop_at", s)),
+       "the text ends right after the first stop string", "mask"),
+    _b("max_tokens", [("n", "int")], "mask", _constraint(masks.max_tokens), "only EOS after n tokens", "mask"),
+    _b("end_of_text", [], "mask", _constraint(masks.end_of_text), "the end-of-text token only", "mask"),
+    _b("regex", [("pattern", "str"), ("allow_eos", "bool", True)], "mask", _constraint(patterns.regex),
+       "the text matches the regular expression (a token automaton)", "mask"),
+    _b("json_schema", [("schema", "str")], "mask", _constraint(patterns.json_schema),
+       "the text is JSON valid under this JSON schema (given as JSON text)", "mask"),
+    _b("partial_regex", [("pattern", "str")], "mask", _constraint(checks.partial_regex),
+       "the text matches the pattern, checked token by token (look-around, back-references)", "mask"),
+    _b("grammar", [("text", "str"), ("start", "str", "start")], "mask", _constraint(checks.grammar),
+       "the text is a sentence of this Lark grammar (checked token by token)", "mask"),
+    _b("json_grammar", [], "mask", _constraint(checks.json_grammar), "the text is one JSON value", "mask"),
     # distributions (only after `sample` or `observe ... from`)
     _b("next", [("c", "context")], "token", None, "the LM's next token in c", "distribution"),
     _b("word", [("c", "context")], "str", None, "the LM's next word in c (its text)", "distribution"),

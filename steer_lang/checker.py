@@ -233,6 +233,12 @@ class _Checker:
                 self.error(s, "`return` outside a function (use `finish` to end the program)")
         elif isinstance(s, ast.ContextDecl):
             t = self._expr(s.prompt, scope)
+            for option in s.options:
+                ot = self._expr(option.value, scope)
+                if option.name != "heal":
+                    self.error(option, f"unknown context option '{option.name}'; options: heal")
+                elif not accepts("bool", ot):
+                    self.error(option.value, f"`heal` must be true or false, got {ot}")
             if self._effect(s, scope, "context"):
                 if not accepts("text", t):
                     self.error(s.prompt, f"a context's prompt must be a string, got {t}")

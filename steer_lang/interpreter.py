@@ -15,6 +15,7 @@ import math
 import operator
 from typing import Any
 
+from steer.checks import TokenCheck
 from steer.distributions import Bernoulli, Categorical, Geometric
 from steer.errors import SteerError
 from steer.lm import LanguageModel, LMContext, Token
@@ -71,6 +72,7 @@ class Code:
         self.lm = lm
         self.max_tokens = max_tokens
         self.functions = {f.name: f for f in module.functions}
+        self.constraints: dict[tuple, Any] = {}
 
     def __deepcopy__(self, memo):
         return self
@@ -195,8 +197,9 @@ class ScriptProgram(Program):
             prompt = self._eval(s.prompt, env)
             if not isinstance(prompt, (str, Token)):
                 raise ProgramError(s.prompt, f"a context's prompt must be a string, got {type_of(prompt)}")
+            heal = all(_truth(self._eval(o.value, env), o.value) for o in s.options if o.name == "heal")
             try:
-                env[s.name] = self.code.lm.context(text(prompt))
+                env[s.name] = self.code.lm.context(text(prompt), heal=heal)
             except SteerError as e:
                 raise ProgramError(s, str(e)) from None
         elif isinstance(s, ast.If):
@@ -269,7 +272,7 @@ class ScriptProgram(Program):
             mask = None
             if s.where is not None:
                 mask = self._eval(s.where, self.env)
-                if not isinstance(mask, TokenConstraint):
+                if not isinstance(mask, (TokenConstraint, TokenCheck)):
                     raise ProgramError(s.where, f"`where` needs a token mask, got {type_of(mask)}")
             try:
                 if call.func == "word":
@@ -334,6 +337,8 @@ class ScriptProgram(Program):
         if isinstance(e, ast.Unary):
             v = self._eval(e.operand, env)
             if e.op == "not":
+                if isinstance(v, TokenCheck):
+                    raise ProgramError(e, f"{v!r} is checked token by token and cannot be negated")
                 return ~v if isinstance(v, TokenConstraint) else not _truth(v, e.operand)
             if type_of(v) not in ("int", "float", "bool"):
                 raise ProgramError(e, f"cannot negate {type_of(v)}")
@@ -341,9 +346,12 @@ class ScriptProgram(Program):
         if isinstance(e, ast.Binary):
             if e.op in ("and", "or"):
                 left = self._eval(e.left, env)
+                if isinstance(left, TokenCheck):
+                    raise ProgramError(e, f"{left!r} is checked token by token and cannot be combined "
+                                          "with and/or; use it alone in `where`")
                 if isinstance(left, TokenConstraint):
                     right = self._eval(e.right, env)
-                    if not isinstance(right, TokenConstraint):
+                    if isinstance(right, TokenCheck) or not isinstance(right, TokenConstraint):
                         raise ProgramError(e, f"cannot combine a mask with {type_of(right)}")
                     return left & right if e.op == "and" else left | right
                 if _truth(left, e.left) == (e.op == "or"):
@@ -388,10 +396,19 @@ class ScriptProgram(Program):
         if builtin is None or builtin.kind == "distribution":
             raise ProgramError(e, f"cannot call {e.func}() here")
         bound = _bind(builtin, e, args, {k.name: self._eval(k.value, env) for k in e.kwargs})
+        values = [bound[p.name] for p in builtin.params]
+        if builtin.kind == "mask":  # constraints cache per-state masks: build each one once per run
+            key = (e.func, _hashable(values))
+            if key not in self.code.constraints:
+                self.code.constraints[key] = self._apply(builtin, values, e)
+            return self.code.constraints[key]
+        return self._apply(builtin, values, e)
+
+    def _apply(self, builtin, values: list, e: ast.Call) -> Any:
         try:
-            return builtin.impl(*(bound[p.name] for p in builtin.params))
+            return builtin.impl(*values)
         except BuiltinError as err:
-            raise ProgramError(e, f"{e.func}(): {err}") from None
+            raise ProgramError(e, f"{builtin.name}(): {err}") from None
         except SteerError as err:
             raise ProgramError(e, str(err)) from None
 
@@ -467,7 +484,7 @@ def _token_id(ctx: LMContext, value: Any, node: ast.Node) -> int:
 
 
 def _truth(value: Any, node: ast.Node) -> bool:
-    if isinstance(value, (LMContext, TokenConstraint)):
+    if isinstance(value, (LMContext, TokenConstraint, TokenCheck)):
         raise ProgramError(node, f"a {type_of(value)} is neither true nor false")
     if isinstance(value, Token):
         return bool(value.text)

@@ -174,8 +174,8 @@ class _ToAST(Transformer):
         return ast.Return(*_pos(meta), c[0])
 
     def context_stmt(self, meta, c):
-        name, prompt = c
-        return ast.ContextDecl(*_pos(meta), str(name), prompt)
+        name, prompt, *options = c
+        return ast.ContextDecl(*_pos(meta), str(name), prompt, options)
 
     def expr_stmt(self, meta, c):
         return ast.ExprStmt(*_pos(c[0]), c[0])

@@ -22,7 +22,7 @@ def assert_matches_full_forward(lm, contexts, tol=1e-4):
 
 def exercise(lm, prompts, steps):
     """Prompts of different lengths, ragged extensions, deep copies (resampling) and a fresh context."""
-    contexts = [lm.context(p) for p in prompts]
+    contexts = [lm.context(p, heal=False) for p in prompts]
     run_batched([refresh(c) for c in contexts])
     assert_matches_full_forward(lm, contexts)
     g = torch.Generator().manual_seed(0)
@@ -46,7 +46,7 @@ def test_tiny_model_cache_matches_full_forward(tiny_lm):
 
 
 def test_prompt_is_encoded_once_for_many_particles(tiny_lm):
-    contexts = [tiny_lm.context("abab") for _ in range(50)]
+    contexts = [tiny_lm.context("abab", heal=False) for _ in range(50)]
     run_batched([refresh(c) for c in contexts])
     assert tiny_lm._mask.shape[0] == 1  # one cache row for 50 identical contexts
     for c in contexts:
@@ -56,7 +56,7 @@ def test_prompt_is_encoded_once_for_many_particles(tiny_lm):
 
 
 def test_scored_extension_equals_sum_of_next_token_logprobs(tiny_lm):
-    ctx = tiny_lm.context("ab")
+    ctx = tiny_lm.context("ab", heal=False)
     tokens = [2, 3, 3, 2]
 
     async def go():

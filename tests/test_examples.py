@@ -17,10 +17,10 @@ def test_short_words(gemma):
     from short_words import ShortWords
 
     post = steer.smc(ShortWords(gemma, "My favorite writing style is", max_tokens=16), particles=4, seed=0)
-    for particle, w in zip(post.particles, post.weights):
-        if w > 0:
-            words = re.findall(r"[^\W\d_]+", particle.ctx.text)
-            assert words and max(map(len, words)) <= 5, particle.ctx.text
+    texts = [p.ctx.text for p, w in zip(post.particles, post.weights) if w > 0]
+    for text in texts:
+        assert all(len(word) <= 5 for word in re.findall(r"[^\W\d_]+", text)), text
+    assert any(re.search(r"[^\W\d_]", text) for text in texts)
     assert post.log_ml < 0  # the constraint has probability below one under the model
 
 

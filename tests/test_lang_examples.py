@@ -41,21 +41,47 @@ def test_infilling(gemma):
         text = p.result()
         assert text.startswith(segments[0]) and text.endswith(segments[-1])
         positions = [text.find(s) for s in segments]
-        assert positions == sorted(positions) and positions[1] > len(segments[0]), text
+        assert positions == sorted(positions) and positions[1] >= len(segments[0]), text
+
+
+def full_logprobs(lm, ids):
+    with torch.no_grad():
+        return torch.log_softmax(lm.model(torch.tensor([ids])).logits[0].float(), -1)
 
 
 def test_prompt_intersection_weights_are_the_second_prompts_likelihood(gemma):
+    """Under IS the weight is log p(x | second prompt) plus, for token healing, the first prompt's
+    probability of continuing its backed-off last token (both computed here with plain forward passes)."""
     script, _, live = run("prompt_intersection", gemma, method="is", particles=3, inputs={"max_tokens": 5})
-    second = script.input_values()["second"]
+    values = script.input_values()
+    second = gemma.encode(values["second"])
+    healed, heal_mass = healing(gemma, values["first"])
+    assert p_heal_ok(live, healed)
     for p, _ in live:
         generated = p.env["a"].generated
         assert p.env["b"].generated == generated and 1 <= len(generated) <= 5
-        ids = gemma.encode(second) + generated
-        with torch.no_grad():
-            logp = torch.log_softmax(gemma.model(torch.tensor([ids])).logits[0].float(), -1)
-        n = len(gemma.encode(second))
-        expected = sum(logp[n - 1 + i, t].item() for i, t in enumerate(generated))
+        logp = full_logprobs(gemma, second[:-1] + generated)
+        n = len(second) - 1
+        expected = heal_mass + sum(logp[n - 1 + i, t].item() for i, t in enumerate(generated))
         assert p.weight == pytest.approx(expected, abs=2e-3)
+
+
+def healing(lm, prompt):
+    """The prompt's backed-off last token and the log-probability that the text continues it."""
+    ids = lm.encode(prompt)
+    healed = lm.vocab.strings[ids[-1]]  # the example prompts end in a word: healing applies
+    consistent = [i for i, s in enumerate(lm.vocab.strings)
+                  if s and not lm.vocab.special[i] and (s.startswith(healed) or healed.startswith(s))]
+    return healed, torch.logsumexp(full_logprobs(lm, ids[:-1])[-1, consistent], 0).item()
+
+
+def p_heal_ok(live, healed):
+    """Every particle's text starts by reproducing the backed-off text, which is not in its result."""
+    for p, _ in live:
+        full = p.env["a"].lm.decode(p.env["a"].generated)
+        if not (full.startswith(healed) or healed.startswith(full)) or full[len(healed):] != p.env["a"].text:
+            return False
+    return True
 
 
 def test_date_format(gemma):
@@ -78,8 +104,10 @@ def test_soft_preference_weight_is_the_final_score_only(gemma):
     script, _, live = run("soft_preference", gemma, method="is", particles=3,
                           inputs={"max_tokens": 8, "favourite": common})
     bonus = script.input_values()["bonus"]
+    _, heal_mass = healing(gemma, script.input_values()["prompt"])
     hits = []
     for p, _ in live:
         hits.append(sum(w in common for w in re.findall(r"[^\W\d_]+(?:'[^\W\d_]+)*", p.result().lower())))
-        assert p.weight == pytest.approx(bonus * hits[-1], abs=1e-9)  # every twist was taken back
+        # Every twist was taken back: the weight is the final score and the healing observation.
+        assert p.weight == pytest.approx(heal_mass + bonus * hits[-1], abs=2e-3)
     assert max(hits) > 0

@@ -83,7 +83,7 @@ def test_observing_two_restrictions_gives_the_joint_probability(tiny_lm):
     from exact import next_logprobs
     from steer.scheduler import run_batched
 
-    ctx = tiny_lm.context("ab")
+    ctx = tiny_lm.context("ab", heal=False)
     a, b = [0, 2, 3], [1, 2]  # overlap: token 2 only
     p = next_logprobs(tiny_lm, ctx.tokens).exp()
     found = []

@@ -18,7 +18,7 @@ def run_step(program):
 class Weights(steer.Program):
     def __init__(self, lm):
         super().__init__()
-        self.ctx = lm.context("a")
+        self.ctx = lm.context("a", heal=False)
         self.log = {}
 
     async def step(self):
@@ -42,7 +42,7 @@ def test_allowed_observation_adds_mask_mass_and_restricts_next_token(tiny_lm):
     class Masked(steer.Program):
         def __init__(self):
             super().__init__()
-            self.ctx = tiny_lm.context("b")
+            self.ctx = tiny_lm.context("b", heal=False)
 
         async def step(self):
             await self.observe(self.ctx.allowed([2, 3]), True)
@@ -126,7 +126,7 @@ def test_function_form_is_a_program(tiny_lm):
         if len(ctx.generated) >= n:
             p.finish()
 
-    post = steer.smc(letters(ctx=tiny_lm.context("a"), n=3), particles=8, seed=0)
+    post = steer.smc(letters(ctx=tiny_lm.context("a", heal=False), n=3), particles=8, seed=0)
     assert all(set(p.state["ctx"].generated) <= {2, 3} and len(p.state["ctx"].generated) == 3 for p in post.particles)
     assert len({id(p.state["ctx"]) for p in post.particles}) == 8  # each particle owns its context
 
