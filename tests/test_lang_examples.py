@@ -23,7 +23,7 @@ def run(name, lm, **options):
 
 def test_every_example_is_tested():
     tested = {"short_words", "infilling", "prompt_intersection", "date_format", "required_words",
-              "soft_preference"}
+              "soft_preference", "phone_number", "json_object", "arithmetic", "lipogram", "banned_words"}
     assert {p.stem for p in EXAMPLES.glob("*.steer")} == tested
 
 

@@ -1,0 +1,109 @@
+"""Every constraint kind on the real default model: all outputs satisfy the constraint, checked
+independently, with and without a trailing space at the end of the prompt."""
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from steer_lang import Script
+
+pytestmark = pytest.mark.slow
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+BOTH = pytest.mark.parametrize("trailing", ["", " "])
+
+
+def outputs(gemma, name, trailing, particles=3, **inputs):
+    script = Script.from_file(EXAMPLES / f"{name}.steer")
+    prompt = inputs.pop("prompt", script.input_values()["prompt"]).rstrip() + trailing
+    post = script.run(gemma, particles=particles, seed=0, inputs={"prompt": prompt, **inputs})
+    texts = [p.result() for p, w in zip(post.particles, post.weights) if w > 0]
+    assert texts
+    return texts
+
+
+@BOTH
+@pytest.mark.parametrize("prompt,pattern,check", [
+    ("For reservations, call us at", r" ?\(\d{3}\) \d{3}-\d{4}", r" ?\(\d{3}\) \d{3}-\d{4}"),
+    ("The contract was signed on", r" ?(19|20)\d\d-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])", r" ?\d{4}-\d\d-\d\d"),
+    ("For questions, write to us at", r" ?[a-z0-9._]{1,16}@[a-z0-9]{1,12}\.(com|org|net)", r" ?[^@\s]+@[^@\s]+\.[a-z]+"),
+])
+def test_regex_phone_date_email(gemma, trailing, prompt, pattern, check):
+    for text in outputs(gemma, "phone_number", trailing, pattern=pattern, prompt=prompt):
+        assert re.fullmatch(check, text), text
+
+
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer"},
+                                      "team": {"enum": ["sales", "research", "support"]}},
+     "required": ["name", "age", "team"]},
+    {"type": "object", "properties": {"product": {"type": "string", "maxLength": 20},
+                                      "price": {"type": "number"},
+                                      "tags": {"type": "array", "items": {"enum": ["new", "sale", "eco"]},
+                                               "maxItems": 2}},
+     "required": ["product", "price", "tags"]},
+    {"type": "object", "properties": {"event": {"type": "object", "properties": {
+        "title": {"type": "string", "maxLength": 20}, "year": {"type": "integer"}}, "required": ["title", "year"]},
+        "online": {"type": "boolean"}}, "required": ["event", "online"]},
+]
+
+
+def valid(value, schema):
+    """A small independent JSON-schema check for the keywords used above."""
+    kind = schema.get("type")
+    if "enum" in schema:
+        return value in schema["enum"]
+    if kind == "object":
+        return (isinstance(value, dict) and all(k in value for k in schema.get("required", []))
+                and all(valid(value[k], s) for k, s in schema["properties"].items() if k in value))
+    if kind == "array":
+        return isinstance(value, list) and len(value) <= schema.get("maxItems", 10**9) and all(
+            valid(v, schema["items"]) for v in value)
+    if kind == "string":
+        return isinstance(value, str) and len(value) <= schema.get("maxLength", 10**9)
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "boolean":
+        return isinstance(value, bool)
+    raise AssertionError(schema)
+
+
+@pytest.mark.parametrize("k,trailing", [(0, ""), (0, " "), (1, ""), (2, " ")])
+def test_json_schema(gemma, k, trailing):
+    prompts = ["Here is the record of the new employee, in JSON:", "Product listing as JSON:",
+               "The conference, as a JSON object:"]
+    for text in outputs(gemma, "json_object", trailing, schema=json.dumps(SCHEMAS[k]), prompt=prompts[k]):
+        assert valid(json.loads(text), SCHEMAS[k]), text
+
+
+@BOTH
+def test_arithmetic_grammar(gemma, trailing):
+    for text in outputs(gemma, "arithmetic", trailing):
+        assert text.endswith("\n")
+        tree = ast.parse(text.strip(), mode="eval")  # Python's own parser as the independent check
+        allowed = (ast.Expression, ast.BinOp, ast.Constant, ast.Add, ast.Sub, ast.Mult, ast.Div)
+        assert all(isinstance(node, allowed) for node in ast.walk(tree)), text
+        assert re.fullmatch(r"[0-9+\-*/() ]+\n", text.lstrip()), text
+
+
+@BOTH
+def test_lipogram(gemma, trailing):
+    for text in outputs(gemma, "lipogram", trailing, max_tokens=12):
+        assert "e" not in text.lower(), text
+
+
+@BOTH
+def test_banned_words(gemma, trailing):
+    banned = {"the", "a", "an", "and", "of", "to"}
+    for text in outputs(gemma, "banned_words", trailing, max_tokens=12):
+        assert not banned & {w.lower() for w in re.findall(r"[^\W\d_]+", text)}, text
+
+
+@BOTH
+def test_short_words(gemma, trailing):
+    for text in outputs(gemma, "short_words", trailing, max_tokens=12):
+        assert all(len(w) <= 5 for w in re.findall(r"[^\W\d_]+", text)), text
