@@ -195,25 +195,48 @@ def _descending(keys: torch.Tensor) -> Iterator[int]:
         seen = k
 
 
-def awrs(logprobs: torch.Tensor, given: torch.Tensor | None, accepts: Callable[[int], bool]) -> tuple[int | None, float, int]:
+def _without_replacement(probs: torch.Tensor, first: int | None = None, cheap: int = 8) -> Iterator[int]:
+    """Tokens in the order of sampling without replacement from `probs` (which the caller zeroes as it
+    rejects them).  The first few are single multinomial draws (usually one suffices); after that a
+    Gumbel race over what is left gives the rest of the order at once."""
+    drawn: set[int] = set()
+    if first is not None and probs[first] > 0:
+        drawn.add(first)
+        yield first
+    while len(drawn) < cheap:
+        remaining = probs.clone()
+        remaining[list(drawn)] = 0.0
+        if not remaining.sum() > 0:
+            return
+        i = int(torch.multinomial(remaining, 1, generator=streams.torch))
+        drawn.add(i)
+        yield i
+    u = torch.rand(probs.shape, generator=streams.torch, dtype=torch.float64).clamp_min(1e-300)
+    keys = probs.log() - torch.log(-torch.log(u))
+    keys[list(drawn)] = NEG_INF
+    yield from _descending(keys)
+
+
+def awrs(logprobs: torch.Tensor, given: torch.Tensor | None, accepts: Callable[[int], bool],
+         first: int | None = None) -> tuple[int | None, float, int]:
     """Adaptive weighted rejection sampling of the LM's next token restricted to `accepts`.
 
     `logprobs`: the LM's next-token log-probabilities; `given`: an existing restriction (the target is
-    then conditional on it).  Returns (token or None if no token is accepted, log of an unbiased
+    then conditional on it); `first`: a token already drawn from the LM (the batched round's draw),
+    used as the first candidate.  Returns (token or None if no token is accepted, log of an unbiased
     estimate of P(accepted | given), number of checks).
     """
-    logps = logprobs.double().clone()
+    logps = logprobs.double()
     if given is not None:
         logps = logps.masked_fill(~given, NEG_INF)
+        first = first if first is not None and bool(given[first]) else None
     log_z = torch.logsumexp(logps, 0).item()
     if log_z == NEG_INF:
         return None, NEG_INF, 0
-    logps -= log_z
+    probs = (logps - log_z).exp()
     token, rejected, first_round, checks = None, 0, [], 0
-    for _ in range(2):
-        u = torch.rand(logps.shape, generator=streams.torch, dtype=torch.float64).clamp_min(1e-300)
-        keys = logps - torch.log(-torch.log(u))
-        for i in _descending(keys):
+    for round_ in range(2):
+        for i in _without_replacement(probs, first if round_ == 0 else None):
             checks += 1
             if accepts(i):
                 if token is None:
@@ -221,12 +244,12 @@ def awrs(logprobs: torch.Tensor, given: torch.Tensor | None, accepts: Callable[[
                 break
             rejected += 1
             if token is None:
-                first_round.append(logps[i].item())
-            logps[i] = NEG_INF
+                first_round.append(probs[i].item())
+            probs[i] = 0.0
     if token is None:
         return None, NEG_INF, checks
     log_w = -math.log(rejected + 1)
     if first_round:
-        mass = math.exp(torch.logsumexp(torch.tensor(first_round, dtype=torch.float64), 0).item())
-        log_w += math.log1p(-min(mass, 1.0)) if mass < 1.0 else NEG_INF
+        mass = math.fsum(first_round)
+        log_w += math.log1p(-mass) if mass < 1.0 else NEG_INF
     return token, log_w, checks

@@ -136,7 +136,10 @@ class NextToken(Distribution):
         logprobs = await ctx.next_logprobs()
         mask = self._mask()
         self.side_log_weight = self._healing_log_mass(logprobs)
-        log_z = _log_mass(logprobs, mask)
+        if mask is ctx.mask and ctx.mask_log_mass is not None:  # observed just before: mass known
+            log_z = ctx.mask_log_mass
+        else:
+            log_z = _log_mass(logprobs, mask)
         if log_z == NEG_INF:
             raise SteerError("no token is allowed here (use observe/condition to reject instead of sample)")
         token_id = ctx.draw
@@ -181,6 +184,11 @@ class TokenInMask(Distribution):
         self.context = context
         self.mask_spec = mask
 
+    @property
+    def zero_reason(self) -> str:
+        spec = self.mask_spec if not isinstance(self.mask_spec, torch.Tensor) else "the mask"
+        return f"no next token satisfies {spec!r} after {self.context.text[-40:]!r}"
+
     async def _log_mass(self) -> float:
         from .checks import TokenCheck
         from .masks import resolve
@@ -191,11 +199,13 @@ class TokenInMask(Distribution):
         logprobs = await self.context.next_logprobs()
         given = _given(self.context)
         if given is None:
-            return _log_mass(logprobs, self._resolved)
+            self._new_log_mass = _log_mass(logprobs, self._resolved)
+            return self._new_log_mass
         log_given = _log_mass(logprobs, given)
         if log_given == NEG_INF:
             return NEG_INF
-        return _log_mass(logprobs, self._resolved & given) - log_given
+        self._new_log_mass = _log_mass(logprobs, self._resolved & given)
+        return self._new_log_mass - log_given
 
     async def _checked(self, check) -> float:
         """AWRS: an exact sample of the next token within the constraint, and an unbiased estimate of
@@ -214,10 +224,14 @@ class TokenInMask(Distribution):
                 s = s[len(pending):] if s.startswith(pending) else ""
             return not vocab.special[i] and check.allows(text + s)
 
-        token, log_w, _ = awrs(await ctx.next_logprobs(), _given(ctx), accepts)
+        logprobs = await ctx.next_logprobs()
+        token, log_w, _ = awrs(logprobs, _given(ctx), accepts, first=ctx.draw)
+        ctx.draw = None  # used (or refused) as AWRS's first candidate
         self._resolved = torch.zeros(vocab.size, dtype=torch.bool)
+        self._new_log_mass = NEG_INF
         if token is not None:
             self._resolved[token] = True
+            self._new_log_mass = logprobs[token].item()
         return log_w
 
     async def sample(self) -> tuple[bool, float]:
@@ -242,6 +256,8 @@ class TokenInMask(Distribution):
     def commit(self, value: Any) -> None:
         mask = self._resolved if value else ~self._resolved
         self.context.mask = mask if self.context.mask is None else self.context.mask & mask
+        # Known for True (what NextToken then renormalises by); recomputed when needed otherwise.
+        self.context.mask_log_mass = getattr(self, "_new_log_mass", None) if value else None
 
 
 class Continuation(Distribution):

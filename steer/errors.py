@@ -20,4 +20,4 @@ class ParticlesDiedError(SteerError):
         self.step = step
         self.reason = reason
         detail = f" (last reason: {reason})" if reason else ""
-        super().__init__(f"all particles died at step {step}{detail}")
+        super().__init__(f"all particles died at step {step}: no particle satisfied the constraints{detail}")

@@ -156,6 +156,7 @@ class LMContext:
         self.pending_scores: list[float] | None = None
         self.draw: int | None = None  # a sample from `logprobs` drawn in the batched round, unused so far
         self.mask: torch.Tensor | None = None  # restriction on the next token set by `allowed`
+        self.mask_log_mass: float | None = None  # its log-probability, known when it was observed
         self.serial = next(self._serials)
         self.backend_state: object = None  # owned by the model backend
 
@@ -194,6 +195,7 @@ class LMContext:
         self.logprobs = None
         self.draw = None
         self.mask = None
+        self.mask_log_mass = None
 
     async def next_logprobs(self) -> torch.Tensor:
         """Log-probabilities of the next token (waits for the batched round if out of date)."""

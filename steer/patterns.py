@@ -31,13 +31,15 @@ _WIDTH = 32  # token characters walked in the vectorised pass; longer tokens are
 _matrices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _codepoints(vocab: Vocabulary) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per vocabulary: a (tokens x _WIDTH) matrix of code points (-1 pads), the tokens that can be
-    walked (text tokens without broken UTF-8), and the ids of the longer ones."""
+def _codepoints(vocab: Vocabulary):
+    """Per vocabulary: a (tokens x _WIDTH) matrix of code points (-1 pads) with rows sorted by
+    decreasing length, the tokens that can be walked (text tokens without broken UTF-8), the ids of
+    the longer ones, the row order, and per column how many rows reach it."""
     if vocab not in _matrices:
         table = TokenTable.of(vocab)
         n = vocab.size
         matrix = np.full((n, _WIDTH), -1, dtype=np.int32)
+        lengths = np.zeros(n, dtype=np.int32)
         usable = table.text.copy()
         long_ids = []
         for i, s in enumerate(vocab.strings):
@@ -48,7 +50,11 @@ def _codepoints(vocab: Vocabulary) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
                 long_ids.append(i)
                 continue
             matrix[i, : len(s)] = [ord(ch) for ch in s]
-        _matrices[vocab] = (matrix, usable, np.array(long_ids, dtype=np.int64))
+            lengths[i] = len(s)
+        # Rows sorted by decreasing length, so column j is walked only for the tokens that long.
+        order = np.argsort(-lengths, kind="stable")
+        counts = np.array([(lengths > j).sum() for j in range(_WIDTH)])
+        _matrices[vocab] = (matrix[order], usable, np.array(long_ids, dtype=np.int64), order, counts)
     return _matrices[vocab]
 
 
@@ -133,7 +139,7 @@ class Regex(TokenConstraint):
 
     def _token_classes(self, vocab: Vocabulary) -> np.ndarray:
         if vocab not in self._classes:
-            matrix, _, _ = _codepoints(vocab)
+            matrix = _codepoints(vocab)[0]
             points, inverse = np.unique(matrix, return_inverse=True)
             lut = np.array([self.automaton.pad if p < 0 else self.automaton.char_class(chr(p)) for p in points],
                            dtype=np.int32)
@@ -148,11 +154,16 @@ class Regex(TokenConstraint):
         """
         a = self.automaton
         classes = self._token_classes(vocab)
-        _, usable, long_ids = _codepoints(vocab)
+        _, usable, long_ids, order, counts = _codepoints(vocab)
         current = np.full(vocab.size, state, dtype=np.int32)
         for j in range(skip, _WIDTH):
-            current = a.table[current, classes[:, j]]
-        ok = usable & a.live[current]
+            k = counts[j]
+            if not k:
+                break
+            current[:k] = a.table[current[:k], classes[:k, j]]
+        ends = np.empty_like(current)
+        ends[order] = current
+        ok = usable & a.live[ends]
         for i in long_ids:
             ok[i] = bool(a.live[a.walk(state, vocab.strings[i][skip:])])
         eos = list(vocab.eos_ids)

@@ -50,7 +50,8 @@ class _Weighted:
     async def observe(self, dist: Distribution, value: Any) -> float:
         """Condition on `dist` having produced `value`; returns log p(value)."""
         log_p = await dist.log_prob(value)
-        self._particle()._add(log_p, f"observed value {value!r} has zero probability")
+        reason = getattr(dist, "zero_reason", None) or f"observed value {value!r} has zero probability"
+        self._particle()._add(log_p, reason)
         dist.commit(value)
         return log_p
 

@@ -27,7 +27,8 @@ def test_awrs_weight_is_unbiased_and_its_sample_exact():
     n = 20000
     weights, counts, checks = np.empty(n), np.zeros(6), 0
     for k in range(n):
-        token, log_w, c = awrs(logprobs, None, lambda i: i in allowed)
+        first = int(torch.multinomial(p, 1)) if k % 2 else None  # the batched round's draw, or none
+        token, log_w, c = awrs(logprobs, None, lambda i: i in allowed, first=first)
         weights[k] = math.exp(log_w)
         counts[token] += 1
         checks += c
