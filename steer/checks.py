@@ -19,7 +19,7 @@ import regex
 import torch
 
 from .errors import SteerError
-from .randomness import streams
+from .randomness import categorical, streams
 
 NEG_INF = float("-inf")
 
@@ -197,18 +197,20 @@ def _descending(keys: torch.Tensor) -> Iterator[int]:
 
 def _without_replacement(probs: torch.Tensor, first: int | None = None, cheap: int = 8) -> Iterator[int]:
     """Tokens in the order of sampling without replacement from `probs` (which the caller zeroes as it
-    rejects them).  The first few are single multinomial draws (usually one suffices); after that a
+    rejects them).  The first few are single draws (usually one suffices); after that a
     Gumbel race over what is left gives the rest of the order at once."""
     drawn: set[int] = set()
     if first is not None and probs[first] > 0:
         drawn.add(first)
         yield first
     while len(drawn) < cheap:
-        remaining = probs.clone()
-        remaining[list(drawn)] = 0.0
+        remaining = probs
+        if drawn:  # (rejected tokens are zeroed by the caller; an accepted first one is not)
+            remaining = probs.clone()
+            remaining[list(drawn)] = 0.0
         if not remaining.sum() > 0:
             return
-        i = int(torch.multinomial(remaining, 1, generator=streams.torch))
+        i = int(categorical(remaining))
         drawn.add(i)
         yield i
     u = torch.rand(probs.shape, generator=streams.torch, dtype=torch.float64).clamp_min(1e-300)
@@ -227,13 +229,15 @@ def awrs(logprobs: torch.Tensor, given: torch.Tensor | None, accepts: Callable[[
     estimate of P(accepted | given), number of checks).
     """
     logps = logprobs.double()
-    if given is not None:
+    if given is None:
+        probs = logps.exp()  # the LM's log-probabilities are normalised already
+    else:
         logps = logps.masked_fill(~given, NEG_INF)
         first = first if first is not None and bool(given[first]) else None
-    log_z = torch.logsumexp(logps, 0).item()
-    if log_z == NEG_INF:
-        return None, NEG_INF, 0
-    probs = (logps - log_z).exp()
+        log_z = torch.logsumexp(logps, 0).item()
+        if log_z == NEG_INF:
+            return None, NEG_INF, 0
+        probs = (logps - log_z).exp()
     token, rejected, first_round, checks = None, 0, [], 0
     for round_ in range(2):
         for i in _without_replacement(probs, first if round_ == 0 else None):

@@ -18,7 +18,7 @@ import torch
 
 from .errors import SteerError
 from .lm import LMContext, Token
-from .randomness import streams
+from .randomness import categorical, streams
 
 NEG_INF = float("-inf")
 
@@ -148,7 +148,7 @@ class NextToken(Distribution):
         # it is an exact sample of the restricted one (rejection sampling with one try).
         if token_id is None or (mask is not None and not mask[token_id]):
             weights = logprobs if mask is None else logprobs.masked_fill(~mask, NEG_INF)
-            token_id = int(torch.multinomial((weights - log_z).exp(), 1, generator=streams.torch))
+            token_id = int(categorical((weights - log_z).exp()))
         return ctx.lm.token(token_id), logprobs[token_id].item() - log_z
 
     async def log_prob(self, value: Any) -> float:
@@ -226,7 +226,9 @@ class TokenInMask(Distribution):
 
         logprobs = await ctx.next_logprobs()
         token, log_w, _ = awrs(logprobs, _given(ctx), accepts, first=ctx.draw)
-        ctx.draw = None  # used (or refused) as AWRS's first candidate
+        # The accepted token is an exact sample of the LM within the constraint: keep it as the draw
+        # that the next-token sample takes (its restriction is that single token).
+        ctx.draw = token
         self._resolved = torch.zeros(vocab.size, dtype=torch.bool)
         self._new_log_mass = NEG_INF
         if token is not None:

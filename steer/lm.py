@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .errors import SteerError
-from .randomness import streams
+from .randomness import categorical
 from .scheduler import LogprobsRequest
 
 if TYPE_CHECKING:
@@ -346,8 +346,7 @@ class HFLanguageModel(LanguageModel):
         position = {row: i for i, row in enumerate(wanted)}
         logprobs = self._logprobs(hidden[wanted, -1])
         multiplicity = np.bincount(asked_rows, minlength=len(sources))
-        draws = torch.multinomial(logprobs.exp(), int(multiplicity.max()), replacement=True,
-                                  generator=streams.torch).tolist()
+        draws = categorical(logprobs.exp(), int(multiplicity.max())).tolist()
         used = dict.fromkeys(wanted, 0)
         width = hidden.shape[1]
         row_scores = {}

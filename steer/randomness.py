@@ -26,3 +26,14 @@ streams = _Streams()
 def seed(value: int | None) -> None:
     """Seed the streams of the next run (None: fresh entropy)."""
     streams.seed(value)
+
+
+def categorical(probs: torch.Tensor, n: int = 1) -> torch.Tensor:
+    """`n` draws (with replacement) from each row of unnormalised `probs` [..., V], by inverse CDF.
+
+    torch.multinomial takes about 8 ms per row over Gemma's 262k tokens on a CPU; a cumulative sum and
+    a binary search take well under one.
+    """
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand((*cdf.shape[:-1], n), generator=streams.torch, dtype=torch.float64) * cdf[..., -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)

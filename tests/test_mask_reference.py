@@ -106,3 +106,31 @@ def test_mask_matches_reference(gemma, name):
             assert bool(mask[i]) == expected, (name, text, vocab.strings[i])
         eos = next(iter(vocab.eos_ids))
         assert bool(mask[eos]) == reference_eos(name, text), (name, text, "<eos>")
+
+
+@pytest.mark.parametrize("pattern,states", [
+    (r" ?\(\d{3}\) \d{3}-\d{4}", ["", " ", " (", "(55", "(555) ", "(555) 123-456", "(555) 123-4567", "x"]),
+    (r"[a-z]+( [a-z]+)*\.", ["", "the", "the cat ", "the cat.", "The"]),
+])
+def test_regex_mask_matches_partial_matching(gemma, pattern, states):
+    """The token automaton agrees with the `regex` module's partial matching of text + token."""
+    import regex
+
+    constraint = steer.patterns.regex(pattern)
+    vocab = gemma.vocab
+    rng = np.random.default_rng(1)
+    sample = set(rng.choice(np.flatnonzero(~vocab.special), 5000, replace=False).tolist())
+    for s in ("(", " (", "5", "55", ")", " ", "-", "the", " cat", ".", " the", "x"):
+        sample.update(gemma.encode(s, bos=False)[-1:])
+    eos = next(iter(vocab.eos_ids))
+    for text in states:
+        ctx = gemma.context("Prompt:", heal=False)
+        if text:
+            ctx.extend(gemma.encode(text, bos=False))
+        assert ctx.text == text
+        mask = resolve(constraint, ctx)
+        for i in sorted(sample):
+            s = vocab.strings[i]
+            expected = "\ufffd" not in s and regex.fullmatch(pattern, text + s, partial=True) is not None
+            assert bool(mask[i]) == expected, (pattern, text, s)
+        assert bool(mask[eos]) == (regex.fullmatch(pattern, text) is not None), (pattern, text)
