@@ -1,6 +1,6 @@
 """steer: control language models with probabilistic programs and Sequential Monte Carlo."""
 
-from . import masks
+from . import checks, masks, patterns
 from .distributions import Bernoulli, Categorical, Continuation, Distribution, Geometric, NextToken, TokenInMask
 from .generate import Generate
 from .errors import ModelLoadError, ParticlesDiedError, SteerError
@@ -14,5 +14,5 @@ __all__ = [
     "Bernoulli", "Categorical", "Generate", "Continuation", "Distribution", "Geometric", "HFLanguageModel",
     "LMContext", "LanguageModel", "ModelLoadError", "NextToken", "NextWord", "ParticlesDiedError", "Posterior",
     "Program", "SteerError", "StepRecord", "SubProgram", "Token", "TokenInMask", "Vocabulary",
-    "importance_sampling", "load_model", "masks", "program", "run", "smc", "smc_steer", "tiny_model",
+    "checks", "importance_sampling", "load_model", "masks", "patterns", "program", "run", "smc", "smc_steer", "tiny_model",
 ]

@@ -97,10 +97,26 @@ class Geometric(Distribution):
         return value * math.log1p(-self.p) + math.log(self.p) if self.p < 1 else (0.0 if value == 0 else NEG_INF)
 
 
+_probs_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _probs(logprobs: torch.Tensor) -> torch.Tensor:
+    """exp(logprobs) in float64, computed once per next-token distribution (several masks use it)."""
+    hit = _probs_cache.get(id(logprobs))
+    if hit is not None and hit[0] is logprobs:
+        return hit[1]
+    if len(_probs_cache) > 512:
+        _probs_cache.clear()
+    probs = logprobs.double().exp()
+    _probs_cache[id(logprobs)] = (logprobs, probs)
+    return probs
+
+
 def _log_mass(logprobs: torch.Tensor, mask: torch.Tensor | None) -> float:
     if mask is None:
         return 0.0
-    return torch.logsumexp(logprobs.masked_fill(~mask, NEG_INF), 0).item()
+    mass = float((_probs(logprobs) * mask).sum())
+    return math.log(mass) if mass > 0 else NEG_INF
 
 
 class NextToken(Distribution):
@@ -147,8 +163,8 @@ class NextToken(Distribution):
         # The batched round's draw is a sample of the unrestricted LM; accepted only inside the mask
         # it is an exact sample of the restricted one (rejection sampling with one try).
         if token_id is None or (mask is not None and not mask[token_id]):
-            weights = logprobs if mask is None else logprobs.masked_fill(~mask, NEG_INF)
-            token_id = int(categorical((weights - log_z).exp()))
+            probs = _probs(logprobs)
+            token_id = int(categorical(probs if mask is None else probs * mask))
         return ctx.lm.token(token_id), logprobs[token_id].item() - log_z
 
     async def log_prob(self, value: Any) -> float:

@@ -165,10 +165,17 @@ class LMContext:
     def generated(self) -> list[int]:
         return self.tokens[self.prompt_length:]
 
+    def _decoded(self) -> str:
+        """The generated tokens decoded (cached: tokens are only ever appended)."""
+        cached = self.__dict__.get("_decoded_cache")
+        if cached is None or cached[0] != len(self.tokens):
+            cached = self._decoded_cache = (len(self.tokens), self.lm.decode(self.generated))
+        return cached[1]
+
     @property
     def text(self) -> str:
         """The generated text (prompt excluded, and so the text that token healing backed off)."""
-        full = self.lm.decode(self.generated)
+        full = self._decoded()
         return full[len(self.healed):] if self.healed else full
 
     @property
@@ -176,7 +183,7 @@ class LMContext:
         """The part of the backed-off prompt text that the next tokens must still reproduce."""
         if not self.healed:
             return ""
-        full = self.lm.decode(self.generated)
+        full = self._decoded()
         return self.healed[len(full):] if self.healed.startswith(full) else ""
 
     def __str__(self) -> str:
