@@ -182,7 +182,7 @@ class Regex(TokenConstraint):
         return self._masks[key]
 
     def matches(self, text: str) -> bool:
-        return re.fullmatch(self.pattern, text) is not None
+        return re.fullmatch(self.pattern, text, flags=re.ASCII) is not None  # as the automaton: ASCII classes
 
 
 def regex(pattern: str, allow_eos: bool = True) -> Regex:

@@ -147,3 +147,11 @@ def test_json_grammar_prefixes():
     for bad in ['}', '{"a" 1', '{"a": tx', '[1,,', '01']:
         assert not g.allows(bad), bad
     assert g.allows('{"a": [1, 2.5]}', complete=True) and not g.allows('{"a": [1', complete=True)
+
+
+def test_a_constraint_no_token_can_meet_ends_with_a_clear_message():
+    lm = steer.tiny_model("ab ", seed=1)
+    with pytest.raises(steer.ParticlesDiedError) as info:
+        steer.smc(Constrained(lm, steer.masks.charset("z")), particles=4, seed=0)
+    message = str(info.value)
+    assert "no particle satisfied the constraints" in message and "no next token satisfies charset('z')" in message

@@ -45,7 +45,8 @@ SCHEMAS = [
                                                "maxItems": 2}},
      "required": ["product", "price", "tags"]},
     {"type": "object", "properties": {"event": {"type": "object", "properties": {
-        "title": {"type": "string", "maxLength": 20}, "year": {"type": "integer"}}, "required": ["title", "year"]},
+        "title": {"type": "string", "maxLength": 20}, "city": {"type": "string", "maxLength": 16}},
+        "required": ["title", "city"]},
         "online": {"type": "boolean"}}, "required": ["event", "online"]},
 ]
 

@@ -79,6 +79,8 @@ def one_error(source):
     ('sampler smc(seed = "x")\n', 3, 20, "setting 'seed' must be int, got str"),
     ("sampler smc(seed = 1, seed = 2)\n", 3, 23, "given twice"),
     ("model default\nmodel default\n", 4, 1, "at most one `model`"),
+    ('context d = "x", healing = false\n', 3, 18, "unknown context option 'healing'"),
+    ('context d = "x", heal = 3\n', 3, 25, "`heal` must be true or false"),
 ])
 def test_error_kinds_with_exact_positions(source, line, col, fragment):
     found = errors(source)
@@ -112,6 +114,9 @@ def shout(s):
     repeat 2:
         out += "!"
     return out
+context d = "x", heal = false
+s = sample next(d) where regex("a+") and banned_words(["b"]) and not end_of_text()
+s = sample next(d) where grammar("start: \"a\"+\n")
 repeat 3 as i:
     t = sample next(c) where word_length(max=5) and not charset("xyz")
     w = sample word(c)

@@ -55,10 +55,10 @@ def test_prompt_intersection_weights_are_the_second_prompts_likelihood(gemma):
     script, _, live = run("prompt_intersection", gemma, method="is", particles=3, inputs={"max_tokens": 5})
     values = script.input_values()
     second = gemma.encode(values["second"])
-    healed, heal_mass = healing(gemma, values["first"])
-    assert p_heal_ok(live, healed)
     for p, _ in live:
         generated = p.env["a"].generated
+        healed, heal_mass = healing(gemma, values["first"], generated)
+        assert p_heal_ok([(p, 1.0)], healed)
         assert p.env["b"].generated == generated and 1 <= len(generated) <= 5
         logp = full_logprobs(gemma, second[:-1] + generated)
         n = len(second) - 1
@@ -66,13 +66,21 @@ def test_prompt_intersection_weights_are_the_second_prompts_likelihood(gemma):
         assert p.weight == pytest.approx(expected, abs=2e-3)
 
 
-def healing(lm, prompt):
-    """The prompt's backed-off last token and the log-probability that the text continues it."""
+def healing(lm, prompt, generated):
+    """The prompt's backed-off last token, and the log-probability that the text reproduces it:
+    at each step while some of it is pending, the mass of the tokens consistent with the rest."""
     ids = lm.encode(prompt)
     healed = lm.vocab.strings[ids[-1]]  # the example prompts end in a word: healing applies
-    consistent = [i for i, s in enumerate(lm.vocab.strings)
-                  if s and not lm.vocab.special[i] and (s.startswith(healed) or healed.startswith(s))]
-    return healed, torch.logsumexp(full_logprobs(lm, ids[:-1])[-1, consistent], 0).item()
+    total, done = 0.0, ""
+    for i, t in enumerate(generated):
+        pending = healed[len(done):]
+        if not pending:
+            break
+        consistent = [j for j, s in enumerate(lm.vocab.strings)
+                      if s and not lm.vocab.special[j] and (s.startswith(pending) or pending.startswith(s))]
+        total += torch.logsumexp(full_logprobs(lm, ids[:-1] + generated[:i])[-1, consistent], 0).item()
+        done += lm.vocab.strings[t]
+    return healed, total
 
 
 def p_heal_ok(live, healed):
@@ -104,9 +112,9 @@ def test_soft_preference_weight_is_the_final_score_only(gemma):
     script, _, live = run("soft_preference", gemma, method="is", particles=3,
                           inputs={"max_tokens": 8, "favourite": common})
     bonus = script.input_values()["bonus"]
-    _, heal_mass = healing(gemma, script.input_values()["prompt"])
     hits = []
     for p, _ in live:
+        _, heal_mass = healing(gemma, script.input_values()["prompt"], p.env["c"].generated)
         hits.append(sum(w in common for w in re.findall(r"[^\W\d_]+(?:'[^\W\d_]+)*", p.result().lower())))
         # Every twist was taken back: the weight is the final score and the healing observation.
         assert p.weight == pytest.approx(heal_mass + bonus * hits[-1], abs=2e-3)
