@@ -116,7 +116,6 @@ def shout(s):
     return out
 context d = "x", heal = false
 s = sample next(d) where regex("a+") and banned_words(["b"]) and not end_of_text()
-s = sample next(d) where grammar("start: \"a\"+\n")
 repeat 3 as i:
     t = sample next(c) where word_length(max=5) and not charset("xyz")
     w = sample word(c)
