@@ -33,16 +33,8 @@ def _compute(strings: list[str], text: np.ndarray) -> dict[str, np.ndarray]:
     for i, s in enumerate(strings):
         if not s or not text[i]:
             continue
-        lo = hi = 0
-        for ch in set(s):
-            c = ord(ch)
-            if c < 64:
-                lo |= 1 << c
-            elif c < 128:
-                hi |= 1 << (c - 64)
-            else:
-                a["nonascii"][i] = True
-        a["ascii_lo"][i], a["ascii_hi"][i] = lo, hi
+        a["ascii_lo"][i], a["ascii_hi"][i] = ascii_bits(s)
+        a["nonascii"][i] = not s.isascii()
         runs = [(m.start(), m.end()) for m in _LETTERS.finditer(s)]
         a["runs"][i] = len(runs)
         if runs == [(0, len(s))]:
