@@ -6,7 +6,8 @@ A `Program` is one particle.  Samplers deep-copy the program you give them into 
 * `await self.sample(dist, proposal=q)` draws from q and adds log p(x) - log q(x) to the weight
   (nothing when q is omitted: x is drawn from p itself);
 * `await self.observe(dist, value)` adds log p(value);
-* `self.condition(ok)` kills the particle unless `ok`; `self.score(logw)` multiplies the target by
+* `self.condition(ok)` kills the particle unless `ok` (a particle whose weight becomes zero, by any of
+  these, stops its step at once); `self.score(logw)` multiplies the target by
   exp(logw);
 * `self.twist(logw)` adds a heuristic that guides resampling but is taken back at the next step (and at
   the end), so it never changes the distribution targeted;
@@ -25,6 +26,10 @@ from .distributions import Distribution
 from .lm import LMContext
 
 NEG_INF = float("-inf")
+
+
+class _Killed(Exception):
+    """Ends the step of a particle whose weight just became zero: nothing after it can matter."""
 
 
 class _Weighted:
@@ -113,6 +118,7 @@ class Program(_Weighted):
         if self.weight == NEG_INF:
             self.death_reason = self.death_reason or reason
             self.finished = True
+            raise _Killed
 
     def _untwist(self) -> None:
         if self._twist:
@@ -121,7 +127,10 @@ class Program(_Weighted):
 
     async def _advance(self) -> None:
         self._untwist()
-        await self.step()
+        try:
+            await self.step()
+        except _Killed:
+            pass
         if self.finished:
             self._untwist()
 
