@@ -29,3 +29,31 @@ def tiny_dir(tmp_path_factory):
 def tiny_lm_for_fuzz():
     """A tiny model over letters, space, digits and punctuation, so mutated examples can run."""
     return steer.tiny_model("abcdefghijklmnopqrstuvwxyz .,-0123456789\n", seed=3, max_length=256)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_dir(tmp_path_factory):
+    """A tiny model over printable ASCII saved as a model directory: trainers run on it in seconds."""
+    import string
+
+    path = tmp_path_factory.mktemp("tiny-text")
+    lm = steer.tiny_model(string.printable[:95] + "\n", seed=4, hidden=32, max_length=256)
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def arithmetic_pairs(tmp_path_factory):
+    """Preference pairs a tiny model can learn: the right sum is chosen over a wrong, longer answer."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(24):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        rows.append({"prompt": f"add {a} and {b}", "chosen": f"{a + b}", "rejected": f"{a + b + 1} maybe"})
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -1,0 +1,108 @@
+"""Training data: the template, HH-RLHF dialogue splitting, and clear errors for bad files."""
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from train.data import (DataError, check_lengths, format_prompt, held_out, load_examples, load_pairs, split_hh)
+
+EXAMPLES = Path(__file__).parent.parent / "examples" / "data"
+
+
+def write(tmp_path, text, name="data.jsonl"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_hh_split_takes_the_shared_dialogue_up_to_the_last_assistant_turn():
+    shared = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how do I bake bread?\n\nAssistant:"
+    prompt, chosen, rejected = split_hh(shared + " Mix flour and water.", shared + " No.")
+    assert prompt == shared.strip()
+    assert (chosen, rejected) == ("Mix flour and water.", "No.")
+
+
+def test_hh_rows_load_as_templated_pairs(tmp_path):
+    row = {"chosen": "\n\nHuman: Is it safe?\n\nAssistant: Yes, with care.",
+           "rejected": "\n\nHuman: Is it safe?\n\nAssistant: Who cares."}
+    [pair] = load_pairs(write(tmp_path, json.dumps(row) + "\n"))
+    assert pair.prompt == format_prompt("Is it safe?")
+    assert (pair.chosen, pair.rejected) == ("Yes, with care.", "Who cares.")
+
+
+def test_the_vendored_hh_file_splits_into_nonempty_pairs():
+    pairs = load_pairs(EXAMPLES / "hh_rlhf_harmless.jsonl.gz")
+    assert len(pairs) > 2000
+    assert all(p.chosen and p.rejected and p.prompt.startswith("Instruction:\n") for p in pairs)
+    with gzip.open(EXAMPLES / "hh_rlhf_harmless.jsonl.gz", "rt") as f:
+        first = json.loads(f.readline())
+    # Re-joining prompt and response gives back the original dialogue.
+    assert first["chosen"].strip().endswith(pairs[0].chosen)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"prompt": "p", "chosen": "a"}\n', "data.jsonl:1: missing field 'rejected'"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "b"}\nnot json\n', "data.jsonl:2: not a JSON line"),
+    ('{"prompt": "p", "chosen": 3, "rejected": "b"}\n', "data.jsonl:1: field 'chosen' must be a string"),
+    ('{"prompt": " ", "chosen": "a", "rejected": "b"}\n', "data.jsonl:1: field 'prompt' is empty"),
+    ('[1, 2]\n', "data.jsonl:1: expected a JSON object"),
+    ('\n\n', "data.jsonl: the file has no rows"),
+    ('{"chosen": "a", "rejected": "b"}\n', "data.jsonl:1: missing field 'prompt'"),
+])
+def test_bad_pair_files_name_the_line_and_field(tmp_path, text, message):
+    with pytest.raises(DataError) as info:
+        load_pairs(write(tmp_path, text))
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "p"}, "missing field 'completion'"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "field 'messages' must be a list of at least two"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "x"}]}, "end with an assistant"),
+])
+def test_bad_instruction_files_name_the_line_and_field(tmp_path, row, message):
+    with pytest.raises(DataError, match=message):
+        load_examples(write(tmp_path, json.dumps(row) + "\n"))
+
+
+def test_instruction_formats_all_use_the_template(tmp_path):
+    rows = [{"prompt": "Say hi", "completion": "hi"},
+            {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]},
+            {"instruction": "Say", "instances": [{"input": "hi", "output": "hi"}]}]
+    examples = load_examples(write(tmp_path, "".join(json.dumps(r) + "\n" for r in rows)))
+    assert [e.prompt for e in examples] == [format_prompt("Say hi")] * 2 + [format_prompt("Say\n\nhi")]
+    assert {e.completion for e in examples} == {"hi"}
+
+
+def test_a_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="no such data file"):
+        load_pairs(tmp_path / "nope.jsonl")
+
+
+def test_prompts_longer_than_max_length_are_refused_and_long_responses_counted(tmp_path, tiny_text_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_text_dir)
+    rows = [{"prompt": "p", "chosen": "a" * 80, "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": "b"}]
+    pairs = load_pairs(write(tmp_path, "".join(json.dumps(r) + "\n" for r in rows)))
+    assert check_lengths(pairs, tokenizer, 64, ("chosen", "rejected")) == 1
+    long = load_pairs(write(tmp_path, json.dumps({"prompt": "p" * 80, "chosen": "a", "rejected": "b"}) + "\n"))
+    with pytest.raises(DataError, match=r"data.jsonl:1: field 'prompt' is \d+ tokens"):
+        check_lengths(long, tokenizer, 64, ("chosen", "rejected"))
+
+
+def test_held_out_split_is_seeded_and_disjoint():
+    rows = list(range(50))
+    train, evaluation = held_out(rows, 0.2, seed=3)
+    assert held_out(rows, 0.2, seed=3) == (train, evaluation)
+    assert len(evaluation) == 10 and sorted(train + evaluation) == rows
+
+
+def test_hh_pairs_with_an_empty_final_reply_are_skipped_and_reported(tmp_path, caplog):
+    rows = [{"chosen": "\n\nHuman: a?\n\nAssistant: ", "rejected": "\n\nHuman: a?\n\nAssistant: b"},
+            {"chosen": "\n\nHuman: c?\n\nAssistant: d", "rejected": "\n\nHuman: c?\n\nAssistant: e"}]
+    pairs = load_pairs(write(tmp_path, "".join(json.dumps(r) + "\n" for r in rows)))
+    assert [p.chosen for p in pairs] == ["d"]
+    assert "skipped 1 dialogue pair(s) whose final reply is empty (lines 1)" in caplog.text

@@ -1,0 +1,173 @@
+"""What every trainer shares: loading the model, CPU-safe trainer arguments, LoRA, checkpoints and
+resume, and the metrics file written at the end.
+
+Defaults are chosen for a CPU machine (TRL's bf16 and gradient checkpointing fail or crawl there);
+on a GPU the same code runs under `accelerate launch` with `--bf16`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from steer.errors import SteerError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOptions:
+    """Options every trainer takes (the CLI flags of the same names)."""
+
+    model: str | None = None  # local HF directory; None: the default model (Gemma 3 270M)
+    out: str = "runs/out"
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 2
+    grad_accum: int = 1
+    learning_rate: float = 5e-5
+    max_length: int = 256
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    seed: int = 0
+    save_steps: int = 50
+    eval_fraction: float = 0.1
+    eval_steps: int = 0  # 0: evaluate only at the end
+    logging_steps: int = 1
+    limit: int | None = None  # use only the first N rows of the data
+    resume: bool = False
+    bf16: bool = False
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def model_dir(path: str | None) -> Path:
+    """The model directory to train from (the converted default model when `path` is None)."""
+    from steer.models import default_model_path
+
+    directory = default_model_path() if path is None else Path(path)
+    if not (directory / "config.json").exists():
+        raise SteerError(f"not a Hugging Face model directory (no config.json): {directory}")
+    return directory
+
+
+def load_tokenizer(directory: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(directory: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, local_files_only=True,
+                                                use_safetensors=True)
+
+
+def lora_config(options: TrainOptions, task_type: str = "CAUSAL_LM"):
+    """LoRA on every linear projection of the attention and MLP blocks."""
+    if not options.lora:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=0.0, task_type=task_type,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def trainer_arguments(options: TrainOptions, has_eval: bool) -> dict[str, Any]:
+    """Keyword arguments for any TRL config class (they all extend transformers' TrainingArguments)."""
+    evaluate_during = has_eval and options.eval_steps > 0
+    return dict(
+        output_dir=options.out, seed=options.seed, data_seed=options.seed,
+        num_train_epochs=options.epochs, max_steps=options.max_steps,
+        per_device_train_batch_size=options.batch_size, per_device_eval_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.grad_accum, learning_rate=options.learning_rate,
+        logging_steps=options.logging_steps, save_strategy="steps", save_steps=options.save_steps,
+        save_total_limit=2, eval_strategy="steps" if evaluate_during else "no",
+        eval_steps=options.eval_steps if evaluate_during else None,
+        bf16=options.bf16, fp16=False, activation_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(), report_to="none", disable_tqdm=not options.progress,
+        dataloader_num_workers=0, max_length=options.max_length,
+    )
+
+
+def last_checkpoint(out: str | Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(out)
+    return get_last_checkpoint(str(out)) if out.is_dir() else None
+
+
+def resume_from(options: TrainOptions) -> str | None:
+    """The checkpoint to resume from: the newest one in `out` when --resume, else None.
+
+    Starting a fresh run over an output directory that already has checkpoints is refused, so a
+    forgotten --resume never silently overwrites a run.
+    """
+    found = last_checkpoint(options.out)
+    if options.resume:
+        if found is None:
+            raise SteerError(f"--resume: no checkpoint-* directory in {options.out}")
+        log.warning("resuming from %s", found)
+        return found
+    if found is not None:
+        raise SteerError(f"{options.out} already holds checkpoints ({Path(found).name}); pass --resume to continue "
+                         "that run or choose another --out")
+    return None
+
+
+def save_final(trainer, tokenizer, out: str | Path, lora: bool) -> Path:
+    """Save the trained model into `out/model` as a plain HF directory (safetensors) that steer can
+    load; a LoRA run also keeps its adapter in `out/adapter`."""
+    out = Path(out)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if lora:
+        model.save_pretrained(out / "adapter")
+        model = model.merge_and_unload()
+    model.save_pretrained(out / "model", safe_serialization=True)
+    tokenizer.save_pretrained(out / "model")
+    return out / "model"
+
+
+def finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
+
+
+def write_metrics(out: str | Path, metrics: dict[str, Any]) -> Path:
+    path = Path(out) / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(finite(metrics), indent=2) + "\n")
+    return path
+
+
+def train_log(trainer) -> list[dict[str, Any]]:
+    """The per-step log of a finished run (loss, learning rate, metrics; eval rows too)."""
+    return [dict(row) for row in trainer.state.log_history]
+
+
+def quiet_transformers() -> None:
+    """Keep per-tensor loading bars and advisory warnings out of the training output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()

@@ -1,0 +1,220 @@
+"""Training data: JSONL readers that check every row, the HH-RLHF dialogue split, and the prompt
+template every trainer (and the reward potential) uses.
+
+Gemma 3 270M is a base model with no chat template, so steer defines one plain instruction template
+and applies it everywhere a prompt meets a model: SFT, DPO, reward models and steering programs.
+Bad rows are reported as `file:line: field ...`, before any trainer sees them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from steer.errors import SteerError
+
+log = logging.getLogger(__name__)
+
+TEMPLATE = "Instruction:\n{instruction}\n\nResponse:\n"
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+
+
+class DataError(SteerError):
+    """A data file is missing, empty or has a bad row; the message names the file, line and field."""
+
+    cli_prefix = ""
+
+
+def format_prompt(instruction: str) -> str:
+    """The instruction template: what a model sees before its response."""
+    return TEMPLATE.format(instruction=instruction.strip())
+
+
+def render_messages(messages: list[dict[str, str]]) -> tuple[str, str]:
+    """A chat (`messages` with roles) as (instruction, response): earlier turns become the instruction's
+    context, the final assistant turn is the response."""
+    *history, last = messages
+    lines = [f"{m['role'].capitalize()}: {m['content'].strip()}" for m in history]
+    instruction = history[-1]["content"] if len(history) == 1 else "\n".join(lines)
+    return instruction, last["content"]
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) for every non-blank line of a .jsonl or .jsonl.gz file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    opener = gzip.open if path.suffix == ".gz" else open
+    seen = False
+    with opener(path, "rt", encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: not a JSON line ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            seen = True
+            yield number, row
+    if not seen:
+        raise DataError(f"{path}: the file has no rows")
+
+
+def _text(path: Path, number: int, row: dict, field: str) -> str:
+    if field not in row:
+        raise DataError(f"{path}:{number}: missing field {field!r} (the row has {', '.join(map(repr, row)) or 'none'})")
+    value = row[field]
+    if not isinstance(value, str):
+        raise DataError(f"{path}:{number}: field {field!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{path}:{number}: field {field!r} is empty")
+    return value
+
+
+def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """An HH-RLHF pair of whole dialogues as (prompt, chosen, rejected).
+
+    The two dialogues share every turn but the last assistant reply, so the prompt is the common text
+    up to and including the last "\\n\\nAssistant:"; the responses are what follows it.
+    """
+    cut = chosen.rfind(ASSISTANT)
+    if cut < 0 or not rejected.startswith(chosen[: cut + len(ASSISTANT)]):
+        # Rare rows differ earlier: fall back to the longest common prefix ending at an assistant turn.
+        common = 0
+        while common < min(len(chosen), len(rejected)) and chosen[common] == rejected[common]:
+            common += 1
+        cut = chosen.rfind(ASSISTANT, 0, common - len(ASSISTANT) + 1)
+        if cut < 0:
+            raise ValueError("the two dialogues share no prompt ending with an assistant turn")
+    end = cut + len(ASSISTANT)
+    return chosen[:end].strip(), chosen[end:].strip(), rejected[end:].strip()
+
+
+def hh_instruction(dialogue: str) -> str:
+    """An HH dialogue prompt ("Human: ... Assistant:") as the instruction of the template."""
+    text = dialogue.strip()
+    if text.endswith(ASSISTANT.strip()):
+        text = text[: -len(ASSISTANT.strip())].rstrip()
+    turns = text.split(HUMAN.strip())
+    if len(turns) == 2 and not turns[0].strip():  # one human turn: the instruction is that turn
+        return turns[1].strip()
+    return text
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One preference pair, its prompt already in the template."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    source: str  # "file:line", for messages and per-pair outputs
+
+    def as_row(self) -> dict[str, str]:
+        return {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
+
+
+def load_pairs(path: str | Path, limit: int | None = None) -> list[Pair]:
+    """Preference pairs from JSONL: TRL's `prompt`/`chosen`/`rejected`, or HH-RLHF whole dialogues
+    (`chosen`/`rejected` only), which are split at the last assistant turn."""
+    path = Path(path)
+    pairs: list[Pair] = []
+    empty: list[int] = []
+    for number, row in read_jsonl(path):
+        chosen, rejected = _text(path, number, row, "chosen"), _text(path, number, row, "rejected")
+        if "prompt" in row:
+            instruction = _text(path, number, row, "prompt")
+        elif chosen.lstrip().startswith(HUMAN.strip()):
+            try:
+                instruction, chosen, rejected = split_hh(chosen, rejected)
+            except ValueError as e:
+                raise DataError(f"{path}:{number}: fields 'chosen'/'rejected': {e}") from None
+            instruction = hh_instruction(instruction)
+            if not chosen or not rejected:  # a handful of HH rows end in an empty reply: nothing to compare
+                empty.append(number)
+                continue
+        else:
+            raise DataError(f"{path}:{number}: missing field 'prompt' (and 'chosen' is not an HH dialogue)")
+        pairs.append(Pair(format_prompt(instruction), chosen.strip(), rejected.strip(), f"{path.name}:{number}"))
+        if limit is not None and len(pairs) >= limit:
+            break
+    if empty:
+        log.warning("%s: skipped %d dialogue pair(s) whose final reply is empty (lines %s)",
+                    path, len(empty), ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else ""))
+    return pairs
+
+
+@dataclass(frozen=True)
+class Example:
+    """One supervised example: a templated prompt and the completion the model should learn."""
+
+    prompt: str
+    completion: str
+    source: str
+
+    def as_row(self) -> dict[str, str]:
+        return {"prompt": self.prompt, "completion": self.completion}
+
+
+def load_examples(path: str | Path, limit: int | None = None) -> list[Example]:
+    """Instruction data from JSONL: `prompt`/`completion`, chat `messages`, or self-instruct seed tasks
+    (`instruction`, `instances[{input, output}]`)."""
+    path = Path(path)
+    examples: list[Example] = []
+    for number, row in read_jsonl(path):
+        source = f"{path.name}:{number}"
+        if "messages" in row:
+            messages = row["messages"]
+            if (not isinstance(messages, list) or len(messages) < 2
+                    or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role")
+                               for m in messages)):
+                raise DataError(f"{path}:{number}: field 'messages' must be a list of at least two "
+                                "{{role, content}} objects")
+            if messages[-1]["role"] != "assistant":
+                raise DataError(f"{path}:{number}: field 'messages' must end with an assistant turn")
+            instruction, completion = render_messages(messages)
+        elif "instruction" in row and "instances" in row:
+            instance = (row["instances"] or [{}])[0]
+            instruction = _text(path, number, row, "instruction")
+            if instance.get("input"):
+                instruction = f"{instruction}\n\n{instance['input']}"
+            completion = _text(path, number, instance, "output")
+        else:
+            instruction = _text(path, number, row, "prompt")
+            completion = _text(path, number, row, "completion")
+        examples.append(Example(format_prompt(instruction), completion.strip(), source))
+        if limit is not None and len(examples) >= limit:
+            break
+    return examples
+
+
+def held_out(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded (train, eval) split; the eval part has at least one row when there are two or more."""
+    if not 0 <= fraction < 1:
+        raise DataError(f"the held-out fraction must be in [0, 1), got {fraction}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(fraction * len(rows))) if fraction > 0 and len(rows) > 1 else 0
+    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
+
+
+def check_lengths(rows: list, tokenizer, max_length: int, fields: tuple[str, ...]) -> int:
+    """Refuse rows whose prompt alone does not fit in `max_length` tokens (nothing would be learnt
+    from them); count the rows whose completion will be truncated to fit."""
+    truncated = 0
+    for row in rows:
+        prompt_len = len(tokenizer(row.prompt, add_special_tokens=True)["input_ids"])
+        if prompt_len >= max_length:
+            raise DataError(f"{row.source}: field 'prompt' is {prompt_len} tokens, which leaves no room for the "
+                            f"response within --max-length {max_length}; raise --max-length or shorten the prompt")
+        longest = max(len(tokenizer(getattr(row, f), add_special_tokens=False)["input_ids"]) for f in fields)
+        truncated += prompt_len + longest + 1 > max_length
+    return truncated

@@ -1,0 +1,129 @@
+"""Direct Preference Optimization (arXiv 2305.18290) with TRL's DPOTrainer.
+
+What steer adds to TRL: data checks and the instruction template, CPU-safe defaults, LoRA with the
+adapter-disabled model as the reference (no second model in memory), an explicit reference model
+for full fine-tuning, held-out metrics, resume, and a faster LM head on CPU: TRL projects every
+position of the sequence through the 262k-row output matrix when it runs without Triton, while DPO
+only needs the completion positions (`completion_only_head`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .common import (TrainOptions, load_causal_lm, load_tokenizer, lora_config, model_dir, quiet_transformers,
+                     resume_from, save_final, train_log, trainer_arguments, write_metrics)
+from .data import check_lengths, held_out, load_pairs
+
+log = logging.getLogger(__name__)
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
+              "sigmoid_norm", "exo_pair", "discopop")
+_HEAD_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+
+
+def completion_only_head(model: torch.nn.Module, outputs: tuple[str, ...] = _HEAD_OUTPUTS) -> None:
+    """Make `model(..., labels=, fused_lm_head=True)` project only labelled positions through the LM head.
+
+    TRL's fused head (added first, by the trainer) computes the same quantities over every position
+    when no Triton device is present; prompt positions are then thrown away.  This forward gives the
+    same `FusedCausalLMOutput`, computed on the completion positions only.
+    """
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    fallback = model.forward  # TRL's patched forward: used for every call without fused_lm_head
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+
+    def forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
+        if not fused_lm_head:
+            return fallback(*args, labels=labels, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        labels = labels[:, 1:].to(hidden.device)
+        mask = labels != -100
+        head = self.get_output_embeddings()
+        per_token = ChunkedLogProbFunction.apply(hidden[mask], head.weight, head.bias, labels[mask], 1.0, 32768,
+                                                 softcap, 1.0, outputs)
+        # masked_scatter keeps an all-masked batch connected to the graph (a differentiable zero).
+        log_probs, entropy, log_sum_sq, mean_logits, is_top1 = (
+            None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token)
+        loss = -log_probs.sum() / mask.sum().clamp(min=1)
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq,
+                                   mean_logits=mean_logits, is_top1=is_top1, label_mask=mask)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def build_trainer(pairs_train: list, pairs_eval: list, options: TrainOptions, *, beta: float = 0.1,
+                  loss_type: str = "sigmoid", label_smoothing: float = 0.0, precompute_ref: bool = False,
+                  fast_head: bool = True, callbacks: list | None = None, model=None, tokenizer=None):
+    """A configured DPOTrainer (used by `train_dpo` and by the benchmark, which compares heads)."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+    directory = model_dir(options.model)
+    tokenizer = tokenizer or load_tokenizer(directory)
+    model = model or load_causal_lm(directory)
+    ref_model = None
+    if not options.lora:
+        # Without a ref_model, TRL reloads the reference from the config's hub id: give it explicitly.
+        ref_model = load_causal_lm(directory).eval().requires_grad_(False)
+    args = DPOConfig(**trainer_arguments(options, bool(pairs_eval)), beta=beta, loss_type=[loss_type],
+                     label_smoothing=label_smoothing, precompute_ref_log_probs=precompute_ref)
+    trainer = DPOTrainer(
+        model=model, ref_model=ref_model, args=args, processing_class=tokenizer,
+        train_dataset=Dataset.from_list([p.as_row() for p in pairs_train]),
+        eval_dataset=Dataset.from_list([p.as_row() for p in pairs_eval]) if pairs_eval else None,
+        peft_config=lora_config(options), callbacks=callbacks,
+    )
+    if fast_head:
+        from peft import PeftModel
+
+        base = trainer.model.get_base_model() if isinstance(trainer.model, PeftModel) else trainer.model
+        completion_only_head(base)
+        if ref_model is not None:
+            completion_only_head(trainer.ref_model, ("log_probs",))
+    return trainer
+
+
+def train_dpo(data: str | Path, options: TrainOptions, *, beta: float = 0.1, loss_type: str = "sigmoid",
+              label_smoothing: float = 0.0, precompute_ref: bool = False, fast_head: bool = True,
+              callbacks: list | None = None) -> dict[str, Any]:
+    """Train with DPO on preference pairs; returns (and writes to `out/metrics.json`) the metrics."""
+    quiet_transformers()
+    checkpoint = resume_from(options)
+    pairs = load_pairs(data, options.limit)
+    train, evaluation = held_out(pairs, options.eval_fraction, options.seed)
+    tokenizer = load_tokenizer(model_dir(options.model))
+    truncated = check_lengths(pairs, tokenizer, options.max_length, ("chosen", "rejected"))
+    if truncated:
+        log.warning("%d of %d pairs are longer than --max-length %d: their responses are truncated",
+                    truncated, len(pairs), options.max_length)
+    trainer = build_trainer(train, evaluation, options, beta=beta, loss_type=loss_type,
+                            label_smoothing=label_smoothing, precompute_ref=precompute_ref, fast_head=fast_head,
+                            callbacks=callbacks, tokenizer=tokenizer)
+    before = trainer.evaluate() if evaluation and checkpoint is None else None
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - started
+    after = trainer.evaluate() if evaluation else None
+    final = save_final(trainer, tokenizer, options.out, options.lora)
+    metrics = {
+        "trainer": "dpo", "data": str(data), "pairs": {"train": len(train), "eval": len(evaluation),
+                                                       "truncated": truncated},
+        "settings": {**options.as_dict(), "beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing,
+                     "precompute_ref": precompute_ref},
+        "train": {"steps": result.global_step, "loss": result.training_loss, "seconds": seconds},
+        "eval_before": before, "eval": after, "log": train_log(trainer), "model": str(final),
+    }
+    write_metrics(options.out, metrics)
+    return metrics
