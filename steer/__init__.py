@@ -1,9 +1,17 @@
 """steer: control language models with probabilistic programs and Sequential Monte Carlo."""
 
 from . import checks, masks, patterns
-from .distributions import Bernoulli, Categorical, Continuation, Distribution, Geometric, NextToken, TokenInMask
-from .generate import Generate
+from .distributions import (
+    Bernoulli,
+    Categorical,
+    Continuation,
+    Distribution,
+    Geometric,
+    NextToken,
+    TokenInMask,
+)
 from .errors import ModelLoadError, ParticlesDiedError, SteerError
+from .generate import Generate
 from .lm import HFLanguageModel, LanguageModel, LMContext, Token, Vocabulary
 from .models import load_model, tiny_model
 from .program import Program, SubProgram, program
@@ -11,8 +19,35 @@ from .smc import Posterior, StepRecord, importance_sampling, run, smc, smc_steer
 from .words import NextWord
 
 __all__ = [
-    "Bernoulli", "Categorical", "Generate", "Continuation", "Distribution", "Geometric", "HFLanguageModel",
-    "LMContext", "LanguageModel", "ModelLoadError", "NextToken", "NextWord", "ParticlesDiedError", "Posterior",
-    "Program", "SteerError", "StepRecord", "SubProgram", "Token", "TokenInMask", "Vocabulary",
-    "checks", "importance_sampling", "load_model", "masks", "patterns", "program", "run", "smc", "smc_steer", "tiny_model",
+    "Bernoulli",
+    "Categorical",
+    "Continuation",
+    "Distribution",
+    "Generate",
+    "Geometric",
+    "HFLanguageModel",
+    "LMContext",
+    "LanguageModel",
+    "ModelLoadError",
+    "NextToken",
+    "NextWord",
+    "ParticlesDiedError",
+    "Posterior",
+    "Program",
+    "SteerError",
+    "StepRecord",
+    "SubProgram",
+    "Token",
+    "TokenInMask",
+    "Vocabulary",
+    "checks",
+    "importance_sampling",
+    "load_model",
+    "masks",
+    "patterns",
+    "program",
+    "run",
+    "smc",
+    "smc_steer",
+    "tiny_model",
 ]

@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER
     except KeyboardInterrupt:
         return 130
-    except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
+    except Exception as e:
         if args.debug:
             raise
         print(f"steer: internal error: {type(e).__name__}: {e} (rerun with --debug for details)", file=sys.stderr)

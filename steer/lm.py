@@ -108,6 +108,9 @@ class LanguageModel(ABC):
         """Serve one batched round: set `context.logprobs` (float32, shape [vocab]) for every request,
         and `context.pending_scores` for those with `score=True`."""
 
+    def serve(self, requests: Sequence[LogprobsRequest]) -> None:  # the scheduler's name for it
+        self.advance(requests)
+
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.vocab.strings[i] for i in ids)
 

@@ -95,7 +95,7 @@ _TINY_SPECIALS = ["<eos>", "<bos>"]
 
 def tiny_tokenizer(alphabet: str = "ab "):
     """A character-level tokenizer over `alphabet`, with <eos> = 0 (also used as padding) and <bos> = 1."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(_TINY_SPECIALS)}

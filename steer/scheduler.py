@@ -1,9 +1,9 @@
 """Drives the particles' `step()` coroutines so that their model calls are batched.
 
-Each particle's step is an ordinary coroutine.  Whenever it needs something expensive (today: next-token
-log-probabilities from a language model) it awaits a `Request`, which suspends it.  Once every particle
-is either finished or suspended, the scheduler serves all requests of the round in one batched call per
-model and resumes everyone.  This makes batching exact and deterministic: no timers, no batch-size
+Each particle's step is an ordinary coroutine.  Whenever it needs something expensive (next-token
+log-probabilities from a language model, a reward model's score) it awaits a `Request`, which suspends
+it.  Once every particle is either finished or suspended, the scheduler serves all requests of the round
+in one batched call per server (model) and resumes everyone.  This makes batching exact and deterministic: no timers, no batch-size
 heuristics, and no asyncio event loop.
 """
 
@@ -14,11 +14,21 @@ from typing import Any
 
 
 class Request:
-    """An awaitable that suspends the awaiting particle until the scheduler serves it."""
+    """An awaitable that suspends the awaiting particle until the scheduler serves it.
+
+    `server` is the object whose `serve(requests)` answers a whole round's requests for it at once,
+    setting each request's `result`.
+    """
+
+    result: Any = None
 
     def __await__(self):
-        result = yield self
-        return result
+        yield self
+        return self.result
+
+    @property
+    def server(self) -> Any:
+        raise NotImplementedError
 
 
 class LogprobsRequest(Request):
@@ -29,6 +39,10 @@ class LogprobsRequest(Request):
     def __init__(self, context: Any, score: bool = False):
         self.context = context
         self.score = score
+
+    @property
+    def server(self) -> Any:
+        return self.context.lm
 
 
 def run_batched(coroutines: Iterable[Coroutine]) -> None:
@@ -62,12 +76,9 @@ def _drive(waiting: list[tuple[Coroutine, Any]]) -> None:
 
 
 def _serve(requests: list[Request]) -> None:
-    by_model: dict[int, tuple[Any, list[LogprobsRequest]]] = {}
+    by_server: dict[int, tuple[Any, list[Request]]] = {}
     for request in requests:
-        if isinstance(request, LogprobsRequest):
-            lm = request.context.lm
-            by_model.setdefault(id(lm), (lm, []))[1].append(request)
-        else:  # pragma: no cover - only LogprobsRequest exists today
-            raise TypeError(f"unknown request {request!r}")
-    for lm, batch in by_model.values():
-        lm.advance(batch)
+        server = request.server
+        by_server.setdefault(id(server), (server, []))[1].append(request)
+    for server, batch in by_server.values():
+        server.serve(batch)

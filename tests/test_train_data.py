@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from train.data import (DataError, check_lengths, format_prompt, held_out, load_examples, load_pairs, split_hh)
+from train.data import (
+    DataError,
+    check_lengths,
+    format_prompt,
+    held_out,
+    load_examples,
+    load_pairs,
+    split_hh,
+)
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "data"
 

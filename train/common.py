@@ -160,6 +160,15 @@ def write_metrics(out: str | Path, metrics: dict[str, Any]) -> Path:
     return path
 
 
+def quiet_trainer(trainer, options: TrainOptions):
+    """Without progress bars, transformers prints every log row instead: keep the output clean."""
+    if not options.progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
 def train_log(trainer) -> list[dict[str, Any]]:
     """The per-step log of a finished run (loss, learning rate, metrics; eval rows too)."""
     return [dict(row) for row in trainer.state.log_history]
@@ -171,3 +180,6 @@ def quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    import datasets
+
+    datasets.disable_progress_bars()  # per-map bars over a few hundred rows are noise

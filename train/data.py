@@ -1,8 +1,7 @@
 """Training data: JSONL readers that check every row, the HH-RLHF dialogue split, and the prompt
 template every trainer (and the reward potential) uses.
 
-Gemma 3 270M is a base model with no chat template, so steer defines one plain instruction template
-and applies it everywhere a prompt meets a model: SFT, DPO, reward models and steering programs.
+Every prompt is put in steer's one instruction template (`steer.template`) here, once.
 Bad rows are reported as `file:line: field ...`, before any trainer sees them.
 """
 
@@ -18,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from steer.errors import SteerError
+from steer.template import TEMPLATE, format_prompt  # noqa: F401 - re-exported for trainers
 
 log = logging.getLogger(__name__)
 
-TEMPLATE = "Instruction:\n{instruction}\n\nResponse:\n"
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
 
@@ -29,11 +28,6 @@ class DataError(SteerError):
     """A data file is missing, empty or has a bad row; the message names the file, line and field."""
 
     cli_prefix = ""
-
-
-def format_prompt(instruction: str) -> str:
-    """The instruction template: what a model sees before its response."""
-    return TEMPLATE.format(instruction=instruction.strip())
 
 
 def render_messages(messages: list[dict[str, str]]) -> tuple[str, str]:

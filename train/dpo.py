@@ -17,8 +17,20 @@ from typing import Any
 
 import torch
 
-from .common import (TrainOptions, load_causal_lm, load_tokenizer, lora_config, model_dir, quiet_transformers,
-                     resume_from, save_final, train_log, trainer_arguments, write_metrics)
+from .common import (
+    TrainOptions,
+    load_causal_lm,
+    load_tokenizer,
+    lora_config,
+    model_dir,
+    quiet_trainer,
+    quiet_transformers,
+    resume_from,
+    save_final,
+    train_log,
+    trainer_arguments,
+    write_metrics,
+)
 from .data import check_lengths, held_out, load_pairs
 
 log = logging.getLogger(__name__)
@@ -85,6 +97,7 @@ def build_trainer(pairs_train: list, pairs_eval: list, options: TrainOptions, *,
         eval_dataset=Dataset.from_list([p.as_row() for p in pairs_eval]) if pairs_eval else None,
         peft_config=lora_config(options), callbacks=callbacks,
     )
+    quiet_trainer(trainer, options)
     if fast_head:
         from peft import PeftModel
 

@@ -1,0 +1,183 @@
+"""Reward models and preference strength on tiny models: the Bradley-Terry loss (with margins and
+label smoothing) against a direct computation, strength on a synthetic set with known flipped labels,
+and the reward potential against exact enumeration."""
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from exact import complete_sequences
+
+import steer
+from steer.potentials import RewardModel
+from train.common import TrainOptions, load_tokenizer
+from train.data import load_pairs
+from train.reward import (
+    build_reward_trainer,
+    load_reward_backbone,
+    score_pairs,
+    train_reward,
+)
+from train.strength import categorise, ensemble_strength, preference_strength
+
+
+def test_bradley_terry_loss_with_margin_and_smoothing_equals_a_direct_computation(tiny_text_dir, arithmetic_pairs,
+                                                                                  tmp_path):
+    pairs = load_pairs(arithmetic_pairs)[:4]
+    margins = [0.5, -0.2, 0.0, 1.0]
+    options = TrainOptions(model=str(tiny_text_dir), out=str(tmp_path), progress=False, batch_size=4)
+    trainer = build_reward_trainer(pairs, [], options, margins=margins, label_smoothing=0.1)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch)).item()
+    # Directly: the score head at the last token of prompt + response + EOS.
+    tokenizer = load_tokenizer(tiny_text_dir)
+    diffs = score_pairs(trainer.model, tokenizer, pairs, 256)
+    d = diffs - torch.tensor(margins)
+    expected = -(0.9 * F.logsigmoid(d) + 0.1 * F.logsigmoid(-d)).mean().item()
+    assert diffs.abs().max() > 1e-3
+    assert loss == pytest.approx(expected, abs=1e-5)
+
+
+def synthetic_pairs(n, flip_rate, seed):
+    """Chosen responses are mostly "a", rejected mostly "b"; a known set of pairs has its labels swapped."""
+    rng = random.Random(seed)
+
+    def response(major, minor):
+        length = rng.randint(6, 12)
+        k = rng.randint(length // 2 + 1, length)
+        letters = [major] * k + [minor] * (length - k)
+        rng.shuffle(letters)
+        return "".join(letters)
+
+    rows, flipped = [], set()
+    for i in range(n):
+        chosen, rejected = response("a", "b"), response("b", "a")
+        if rng.random() < flip_rate:
+            chosen, rejected = rejected, chosen
+            flipped.add(i)
+        rows.append({"prompt": f"pick {i % 7}", "chosen": chosen, "rejected": rejected})
+    return rows, flipped
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_strength_finds_flipped_labels_and_flipping_them_helps(tiny_text_dir, tmp_path):
+    rows, flipped = synthetic_pairs(120, 0.4, seed=1)
+    noisy = write(tmp_path / "noisy.jsonl", rows)
+    clean = load_pairs(write(tmp_path / "clean.jsonl", synthetic_pairs(200, 0.0, seed=101)[0]))
+    base = dict(model=str(tiny_text_dir), epochs=4, learning_rate=3e-3, progress=False, batch_size=8,
+                save_steps=1000, max_length=64)
+    metrics = preference_strength(noisy, TrainOptions(out=str(tmp_path / "strength"), **base), models=4)
+    records = [json.loads(line) for line in (tmp_path / "strength" / "strength.jsonl").read_text().splitlines()]
+    negative = np.array([r["mean"] < 0 for r in records])
+    truth = np.array([i in flipped for i in range(len(rows))])
+    precision = (negative & truth).sum() / negative.sum()
+    recall = (negative & truth).sum() / truth.sum()
+    assert precision > 0.85 and recall > 0.85  # measured: 0.97 and 0.93
+    assert (negative & ~truth).sum() / (~truth).sum() < 0.05  # clean pairs rarely look incorrect
+    assert metrics["categories"]["incorrect"] == negative.sum()
+    assert [r["category"] for r in records] == [categorise(r["mean"], metrics["band"]) for r in records]
+    assert (tmp_path / "strength" / "strength.png").stat().st_size > 1000
+
+    def clean_fit(name, **kw):
+        m = train_reward(noisy, TrainOptions(out=str(tmp_path / name), eval_fraction=0.0, **base), **kw)
+        diffs = score_pairs(load_reward_backbone(m["model"]), load_tokenizer(m["model"]), clean, 64)
+        return m, (diffs > 0).float().mean().item(), -F.logsigmoid(diffs).mean().item()
+
+    _, noisy_accuracy, noisy_loss = clean_fit("noisy")
+    fixed, flipped_accuracy, flipped_loss = clean_fit("flipped", strength=tmp_path / "strength" / "strength.jsonl",
+                                                      flip_fraction=0.5)
+    assert fixed["pairs"]["flipped"] == negative.sum()  # only negative-strength pairs are flipped
+    # On clean held-out pairs: measured accuracy 0.940 -> 0.975, Bradley-Terry loss 0.49 -> 0.08.
+    assert flipped_accuracy > noisy_accuracy and flipped_loss < 0.5 * noisy_loss
+
+
+def test_strength_members_are_reused_on_resume(tiny_text_dir, tmp_path, monkeypatch):
+    pairs = load_pairs(write(tmp_path / "d.jsonl", synthetic_pairs(16, 0.0, seed=2)[0]))
+    options = TrainOptions(model=str(tiny_text_dir), out=str(tmp_path / "s"), max_steps=2, progress=False,
+                           save_steps=1000, max_length=64)
+    first = ensemble_strength(pairs, options, models=2)
+    import train.strength
+
+    monkeypatch.setattr(train.strength, "fit_reward_model", lambda *a, **k: pytest.fail("member retrained"))
+    again = ensemble_strength(pairs, options, models=2)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+
+
+# -- the reward potential ------------------------------------------------------------------------------
+T = 3
+TEMPERATURE = 0.05
+
+
+@pytest.fixture(scope="module")
+def tiny_reward_dir(tiny_text_dir, tmp_path_factory):
+    """A randomly initialised reward model: its rewards vary enough across texts to move the target."""
+    path = tmp_path_factory.mktemp("reward")
+    torch.manual_seed(0)
+    model = load_reward_backbone(tiny_text_dir)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 1.0)
+    model.save_pretrained(path)
+    load_tokenizer(tiny_text_dir).save_pretrained(path)
+    return path
+
+
+class Rewarded(steer.Program):
+    def __init__(self, lm, reward_model):
+        super().__init__()
+        self.ctx = lm.context("")
+        self.reward_model = reward_model
+
+    async def step(self):
+        token = await self.sample(self.ctx.next_token())
+        done = token.is_eos or len(self.ctx.generated) >= T
+        await self.reward_model.guide(self, "say", self.ctx.text, final=done)
+        if done:
+            self.finish()
+
+    def result(self):
+        return tuple(self.ctx.generated)
+
+
+def test_reward_potential_targets_lm_times_exp_reward(tiny_lm, tiny_reward_dir):
+    reward_model = RewardModel(tiny_reward_dir, temperature=TEMPERATURE)
+    eos = next(iter(tiny_lm.vocab.eos_ids))
+    target = {}
+    for seq, logp in complete_sequences(tiny_lm, tiny_lm.encode(""), T).items():
+        text = tiny_lm.decode([t for t in seq if t != eos])
+        target[seq] = logp + reward_model.rewards(["say"], [text])[0] / TEMPERATURE
+    log_z = np.logaddexp.reduce(list(target.values()))
+    exact = {k: math.exp(v - log_z) for k, v in target.items()}
+    lm_only = {k: math.exp(v) for k, v in complete_sequences(tiny_lm, tiny_lm.encode(""), T).items()}
+    assert 0.5 * sum(abs(exact[k] - lm_only[k]) for k in exact) > 0.1  # the reward really moves the target
+
+    estimate, log_mls = {}, []
+    for seed in range(3):
+        post = steer.smc(Rewarded(tiny_lm, reward_model), particles=1000, seed=seed)
+        log_mls.append(post.log_ml)
+        for k, w in post.distribution().items():
+            estimate[k] = estimate.get(k, 0.0) + w / 3
+    tv = 0.5 * sum(abs(estimate.get(k, 0.0) - p) for k, p in exact.items())
+    assert tv < 0.06
+    assert np.mean(log_mls) == pytest.approx(log_z, abs=0.1)
+
+
+def test_reward_model_scores_agree_with_training_and_batch(tiny_reward_dir, arithmetic_pairs):
+    pairs = load_pairs(arithmetic_pairs)[:5]
+    reward_model = RewardModel(tiny_reward_dir)
+    instructions = [p.prompt.split("\n")[1] for p in pairs]
+    chosen = reward_model.rewards(instructions, [p.chosen for p in pairs])
+    rejected = reward_model.rewards(instructions, [p.rejected for p in pairs])
+    direct = score_pairs(reward_model.model, reward_model.tokenizer, pairs, 512)
+    assert torch.allclose(torch.tensor(chosen) - torch.tensor(rejected), direct, atol=1e-4)
+    single = RewardModel(tiny_reward_dir, batch_size=1).rewards(instructions, [p.chosen for p in pairs])
+    assert np.allclose(single, chosen, atol=1e-4)  # padding in a batch does not change a score

@@ -1,0 +1,215 @@
+"""Reward models ("Secrets of RLHF II", arXiv 2401.06080): Bradley-Terry training with TRL's
+RewardTrainer, plus the paper's strength-driven mitigations.
+
+What steer adds to TRL: label smoothing in the Bradley-Terry loss (TRL has margins but not
+smoothing), label flipping and adaptive margins computed from a preference-strength file written by
+`train.strength`, and held-out accuracy before and after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from steer.errors import SteerError
+
+from .common import (
+    TrainOptions,
+    load_tokenizer,
+    lora_config,
+    model_dir,
+    quiet_trainer,
+    quiet_transformers,
+    resume_from,
+    train_log,
+    trainer_arguments,
+    write_metrics,
+)
+from .data import DataError, Pair, check_lengths, held_out, load_pairs
+
+log = logging.getLogger(__name__)
+
+
+def pair_id(pair: Pair) -> str:
+    """A stable id of a pair's content (so strength files survive reordering and renamed files)."""
+    return hashlib.sha1("\0".join((pair.prompt, pair.chosen, pair.rejected)).encode()).hexdigest()[:16]
+
+
+def load_reward_backbone(directory: Path):
+    """A causal LM checkpoint with a fresh one-output score head (or a reward checkpoint as it is)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1, dtype=torch.float32,
+                                                               local_files_only=True, use_safetensors=True)
+    return model
+
+
+def _reward_trainer_class():
+    from trl import RewardTrainer
+
+    class SmoothedRewardTrainer(RewardTrainer):
+        """TRL's RewardTrainer with label smoothing: the pair's label is right with probability 1 - eps,
+        loss = -(1-eps) log s(d - m) - eps log s(m - d), d = r(chosen) - r(rejected), m the margin."""
+
+        label_smoothing = 0.0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
+            if self.label_smoothing:
+                chosen, rejected = outputs.logits.squeeze(-1).chunk(2)
+                d = chosen - rejected - inputs.get("margin", 0.0)
+                eps = self.label_smoothing
+                loss = -((1 - eps) * F.logsigmoid(d) + eps * F.logsigmoid(-d)).mean()
+                if self.args.center_rewards_coefficient is not None:
+                    loss = loss + self.args.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
+            return (loss, outputs) if return_outputs else loss
+
+    return SmoothedRewardTrainer
+
+
+def read_strength(path: str | Path) -> dict[str, dict[str, Any]]:
+    """pair id -> its strength record, from a `strength.jsonl` written by `train.strength`."""
+    from .data import read_jsonl
+
+    records = {}
+    for number, row in read_jsonl(path):
+        if "id" not in row or "mean" not in row:
+            raise DataError(f"{path}:{number}: a strength record needs 'id' and 'mean'")
+        records[row["id"]] = row
+    return records
+
+
+def apply_mitigations(pairs: list[Pair], strength: dict[str, dict] | None, *, flip_fraction: float = 0.0,
+                      adaptive_margin: float = 0.0) -> tuple[list[Pair], list[float] | None, int]:
+    """Flip the most negative-strength pairs and/or give every pair a margin of `adaptive_margin` x
+    its mean strength.  Returns (pairs, margins or None, number flipped)."""
+    if strength is None:
+        if flip_fraction or adaptive_margin:
+            raise SteerError("--flip and --adaptive-margin need --strength FILE (from `steer train strength`)")
+        return pairs, None, 0
+    means = []
+    for pair in pairs:
+        record = strength.get(pair_id(pair))
+        if record is None:
+            raise SteerError(f"{pair.source}: this pair has no record in the strength file")
+        means.append(float(record["mean"]))
+    flipped = 0
+    if flip_fraction:
+        order = sorted(range(len(pairs)), key=lambda i: means[i])
+        chosen = [i for i in order[: round(flip_fraction * len(pairs))] if means[i] < 0]
+        pairs = list(pairs)
+        for i in chosen:
+            pairs[i] = replace(pairs[i], chosen=pairs[i].rejected, rejected=pairs[i].chosen)
+            means[i] = -means[i]
+        flipped = len(chosen)
+    margins = [adaptive_margin * m for m in means] if adaptive_margin else None
+    return pairs, margins, flipped
+
+
+def build_reward_trainer(train: list[Pair], evaluation: list[Pair], options: TrainOptions, *,
+                         margins: list[float] | None = None, label_smoothing: float = 0.0,
+                         callbacks: list | None = None, tokenizer=None):
+    from datasets import Dataset
+    from trl import RewardConfig
+
+    directory = model_dir(options.model)
+    tokenizer = tokenizer or load_tokenizer(directory)
+    model = load_reward_backbone(directory)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    rows = [p.as_row() for p in train]
+    if margins is not None:
+        rows = [{**row, "margin": m} for row, m in zip(rows, margins)]
+    args = RewardConfig(**trainer_arguments(options, bool(evaluation)))
+    trainer = _reward_trainer_class()(
+        model=model, args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
+        eval_dataset=Dataset.from_list([p.as_row() for p in evaluation]) if evaluation else None,
+        peft_config=lora_config(options, task_type="SEQ_CLS"), callbacks=callbacks,
+    )
+    quiet_trainer(trainer, options)
+    trainer.label_smoothing = label_smoothing
+    return trainer
+
+
+def save_reward_model(trainer, tokenizer, out: Path, lora: bool) -> Path:
+    """A plain sequence-classification directory that `steer.potentials.RewardModel` loads."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if lora:
+        model = model.merge_and_unload()
+    model.save_pretrained(out / "model", safe_serialization=True)
+    tokenizer.save_pretrained(out / "model")
+    return out / "model"
+
+
+def fit_reward_model(train: list[Pair], evaluation: list[Pair], options: TrainOptions, *,
+                     margins: list[float] | None = None, label_smoothing: float = 0.0,
+                     callbacks: list | None = None, resume: str | None = None) -> tuple[Any, dict]:
+    """Train one reward model; returns (trainer, held-out metrics)."""
+    tokenizer = load_tokenizer(model_dir(options.model))
+    trainer = build_reward_trainer(train, evaluation, options, margins=margins, label_smoothing=label_smoothing,
+                                   callbacks=callbacks, tokenizer=tokenizer)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = {"steps": result.global_step, "loss": result.training_loss, "seconds": time.perf_counter() - started}
+    if evaluation:
+        metrics["eval"] = trainer.evaluate()
+    return trainer, metrics
+
+
+def train_reward(data: str | Path, options: TrainOptions, *, label_smoothing: float = 0.0,
+                 strength: str | Path | None = None, flip_fraction: float = 0.0, adaptive_margin: float = 0.0,
+                 callbacks: list | None = None) -> dict[str, Any]:
+    """Train a reward model on preference pairs; writes the model to `out/model` and `out/metrics.json`."""
+    quiet_transformers()
+    if not 0 <= label_smoothing < 0.5:
+        raise SteerError(f"--label-smoothing must be in [0, 0.5), got {label_smoothing}")
+    checkpoint = resume_from(options)
+    pairs = load_pairs(data, options.limit)
+    train, evaluation = held_out(pairs, options.eval_fraction, options.seed)
+    tokenizer = load_tokenizer(model_dir(options.model))
+    truncated = check_lengths(pairs, tokenizer, options.max_length, ("chosen", "rejected"))
+    records = read_strength(strength) if strength else None
+    train, margins, flipped = apply_mitigations(train, records, flip_fraction=flip_fraction,
+                                                adaptive_margin=adaptive_margin)
+    trainer, fit = fit_reward_model(train, evaluation, options, margins=margins, label_smoothing=label_smoothing,
+                                    callbacks=callbacks, resume=checkpoint)
+    final = save_reward_model(trainer, tokenizer, Path(options.out), options.lora)
+    metrics = {
+        "trainer": "reward", "data": str(data),
+        "pairs": {"train": len(train), "eval": len(evaluation), "truncated": truncated, "flipped": flipped},
+        "settings": {**options.as_dict(), "label_smoothing": label_smoothing, "strength": str(strength or ""),
+                     "flip_fraction": flip_fraction, "adaptive_margin": adaptive_margin},
+        "train": {k: v for k, v in fit.items() if k != "eval"}, "eval": fit.get("eval"),
+        "log": train_log(trainer), "model": str(final),
+    }
+    write_metrics(options.out, metrics)
+    return metrics
+
+
+def score_pairs(model, tokenizer, pairs: list[Pair], max_length: int, batch_size: int = 16) -> torch.Tensor:
+    """r(chosen) - r(rejected) for every pair under a (trained) sequence-classification model."""
+    model.eval()
+    diffs = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        eos = tokenizer.eos_token  # as RewardTrainer appends it in training: the reward is read at EOS
+        texts = [p.prompt + p.chosen + eos for p in chunk] + [p.prompt + p.rejected + eos for p in chunk]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        batch = batch.to(model.device)
+        with torch.no_grad():
+            rewards = model(**batch).logits[:, 0]
+        chosen, rejected = rewards.chunk(2)
+        diffs.append(chosen - rejected)
+    return torch.cat(diffs).cpu()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))

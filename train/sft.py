@@ -1,0 +1,71 @@
+"""Supervised fine-tuning with TRL's SFTTrainer, on templated prompt/completion pairs.
+
+The loss is on completion tokens only (the prompt is given, not learnt), and every completion ends
+with EOS, so a tuned model stops by itself when it is steered or sampled.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import (
+    TrainOptions,
+    load_causal_lm,
+    load_tokenizer,
+    lora_config,
+    model_dir,
+    quiet_trainer,
+    quiet_transformers,
+    resume_from,
+    save_final,
+    train_log,
+    trainer_arguments,
+    write_metrics,
+)
+from .data import Example, check_lengths, held_out, load_examples
+
+log = logging.getLogger(__name__)
+
+
+def train_sft(data: str | Path | list[Example], options: TrainOptions, *,
+              callbacks: list | None = None) -> dict[str, Any]:
+    """Fine-tune on instruction data (a JSONL path or loaded examples); writes `out/metrics.json`."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    quiet_transformers()
+    checkpoint = resume_from(options)
+    examples = load_examples(data, options.limit) if isinstance(data, (str, Path)) else list(data)
+    train, evaluation = held_out(examples, options.eval_fraction, options.seed)
+    directory = model_dir(options.model)
+    tokenizer = load_tokenizer(directory)
+    truncated = check_lengths(examples, tokenizer, options.max_length, ("completion",))
+    if truncated:
+        log.warning("%d of %d examples are longer than --max-length %d: their completions are truncated",
+                    truncated, len(examples), options.max_length)
+    args = SFTConfig(**trainer_arguments(options, bool(evaluation)), completion_only_loss=True)
+    trainer = SFTTrainer(
+        model=load_causal_lm(directory), args=args, processing_class=tokenizer,
+        train_dataset=Dataset.from_list([e.as_row() for e in train]),
+        eval_dataset=Dataset.from_list([e.as_row() for e in evaluation]) if evaluation else None,
+        peft_config=lora_config(options), callbacks=callbacks,
+    )
+    quiet_trainer(trainer, options)
+    before = trainer.evaluate() if evaluation and checkpoint is None else None
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - started
+    after = trainer.evaluate() if evaluation else None
+    final = save_final(trainer, tokenizer, options.out, options.lora)
+    metrics = {
+        "trainer": "sft", "data": str(data) if isinstance(data, (str, Path)) else f"{len(examples)} examples",
+        "examples": {"train": len(train), "eval": len(evaluation), "truncated": truncated},
+        "settings": options.as_dict(),
+        "train": {"steps": result.global_step, "loss": result.training_loss, "seconds": seconds},
+        "eval_before": before, "eval": after, "log": train_log(trainer), "model": str(final),
+    }
+    write_metrics(options.out, metrics)
+    return metrics
