@@ -180,6 +180,10 @@ def quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    import warnings
+
     import datasets
 
-    datasets.disable_progress_bars()  # per-map bars over a few hundred rows are noise
+    datasets.disable_progress_bars()
+    # TRL 1.16 still calls a transformers method renamed in 5.x; the warning is not the user's to act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # per-map bars over a few hundred rows are noise

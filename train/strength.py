@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from steer.errors import SteerError
+
 from .common import (
     TrainOptions,
     load_tokenizer,
@@ -62,7 +64,9 @@ def ensemble_strength(pairs: list[Pair], options: TrainOptions, models: int = 4,
                       train_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mean, std, number of models used) of r(chosen) - r(rejected) for every pair."""
     if models < 2:
-        raise ValueError("preference strength needs at least 2 reward models")
+        raise SteerError(f"preference strength needs at least 2 reward models, got --models {models}")
+    if not 0 < train_fraction < 1:
+        raise SteerError(f"--train-fraction must be in (0, 1), got {train_fraction}")
     diffs, unseen = np.zeros((models, len(pairs))), np.ones((models, len(pairs)), dtype=bool)
     for index in tqdm(range(models), desc="reward-model ensemble", disable=not options.progress):
         member = _member(pairs, options, index, train_fraction)

@@ -1,0 +1,75 @@
+"""`steer train ...` end to end on a tiny model: outputs, metrics, and clear errors for bad input."""
+
+import json
+
+import pytest
+
+import steer
+from steer.cli import main
+
+
+def run(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def common(tiny_text_dir, out, data):
+    return ["--model", str(tiny_text_dir), "--data", str(data), "--out", str(out), "--max-steps", "2",
+            "--no-progress", "--batch-size", "4"]
+
+
+@pytest.mark.parametrize("trainer", ["sft", "dpo", "reward"])
+def test_each_trainer_writes_a_model_and_metrics(trainer, tiny_text_dir, arithmetic_pairs, tmp_path, capsys):
+    data = arithmetic_pairs
+    if trainer == "sft":
+        rows = [json.loads(line) for line in arithmetic_pairs.read_text().splitlines()]
+        data = tmp_path / "sft.jsonl"
+        data.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["chosen"]}) + "\n" for r in rows))
+    code, out, err = run(["train", trainer, *common(tiny_text_dir, tmp_path / "run", data)], capsys)
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["steps"] == metrics["train"]["steps"] == 2
+    assert metrics["eval"] and metrics["log"]
+    if trainer == "reward":
+        from steer.potentials import RewardModel
+
+        assert len(RewardModel(tmp_path / "run" / "model").rewards(["add 1 and 2"], ["3"])) == 1
+    else:
+        assert steer.load_model(tmp_path / "run" / "model").vocab.size > 90
+
+
+def test_strength_command_writes_its_report(tiny_text_dir, arithmetic_pairs, tmp_path, capsys):
+    code, out, err = run(["train", "strength", *common(tiny_text_dir, tmp_path / "s", arithmetic_pairs),
+                          "--models", "2"], capsys)
+    assert code == 0, err
+    assert sum(json.loads(out.strip().splitlines()[-1])["categories"].values()) == 24
+    for name in ("strength.jsonl", "strength.png", "report.md", "metrics.json"):
+        assert (tmp_path / "s" / name).exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "p", "chosen": "a"}\n', "bad.jsonl:1: missing field 'rejected'"),
+    ("", "bad.jsonl: the file has no rows"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{oops\n', "bad.jsonl:2: not a JSON line"),
+    ('{"prompt": "' + "p" * 300 + '", "chosen": "a", "rejected": "b"}\n', "bad.jsonl:1: field 'prompt' is"),
+])
+def test_bad_data_is_one_clear_line_and_exit_2(content, message, tiny_text_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    code, _, err = run(["train", "dpo", *common(tiny_text_dir, tmp_path / "run", bad)], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_resume_without_a_checkpoint_is_a_user_error(tiny_text_dir, arithmetic_pairs, tmp_path, capsys):
+    code, _, err = run(["train", "reward", *common(tiny_text_dir, tmp_path / "none", arithmetic_pairs), "--resume"],
+                       capsys)
+    assert code == 2 and "no checkpoint" in err
+
+
+def test_flip_without_strength_is_a_user_error(tiny_text_dir, arithmetic_pairs, tmp_path, capsys):
+    code, _, err = run(["train", "reward", *common(tiny_text_dir, tmp_path / "r", arithmetic_pairs), "--flip", "0.1"],
+                       capsys)
+    assert code == 2 and "--strength" in err

@@ -1,0 +1,152 @@
+"""`steer train sft|dpo|reward|strength`: the trainers from the command line.
+
+Every command takes the same run flags (model, data, output, length of training, LoRA, seed,
+checkpoints, resume) and writes `OUT/metrics.json` at the end; the trained model lands in `OUT/model`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from steer.cli import positive
+
+from .common import TrainOptions
+
+
+def _fraction(name: str, high: float = 1.0):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not 0 <= value < high:
+            raise argparse.ArgumentTypeError(f"{name} must be in [0, {high}), got {value}")
+        return value
+
+    return parse
+
+
+def _run_flags(parser: argparse.ArgumentParser, lr: float) -> None:
+    parser.add_argument("--data", required=True, help="JSONL data file (.jsonl or .jsonl.gz)")
+    parser.add_argument("--model", default=None, help="local HF model directory (default: Gemma 3 270M)")
+    parser.add_argument("--out", required=True, help="output directory: checkpoints, model/, metrics.json")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--max-steps", type=int, default=-1, help="stop after N optimiser steps (overrides --epochs)")
+    parser.add_argument("--batch-size", type=positive("--batch-size"), default=2)
+    parser.add_argument("--grad-accum", type=positive("--grad-accum"), default=1)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--max-length", type=positive("--max-length"), default=256, help="tokens per sequence")
+    parser.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of every weight")
+    parser.add_argument("--lora-r", type=positive("--lora-r"), default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-steps", type=positive("--save-steps"), default=50, help="checkpoint every K steps")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--eval-fraction", type=_fraction("--eval-fraction"), default=0.1,
+                        help="share of the data held out for evaluation")
+    parser.add_argument("--eval-steps", type=int, default=0, help="also evaluate every K steps (0: only at the end)")
+    parser.add_argument("--limit", type=positive("--limit"), default=None, help="use only the first N rows")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (GPUs; slow or failing on CPU)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _options(args: argparse.Namespace) -> TrainOptions:
+    return TrainOptions(model=args.model, out=args.out, epochs=args.epochs, max_steps=args.max_steps,
+                        batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.lr,
+                        max_length=args.max_length, lora=args.lora, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
+                        seed=args.seed, save_steps=args.save_steps, eval_fraction=args.eval_fraction,
+                        eval_steps=args.eval_steps, limit=args.limit, resume=args.resume, bf16=args.bf16,
+                        progress=not args.no_progress)
+
+
+def _summary(metrics: dict, keys: tuple[str, ...]) -> None:
+    evaluation = metrics.get("eval") or {}
+    shown = {k: evaluation[k] for k in keys if k in evaluation}
+    print(json.dumps({"out": metrics.get("model"), "steps": metrics.get("train", {}).get("steps"), **shown}))
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from .sft import train_sft
+
+    _summary(train_sft(args.data, _options(args)), ("eval_loss", "eval_mean_token_accuracy"))
+    return 0
+
+
+def _dpo(args: argparse.Namespace) -> int:
+    from .dpo import train_dpo
+
+    metrics = train_dpo(args.data, _options(args), beta=args.beta, loss_type=args.loss,
+                        label_smoothing=args.label_smoothing, precompute_ref=args.precompute_ref,
+                        fast_head=not args.trl_head)
+    _summary(metrics, ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"))
+    return 0
+
+
+def _reward(args: argparse.Namespace) -> int:
+    from .reward import train_reward
+
+    metrics = train_reward(args.data, _options(args), label_smoothing=args.label_smoothing, strength=args.strength,
+                           flip_fraction=args.flip, adaptive_margin=args.adaptive_margin)
+    _summary(metrics, ("eval_loss", "eval_accuracy", "eval_margin"))
+    return 0
+
+
+def _strength(args: argparse.Namespace) -> int:
+    from .strength import preference_strength
+
+    metrics = preference_strength(args.data, _options(args), models=args.models, train_fraction=args.train_fraction,
+                                  band=args.band, deciles=args.deciles)
+    print(json.dumps({"out": args.out, "pairs": metrics["pairs"], "categories": metrics["categories"],
+                      "band": metrics["band"]}))
+    return 0
+
+
+def add_commands(commands) -> None:
+    from .dpo import LOSS_TYPES
+
+    train = commands.add_parser("train", help="train models: sft, dpo, reward, strength")
+    kinds = train.add_subparsers(dest="trainer", required=True, parser_class=type(train))
+
+    sft = kinds.add_parser("sft", help="supervised fine-tuning on prompt/completion or messages JSONL")
+    _run_flags(sft, lr=5e-5)
+    sft.set_defaults(handler=_sft)
+
+    dpo = kinds.add_parser("dpo", help="Direct Preference Optimization on prompt/chosen/rejected JSONL")
+    _run_flags(dpo, lr=5e-6)
+    dpo.add_argument("--beta", type=float, default=0.1)
+    dpo.add_argument("--loss", choices=LOSS_TYPES, default="sigmoid")
+    dpo.add_argument("--label-smoothing", type=_fraction("--label-smoothing", 0.5), default=0.0,
+                     help="assumed label-noise rate (robust, exo_pair losses)")
+    dpo.add_argument("--precompute-ref", action="store_true",
+                     help="compute the reference log-probs once before training")
+    dpo.add_argument("--trl-head", action="store_true",
+                     help="use TRL's LM head over every position (default: completion positions only)")
+    dpo.set_defaults(handler=_dpo)
+
+    reward = kinds.add_parser("reward", help="a Bradley-Terry reward model on preference pairs")
+    _run_flags(reward, lr=1e-5)
+    reward.add_argument("--label-smoothing", type=_fraction("--label-smoothing", 0.5), default=0.0)
+    reward.add_argument("--strength", default=None, help="strength.jsonl from `steer train strength`")
+    reward.add_argument("--flip", type=_fraction("--flip"), default=0.0,
+                        help="flip the labels of this share of pairs, most negative strength first")
+    reward.add_argument("--adaptive-margin", type=float, default=0.0,
+                        help="margin = this x the pair's mean strength, in the loss")
+    reward.set_defaults(handler=_reward)
+
+    strength = kinds.add_parser("strength", help="preference strength of every pair from a reward-model ensemble")
+    _run_flags(strength, lr=1e-5)
+    strength.add_argument("--models", type=positive("--models"), default=4, help="reward models in the ensemble")
+    strength.add_argument("--train-fraction", type=_fraction("--train-fraction"), default=0.5,
+                          help="share of the pairs each model trains on")
+    strength.add_argument("--band", type=float, default=None,
+                          help="strengths in [0, band) are ambiguous (default: 0.25 x std of strengths)")
+    strength.add_argument("--deciles", action="store_true",
+                          help="also train one model per strength decile and report validation accuracy")
+    strength.set_defaults(handler=_strength)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from steer.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))
