@@ -89,6 +89,27 @@ class Call(Expr):
     kwargs: list[Keyword]
 
 
+def subexpressions(e: Expr):
+    """`e` and every expression inside it, parents before children."""
+    yield e
+    if isinstance(e, ListExpr):
+        parts = e.items
+    elif isinstance(e, Unary):
+        parts = [e.operand]
+    elif isinstance(e, Binary):
+        parts = [e.left, e.right]
+    elif isinstance(e, Index):
+        parts = [e.target, e.index]
+    elif isinstance(e, Slice):
+        parts = [p for p in (e.target, e.start, e.stop) if p is not None]
+    elif isinstance(e, Call):
+        parts = [*e.args, *(k.value for k in e.kwargs)]
+    else:
+        parts = []
+    for part in parts:
+        yield from subexpressions(part)
+
+
 @dataclass(eq=False)
 class Setting(Node):
     name: str
@@ -203,6 +224,14 @@ class ModelDecl(Node):
 
 
 @dataclass(eq=False)
+class RewardDecl(Node):
+    """`reward_model NAME = "dir"`: a reward-model checkpoint the program may call with reward()."""
+
+    name: str
+    path: str
+
+
+@dataclass(eq=False)
 class SamplerDecl(Node):
     method: str
     settings: list[Setting]
@@ -233,6 +262,7 @@ class Module(Node):
     source: str
     inputs: list[Input] = field(default_factory=list)
     models: list[ModelDecl] = field(default_factory=list)
+    rewards: list[RewardDecl] = field(default_factory=list)
     samplers: list[SamplerDecl] = field(default_factory=list)
     functions: list[FunctionDef] = field(default_factory=list)
     results: list[ResultDecl] = field(default_factory=list)

@@ -14,6 +14,7 @@ from typing import Any
 
 import regex
 
+from steer.potentials import RewardModel
 from steer import checks, masks, patterns
 from steer.errors import SteerError
 from steer.lm import LMContext, Token
@@ -36,7 +37,8 @@ def type_of(value: Any) -> str:
     if isinstance(value, bool):
         return "bool"
     for t, name in ((int, "int"), (float, "float"), (str, "str"), (list, "list"), (Token, "token"),
-                    (LMContext, "context"), (TokenConstraint, "mask"), (TokenCheck, "mask")):
+                    (LMContext, "context"), (TokenConstraint, "mask"), (TokenCheck, "mask"),
+                    (RewardModel, "reward_model")):
         if isinstance(value, t):
             return name
     return "none" if value is None else type(value).__name__
@@ -280,6 +282,10 @@ _BUILTINS = [
        "the prompt of context c"),
     _b("tokens", [("c", "context")], "int", lambda c: len(c.generated), "number of tokens generated in c"),
     _b("ended", [("c", "context")], "bool", _ended, "c has generated the end-of-text token"),
+    # reward models (declared with `reward_model NAME = "dir"`); served in batches by the interpreter
+    _b("reward", [("model", "reward_model"), ("instruction", "text"), ("response", "text")], "float", None,
+       "the reward model's score of response to instruction (use in score, twist, condition or an assignment)",
+       kind="model_call"),
     # token masks (the `where` of a sample); combine with and / or / not
     _b("word_length", [("max", "int", None), ("min", "int", 1), ("allow_eos", "bool", True)], "mask",
        _word_length, "every word has between min and max letters", "mask"),

@@ -43,6 +43,7 @@ class _Scope:
         self.readonly = readonly
         self.function = function  # the helper being checked, if any
         self.loops = 0
+        self.model_calls = False  # whether reward() may be called in the expression being checked
 
 
 class _Checker:
@@ -74,6 +75,8 @@ class _Checker:
                 self.error(node, f"a program has at most one `{kind}` declaration")
         for node in m.inputs:
             self._input(node)
+        for node in m.rewards:
+            self._reward_model(node)
         for node in m.samplers[:1]:
             self._sampler(node)
         seen: set[str] = set()
@@ -113,6 +116,12 @@ class _Checker:
         elif declared is None:
             self.error(node, f"input '{node.name}' needs a type or a default (e.g. `input {node.name}: str`)")
         self.inputs[node.name] = declared or actual or "any"
+
+    def _reward_model(self, node: ast.RewardDecl) -> None:
+        if node.name in self.inputs:
+            self.error(node, f"'{node.name}' is already declared")
+        elif self._declared_name(node, node.name, "reward model"):
+            self.inputs[node.name] = "reward_model"  # read-only and visible everywhere, like an input
 
     def _sampler(self, node: ast.SamplerDecl) -> None:
         method = METHOD_ALIASES.get(node.method, node.method)
@@ -184,6 +193,15 @@ class _Checker:
         scope.names[name] = value_type if previous in (None, value_type) else "any"
 
     def _stmt(self, s: ast.Stmt, scope: _Scope) -> None:
+        # Model calls are awaited before their statement runs: only these statements of the body can.
+        scope.model_calls = scope.function is None and isinstance(s, (ast.Assign, ast.Condition, ast.Score,
+                                                                         ast.Twist))
+        try:
+            self._statement(s, scope)
+        finally:
+            scope.model_calls = False
+
+    def _statement(self, s: ast.Stmt, scope: _Scope) -> None:
         if isinstance(s, ast.Assign):
             t = self._expr(s.value, scope)
             if s.op is not None:
@@ -391,6 +409,10 @@ class _Checker:
             self.error(e, f"{e.func}(...) is a distribution: write `x = sample {e.func}(...)` "
                           f"or `observe VALUE from {e.func}(...)`")
             return builtin.returns
+        if builtin.kind == "model_call" and not scope.model_calls:
+            where = f"function '{scope.function}'" if scope.function else "this statement"
+            self.error(e, f"{e.func}() calls a model, which {where} cannot do: use it directly in `score`, "
+                          "`twist`, `condition` or an assignment in the program body")
         self._arguments(e, builtin, scope)
         return builtin.returns
 

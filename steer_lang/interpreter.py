@@ -20,6 +20,7 @@ from steer.distributions import Bernoulli, Categorical, Geometric
 from steer.errors import SteerError
 from steer.lm import LanguageModel, LMContext, Token
 from steer.masks import TokenConstraint
+from steer.potentials import RewardModel
 from steer.program import Program
 from steer.words import NextWord
 
@@ -93,6 +94,7 @@ class ScriptProgram(Program):
         self.tokens_sampled = 0
         self.value: Any = None
         self._has_value = False
+        self._model_values: dict[int, float] = {}  # model calls awaited for the statement being run
 
     # -- stepping ----------------------------------------------------------------------------------
     async def step(self) -> None:
@@ -175,6 +177,8 @@ class ScriptProgram(Program):
     # -- statements --------------------------------------------------------------------------------
     async def _exec(self, s: ast.Stmt) -> None:
         env = self.env
+        if isinstance(s, (ast.Assign, ast.Condition, ast.Score, ast.Twist)):
+            await self._model_calls(s.test if isinstance(s, ast.Condition) else s.value, env)
         if isinstance(s, ast.Sample):
             value = await self._sample(s)
             if s.target is not None:
@@ -381,6 +385,22 @@ class ScriptProgram(Program):
             return self._call(e, env)
         raise ProgramError(e, f"{type(e).__name__} cannot be evaluated")
 
+    async def _model_calls(self, e: ast.Expr, env: dict) -> None:
+        """Await the model calls (reward()) in `e`, innermost first, before `e` is evaluated: each is a
+        request the scheduler batches with the other particles'."""
+        self._model_values.clear()
+        calls = [c for c in ast.subexpressions(e)
+                 if isinstance(c, ast.Call) and c.func in BUILTINS and BUILTINS[c.func].kind == "model_call"]
+        for call in reversed(calls):
+            builtin = BUILTINS[call.func]
+            bound = _bind(builtin, call, [self._eval(a, env) for a in call.args],
+                          {k.name: self._eval(k.value, env) for k in call.kwargs})
+            model, instruction, response = (bound[p.name] for p in builtin.params)
+            if not isinstance(model, RewardModel):
+                raise ProgramError(call.args[0] if call.args else call,
+                                   f"reward() needs a reward model declared with `reward_model`, got {type_of(model)}")
+            self._model_values[id(call)] = await model.reward(text(instruction), text(response))
+
     def _call(self, e: ast.Call, env: dict) -> Any:
         args = [self._eval(a, env) for a in e.args]
         if e.func in self.code.functions:
@@ -395,6 +415,8 @@ class ScriptProgram(Program):
         builtin = BUILTINS.get(e.func)
         if builtin is None or builtin.kind == "distribution":
             raise ProgramError(e, f"cannot call {e.func}() here")
+        if builtin.kind == "model_call":
+            return self._model_values.pop(id(e))
         bound = _bind(builtin, e, args, {k.name: self._eval(k.value, env) for k in e.kwargs})
         values = [bound[p.name] for p in builtin.params]
         if builtin.kind == "mask":  # constraints cache per-state masks: build each one once per run

@@ -100,7 +100,8 @@ class _ToAST(Transformer):
     # -- module and declarations -------------------------------------------------------------------
     def start(self, meta, items):
         module = ast.Module(1, 1, self.filename, self.source)
-        lists = {ast.Input: module.inputs, ast.ModelDecl: module.models, ast.SamplerDecl: module.samplers,
+        lists = {ast.Input: module.inputs, ast.ModelDecl: module.models, ast.RewardDecl: module.rewards,
+                 ast.SamplerDecl: module.samplers,
                  ast.FunctionDef: module.functions, ast.ResultDecl: module.results, ast.Import: module.imports}
         for item in items:
             if isinstance(item, Token):  # a leading newline
@@ -116,6 +117,10 @@ class _ToAST(Transformer):
         (value,) = c
         path = None if value.type == "DEFAULT" else self._string(value)
         return ast.ModelDecl(*_pos(meta), path)
+
+    def reward_decl(self, meta, c):
+        name, path = c
+        return ast.RewardDecl(*_pos(name), str(name), self._string(path))
 
     def sampler_decl(self, meta, c):
         method, *settings = c

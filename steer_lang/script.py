@@ -113,13 +113,25 @@ class Script:
         path = Path(self.module.models[0].path).expanduser()
         return path if path.is_absolute() else self.base_dir / path
 
+    def reward_models(self) -> dict[str, Any]:
+        """The reward models the file declares, loaded once (paths are relative to the file)."""
+        if getattr(self, "_reward_models", None) is None:
+            from steer.potentials import RewardModel
+
+            loaded = {}
+            for node in self.module.rewards:
+                path = Path(node.path).expanduser()
+                loaded[node.name] = RewardModel(path if path.is_absolute() else self.base_dir / path)
+            self._reward_models = loaded
+        return self._reward_models
+
     # -- running -----------------------------------------------------------------------------------
     def program(self, lm: LanguageModel, inputs: dict[str, Any] | None = None,
                 max_tokens: int | None = None) -> ScriptProgram:
         """The program as a `steer.Program` (one particle; the samplers copy it)."""
         values = self.input_values(inputs)
         limit = max_tokens if max_tokens is not None else self.settings(values)["max_tokens"]
-        return ScriptProgram(Code(self.module, lm, limit), values)
+        return ScriptProgram(Code(self.module, lm, limit), {**values, **self.reward_models()})
 
     def run(self, lm: LanguageModel | None = None, *, inputs: dict[str, Any] | None = None,
             progress: bool = False, record_particles: bool = False, **overrides: Any) -> Posterior:

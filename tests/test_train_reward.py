@@ -181,3 +181,58 @@ def test_reward_model_scores_agree_with_training_and_batch(tiny_reward_dir, arit
     assert torch.allclose(torch.tensor(chosen) - torch.tensor(rejected), direct, atol=1e-4)
     single = RewardModel(tiny_reward_dir, batch_size=1).rewards(instructions, [p.chosen for p in pairs])
     assert np.allclose(single, chosen, atol=1e-4)  # padding in a batch does not change a score
+
+
+STEER_PROGRAM = """
+reward_model judge = "{path}"
+input temperature = {temperature}
+context c = ""
+repeat {T}:
+    t = sample next(c)
+    if t == eos:
+        stop
+    twist reward(judge, "say", text(c)) / temperature
+score reward(judge, "say", text(c)) / temperature
+"""
+
+
+def exact_reward_target(lm, reward_model):
+    eos = next(iter(lm.vocab.eos_ids))
+    target = {}
+    for seq, logp in complete_sequences(lm, lm.encode(""), T).items():
+        text = lm.decode([t for t in seq if t != eos])
+        target[text] = np.logaddexp(target.get(text, -np.inf),
+                                    logp + reward_model.rewards(["say"], [text])[0] / TEMPERATURE)
+    log_z = np.logaddexp.reduce(list(target.values()))
+    return {k: math.exp(v - log_z) for k, v in target.items()}, log_z
+
+
+def test_steer_file_reward_potential_targets_lm_times_exp_reward(tiny_lm, tiny_reward_dir, tmp_path):
+    from steer_lang.script import Script
+
+    source = STEER_PROGRAM.format(path=tiny_reward_dir, temperature=TEMPERATURE, T=T)
+    script = Script.from_source(source, "reward.steer")
+    exact, log_z = exact_reward_target(tiny_lm, script.reward_models()["judge"])
+    estimate, log_mls = {}, []
+    for seed in range(3):
+        post = script.run(tiny_lm, particles=1000, seed=seed)
+        log_mls.append(post.log_ml)
+        for k, w in post.distribution().items():
+            estimate[k] = estimate.get(k, 0.0) + w / 3
+    assert 0.5 * sum(abs(estimate.get(k, 0.0) - p) for k, p in exact.items()) < 0.06
+    assert np.mean(log_mls) == pytest.approx(log_z, abs=0.1)
+
+
+@pytest.mark.parametrize("body, message", [
+    ('if reward(judge, "a", "b") > 0:\n    finish\n', "reward() calls a model"),
+    ('def f(x):\n    return reward(judge, "a", x)\nscore f("b")\n', "reward() calls a model, which function 'f'"),
+    ('score reward("judge", "a", "b")\n', "reward_model"),
+    ('reward_model judge = "other"\n', "already declared"),
+])
+def test_misused_reward_calls_are_check_errors(body, message):
+    from steer_lang.errors import LangError
+    from steer_lang.script import Script
+
+    with pytest.raises(LangError) as info:
+        Script.from_source('reward_model judge = "rm"\n' + body, "bad.steer")
+    assert message in str(info.value)
