@@ -23,7 +23,8 @@ def run(name, lm, **options):
 
 def test_every_example_is_tested():
     tested = {"short_words", "infilling", "prompt_intersection", "date_format", "required_words",
-              "soft_preference", "phone_number", "json_object", "arithmetic", "lipogram", "banned_words"}
+              "soft_preference", "phone_number", "json_object", "arithmetic", "lipogram", "banned_words",
+              "reward_guided"}
     assert {p.stem for p in EXAMPLES.glob("*.steer")} == tested
 
 
@@ -119,3 +120,22 @@ def test_soft_preference_weight_is_the_final_score_only(gemma):
         # Every twist was taken back: the weight is the final score and the healing observation.
         assert p.weight == pytest.approx(heal_mass + bonus * hits[-1], abs=2e-3)
     assert max(hits) > 0
+
+
+def test_reward_guided(gemma, gemma_reward_dir):
+    """The example steered by a reward model trained on the real model: under IS with healing off, a
+    particle's weight is exactly its final score r/T (the twists cancel), r computed here directly."""
+    from steer.potentials import RewardModel
+
+    path, _ = gemma_reward_dir
+    source = (EXAMPLES / "reward_guided.steer").read_text().replace('"../runs/rm/model"', f'"{path}"')
+    source = source.replace('"\\n\\nResponse:\\n"\n', '"\\n\\nResponse:\\n", heal=false\n')
+    assert "heal=false" in source
+    script = Script.from_source(source, "reward_guided.steer")
+    post = script.run(gemma, seed=0, particles=3, method="is", inputs={"max_tokens": 4})
+    values = script.input_values()
+    judge = RewardModel(path)
+    rewards = judge.rewards([values["instruction"]] * 3, [p.env["c"].text for p in post.particles])
+    assert len(set(rewards)) > 1  # different answers, different rewards
+    for p, r in zip(post.particles, rewards):
+        assert p.weight == pytest.approx(r / values["temperature"], abs=1e-4)

@@ -137,3 +137,12 @@ def test_a_new_run_refuses_to_overwrite_checkpoints(tiny_text_dir, arithmetic_pa
     train_dpo(arithmetic_pairs, opts)
     with pytest.raises(SteerError, match="--resume"):
         train_dpo(arithmetic_pairs, opts)
+
+
+def test_precomputed_reference_log_probs_give_the_same_run(tiny_text_dir, arithmetic_pairs, tmp_path):
+    live = train_dpo(arithmetic_pairs, options(tmp_path, tiny_text_dir, out=str(tmp_path / "live")))
+    stored = train_dpo(arithmetic_pairs, options(tmp_path, tiny_text_dir, out=str(tmp_path / "pre")),
+                       precompute_ref=True)
+    assert stored["settings"]["precompute_ref"]
+    for key in ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies"):
+        assert stored["eval"][key] == pytest.approx(live["eval"][key], abs=1e-5)
