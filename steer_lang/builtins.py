@@ -14,12 +14,12 @@ from typing import Any
 
 import regex
 
-from steer.potentials import RewardModel
 from steer import checks, masks, patterns
+from steer.checks import TokenCheck
 from steer.errors import SteerError
 from steer.lm import LMContext, Token
-from steer.checks import TokenCheck
 from steer.masks import TokenConstraint
+from steer.potentials import RewardModel
 
 MAX_LENGTH = 1_000_000  # longest string or list a program may build
 REGEX_TIMEOUT = 1.0  # seconds; a pathological pattern is an error, not a hang

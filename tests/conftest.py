@@ -69,7 +69,7 @@ def gemma_reward_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("gemma-rm")
     data = Path(__file__).resolve().parents[1] / "examples" / "data" / "hh_rlhf_harmless.jsonl.gz"
-    options = TrainOptions(out=str(out), max_steps=2, batch_size=2, max_length=96, lora=True, lora_r=4,
+    options = TrainOptions(out=str(out), max_steps=2, batch_size=2, max_length=192, lora=True, lora_r=4,
                            limit=12, eval_fraction=0.34, save_steps=1000, progress=False, learning_rate=1e-4)
     metrics = train_reward(data, options)
     return Path(metrics["model"]), metrics

@@ -54,6 +54,8 @@ def test_strength_command_writes_its_report(tiny_text_dir, arithmetic_pairs, tmp
     ("", "bad.jsonl: the file has no rows"),
     ('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{oops\n', "bad.jsonl:2: not a JSON line"),
     ('{"prompt": "' + "p" * 300 + '", "chosen": "a", "rejected": "b"}\n', "bad.jsonl:1: field 'prompt' is"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a", "rejected": "b", "x": [}\n',
+     "bad.jsonl:2: not a JSON line"),
 ])
 def test_bad_data_is_one_clear_line_and_exit_2(content, message, tiny_text_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"

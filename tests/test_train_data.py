@@ -8,7 +8,7 @@ import pytest
 
 from train.data import (
     DataError,
-    check_lengths,
+    fit_length,
     format_prompt,
     held_out,
     load_examples,
@@ -89,16 +89,19 @@ def test_a_missing_file_is_a_clear_error(tmp_path):
         load_pairs(tmp_path / "nope.jsonl")
 
 
-def test_prompts_longer_than_max_length_are_refused_and_long_responses_counted(tmp_path, tiny_text_dir):
+def test_rows_whose_prompt_fills_max_length_are_left_out_and_long_responses_counted(tmp_path, tiny_text_dir,
+                                                                                   caplog):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_text_dir)
-    rows = [{"prompt": "p", "chosen": "a" * 80, "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": "b"}]
+    rows = [{"prompt": "p", "chosen": "a" * 80, "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": "b"},
+            {"prompt": "p" * 80, "chosen": "a", "rejected": "b"}]
     pairs = load_pairs(write(tmp_path, "".join(json.dumps(r) + "\n" for r in rows)))
-    assert check_lengths(pairs, tokenizer, 64, ("chosen", "rejected")) == 1
-    long = load_pairs(write(tmp_path, json.dumps({"prompt": "p" * 80, "chosen": "a", "rejected": "b"}) + "\n"))
-    with pytest.raises(DataError, match=r"data.jsonl:1: field 'prompt' is \d+ tokens"):
-        check_lengths(long, tokenizer, 64, ("chosen", "rejected"))
+    kept, truncated = fit_length(pairs, tokenizer, 64, ("chosen", "rejected"))
+    assert kept == pairs[:2] and truncated == 1
+    assert "data.jsonl:3: field 'prompt' is" in caplog.text and "left out 1 row(s)" in caplog.text
+    with pytest.raises(DataError, match=r"data.jsonl:3: field 'prompt' is \d+ tokens.*no row fits"):
+        fit_length(pairs[2:], tokenizer, 64, ("chosen", "rejected"))
 
 
 def test_held_out_split_is_seeded_and_disjoint():

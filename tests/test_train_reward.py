@@ -236,3 +236,18 @@ def test_misused_reward_calls_are_check_errors(body, message):
     with pytest.raises(LangError) as info:
         Script.from_source('reward_model judge = "rm"\n' + body, "bad.steer")
     assert message in str(info.value)
+
+
+def test_decile_table_shows_weak_pairs_teach_the_wrong_preference(tiny_text_dir, tmp_path):
+    rows, _ = synthetic_pairs(100, 0.3, seed=3)
+    data = write(tmp_path / "noisy.jsonl", rows)
+    options = TrainOptions(model=str(tiny_text_dir), out=str(tmp_path / "s"), epochs=4, learning_rate=3e-3,
+                           progress=False, batch_size=8, save_steps=1000, max_length=64, eval_fraction=0.2)
+    metrics = preference_strength(data, options, models=4, deciles=True)
+    table = metrics["deciles"]
+    assert [r["decile"] for r in table] == list(range(1, 11)) and sum(r["pairs"] for r in table) == 80
+    strengths = [r["mean_strength"] for r in table]
+    assert strengths == sorted(strengths)
+    # The weakest decile is mostly flipped pairs: a model trained on it prefers the wrong answers.
+    assert table[0]["validation_accuracy"] < 0.5 < table[-1]["validation_accuracy"]
+    assert "| 10 |" in (tmp_path / "s" / "report.md").read_text()

@@ -200,15 +200,34 @@ def held_out(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
 
 
-def check_lengths(rows: list, tokenizer, max_length: int, fields: tuple[str, ...]) -> int:
-    """Refuse rows whose prompt alone does not fit in `max_length` tokens (nothing would be learnt
-    from them); count the rows whose completion will be truncated to fit."""
-    truncated = 0
+def fit_length(rows: list, tokenizer, max_length: int, fields: tuple[str, ...],
+               cut: bool = True) -> tuple[list, int]:
+    """Rows that fit `max_length` tokens, and how many rows are too long as a whole.
+
+    A row whose prompt alone fills `max_length` teaches nothing: it is left out and reported with its
+    file and line; if no row is left, that is an error.  Longer rows are counted: trainers that `cut`
+    responses keep them, others (reward models, which read the score at the last token) leave them out.
+    """
+    kept, skipped, truncated = [], [], 0
     for row in rows:
         prompt_len = len(tokenizer(row.prompt, add_special_tokens=True)["input_ids"])
         if prompt_len >= max_length:
-            raise DataError(f"{row.source}: field 'prompt' is {prompt_len} tokens, which leaves no room for the "
-                            f"response within --max-length {max_length}; raise --max-length or shorten the prompt")
+            skipped.append((row, prompt_len))
+            continue
         longest = max(len(tokenizer(getattr(row, f), add_special_tokens=False)["input_ids"]) for f in fields)
-        truncated += prompt_len + longest + 1 > max_length
-    return truncated
+        too_long = prompt_len + longest + 1 > max_length
+        truncated += too_long
+        if cut or not too_long:
+            kept.append(row)
+    message = ""
+    if skipped:
+        row, n = skipped[0]
+        message = (f"{row.source}: field 'prompt' is {n} tokens, which leaves no room for the response within "
+                   f"--max-length {max_length}")
+    if not kept:
+        raise DataError(f"{message or rows[0].source + ': every row is longer than --max-length ' + str(max_length)}"
+                        "; no row fits: raise --max-length or shorten the rows")
+    if skipped:
+        log.warning("%s; left out %d row(s) like it (%s)", message, len(skipped),
+                    ", ".join(r.source for r, _ in skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    return kept, truncated

@@ -31,7 +31,7 @@ from .common import (
     trainer_arguments,
     write_metrics,
 )
-from .data import check_lengths, held_out, load_pairs
+from .data import fit_length, held_out, load_pairs
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +114,10 @@ def train_dpo(data: str | Path, options: TrainOptions, *, beta: float = 0.1, los
     """Train with DPO on preference pairs; returns (and writes to `out/metrics.json`) the metrics."""
     quiet_transformers()
     checkpoint = resume_from(options)
-    pairs = load_pairs(data, options.limit)
-    train, evaluation = held_out(pairs, options.eval_fraction, options.seed)
     tokenizer = load_tokenizer(model_dir(options.model))
-    truncated = check_lengths(pairs, tokenizer, options.max_length, ("chosen", "rejected"))
+    pairs, truncated = fit_length(load_pairs(data, options.limit), tokenizer, options.max_length,
+                                  ("chosen", "rejected"))
+    train, evaluation = held_out(pairs, options.eval_fraction, options.seed)
     if truncated:
         log.warning("%d of %d pairs are longer than --max-length %d: their responses are truncated",
                     truncated, len(pairs), options.max_length)

@@ -33,7 +33,7 @@ from .common import (
     trainer_arguments,
     write_metrics,
 )
-from .data import DataError, Pair, check_lengths, held_out, load_pairs
+from .data import DataError, Pair, fit_length, held_out, load_pairs
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +171,12 @@ def train_reward(data: str | Path, options: TrainOptions, *, label_smoothing: fl
     if not 0 <= label_smoothing < 0.5:
         raise SteerError(f"--label-smoothing must be in [0, 0.5), got {label_smoothing}")
     checkpoint = resume_from(options)
-    pairs = load_pairs(data, options.limit)
-    train, evaluation = held_out(pairs, options.eval_fraction, options.seed)
     tokenizer = load_tokenizer(model_dir(options.model))
-    truncated = check_lengths(pairs, tokenizer, options.max_length, ("chosen", "rejected"))
+    pairs, too_long = fit_length(load_pairs(data, options.limit), tokenizer, options.max_length,
+                                 ("chosen", "rejected"), cut=False)
+    train, evaluation = held_out(pairs, options.eval_fraction, options.seed)
+    if too_long:  # the reward is read at the last token, so a pair is not cut to fit: it is left out
+        log.warning("%d pairs are longer than --max-length %d and are left out", too_long, options.max_length)
     records = read_strength(strength) if strength else None
     train, margins, flipped = apply_mitigations(train, records, flip_fraction=flip_fraction,
                                                 adaptive_margin=adaptive_margin)
@@ -183,7 +185,7 @@ def train_reward(data: str | Path, options: TrainOptions, *, label_smoothing: fl
     final = save_reward_model(trainer, tokenizer, Path(options.out), options.lora)
     metrics = {
         "trainer": "reward", "data": str(data),
-        "pairs": {"train": len(train), "eval": len(evaluation), "truncated": truncated, "flipped": flipped},
+        "pairs": {"train": len(train), "eval": len(evaluation), "too_long": too_long, "flipped": flipped},
         "settings": {**options.as_dict(), "label_smoothing": label_smoothing, "strength": str(strength or ""),
                      "flip_fraction": flip_fraction, "adaptive_margin": adaptive_margin},
         "train": {k: v for k, v in fit.items() if k != "eval"}, "eval": fit.get("eval"),

@@ -25,7 +25,7 @@ from .common import (
     trainer_arguments,
     write_metrics,
 )
-from .data import Example, check_lengths, held_out, load_examples
+from .data import Example, fit_length, held_out, load_examples
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,10 @@ def train_sft(data: str | Path | list[Example], options: TrainOptions, *,
     quiet_transformers()
     checkpoint = resume_from(options)
     examples = load_examples(data, options.limit) if isinstance(data, (str, Path)) else list(data)
-    train, evaluation = held_out(examples, options.eval_fraction, options.seed)
     directory = model_dir(options.model)
     tokenizer = load_tokenizer(directory)
-    truncated = check_lengths(examples, tokenizer, options.max_length, ("completion",))
+    examples, truncated = fit_length(examples, tokenizer, options.max_length, ("completion",))
+    train, evaluation = held_out(examples, options.eval_fraction, options.seed)
     if truncated:
         log.warning("%d of %d examples are longer than --max-length %d: their completions are truncated",
                     truncated, len(examples), options.max_length)

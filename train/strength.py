@@ -32,7 +32,7 @@ from .common import (
     quiet_transformers,
     write_metrics,
 )
-from .data import Pair, held_out, load_pairs
+from .data import Pair, fit_length, held_out, load_pairs
 from .reward import fit_reward_model, pair_id, score_pairs, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,9 @@ def preference_strength(data: str | Path, options: TrainOptions, *, models: int 
     `metrics.json` into `options.out` and returns the metrics."""
     quiet_transformers()
     out = Path(options.out)
-    pairs = load_pairs(data, options.limit)
+    tokenizer = load_tokenizer(model_dir(options.model))
+    pairs, _ = fit_length(load_pairs(data, options.limit), tokenizer, options.max_length, ("chosen", "rejected"),
+                          cut=False)
     scored, validation = held_out(pairs, options.eval_fraction, options.seed) if deciles else (pairs, [])
     means, stds, counts = ensemble_strength(scored, options, models, train_fraction)
     band = float(0.25 * means.std()) if band is None else float(band)

@@ -1,0 +1,57 @@
+"""Every trainer on the real default model (LoRA, a step or two, short sequences), from the vendored data."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import steer
+from train.common import TrainOptions
+
+pytestmark = pytest.mark.slow
+DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
+
+
+def options(out, **kw):
+    base = dict(out=str(out), max_steps=2, batch_size=2, max_length=96, lora=True, lora_r=4, limit=8,
+                eval_fraction=0.25, save_steps=1, progress=False, learning_rate=1e-4)
+    return TrainOptions(**{**base, **kw})
+
+
+def test_dpo_with_lora_on_gemma(tmp_path):
+    from train.dpo import train_dpo
+
+    metrics = train_dpo(DATA / "hh_rlhf_harmless.jsonl.gz", options(tmp_path / "dpo"))
+    assert metrics["train"]["steps"] == 2 and math.isfinite(metrics["train"]["loss"])
+    assert metrics["eval_before"]["eval_rewards/margins"] == 0.0  # policy == reference before training
+    assert metrics["eval"]["eval_rewards/margins"] != 0.0
+    assert (tmp_path / "dpo" / "checkpoint-2").is_dir() and (tmp_path / "dpo" / "adapter").is_dir()
+    lm = steer.load_model(tmp_path / "dpo" / "model")  # the merged model steers like any other
+    post = steer.smc(steer.Generate(lm, "The weather today is", max_tokens=3), particles=2, seed=0)
+    assert all(len(p.context.generated) >= 1 for p in post.particles)
+
+
+def test_sft_with_lora_on_gemma(tmp_path):
+    from train.sft import train_sft
+
+    metrics = train_sft(DATA / "self_instruct_seed.jsonl", options(tmp_path / "sft"))
+    assert metrics["examples"]["train"] == 6 and metrics["train"]["steps"] == 2
+    assert metrics["eval"]["eval_loss"] < metrics["eval_before"]["eval_loss"] + 0.5
+    assert json.loads((tmp_path / "sft" / "metrics.json").read_text())["trainer"] == "sft"
+
+
+def test_reward_model_and_strength_on_gemma(tmp_path, gemma_reward_dir):
+    from steer.potentials import RewardModel
+    from train.strength import preference_strength
+
+    path, metrics = gemma_reward_dir
+    assert 0.0 <= metrics["eval"]["eval_accuracy"] <= 1.0 and metrics["train"]["steps"] == 2
+    judge = RewardModel(path)
+    assert len(set(judge.rewards(["Say hi"] * 2, ["Hello!", "Go away."]))) == 2
+    strength = preference_strength(DATA / "hh_rlhf_harmless.jsonl.gz",
+                                   options(tmp_path / "strength", max_steps=1, limit=12, max_length=256,
+                                           save_steps=1000),
+                                   models=2)
+    assert strength["pairs"] >= 4 and sum(strength["categories"].values()) == strength["pairs"]
+    assert (tmp_path / "strength" / "strength.png").exists()

@@ -1,0 +1,103 @@
+"""LLM-as-a-Judge (Self-Rewarding Language Models, Yuan et al. 2024, arXiv 2401.10020, figure 2):
+the additive 5-point prompt, robust score parsing, and averaging over repeated judgments.
+
+The judge prompt is the paper's; it is put in steer's instruction template like every other prompt,
+so a model fine-tuned on EFT data (instruction = judge prompt, response = rationale ending in
+"Score: N") judges in the format it was taught.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+JUDGE_PROMPT = """Review the user's question and the corresponding response using the additive 5-point scoring system described below. Points are accumulated based on the satisfaction of each criterion:
+- Add 1 point if the response is relevant and provides some information related to the user's inquiry, even if it is incomplete or contains some irrelevant content.
+- Add another point if the response addresses a substantial portion of the user's question, but does not completely resolve the query or provide a direct answer.
+- Award a third point if the response answers the basic elements of the user's question in a useful way, regardless of whether it seems to have been written by an AI Assistant or if it has elements typically found in blogs or search results.
+- Grant a fourth point if the response is clearly written from an AI Assistant's perspective, addressing the user's question directly and comprehensively, and is well-organized and helpful, even if there is slight room for improvement in clarity, conciseness or focus.
+- Bestow a fifth point for a response that is impeccably tailored to the user's question by an AI Assistant, without extraneous information, reflecting expert knowledge, and demonstrating a high-quality, engaging, and insightful answer.
+
+User: {instruction}
+<response>{response}</response>
+
+After examining the user's instruction and the response:
+- Briefly justify your total score, up to 100 words.
+- Conclude with the score using the format: "Score: <total points>"
+
+Remember to assess from the AI Assistant perspective, utilizing web search knowledge as necessary. To evaluate the response in alignment with this additive scoring model, we'll systematically attribute points based on the outlined criteria."""
+
+CRITERIA = (
+    "The response is relevant and gives some information related to the question.",
+    "It addresses a substantial part of the question.",
+    "It answers the basic elements of the question in a useful way.",
+    "It is written from an AI Assistant's perspective, directly, comprehensively and in an organised way.",
+    "It is impeccably tailored to the question, reflecting expert knowledge, engaging and insightful.",
+)
+_SCORE = re.compile(r"score\s*[:=]\s*\**\s*([0-5](?:\.\d+)?)(?:\s*(?:/|out of)\s*5)?", re.IGNORECASE)
+
+
+def judge_instruction(instruction: str, response: str) -> str:
+    """The judge prompt for one (instruction, response)."""
+    return JUDGE_PROMPT.format(instruction=instruction.strip(), response=response.strip())
+
+
+def parse_score(judgment: str) -> float | None:
+    """The last "Score: N" (0-5, "N/5" and "N out of 5" accepted) in a judgment, or None.
+
+    The last one counts: a rationale may quote intermediate tallies before concluding.
+    """
+    found = _SCORE.findall(judgment)
+    if not found:
+        return None
+    value = float(found[-1])
+    return value if 0 <= value <= 5 else None
+
+
+def rationale(points: int) -> str:
+    """An EFT training target for a response worth `points`: the criteria it meets, then the score.
+
+    The seed data has human quality scores but no written rationales, so the rationale lists the
+    additive criteria the score implies (the paper's EFT targets are model-written rationales that
+    were filtered to agree with the human ranking)."""
+    met = [f"- {c}" for c in CRITERIA[:points]] or ["- The response does not answer the question."]
+    return "\n".join(met) + f"\nScore: {points}"
+
+
+def points_from_quality(quality: float) -> int:
+    """A human quality score in [0, 1] as additive points 0..5."""
+    return max(0, min(5, round(quality * 5)))
+
+
+@dataclass
+class Verdict:
+    """Repeated judgments of one response: their parsed scores and the mean of the parseable ones."""
+
+    judgments: list[str]
+    scores: list[float | None]
+
+    @property
+    def score(self) -> float | None:
+        parsed = [s for s in self.scores if s is not None]
+        return sum(parsed) / len(parsed) if parsed else None
+
+    @property
+    def unparseable(self) -> int:
+        return sum(s is None for s in self.scores)
+
+
+def verdict(judgments: list[str]) -> Verdict:
+    return Verdict(list(judgments), [parse_score(j) for j in judgments])
+
+
+def preference_pair(candidates: list[str], scores: list[float | None]) -> tuple[str, str] | None:
+    """(chosen, rejected) = the highest- and lowest-scored candidates; None when the best and worst
+    tie or fewer than two candidates have a score."""
+    scored = [(s, c) for c, s in zip(candidates, scores) if s is not None]
+    if len(scored) < 2:
+        return None
+    best = max(scored, key=lambda x: x[0])
+    worst = min(scored, key=lambda x: x[0])
+    if best[0] == worst[0]:
+        return None
+    return best[1], worst[1]
