@@ -28,8 +28,9 @@ def _fraction(name: str, high: float = 1.0):
     return parse
 
 
-def _run_flags(parser: argparse.ArgumentParser, lr: float) -> None:
-    parser.add_argument("--data", required=True, help="JSONL data file (.jsonl or .jsonl.gz)")
+def _run_flags(parser: argparse.ArgumentParser, lr: float, data: bool = True) -> None:
+    if data:
+        parser.add_argument("--data", required=True, help="JSONL data file (.jsonl or .jsonl.gz)")
     parser.add_argument("--model", default=None, help="local HF model directory (default: Gemma 3 270M)")
     parser.add_argument("--out", required=True, help="output directory: checkpoints, model/, metrics.json")
     parser.add_argument("--epochs", type=float, default=1.0)
@@ -102,10 +103,24 @@ def _strength(args: argparse.Namespace) -> int:
     return 0
 
 
+def _self_reward(args: argparse.Namespace) -> int:
+    from .self_reward import SelfRewardConfig, self_reward
+
+    config = SelfRewardConfig(iterations=args.iterations, prompts_per_iter=args.prompts_per_iter,
+                              candidates=args.candidates, judgments=args.judgments,
+                              max_new_tokens=args.max_new_tokens, judge_tokens=args.max_new_tokens,
+                              held_out=args.held_out, questions=args.questions, seed_limit=args.seed_limit)
+    options = _options(argparse.Namespace(**{**vars(args), "data": None}))
+    metrics = self_reward(args.seed_data, options, config, dpo_options={"beta": args.beta})
+    print(json.dumps({"out": args.out, "iterations": metrics["iterations"],
+                      "tokens_per_second": metrics["generation"]["tokens_per_second"]}))
+    return 0
+
+
 def add_commands(commands) -> None:
     from .dpo import LOSS_TYPES
 
-    train = commands.add_parser("train", help="train models: sft, dpo, reward, strength")
+    train = commands.add_parser("train", help="train models: sft, dpo, reward, strength, self-reward")
     kinds = train.add_subparsers(dest="trainer", required=True, parser_class=type(train))
 
     sft = kinds.add_parser("sft", help="supervised fine-tuning on prompt/completion or messages JSONL")
@@ -144,6 +159,24 @@ def add_commands(commands) -> None:
     strength.add_argument("--deciles", action="store_true",
                           help="also train one model per strength decile and report validation accuracy")
     strength.set_defaults(handler=_strength)
+
+    loop = kinds.add_parser("self-reward", help="self-rewarding training: M1 = SFT(IFT+EFT), M_t+1 = DPO(AIFT(M_t))")
+    _run_flags(loop, lr=5e-5, data=False)
+    loop.add_argument("--seed-data", required=True,
+                      help="directory with oasst2_quality_scored.jsonl.gz, self_instruct_seed.jsonl and "
+                           "mt_bench_questions.jsonl (examples/data has them)")
+    loop.add_argument("--iterations", type=positive("--iterations"), default=3, help="models M1..M_N")
+    loop.add_argument("--prompts-per-iter", type=positive("--prompts-per-iter"), default=16)
+    loop.add_argument("--candidates", type=positive("--candidates"), default=4)
+    loop.add_argument("--judgments", type=positive("--judgments"), default=3, help="judgments averaged per response")
+    loop.add_argument("--max-new-tokens", type=positive("--max-new-tokens"), default=96)
+    loop.add_argument("--held-out", type=positive("--held-out"), default=16,
+                      help="human-scored prompts for judge agreement")
+    loop.add_argument("--questions", type=positive("--questions"), default=16, help="questions for win rates")
+    loop.add_argument("--seed-limit", type=positive("--seed-limit"), default=None,
+                      help="training prompts taken from the seed data")
+    loop.add_argument("--beta", type=float, default=0.1, help="DPO beta")
+    loop.set_defaults(handler=_self_reward)
 
 
 if __name__ == "__main__":  # pragma: no cover

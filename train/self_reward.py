@@ -1,0 +1,324 @@
+"""Self-Rewarding Language Models (Yuan et al. 2024, arXiv 2401.10020), end to end.
+
+M1 = SFT(M0, IFT + EFT seed data); then for t = 1, 2, ...: M_t writes new prompts (self-instruction),
+samples N candidate responses per prompt, judges each candidate itself with the additive 5-point
+prompt (several judgments averaged), and M_{t+1} = DPO(M_t, pairs of highest- vs lowest-scored
+candidates, ties dropped).
+
+Each model M_t is measured as the paper does: its judge's agreement with held-out human scores
+(pairwise accuracy, exact match) and its head-to-head win rate against M_{t-1} on held-out questions,
+judged by the fixed M1 judge so that no model grades itself.
+
+Every stage writes its files as it finishes (prompts, candidates, judgments, pairs, model, metrics),
+so a rerun with `resume=True` continues where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from steer.errors import SteerError
+
+from .common import TrainOptions, model_dir, write_metrics
+from .data import format_prompt
+from .generation import GenerationStats, Generator
+from .judge import judge_instruction, preference_pair, verdict
+from .seed_data import RatedPrompt, load_seed_data
+from .self_instruct import clean_task, deduplicate, few_shot_prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SelfRewardConfig:
+    iterations: int = 3  # models M1..M_iterations
+    prompts_per_iter: int = 16
+    candidates: int = 4
+    judgments: int = 3
+    temperature: float = 0.7  # the paper's sampling for candidates and judgments
+    top_p: float = 0.9
+    max_new_tokens: int = 96
+    judge_tokens: int = 96
+    few_shot: int = 6
+    held_out: int = 16  # prompts with human scores, for judge agreement
+    questions: int = 16  # held-out questions, for win rates
+    seed_limit: int | None = None  # training prompts taken from the seed data
+    generation_batch: int = 16
+
+
+class JudgeFailed(SteerError):
+    """A model produced no parseable judgment; the loop stops and keeps what it made."""
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.rename(path)  # a stage's file exists only once it is complete
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _stage(path: Path, make) -> list[dict]:
+    """The rows of a finished stage file, or make and write them."""
+    if path.exists():
+        return _read_jsonl(path)
+    rows = make()
+    _write_jsonl(path, rows)
+    return rows
+
+
+def judge(generator: Generator, items: list[tuple[str, str]], config: SelfRewardConfig, seed: int,
+          desc: str = "judging") -> list[dict]:
+    """Judge every (instruction, response) `config.judgments` times; scores averaged."""
+    prompts = [format_prompt(judge_instruction(i, r)) for i, r in items]
+    outputs = generator.generate(prompts, n=config.judgments, max_new_tokens=config.judge_tokens,
+                                 temperature=config.temperature, top_p=config.top_p, seed=seed, desc=desc)
+    rows = []
+    for (instruction, response), judgments in zip(items, outputs):
+        v = verdict(judgments)
+        rows.append({"instruction": instruction, "response": response, "judgments": judgments,
+                     "scores": v.scores, "score": v.score})
+    return rows
+
+
+def new_prompts(generator: Generator, tasks: list[str], config: SelfRewardConfig, seed: int) -> list[str]:
+    """Self-instruction: up to `prompts_per_iter` new, de-duplicated tasks."""
+    rng = random.Random(seed)
+    kept: list[str] = []
+    for attempt in range(4):  # a few rounds, in case filtering removes many
+        need = config.prompts_per_iter - len(kept)
+        if need <= 0:
+            break
+        shots = [few_shot_prompt(tasks, config.few_shot, rng) for _ in range(2 * need)]
+        raw = [c[0] for c in generator.generate(shots, n=1, max_new_tokens=48, temperature=1.0, top_p=0.9,
+                                                seed=seed + attempt, stop="\n", desc="self-instruction")]
+        cleaned = [t for t in (clean_task(r) for r in raw) if t]
+        kept += deduplicate(cleaned, tasks + kept)[:need]
+    return kept
+
+
+def aift_pairs(generator: Generator, prompts: list[str], stage: Path, config: SelfRewardConfig,
+               seed: int) -> tuple[list[dict], dict[str, Any]]:
+    """Candidates, judgments and preference pairs for one iteration (each file written once)."""
+    candidates = _stage(stage / "candidates.jsonl", lambda: [
+        {"prompt": p, "candidates": c} for p, c in zip(prompts, generator.generate(
+            [format_prompt(p) for p in prompts], n=config.candidates, max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature, top_p=config.top_p, seed=seed, desc="candidates"))])
+    items = [(row["prompt"], c) for row in candidates for c in row["candidates"]]
+    judged = _stage(stage / "judgments.jsonl", lambda: judge(generator, items, config, seed + 1))
+    unparseable = sum(s is None for row in judged for s in row["scores"])
+    total = sum(len(row["scores"]) for row in judged)
+    if total and unparseable == total:
+        raise JudgeFailed(f"{stage}: none of the {total} judgments had a parseable 'Score: N'; stopping here. "
+                          f"Kept: {', '.join(p.name for p in sorted(stage.glob('*.jsonl')))}")
+    pairs, ties = [], 0
+    for k, row in enumerate(candidates):
+        scores = [j["score"] for j in judged[k * config.candidates:(k + 1) * config.candidates]]
+        pair = preference_pair(row["candidates"], scores)
+        if pair is None:
+            ties += 1
+            continue
+        pairs.append({"prompt": row["prompt"], "chosen": pair[0], "rejected": pair[1]})
+    _write_jsonl(stage / "pairs.jsonl", pairs)
+    stats = {"prompts": len(prompts), "candidates": len(items), "judgments": total, "unparseable": unparseable,
+             "pairs": len(pairs), "dropped_ties_or_unscored": ties}
+    return pairs, stats
+
+
+def judge_agreement(generator: Generator, rated: list[RatedPrompt], config: SelfRewardConfig,
+                    seed: int) -> dict[str, Any]:
+    """The judge against human scores: pairwise accuracy over responses to the same prompt with
+    different human scores, and exact match of the rounded score."""
+    items = [(r.prompt, response) for r in rated for response, _ in r.responses]
+    judged = judge(generator, items, config, seed, desc="judge agreement")
+    correct = pairs = exact = scored = 0
+    k = 0
+    for r in rated:
+        model_scores = [judged[k + i]["score"] for i in range(len(r.responses))]
+        human = [p for _, p in r.responses]
+        k += len(r.responses)
+        for m, h in zip(model_scores, human):
+            if m is not None:
+                scored += 1
+                exact += round(m) == h
+        for i in range(len(human)):
+            for j in range(i + 1, len(human)):
+                if human[i] == human[j]:
+                    continue
+                pairs += 1
+                a, b = model_scores[i], model_scores[j]
+                if a is not None and b is not None and (a - b) * (human[i] - human[j]) > 0:
+                    correct += 1
+    unparseable = sum(s is None for row in judged for s in row["scores"])
+    return {"pairwise_accuracy": correct / pairs if pairs else None, "human_pairs": pairs,
+            "exact_match": exact / scored if scored else None, "scored": scored,
+            "unparseable": unparseable, "judgments": sum(len(row["scores"]) for row in judged)}
+
+
+def answers(directory: Path, questions: list[str], config: SelfRewardConfig, stats: GenerationStats) -> list[str]:
+    generator = Generator(directory, batch_size=config.generation_batch)
+    out = [c[0] for c in generator.generate([format_prompt(q) for q in questions], n=1,
+                                            max_new_tokens=config.max_new_tokens, temperature=0.0, desc="answers")]
+    _add(stats, generator.stats)
+    return out
+
+
+def win_rate(judge_generator: Generator, questions: list[str], new: list[str], old: list[str],
+             config: SelfRewardConfig, seed: int) -> dict[str, Any]:
+    """Head to head on held-out questions, judged by a fixed judge: wins + ties / 2 over questions."""
+    judged = judge(judge_generator, [*zip(questions, new), *zip(questions, old)], config, seed, desc="head to head")
+    n = len(questions)
+    wins = losses = ties = 0
+    for a, b in zip(judged[:n], judged[n:]):
+        sa, sb = a["score"], b["score"]
+        if sa is None or sb is None or sa == sb:
+            ties += 1
+        elif sa > sb:
+            wins += 1
+        else:
+            losses += 1
+    return {"win_rate": (wins + ties / 2) / n if n else None, "wins": wins, "losses": losses, "ties": ties}
+
+
+def _add(total: GenerationStats, part: GenerationStats) -> None:
+    total.tokens += part.tokens
+    total.seconds += part.seconds
+    total.calls += part.calls
+
+
+def _free(*objects) -> None:
+    del objects
+    gc.collect()
+
+
+def self_reward(seed_dir: str | Path, options: TrainOptions, config: SelfRewardConfig | None = None,
+                dpo_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the loop into `options.out`; `options` also sets the SFT/DPO runs (LoRA, lengths, steps).
+
+    Returns (and writes to `out/metrics.json`) per-iteration metrics; `out/report.md` holds the table
+    and `out/report.png` the plot."""
+    from .dpo import train_dpo
+    from .sft import train_sft
+
+    config = config or SelfRewardConfig()
+    if config.iterations < 1 or config.candidates < 2 or config.judgments < 1 or config.prompts_per_iter < 1:
+        raise SteerError("self-reward needs --iterations >= 1, --candidates >= 2, --judgments >= 1 and "
+                         "--prompts-per-iter >= 1")
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = load_seed_data(seed_dir, held_out=config.held_out, seed=options.seed, limit=config.seed_limit)
+    questions = seeds.questions[:config.questions]
+    base = model_dir(options.model)
+    models = {0: base}
+    stats = GenerationStats()
+    metrics_path = out / "metrics.json"
+    state = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    iterations: dict[str, Any] = state.get("iterations", {})
+
+    def train_stage(name: str, fn, data) -> Path:
+        stage = out / name
+        model = stage / "model"
+        if (stage / "metrics.json").exists() and model.is_dir():
+            return model
+        from .common import last_checkpoint
+
+        opts = replace(options, out=str(stage), resume=last_checkpoint(stage) is not None)
+        fn(data, opts)
+        return model
+
+    # M1: SFT on IFT + EFT
+    models[1] = train_stage("m1", train_sft, seeds.ift + seeds.eft)
+    for t in range(1, config.iterations + 1):
+        stage = out / f"m{t}"
+        if t > 1:
+            generator = Generator(models[t - 1], batch_size=config.generation_batch, progress=options.progress)
+            prompts = [r["prompt"] for r in _stage(stage / "prompts.jsonl", lambda: [
+                {"prompt": p} for p in new_prompts(generator, seeds.tasks, config, options.seed + 100 * t)])]
+            pairs, aift = aift_pairs(generator, prompts, stage, config, options.seed + 100 * t)
+            _add(stats, generator.stats)
+            _free(generator)
+            if not pairs:
+                raise JudgeFailed(f"{stage}: every prompt's candidates tied or went unscored, so there are no "
+                                  "preference pairs to train on; stopping here (the files made are kept)")
+            pairs_file = stage / "pairs.jsonl"
+            models[t] = train_stage(f"m{t}", lambda data, opts: train_dpo(data, opts, **(dpo_options or {})),
+                                    pairs_file)
+            iterations.setdefault(str(t), {})["aift"] = aift
+        record = iterations.setdefault(str(t), {})
+        if "judge" not in record:
+            generator = Generator(models[t], batch_size=config.generation_batch, progress=options.progress)
+            record["judge"] = judge_agreement(generator, seeds.held_out, config, options.seed + 7)
+            _add(stats, generator.stats)
+            _free(generator)
+            _save(metrics_path, iterations, config, options, stats)
+        if "head_to_head" not in record:
+            new = answers(models[t], questions, config, stats)
+            old = answers(models[t - 1], questions, config, stats)
+            fixed_judge = Generator(models[1], batch_size=config.generation_batch, progress=options.progress)
+            record["head_to_head"] = {"against": f"M{t - 1}", "judge": "M1",
+                                      **win_rate(fixed_judge, questions, new, old, config, options.seed + 9)}
+            _write_jsonl(stage / "head_to_head.jsonl", [{"question": q, f"M{t}": a, f"M{t - 1}": b}
+                                                        for q, a, b in zip(questions, new, old)])
+            _add(stats, fixed_judge.stats)
+            _free(fixed_judge)
+        _save(metrics_path, iterations, config, options, stats)
+    report(out, iterations)
+    return json.loads(metrics_path.read_text())
+
+
+def _save(path: Path, iterations: dict, config: SelfRewardConfig, options: TrainOptions,
+          stats: GenerationStats) -> None:
+    previous = json.loads(path.read_text()).get("generation", {}) if path.exists() else {}
+    tokens = previous.get("tokens", 0) + stats.tokens
+    seconds = previous.get("seconds", 0.0) + stats.seconds
+    stats.tokens, stats.seconds = 0, 0.0  # counted once
+    write_metrics(path.parent, {"trainer": "self_reward", "config": asdict(config), "settings": options.as_dict(),
+                                "iterations": iterations,
+                                "generation": {"tokens": tokens, "seconds": seconds,
+                                               "tokens_per_second": tokens / seconds if seconds else None}})
+
+
+def report(out: Path, iterations: dict[str, Any]) -> Path:
+    """A markdown table and a plot of the per-iteration measurements."""
+    rows = ["| model | judge pairwise acc. | judge exact match | unparseable | pairs | win rate vs previous (M1 judge) |",
+            "|---|---|---|---|---|---|"]
+
+    def fmt(x):
+        return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+    ts = sorted(iterations, key=int)
+    for t in ts:
+        r = iterations[t]
+        j, h, a = r.get("judge", {}), r.get("head_to_head", {}), r.get("aift", {})
+        rows.append(f"| M{t} | {fmt(j.get('pairwise_accuracy'))} | {fmt(j.get('exact_match'))} | "
+                    f"{j.get('unparseable', '-')}/{j.get('judgments', '-')} | {a.get('pairs', '-')} | "
+                    f"{fmt(h.get('win_rate'))} vs {h.get('against', '-')} |")
+    (out / "report.md").write_text("# Self-rewarding training\n\n" + "\n".join(rows) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = [int(t) for t in ts]
+    for key, sub, label in (("judge", "pairwise_accuracy", "judge pairwise accuracy"),
+                            ("head_to_head", "win_rate", "win rate vs previous")):
+        ys = [iterations[t].get(key, {}).get(sub) for t in ts]
+        ax.plot(x, [float("nan") if y is None else y for y in ys], marker="o", label=label)
+    ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xticks(x, [f"M{t}" for t in x])
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "report.png", dpi=120)
+    plt.close(fig)
+    return out / "report.md"
