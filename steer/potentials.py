@@ -1,9 +1,10 @@
-"""Reward models as potentials: steer toward p_LM(x) * exp(r(x) / temperature).
+"""Reward models and LLM judges as potentials: steer toward p_LM(x) * exp(r(x) / temperature).
 
 A reward model is any sequence-classification checkpoint with one output (what `steer train reward`
-writes).  Within a program, `await reward_model.guide(self, instruction, text, final=done)` twists the
-particle by r(partial text) / T while it is being written (a heuristic that only guides resampling)
-and scores r(complete text) / T once it is done (which changes the target).  Every particle's request
+writes); a judge is a causal LM scoring with the additive 5-point judge prompt (`JudgeModel`).
+Within a program, `await model.guide(self, instruction, text, final=done)` twists the particle by
+r(partial text) / T while it is being written (a heuristic that only guides resampling) and scores
+r(complete text) / T once it is done (which changes the target).  Every particle's request
 of a round is scored in one batch, and repeated texts (resampled copies) are scored once.
 """
 
@@ -19,67 +20,47 @@ import torch
 
 from .errors import ModelLoadError, SteerError
 from .scheduler import Request
-from .template import format_prompt
+from .template import format_prompt, judge_instruction
 
 
-class RewardRequest(Request):
-    """A request for r(instruction, response), served in a batch by its reward model."""
+class ScoreRequest(Request):
+    """A request for a score of (instruction, response), served in a batch by its scoring model."""
 
-    __slots__ = ("instruction", "model", "response")
+    __slots__ = ("model", "instruction", "response")
 
-    def __init__(self, model: RewardModel, instruction: str, response: str):
+    def __init__(self, model: ScoringModel, instruction: str, response: str):
         self.model, self.instruction, self.response = model, instruction, response
 
     @property
-    def server(self) -> RewardModel:
+    def server(self) -> ScoringModel:
         return self.model
 
 
-class RewardModel:
-    """A reward-model checkpoint, scoring responses to instructions laid out in steer's template."""
+class ScoringModel:
+    """Scores responses to instructions in batches, with a cache; subclasses say how one batch is scored."""
 
-    def __init__(self, path: str | os.PathLike, *, temperature: float = 1.0, max_length: int = 512,
-                 batch_size: int = 16, cache_size: int = 4096, device: str = "cpu"):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    temperature: float = 1.0
 
+    def __init__(self, *, temperature: float, batch_size: int, cache_size: int):
         if temperature <= 0:
-            raise SteerError(f"a reward temperature must be positive, got {temperature}")
-        directory = Path(path)
-        if not (directory / "config.json").exists():
-            raise ModelLoadError(f"not a reward-model directory (no config.json): {directory}")
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                directory, local_files_only=True, use_safetensors=True, dtype=torch.float32).to(device).eval()
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot load a reward model from {directory}: {str(e).splitlines()[0]}") from e
-        if self.model.config.num_labels != 1:
-            raise ModelLoadError(f"{directory} has {self.model.config.num_labels} outputs; a reward model has one")
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.path, self.temperature = directory, float(temperature)
-        self.max_length, self.batch_size, self.device = max_length, batch_size, device
+            raise SteerError(f"a potential's temperature must be positive, got {temperature}")
+        self.temperature, self.batch_size = float(temperature), batch_size
         self._cache: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._cache_size = cache_size
 
-    def __deepcopy__(self, memo: dict) -> RewardModel:  # particles share one reward model
+    def __deepcopy__(self, memo: dict) -> ScoringModel:  # particles share one model
         return self
 
-    # -- scoring ---------------------------------------------------------------------------------------
+    def _score_batch(self, pairs: list[tuple[str, str]]) -> list[float]:
+        raise NotImplementedError
+
     def rewards(self, instructions: Sequence[str], responses: Sequence[str]) -> list[float]:
-        """r(x) for each (instruction, response), in batches; cached by text."""
+        """The score of each (instruction, response), in batches; cached by text."""
         keys = list(zip(instructions, responses))
         missing = list(dict.fromkeys(k for k in keys if k not in self._cache))
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start:start + self.batch_size]
-            # Scored as a finished text ending in EOS, as reward models are trained (TRL appends EOS).
-            texts = [format_prompt(i) + r + self.tokenizer.eos_token for i, r in chunk]
-            batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                                   max_length=self.max_length).to(self.device)
-            with torch.no_grad():
-                values = self.model(**batch).logits[:, 0].tolist()
-            for key, value in zip(chunk, values):
+            for key, value in zip(chunk, self._score_batch(chunk)):
                 self._cache[key] = value
         result = [self._cache[k] for k in keys]
         for key in keys:
@@ -88,22 +69,99 @@ class RewardModel:
             self._cache.popitem(last=False)
         return result
 
-    def serve(self, requests: Sequence[RewardRequest]) -> None:
+    def serve(self, requests: Sequence[ScoreRequest]) -> None:
         values = self.rewards([r.instruction for r in requests], [r.response for r in requests])
         for request, value in zip(requests, values):
             request.result = value
 
     async def reward(self, instruction: str, response: str) -> float:
-        """r(instruction, response), batched with the other particles of this round."""
-        return await RewardRequest(self, instruction, response)
+        """The score of (instruction, response), batched with the other particles of this round."""
+        return await ScoreRequest(self, instruction, response)
 
     async def guide(self, particle: Any, instruction: str, response: str, *, final: bool) -> float:
-        """Twist `particle` by r/T while the response is partial; score it by r/T once it is `final`.
+        """Twist `particle` by score/T while the response is partial; score it by score/T once `final`.
 
-        The twists telescope away, so the target is p_LM(x) * exp(r(x)/T) over complete texts."""
+        The twists telescope away, so the target is p_LM(x) * exp(score(x)/T) over complete texts."""
         value = await self.reward(instruction, response) / self.temperature
         if final:
             particle.score(value)
         else:
             particle.twist(value)
         return value
+
+
+def _load(directory: Path, auto_class: str):
+    import transformers
+
+    if not (directory / "config.json").exists():
+        raise ModelLoadError(f"not a model directory (no config.json): {directory}")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        model = getattr(transformers, auto_class).from_pretrained(
+            directory, local_files_only=True, use_safetensors=True, dtype=torch.float32).eval()
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load {directory}: {str(e).splitlines()[0]}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, model
+
+
+class RewardModel(ScoringModel):
+    """A reward-model checkpoint (one-output sequence classifier, as `steer train reward` writes):
+    r(instruction, response) on the text laid out in steer's instruction template."""
+
+    def __init__(self, path: str | os.PathLike, *, temperature: float = 1.0, max_length: int = 512,
+                 batch_size: int = 16, cache_size: int = 4096):
+        super().__init__(temperature=temperature, batch_size=batch_size, cache_size=cache_size)
+        self.path = Path(path)
+        self.tokenizer, self.model = _load(self.path, "AutoModelForSequenceClassification")
+        if self.model.config.num_labels != 1:
+            raise ModelLoadError(f"{self.path} has {self.model.config.num_labels} outputs; a reward model has one")
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.max_length = max_length
+
+    def _score_batch(self, pairs: list[tuple[str, str]]) -> list[float]:
+        # Scored as a finished text ending in EOS, as reward models are trained (TRL appends EOS).
+        texts = [format_prompt(i) + r + self.tokenizer.eos_token for i, r in pairs]
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length)
+        with torch.no_grad():
+            return self.model(**batch).logits[:, 0].tolist()
+
+
+class JudgeModel(ScoringModel):
+    """A causal LM as its own judge (LLM-as-a-Judge with the additive 5-point prompt): the expected
+    score, sum_k k * p(k | judge prompt, "Score: ") over k = 0..5, from one forward pass.
+
+    Reading the score's distribution instead of sampling a rationale makes the potential smooth and
+    deterministic, and costs one batched forward pass per step."""
+
+    def __init__(self, path: str | os.PathLike, *, temperature: float = 1.0, batch_size: int = 8,
+                 cache_size: int = 4096):
+        super().__init__(temperature=temperature, batch_size=batch_size, cache_size=cache_size)
+        self.path = Path(path)
+        self.tokenizer, self.model = _load(self.path, "AutoModelForCausalLM")
+        self.tokenizer.padding_side = "left"
+        digits = [self.tokenizer(str(k), add_special_tokens=False)["input_ids"] for k in range(6)]
+        if any(len(d) != 1 for d in digits):
+            raise ModelLoadError(f"{self.path}: the judge needs the digits 0-5 to be single tokens")
+        self.digits = torch.tensor([d[0] for d in digits])
+
+    def _score_batch(self, pairs: list[tuple[str, str]]) -> list[float]:
+        texts = [format_prompt(judge_instruction(i, r)) + "Score: " for i, r in pairs]
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True)
+        # Left padding: positions count real tokens only, so a text scores the same in any batch.
+        positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            logits = self.model(**batch, position_ids=positions).logits[:, -1]
+        probs = torch.softmax(logits[:, self.digits].double(), -1)
+        return (probs * torch.arange(6, dtype=torch.float64)).sum(-1).tolist()
+
+
+def load_potential(path: str | os.PathLike, **options: Any) -> ScoringModel:
+    """A reward model (sequence classifier) or, for a causal LM, the model as a judge."""
+    import json
+
+    config = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").exists() else {}
+    if any(a.endswith("ForCausalLM") for a in config.get("architectures", [])):
+        return JudgeModel(path, **options)
+    return RewardModel(path, **options)

@@ -19,7 +19,7 @@ from steer.checks import TokenCheck
 from steer.errors import SteerError
 from steer.lm import LMContext, Token
 from steer.masks import TokenConstraint
-from steer.potentials import RewardModel
+from steer.potentials import ScoringModel
 
 MAX_LENGTH = 1_000_000  # longest string or list a program may build
 REGEX_TIMEOUT = 1.0  # seconds; a pathological pattern is an error, not a hang
@@ -38,7 +38,7 @@ def type_of(value: Any) -> str:
         return "bool"
     for t, name in ((int, "int"), (float, "float"), (str, "str"), (list, "list"), (Token, "token"),
                     (LMContext, "context"), (TokenConstraint, "mask"), (TokenCheck, "mask"),
-                    (RewardModel, "reward_model")):
+                    (ScoringModel, "reward_model")):
         if isinstance(value, t):
             return name
     return "none" if value is None else type(value).__name__

@@ -20,7 +20,7 @@ from steer.distributions import Bernoulli, Categorical, Geometric
 from steer.errors import SteerError
 from steer.lm import LanguageModel, LMContext, Token
 from steer.masks import TokenConstraint
-from steer.potentials import RewardModel
+from steer.potentials import ScoringModel
 from steer.program import Program
 from steer.words import NextWord
 
@@ -396,7 +396,7 @@ class ScriptProgram(Program):
             bound = _bind(builtin, call, [self._eval(a, env) for a in call.args],
                           {k.name: self._eval(k.value, env) for k in call.kwargs})
             model, instruction, response = (bound[p.name] for p in builtin.params)
-            if not isinstance(model, RewardModel):
+            if not isinstance(model, ScoringModel):
                 raise ProgramError(call.args[0] if call.args else call,
                                    f"reward() needs a reward model declared with `reward_model`, got {type_of(model)}")
             self._model_values[id(call)] = await model.reward(text(instruction), text(response))

@@ -116,12 +116,13 @@ class Script:
     def reward_models(self) -> dict[str, Any]:
         """The reward models the file declares, loaded once (paths are relative to the file)."""
         if getattr(self, "_reward_models", None) is None:
-            from steer.potentials import RewardModel
+            from steer.potentials import load_potential
 
             loaded = {}
             for node in self.module.rewards:
                 path = Path(node.path).expanduser()
-                loaded[node.name] = RewardModel(path if path.is_absolute() else self.base_dir / path)
+                # a reward model (sequence classifier) or a causal LM used as its own judge
+                loaded[node.name] = load_potential(path if path.is_absolute() else self.base_dir / path)
             self._reward_models = loaded
         return self._reward_models
 

@@ -155,3 +155,58 @@ def test_loop_stops_on_unparseable_judgments_keeps_its_files_and_resumes(tiny_lo
     assert result["generation"]["tokens"] > 0
     assert "| M2 |" in (tmp_path / "run" / "report.md").read_text()
     assert (tmp_path / "run" / "report.png").exists()
+
+
+# -- the judge as a steering potential --------------------------------------------------------------
+def test_judge_potential_is_the_expected_score_of_the_judge_prompt(tiny_long_dir):
+    import torch
+
+    from steer.potentials import JudgeModel, load_potential
+    from steer.template import format_prompt
+
+    judge = load_potential(tiny_long_dir)
+    assert isinstance(judge, JudgeModel)
+    items = [("Name a colour.", "Blue."), ("Name a colour.", "I do not know, maybe a long answer.")]
+    batched = judge.rewards(*zip(*items))
+    for (instruction, response), value in zip(items, batched):
+        ids = judge.tokenizer(format_prompt(judge_instruction(instruction, response)) + "Score: ")["input_ids"]
+        with torch.no_grad():
+            logits = judge.model(torch.tensor([ids])).logits[0, -1]
+        digits = [judge.tokenizer(str(k), add_special_tokens=False)["input_ids"][0] for k in range(6)]
+        p = torch.softmax(logits[digits].double(), -1)
+        assert value == pytest.approx(float((p * torch.arange(6)).sum()), abs=1e-5)
+        assert 0 <= value <= 5
+    assert batched[0] != batched[1]
+
+
+def test_steer_file_steers_with_a_judge_toward_lm_times_exp_score(tiny_lm, tiny_long_dir):
+    import math
+
+    import numpy as np
+
+    from exact import complete_sequences
+    from steer_lang.script import Script
+
+    temperature, steps = 0.05, 2
+    source = f"""
+reward_model judge = "{tiny_long_dir}"
+context c = ""
+repeat {steps}:
+    t = sample next(c)
+    if t == eos:
+        stop
+score reward(judge, "say", text(c)) / {temperature}
+"""
+    script = Script.from_source(source, "judge.steer")
+    judge = script.reward_models()["judge"]
+    eos = next(iter(tiny_lm.vocab.eos_ids))
+    target = {}
+    for seq, logp in complete_sequences(tiny_lm, tiny_lm.encode(""), steps).items():
+        text = tiny_lm.decode([t for t in seq if t != eos])
+        target[text] = np.logaddexp(target.get(text, -np.inf), logp + judge.rewards(["say"], [text])[0] / temperature)
+    log_z = np.logaddexp.reduce(list(target.values()))
+    exact = {k: math.exp(v - log_z) for k, v in target.items()}
+    post = script.run(tiny_lm, particles=2000, seed=0, method="is")
+    estimate = post.distribution()
+    assert 0.5 * sum(abs(estimate.get(k, 0.0) - p) for k, p in exact.items()) < 0.06
+    assert post.log_ml == pytest.approx(log_z, abs=0.1)

@@ -1,9 +1,9 @@
-"""LLM-as-a-Judge (Self-Rewarding Language Models, Yuan et al. 2024, arXiv 2401.10020, figure 2):
-the additive 5-point prompt, robust score parsing, and averaging over repeated judgments.
+"""LLM-as-a-Judge (Self-Rewarding Language Models, Yuan et al. 2024, arXiv 2401.10020): robust
+score parsing, averaging over repeated judgments, EFT targets and preference pairs.
 
-The judge prompt is the paper's; it is put in steer's instruction template like every other prompt,
-so a model fine-tuned on EFT data (instruction = judge prompt, response = rationale ending in
-"Score: N") judges in the format it was taught.
+The judge prompt (the paper's additive 5-point prompt, `steer.template.JUDGE_PROMPT`) is put in
+steer's instruction template like every other prompt, so a model fine-tuned on EFT data (instruction =
+judge prompt, response = rationale ending in "Score: N") judges in the format it was taught.
 """
 
 from __future__ import annotations
@@ -11,21 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-JUDGE_PROMPT = """Review the user's question and the corresponding response using the additive 5-point scoring system described below. Points are accumulated based on the satisfaction of each criterion:
-- Add 1 point if the response is relevant and provides some information related to the user's inquiry, even if it is incomplete or contains some irrelevant content.
-- Add another point if the response addresses a substantial portion of the user's question, but does not completely resolve the query or provide a direct answer.
-- Award a third point if the response answers the basic elements of the user's question in a useful way, regardless of whether it seems to have been written by an AI Assistant or if it has elements typically found in blogs or search results.
-- Grant a fourth point if the response is clearly written from an AI Assistant's perspective, addressing the user's question directly and comprehensively, and is well-organized and helpful, even if there is slight room for improvement in clarity, conciseness or focus.
-- Bestow a fifth point for a response that is impeccably tailored to the user's question by an AI Assistant, without extraneous information, reflecting expert knowledge, and demonstrating a high-quality, engaging, and insightful answer.
-
-User: {instruction}
-<response>{response}</response>
-
-After examining the user's instruction and the response:
-- Briefly justify your total score, up to 100 words.
-- Conclude with the score using the format: "Score: <total points>"
-
-Remember to assess from the AI Assistant perspective, utilizing web search knowledge as necessary. To evaluate the response in alignment with this additive scoring model, we'll systematically attribute points based on the outlined criteria."""
+from steer.template import JUDGE_PROMPT, judge_instruction  # noqa: F401 - the prompt lives with the templates
 
 CRITERIA = (
     "The response is relevant and gives some information related to the question.",
@@ -35,11 +21,6 @@ CRITERIA = (
     "It is impeccably tailored to the question, reflecting expert knowledge, engaging and insightful.",
 )
 _SCORE = re.compile(r"score\s*[:=]\s*\**\s*([0-5](?:\.\d+)?)(?:\s*(?:/|out of)\s*5)?", re.IGNORECASE)
-
-
-def judge_instruction(instruction: str, response: str) -> str:
-    """The judge prompt for one (instruction, response)."""
-    return JUDGE_PROMPT.format(instruction=instruction.strip(), response=response.strip())
 
 
 def parse_score(judgment: str) -> float | None:
