@@ -75,3 +75,10 @@ def test_flip_without_strength_is_a_user_error(tiny_text_dir, arithmetic_pairs, 
     code, _, err = run(["train", "reward", *common(tiny_text_dir, tmp_path / "r", arithmetic_pairs), "--flip", "0.1"],
                        capsys)
     assert code == 2 and "--strength" in err
+
+
+def test_self_reward_with_missing_seed_files_is_a_user_error(tiny_text_dir, tmp_path, capsys):
+    (tmp_path / "seed").mkdir()
+    code, _, err = run(["train", "self-reward", "--model", str(tiny_text_dir), "--seed-data", str(tmp_path / "seed"),
+                        "--out", str(tmp_path / "run"), "--no-progress"], capsys)
+    assert code == 2 and "the seed data needs oasst2_quality_scored.jsonl.gz" in err and "Traceback" not in err
