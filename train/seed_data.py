@@ -25,6 +25,7 @@ class RatedPrompt:
 
     prompt: str
     responses: tuple[tuple[str, int], ...]
+    source: str = ""  # "file:line" of the prompt's first row
 
 
 def _field(path: Path, number: int, row: dict, name: str, kind: type | tuple, optional: bool = False):
@@ -41,7 +42,7 @@ def _field(path: Path, number: int, row: dict, name: str, kind: type | tuple, op
 def load_rated(path: str | Path) -> list[RatedPrompt]:
     """oasst2-style rows grouped by prompt; responses without a score are dropped."""
     path = Path(path)
-    grouped: dict[str, tuple[str, list]] = {}
+    grouped: dict[str, tuple[str, list, str]] = {}
     for number, row in read_jsonl(path):
         prompt_id = _field(path, number, row, "prompt_id", str)
         prompt = _field(path, number, row, "prompt_text", str)
@@ -49,10 +50,10 @@ def load_rated(path: str | Path) -> list[RatedPrompt]:
         quality = _field(path, number, row, "quality_score", (int, float), optional=True)
         if quality is not None and not 0 <= quality <= 1:
             raise DataError(f"{path}:{number}: field 'quality_score' must be in [0, 1], got {quality}")
-        entry = grouped.setdefault(prompt_id, (prompt, []))
+        entry = grouped.setdefault(prompt_id, (prompt, [], f"{path.name}:{number}"))
         if quality is not None and response.strip():
             entry[1].append((response.strip(), points_from_quality(quality)))
-    return [RatedPrompt(p, tuple(r)) for p, r in grouped.values() if r]
+    return [RatedPrompt(p, tuple(r), source) for p, r, source in grouped.values() if r]
 
 
 @dataclass
@@ -103,7 +104,7 @@ def load_seed_data(directory: str | Path, *, held_out: int = 40, seed: int = 0, 
     for name in SEED_FILES.values():
         if not (directory / name).is_file():
             raise DataError(f"{directory}: the seed data needs {name} ({', '.join(SEED_FILES.values())})")
-    rated = [RatedPrompt(r.prompt, tuple(x for x in r.responses if len(x[0]) <= max_chars))
+    rated = [RatedPrompt(r.prompt, tuple(x for x in r.responses if len(x[0]) <= max_chars), r.source)
              for r in load_rated(directory / SEED_FILES["rated"]) if len(r.prompt) <= max_chars]
     rated = [r for r in rated if r.responses]
     random.Random(seed).shuffle(rated)
@@ -111,8 +112,8 @@ def load_seed_data(directory: str | Path, *, held_out: int = 40, seed: int = 0, 
     evaluation = comparable[:held_out]
     chosen = {id(r) for r in evaluation}
     training = [r for r in rated if id(r) not in chosen][:limit]
-    ift = [Example(format_prompt(r.prompt), max(r.responses, key=lambda x: x[1])[0], "oasst2") for r in training]
-    eft = [Example(format_prompt(judge_instruction(r.prompt, response)), rationale(points), "oasst2")
+    ift = [Example(format_prompt(r.prompt), max(r.responses, key=lambda x: x[1])[0], r.source) for r in training]
+    eft = [Example(format_prompt(judge_instruction(r.prompt, response)), rationale(points), r.source)
            for r in training for response, points in r.responses]
     return SeedData(ift, eft, evaluation, load_tasks(directory / SEED_FILES["tasks"]),
                     load_questions(directory / SEED_FILES["questions"]))
