@@ -4,18 +4,15 @@ What steer adds to TRL: data checks and the instruction template, CPU-safe defau
 adapter-disabled model as the reference (no second model in memory), an explicit reference model
 for full fine-tuning, held-out metrics, resume, and a faster LM head on CPU: TRL projects every
 position of the sequence through the 262k-row output matrix when it runs without Triton, while DPO
-only needs the completion positions (`completion_only_head`).
+only needs the completion positions (`train.lm_head`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import types
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from .common import (
     TrainOptions,
@@ -32,45 +29,13 @@ from .common import (
     write_metrics,
 )
 from .data import fit_length, held_out, load_pairs
+from .lm_head import completion_only_head
 
 log = logging.getLogger(__name__)
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
               "sigmoid_norm", "exo_pair", "discopop")
 _HEAD_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
-
-
-def completion_only_head(model: torch.nn.Module, outputs: tuple[str, ...] = _HEAD_OUTPUTS) -> None:
-    """Make `model(..., labels=, fused_lm_head=True)` project only labelled positions through the LM head.
-
-    TRL's fused head (added first, by the trainer) computes the same quantities over every position
-    when no Triton device is present; prompt positions are then thrown away.  This forward gives the
-    same `FusedCausalLMOutput`, computed on the completion positions only.
-    """
-    from trl.kernels import ChunkedLogProbFunction
-    from trl.trainer.utils import FusedCausalLMOutput
-
-    fallback = model.forward  # TRL's patched forward: used for every call without fused_lm_head
-    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-
-    def forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
-        if not fused_lm_head:
-            return fallback(*args, labels=labels, **kwargs)
-        kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
-        labels = labels[:, 1:].to(hidden.device)
-        mask = labels != -100
-        head = self.get_output_embeddings()
-        per_token = ChunkedLogProbFunction.apply(hidden[mask], head.weight, head.bias, labels[mask], 1.0, 32768,
-                                                 softcap, 1.0, outputs)
-        # masked_scatter keeps an all-masked batch connected to the graph (a differentiable zero).
-        log_probs, entropy, log_sum_sq, mean_logits, is_top1 = (
-            None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token)
-        loss = -log_probs.sum() / mask.sum().clamp(min=1)
-        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq,
-                                   mean_logits=mean_logits, is_top1=is_top1, label_mask=mask)
-
-    model.forward = types.MethodType(forward, model)
 
 
 def build_trainer(pairs_train: list, pairs_eval: list, options: TrainOptions, *, beta: float = 0.1,
@@ -99,10 +64,7 @@ def build_trainer(pairs_train: list, pairs_eval: list, options: TrainOptions, *,
     )
     quiet_trainer(trainer, options)
     if fast_head:
-        from peft import PeftModel
-
-        base = trainer.model.get_base_model() if isinstance(trainer.model, PeftModel) else trainer.model
-        completion_only_head(base)
+        completion_only_head(trainer, _HEAD_OUTPUTS)
         if ref_model is not None:
             completion_only_head(trainer.ref_model, ("log_probs",))
     return trainer

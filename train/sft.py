@@ -26,6 +26,7 @@ from .common import (
     write_metrics,
 )
 from .data import Example, fit_length, held_out, load_examples
+from .lm_head import completion_only_head
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def train_sft(data: str | Path | list[Example], options: TrainOptions, *,
         peft_config=lora_config(options), callbacks=callbacks,
     )
     quiet_trainer(trainer, options)
+    completion_only_head(trainer, ("log_probs", "entropy", "is_top1"))
     before = trainer.evaluate() if evaluation and checkpoint is None else None
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
