@@ -25,10 +25,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/self-reward-bench")
     parser.add_argument("--iterations", type=int, default=3)
-    parser.add_argument("--prompts-per-iter", type=int, default=16)
+    parser.add_argument("--prompts-per-iter", type=int, default=12)
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--judgments", type=int, default=3)
-    parser.add_argument("--tokens", type=int, default=64, help="new tokens per response and per judgment")
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per response")
+    parser.add_argument("--judge-tokens", type=int, default=32, help="new tokens per judgment")
     parser.add_argument("--held-out", type=int, default=8)
     parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--seed-limit", type=int, default=24, help="seed prompts for IFT/EFT")
@@ -39,7 +40,7 @@ def main() -> None:
                            lora_alpha=32, learning_rate=1e-4, save_steps=20, eval_fraction=0.1, progress=True)
     config = SelfRewardConfig(iterations=args.iterations, prompts_per_iter=args.prompts_per_iter,
                               candidates=args.candidates, judgments=args.judgments, max_new_tokens=args.tokens,
-                              judge_tokens=args.tokens, held_out=args.held_out, questions=args.questions,
+                              judge_tokens=args.judge_tokens, held_out=args.held_out, questions=args.questions,
                               seed_limit=args.seed_limit)
     if not args.resume and Path(args.out).exists() and any(Path(args.out).iterdir()):
         raise SystemExit(f"{args.out} is not empty: pass --resume or another --out")

@@ -51,7 +51,7 @@ def test_pairs_are_highest_versus_lowest_and_ties_are_dropped():
 
 
 def test_eft_rationales_end_in_the_score_they_teach():
-    assert parse_score(rationale(3)) == 3 and rationale(3).count("\n- ") == 2
+    assert parse_score(rationale(3)) == 3 and rationale(3).startswith("Criteria met: relevant, substantial, useful.")
     assert parse_score(rationale(0)) == 0
 
 
@@ -89,6 +89,7 @@ def make_seed_dir(path):
 def test_seed_data_splits_training_and_held_out_prompts(tmp_path):
     seeds = load_seed_data(make_seed_dir(tmp_path / "seed"), held_out=2, seed=0)
     assert len(seeds.held_out) == 2 and len(seeds.ift) == 6 and len(seeds.eft) == 18
+    assert seeds.ift[0].source.startswith("oasst2_quality_scored.jsonl.gz:")
     held = {r.prompt for r in seeds.held_out}
     assert not any(p in e.prompt for e in seeds.ift for p in held)
     assert all(e.completion.endswith("xx") for e in seeds.ift)  # the best-scored response (quality 1.0)
@@ -129,7 +130,7 @@ def test_loop_stops_on_unparseable_judgments_keeps_its_files_and_resumes(tiny_lo
     stage = tmp_path / "run" / "m2"
     for name in ("prompts.jsonl", "candidates.jsonl", "judgments.jsonl"):
         assert (stage / name).exists()
-    assert (tmp_path / "run" / "m1" / "model").is_dir()
+    assert (tmp_path / "run" / "m1" / "model").is_dir() and (tmp_path / "run" / "m1" / "eft.jsonl").exists()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["iterations"]["1"]["judge"]["unparseable"] == metrics["iterations"]["1"]["judge"]["judgments"]
     prompts = (stage / "prompts.jsonl").read_text()

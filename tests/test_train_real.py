@@ -55,3 +55,17 @@ def test_reward_model_and_strength_on_gemma(tmp_path, gemma_reward_dir):
                                    models=2)
     assert strength["pairs"] >= 4 and sum(strength["categories"].values()) == strength["pairs"]
     assert (tmp_path / "strength" / "strength.png").exists()
+
+
+def test_the_default_model_as_its_own_judge():
+    from steer.models import default_model_path
+    from steer.potentials import JudgeModel
+
+    judge = JudgeModel(default_model_path())
+    instructions = ["What is the capital of France?"] * 2
+    responses = ["The capital of France is Paris.", "Bananas are yellow."]
+    batched = judge.rewards(instructions, responses)
+    alone = [JudgeModel(default_model_path(), batch_size=1).rewards([i], [r])[0]
+             for i, r in zip(instructions, responses)]
+    assert all(0 <= s <= 5 for s in batched) and batched[0] != batched[1]
+    assert batched == pytest.approx(alone, abs=1e-3)  # left padding does not change a score

@@ -108,7 +108,7 @@ def _self_reward(args: argparse.Namespace) -> int:
 
     config = SelfRewardConfig(iterations=args.iterations, prompts_per_iter=args.prompts_per_iter,
                               candidates=args.candidates, judgments=args.judgments,
-                              max_new_tokens=args.max_new_tokens, judge_tokens=args.max_new_tokens,
+                              max_new_tokens=args.max_new_tokens, judge_tokens=args.judge_tokens,
                               held_out=args.held_out, questions=args.questions, seed_limit=args.seed_limit)
     options = _options(argparse.Namespace(**{**vars(args), "data": None}))
     metrics = self_reward(args.seed_data, options, config, dpo_options={"beta": args.beta})
@@ -169,7 +169,8 @@ def add_commands(commands) -> None:
     loop.add_argument("--prompts-per-iter", type=positive("--prompts-per-iter"), default=16)
     loop.add_argument("--candidates", type=positive("--candidates"), default=4)
     loop.add_argument("--judgments", type=positive("--judgments"), default=3, help="judgments averaged per response")
-    loop.add_argument("--max-new-tokens", type=positive("--max-new-tokens"), default=96)
+    loop.add_argument("--max-new-tokens", type=positive("--max-new-tokens"), default=96, help="per response")
+    loop.add_argument("--judge-tokens", type=positive("--judge-tokens"), default=48, help="per judgment")
     loop.add_argument("--held-out", type=positive("--held-out"), default=16,
                       help="human-scored prompts for judge agreement")
     loop.add_argument("--questions", type=positive("--questions"), default=16, help="questions for win rates")

@@ -13,13 +13,7 @@ from dataclasses import dataclass
 
 from steer.template import JUDGE_PROMPT, judge_instruction  # noqa: F401 - the prompt lives with the templates
 
-CRITERIA = (
-    "The response is relevant and gives some information related to the question.",
-    "It addresses a substantial part of the question.",
-    "It answers the basic elements of the question in a useful way.",
-    "It is written from an AI Assistant's perspective, directly, comprehensively and in an organised way.",
-    "It is impeccably tailored to the question, reflecting expert knowledge, engaging and insightful.",
-)
+CRITERIA = ("relevant", "substantial", "useful", "assistant-like and well organised", "expert and insightful")
 _SCORE = re.compile(r"score\s*[:=]\s*\**\s*([0-5](?:\.\d+)?)(?:\s*(?:/|out of)\s*5)?", re.IGNORECASE)
 
 
@@ -38,11 +32,12 @@ def parse_score(judgment: str) -> float | None:
 def rationale(points: int) -> str:
     """An EFT training target for a response worth `points`: the criteria it meets, then the score.
 
-    The seed data has human quality scores but no written rationales, so the rationale lists the
-    additive criteria the score implies (the paper's EFT targets are model-written rationales that
-    were filtered to agree with the human ranking)."""
-    met = [f"- {c}" for c in CRITERIA[:points]] or ["- The response does not answer the question."]
-    return "\n".join(met) + f"\nScore: {points}"
+    The seed data has human quality scores but no written rationales, so the rationale names the
+    additive criteria the score implies (the paper's EFT targets are model-written rationales filtered
+    to agree with the human ranking).  It is kept short, so that a small judge reaches its score
+    within a few dozen tokens."""
+    met = ", ".join(CRITERIA[:points]) if points else "none"
+    return f"Criteria met: {met}.\nScore: {points}"
 
 
 def points_from_quality(quality: float) -> int:

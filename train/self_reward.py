@@ -44,7 +44,7 @@ class SelfRewardConfig:
     temperature: float = 0.7  # the paper's sampling for candidates and judgments
     top_p: float = 0.9
     max_new_tokens: int = 96
-    judge_tokens: int = 96
+    judge_tokens: int = 48  # EFT rationales are short: the score comes within a few dozen tokens
     few_shot: int = 6
     held_out: int = 16  # prompts with human scores, for judge agreement
     questions: int = 16  # held-out questions, for win rates
@@ -235,7 +235,10 @@ def self_reward(seed_dir: str | Path, options: TrainOptions, config: SelfRewardC
         fn(data, opts)
         return model
 
-    # M1: SFT on IFT + EFT
+    # M1: SFT on IFT + EFT (written out as prompt/completion JSONL, the format SFT reads)
+    for name, examples in (("ift", seeds.ift), ("eft", seeds.eft)):
+        _stage(out / "m1" / f"{name}.jsonl", lambda examples=examples: [
+            {"prompt": e.prompt, "completion": e.completion, "source": e.source} for e in examples])
     models[1] = train_stage("m1", train_sft, seeds.ift + seeds.eft)
     for t in range(1, config.iterations + 1):
         stage = out / f"m{t}"
