@@ -31,16 +31,25 @@ def tiny_lm_for_fuzz():
     return steer.tiny_model("abcdefghijklmnopqrstuvwxyz .,-0123456789\n", seed=3, max_length=256)
 
 
-@pytest.fixture(scope="session")
-def tiny_text_dir(tmp_path_factory):
+def save_tiny_text_model(path, seed: int, max_length: int):
     """A tiny model over printable ASCII saved as a model directory: trainers run on it in seconds."""
     import string
 
-    path = tmp_path_factory.mktemp("tiny-text")
-    lm = steer.tiny_model(string.printable[:95] + "\n", seed=4, hidden=32, max_length=256)
+    lm = steer.tiny_model(string.printable[:95] + "\n", seed=seed, hidden=32, max_length=max_length)
     lm.model.save_pretrained(path)
     lm.tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_text_dir(tmp_path_factory):
+    return save_tiny_text_model(tmp_path_factory.mktemp("tiny-text"), seed=4, max_length=256)
+
+
+@pytest.fixture(scope="session")
+def tiny_long_dir(tmp_path_factory):
+    """A tiny text model with room for the judge prompt (about 1,700 characters)."""
+    return save_tiny_text_model(tmp_path_factory.mktemp("tiny-long"), seed=5, max_length=4096)
 
 
 @pytest.fixture(scope="session")

@@ -3,14 +3,18 @@ self-instruction filtering, seed data, and the loop's bookkeeping, failure and r
 
 import gzip
 import json
-import string
 
 import pytest
 
-import steer
 from train.common import TrainOptions
 from train.data import DataError
-from train.judge import judge_instruction, parse_score, preference_pair, rationale, verdict
+from train.judge import (
+    judge_instruction,
+    parse_score,
+    preference_pair,
+    rationale,
+    verdict,
+)
 from train.seed_data import load_seed_data
 from train.self_instruct import clean_task, deduplicate, few_shot_prompt
 from train.self_reward import JudgeFailed, SelfRewardConfig, self_reward
@@ -108,16 +112,6 @@ def test_bad_seed_data_names_the_file_and_line(tmp_path):
         load_seed_data(seed)
 
 
-@pytest.fixture(scope="module")
-def tiny_long_dir(tmp_path_factory):
-    """A tiny model with room for the judge prompt (about 1,700 characters)."""
-    path = tmp_path_factory.mktemp("tiny-long")
-    lm = steer.tiny_model(string.printable[:95] + "\n", seed=5, hidden=32, max_length=4096)
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
-
-
 def test_loop_stops_on_unparseable_judgments_keeps_its_files_and_resumes(tiny_long_dir, tmp_path):
     seed = make_seed_dir(tmp_path / "seed")
     options = TrainOptions(model=str(tiny_long_dir), out=str(tmp_path / "run"), max_steps=2, batch_size=4,
@@ -184,8 +178,8 @@ def test_steer_file_steers_with_a_judge_toward_lm_times_exp_score(tiny_lm, tiny_
     import math
 
     import numpy as np
-
     from exact import complete_sequences
+
     from steer_lang.script import Script
 
     temperature, steps = 0.05, 2

@@ -141,6 +141,22 @@ def save_final(trainer, tokenizer, out: str | Path, lora: bool) -> Path:
     return out / "model"
 
 
+def run_and_save(trainer, tokenizer, options: TrainOptions, checkpoint: str | None,
+                 has_eval: bool) -> dict[str, Any]:
+    """Evaluate (fresh runs only), train (from `checkpoint` if resuming), evaluate again and save the
+    final model: the part of `metrics.json` every causal-LM trainer shares."""
+    import time
+
+    before = trainer.evaluate() if has_eval and checkpoint is None else None
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - started
+    after = trainer.evaluate() if has_eval else None
+    final = save_final(trainer, tokenizer, options.out, options.lora)
+    return {"train": {"steps": result.global_step, "loss": result.training_loss, "seconds": seconds},
+            "eval_before": before, "eval": after, "log": train_log(trainer), "model": str(final)}
+
+
 def finite(value: Any) -> Any:
     """JSON has no NaN or infinity: write them as null."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -10,7 +10,6 @@ only needs the completion positions (`train.lm_head`).
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,7 @@ from .common import (
     quiet_trainer,
     quiet_transformers,
     resume_from,
-    save_final,
-    train_log,
+    run_and_save,
     trainer_arguments,
     write_metrics,
 )
@@ -86,19 +84,12 @@ def train_dpo(data: str | Path, options: TrainOptions, *, beta: float = 0.1, los
     trainer = build_trainer(train, evaluation, options, beta=beta, loss_type=loss_type,
                             label_smoothing=label_smoothing, precompute_ref=precompute_ref, fast_head=fast_head,
                             callbacks=callbacks, tokenizer=tokenizer)
-    before = trainer.evaluate() if evaluation and checkpoint is None else None
-    started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    seconds = time.perf_counter() - started
-    after = trainer.evaluate() if evaluation else None
-    final = save_final(trainer, tokenizer, options.out, options.lora)
     metrics = {
         "trainer": "dpo", "data": str(data), "pairs": {"train": len(train), "eval": len(evaluation),
                                                        "truncated": truncated},
         "settings": {**options.as_dict(), "beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing,
                      "precompute_ref": precompute_ref},
-        "train": {"steps": result.global_step, "loss": result.training_loss, "seconds": seconds},
-        "eval_before": before, "eval": after, "log": train_log(trainer), "model": str(final),
+        **run_and_save(trainer, tokenizer, options, checkpoint, bool(evaluation)),
     }
     write_metrics(options.out, metrics)
     return metrics

@@ -7,7 +7,6 @@ with EOS, so a tuned model stops by itself when it is steered or sampled.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,7 @@ from .common import (
     quiet_trainer,
     quiet_transformers,
     resume_from,
-    save_final,
-    train_log,
+    run_and_save,
     trainer_arguments,
     write_metrics,
 )
@@ -56,18 +54,11 @@ def train_sft(data: str | Path | list[Example], options: TrainOptions, *,
     )
     quiet_trainer(trainer, options)
     completion_only_head(trainer, ("log_probs", "entropy", "is_top1"))
-    before = trainer.evaluate() if evaluation and checkpoint is None else None
-    started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    seconds = time.perf_counter() - started
-    after = trainer.evaluate() if evaluation else None
-    final = save_final(trainer, tokenizer, options.out, options.lora)
     metrics = {
         "trainer": "sft", "data": str(data) if isinstance(data, (str, Path)) else f"{len(examples)} examples",
         "examples": {"train": len(train), "eval": len(evaluation), "truncated": truncated},
         "settings": options.as_dict(),
-        "train": {"steps": result.global_step, "loss": result.training_loss, "seconds": seconds},
-        "eval_before": before, "eval": after, "log": train_log(trainer), "model": str(final),
+        **run_and_save(trainer, tokenizer, options, checkpoint, bool(evaluation)),
     }
     write_metrics(options.out, metrics)
     return metrics
