@@ -7,27 +7,17 @@ Bad rows are reported as `file:line: field ...`, before any trainer sees them.
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from steer.errors import SteerError
+from steer.jsonl import DataError, read_jsonl
 from steer.template import TEMPLATE, format_prompt  # noqa: F401 - re-exported for trainers
 
 log = logging.getLogger(__name__)
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
-
-
-class DataError(SteerError):
-    """A data file is missing, empty or has a bad row; the message names the file, line and field."""
-
-    cli_prefix = ""
 
 
 def render_messages(messages: list[dict[str, str]]) -> tuple[str, str]:
@@ -37,29 +27,6 @@ def render_messages(messages: list[dict[str, str]]) -> tuple[str, str]:
     lines = [f"{m['role'].capitalize()}: {m['content'].strip()}" for m in history]
     instruction = history[-1]["content"] if len(history) == 1 else "\n".join(lines)
     return instruction, last["content"]
-
-
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, row) for every non-blank line of a .jsonl or .jsonl.gz file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file")
-    opener = gzip.open if path.suffix == ".gz" else open
-    seen = False
-    with opener(path, "rt", encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not a JSON line ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            seen = True
-            yield number, row
-    if not seen:
-        raise DataError(f"{path}: the file has no rows")
 
 
 def _text(path: Path, number: int, row: dict, field: str) -> str:

@@ -1,0 +1,94 @@
+"""A retriever: an embedder, an index and the passages behind it, saved together in one directory.
+
+`steer index build` writes the directory; steering programs, RA-DIT and `steer index search` read it.
+The directory records which embedder built the index, and a retriever refuses a different one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .corpus import Document, embed_documents, load_documents, save_ids
+from .embedders import MINILM, Embedder, RetrievalError, load_embedder
+from .index import META_FILE, VectorIndex
+
+DOCUMENTS = "documents.jsonl"
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    text: str
+    score: float
+    title: str | None = None
+
+
+class Retriever:
+    """Top-k passages for a query, by cosine similarity of embeddings."""
+
+    def __init__(self, embedder: Embedder, index: VectorIndex, documents: list[Document]):
+        if index.meta.embedder is not None and index.meta.embedder != embedder.name:
+            raise RetrievalError(f"the index was built with the embedder {index.meta.embedder!r}, "
+                                 f"not {embedder.name!r}: rebuild it or load that embedder")
+        if index.meta.dim != embedder.dim:
+            raise RetrievalError(f"the embedder gives {embedder.dim}-d vectors but the index holds "
+                                 f"{index.meta.dim}-d ones")
+        if len(index) != len(documents):
+            raise RetrievalError(f"the index holds {len(index)} vectors but there are {len(documents)} documents")
+        self.embedder, self.index, self.documents = embedder, index, documents
+
+    @classmethod
+    def load(cls, directory: str | Path, embedder: Embedder | None = None) -> Retriever:
+        """The retriever saved in `directory`; the embedder is loaded from its recorded name unless given."""
+        directory = Path(directory)
+        index = VectorIndex.load(directory)
+        documents = load_documents(directory / DOCUMENTS)
+        if embedder is None:
+            spec = index.meta.embedder
+            embedder = load_embedder(None if spec == MINILM else spec)
+        return cls(embedder, index, documents)
+
+    def search(self, query: str, k: int = 5) -> list[Hit]:
+        return self.search_many([query], k)[0]
+
+    def search_many(self, queries: list[str], k: int = 5) -> list[list[Hit]]:
+        vectors = self.embedder.embed_queries(queries)
+        scores, rows = self.index.search(vectors, k)
+        return [[self._hit(r, s) for r, s in zip(row, score) if r >= 0] for row, score in zip(rows, scores)]
+
+    def _hit(self, row: int, score: float) -> Hit:
+        d = self.documents[row]
+        return Hit(d.id, d.text, float(score), d.title)
+
+
+def build_retriever(docs: str | Path, out: str | Path, embedder: Embedder | None = None, kind: str = "auto",
+                    batch_size: int = 64, limit: int | None = None, progress: bool = True,
+                    **index_options) -> Retriever:
+    """Embed every document of a JSONL file, index the vectors and save all of it in `out`.
+
+    `out` then holds `index.faiss`, `index.json` (kind, dimension, embedder), `documents.jsonl`,
+    and the raw `embeddings.npy` with `ids.json` (so the corpus can be re-indexed or ordered without
+    embedding it again).
+    """
+    documents = load_documents(docs, limit=limit)
+    embedder = embedder or load_embedder()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    vectors = embed_documents(embedder, [d.text for d in documents], out, batch_size=batch_size, progress=progress)
+    save_ids(out, [d.id for d in documents])
+    index = VectorIndex.build(np.asarray(vectors), kind=kind, embedder=embedder.name, progress=progress,
+                              **index_options)
+    index.save(out)
+    with open(out / DOCUMENTS, "w", encoding="utf-8") as f:
+        for d in documents:
+            row = {k: v for k, v in asdict(d).items() if v is not None}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return Retriever(embedder, index, documents)
+
+
+def is_index_dir(path: str | Path) -> bool:
+    return (Path(path) / META_FILE).is_file() and (Path(path) / DOCUMENTS).is_file()

@@ -1,0 +1,41 @@
+"""JSONL data files read row by row, with every problem reported as `file:line: message`."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import SteerError
+
+
+class DataError(SteerError):
+    """A data file is missing, empty or has a bad row; the message names the file, line and field."""
+
+    cli_prefix = ""
+
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) for every non-blank line of a .jsonl or .jsonl.gz file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    opener = gzip.open if path.suffix == ".gz" else open
+    seen = False
+    with opener(path, "rt", encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: not a JSON line ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            seen = True
+            yield number, row
+    if not seen:
+        raise DataError(f"{path}: the file has no rows")
