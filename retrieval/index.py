@@ -87,7 +87,7 @@ class VectorIndex:
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
             sample = np.random.default_rng(seed).choice(n, size=min(n, max(train_size, 39 * nlist)), replace=False)
             index.train(_as_matrix(vectors[np.sort(sample)]))
-            meta.nlist, meta.nprobe = nlist, nprobe or max(8, nlist // 32)
+            meta.nlist, meta.nprobe = nlist, min(nlist, nprobe or max(16, nlist // 128))
             index.nprobe = meta.nprobe
         built = cls(index, meta)
         built.add(vectors, progress=progress)

@@ -40,6 +40,7 @@ class Retriever:
         if len(index) != len(documents):
             raise RetrievalError(f"the index holds {len(index)} vectors but there are {len(documents)} documents")
         self.embedder, self.index, self.documents = embedder, index, documents
+        self._cache: dict[tuple[str, int], list[Hit]] = {}
 
     @classmethod
     def load(cls, directory: str | Path, embedder: Embedder | None = None) -> Retriever:
@@ -53,7 +54,14 @@ class Retriever:
         return cls(embedder, index, documents)
 
     def search(self, query: str, k: int = 5) -> list[Hit]:
-        return self.search_many([query], k)[0]
+        """The top-k hits for one query; repeated queries (every particle of a program asks the same
+        one) are answered from a cache."""
+        if (query, k) not in self._cache:
+            self._cache[query, k] = self.search_many([query], k)[0]
+        return self._cache[query, k]
+
+    def passages(self, query: str, k: int = 5) -> list[str]:
+        return [hit.text for hit in self.search(query, k)]
 
     def search_many(self, queries: list[str], k: int = 5) -> list[list[Hit]]:
         vectors = self.embedder.embed_queries(queries)
@@ -63,6 +71,12 @@ class Retriever:
     def _hit(self, row: int, score: float) -> Hit:
         d = self.documents[row]
         return Hit(d.id, d.text, float(score), d.title)
+
+
+def background_prompt(passages: list[str], prompt: str) -> str:
+    """A prompt with retrieved passages in front ("Background: ..."), the format RA-DIT trains on.
+    One passage per prompt gives separate contexts; all of them, one concatenated context."""
+    return "".join(f"Background: {p}\n\n" for p in passages) + prompt
 
 
 def build_retriever(docs: str | Path, out: str | Path, embedder: Embedder | None = None, kind: str = "auto",

@@ -224,9 +224,11 @@ class ModelDecl(Node):
 
 
 @dataclass(eq=False)
-class RewardDecl(Node):
-    """`reward_model NAME = "dir"`: a reward-model checkpoint the program may call with reward()."""
+class ResourceDecl(Node):
+    """`reward_model NAME = "dir"` or `retriever NAME = "dir"`: a model or index directory the program
+    may use through reward() or retrieve(); the only files a program can reach."""
 
+    kind: str  # "reward_model" | "retriever"
     name: str
     path: str
 
@@ -262,7 +264,7 @@ class Module(Node):
     source: str
     inputs: list[Input] = field(default_factory=list)
     models: list[ModelDecl] = field(default_factory=list)
-    rewards: list[RewardDecl] = field(default_factory=list)
+    resources: list[ResourceDecl] = field(default_factory=list)
     samplers: list[SamplerDecl] = field(default_factory=list)
     functions: list[FunctionDef] = field(default_factory=list)
     results: list[ResultDecl] = field(default_factory=list)

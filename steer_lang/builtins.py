@@ -14,6 +14,7 @@ from typing import Any
 
 import regex
 
+from retrieval.retriever import Retriever, background_prompt
 from steer import checks, masks, patterns
 from steer.checks import TokenCheck
 from steer.errors import SteerError
@@ -26,7 +27,7 @@ REGEX_TIMEOUT = 1.0  # seconds; a pathological pattern is an error, not a hang
 REQUIRED = object()
 
 # Types the checker knows.  "text" accepts a string or a token; "number" an int, float or bool.
-TYPES = ("str", "int", "float", "bool", "list", "token", "context", "mask")
+TYPES = ("str", "int", "float", "bool", "list", "token", "context", "mask", "reward_model", "retriever")
 
 
 class BuiltinError(Exception):
@@ -38,7 +39,7 @@ def type_of(value: Any) -> str:
         return "bool"
     for t, name in ((int, "int"), (float, "float"), (str, "str"), (list, "list"), (Token, "token"),
                     (LMContext, "context"), (TokenConstraint, "mask"), (TokenCheck, "mask"),
-                    (ScoringModel, "reward_model")):
+                    (ScoringModel, "reward_model"), (Retriever, "retriever")):
         if isinstance(value, t):
             return name
     return "none" if value is None else type(value).__name__
@@ -237,6 +238,12 @@ def _strings(name: str, items) -> list[str]:
     return [text(s) for s in items]
 
 
+def _retrieve(retriever: Retriever, query, k: int) -> list[str]:
+    if not 1 <= k <= 100:
+        raise BuiltinError(f"k must be between 1 and 100, got {k}")
+    return retriever.passages(text(query), k)
+
+
 def _b(name, params, returns, impl, doc, kind="function"):
     return Builtin(name, tuple(Param(*p) for p in params), returns, kind, impl, doc)
 
@@ -286,6 +293,12 @@ _BUILTINS = [
     _b("reward", [("model", "reward_model"), ("instruction", "text"), ("response", "text")], "float", None,
        "the reward model's score of response to instruction (use in score, twist, condition or an assignment)",
        kind="model_call"),
+    # retrievers (declared with `retriever NAME = "dir"`, an index of `steer index build`)
+    _b("retrieve", [("retriever", "retriever"), ("query", "text"), ("k", "int", 3)], "list", _retrieve,
+       "the texts of the k passages most similar to query, best first"),
+    _b("background", [("passages", "list"), ("prompt", "text")], "str",
+       lambda p, q: _sized(background_prompt(_strings("background", p), text(q))),
+       "prompt preceded by \"Background: passage\" for each passage (RA-DIT's format)"),
     # token masks (the `where` of a sample); combine with and / or / not
     _b("word_length", [("max", "int", None), ("min", "int", 1), ("allow_eos", "bool", True)], "mask",
        _word_length, "every word has between min and max letters", "mask"),

@@ -75,8 +75,8 @@ class _Checker:
                 self.error(node, f"a program has at most one `{kind}` declaration")
         for node in m.inputs:
             self._input(node)
-        for node in m.rewards:
-            self._reward_model(node)
+        for node in m.resources:
+            self._resource(node)
         for node in m.samplers[:1]:
             self._sampler(node)
         seen: set[str] = set()
@@ -117,11 +117,11 @@ class _Checker:
             self.error(node, f"input '{node.name}' needs a type or a default (e.g. `input {node.name}: str`)")
         self.inputs[node.name] = declared or actual or "any"
 
-    def _reward_model(self, node: ast.RewardDecl) -> None:
+    def _resource(self, node: ast.ResourceDecl) -> None:
         if node.name in self.inputs:
             self.error(node, f"'{node.name}' is already declared")
-        elif self._declared_name(node, node.name, "reward model"):
-            self.inputs[node.name] = "reward_model"  # read-only and visible everywhere, like an input
+        elif self._declared_name(node, node.name, node.kind.replace("_", " ")):
+            self.inputs[node.name] = node.kind  # read-only and visible everywhere, like an input
 
     def _sampler(self, node: ast.SamplerDecl) -> None:
         method = METHOD_ALIASES.get(node.method, node.method)
@@ -184,8 +184,12 @@ class _Checker:
 
     def _assign(self, node: ast.Node, name: str, value_type: str, scope: _Scope) -> None:
         if name in scope.readonly:
-            self.error(node, f"cannot assign to input '{name}' (inputs are read-only; copy it first: "
-                             f"`my_{name} = {name}`)")
+            kind = self.inputs.get(name)
+            if kind in ("reward_model", "retriever"):
+                self.error(node, f"cannot assign to {kind.replace('_', ' ')} '{name}' (it is declared once, at the top)")
+            else:
+                self.error(node, f"cannot assign to input '{name}' (inputs are read-only; copy it first: "
+                                 f"`my_{name} = {name}`)")
             return
         if not self._declared_name(node, name, "variable"):
             return

@@ -100,7 +100,7 @@ class _ToAST(Transformer):
     # -- module and declarations -------------------------------------------------------------------
     def start(self, meta, items):
         module = ast.Module(1, 1, self.filename, self.source)
-        lists = {ast.Input: module.inputs, ast.ModelDecl: module.models, ast.RewardDecl: module.rewards,
+        lists = {ast.Input: module.inputs, ast.ModelDecl: module.models, ast.ResourceDecl: module.resources,
                  ast.SamplerDecl: module.samplers,
                  ast.FunctionDef: module.functions, ast.ResultDecl: module.results, ast.Import: module.imports}
         for item in items:
@@ -118,9 +118,9 @@ class _ToAST(Transformer):
         path = None if value.type == "DEFAULT" else self._string(value)
         return ast.ModelDecl(*_pos(meta), path)
 
-    def reward_decl(self, meta, c):
-        name, path = c
-        return ast.RewardDecl(*_pos(name), str(name), self._string(path))
+    def resource_decl(self, meta, c):
+        kind, name, path = c[0], c[1], c[3]  # "!" keeps the keyword, and so "=" and the newline too
+        return ast.ResourceDecl(*_pos(name), str(kind), str(name), self._string(path))
 
     def sampler_decl(self, meta, c):
         method, *settings = c

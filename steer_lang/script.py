@@ -113,18 +113,20 @@ class Script:
         path = Path(self.module.models[0].path).expanduser()
         return path if path.is_absolute() else self.base_dir / path
 
-    def reward_models(self) -> dict[str, Any]:
-        """The reward models the file declares, loaded once (paths are relative to the file)."""
-        if getattr(self, "_reward_models", None) is None:
+    def resources(self) -> dict[str, Any]:
+        """The reward models and retrievers the file declares, loaded once (paths are relative to the file)."""
+        if getattr(self, "_resources", None) is None:
+            from retrieval.retriever import Retriever
             from steer.potentials import load_potential
 
+            # a reward model (sequence classifier) or a causal LM used as its own judge; an index directory
+            loaders = {"reward_model": load_potential, "retriever": Retriever.load}
             loaded = {}
-            for node in self.module.rewards:
+            for node in self.module.resources:
                 path = Path(node.path).expanduser()
-                # a reward model (sequence classifier) or a causal LM used as its own judge
-                loaded[node.name] = load_potential(path if path.is_absolute() else self.base_dir / path)
-            self._reward_models = loaded
-        return self._reward_models
+                loaded[node.name] = loaders[node.kind](path if path.is_absolute() else self.base_dir / path)
+            self._resources = loaded
+        return self._resources
 
     # -- running -----------------------------------------------------------------------------------
     def program(self, lm: LanguageModel, inputs: dict[str, Any] | None = None,
@@ -132,7 +134,7 @@ class Script:
         """The program as a `steer.Program` (one particle; the samplers copy it)."""
         values = self.input_values(inputs)
         limit = max_tokens if max_tokens is not None else self.settings(values)["max_tokens"]
-        return ScriptProgram(Code(self.module, lm, limit), {**values, **self.reward_models()})
+        return ScriptProgram(Code(self.module, lm, limit), {**values, **self.resources()})
 
     def run(self, lm: LanguageModel | None = None, *, inputs: dict[str, Any] | None = None,
             progress: bool = False, record_particles: bool = False, **overrides: Any) -> Posterior:

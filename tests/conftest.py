@@ -82,3 +82,50 @@ def gemma_reward_dir(tmp_path_factory):
                            limit=12, eval_fraction=0.34, save_steps=1000, progress=False, learning_rate=1e-4)
     metrics = train_reward(data, options)
     return Path(metrics["model"]), metrics
+
+
+WIKIPEDIA = "examples/data/wikipedia_passages.jsonl.gz"
+
+
+def wikipedia_rows(articles: int, per_article: int) -> list[dict]:
+    """The first paragraphs of the first articles of the vendored Wikipedia passages."""
+    import gzip
+    import json
+    from pathlib import Path
+
+    rows: dict[str, list[dict]] = {}
+    with gzip.open(Path(__file__).resolve().parents[1] / WIKIPEDIA, "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if row["title"] not in rows and len(rows) == articles:
+                break
+            rows.setdefault(row["title"], []).append(row)
+    return [r for paragraphs in rows.values() for r in paragraphs[:per_article]]
+
+
+@pytest.fixture(scope="session")
+def wiki_docs(tmp_path_factory):
+    """48 real Wikipedia paragraphs of 4 articles (12 each) as a JSONL corpus."""
+    import json
+
+    path = tmp_path_factory.mktemp("wiki") / "docs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in wikipedia_rows(4, 12)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The real sentence encoder (all-MiniLM-L6-v2 from its PyPI package)."""
+    from retrieval.embedders import SentenceEmbedder
+
+    return SentenceEmbedder()
+
+
+@pytest.fixture(scope="session")
+def wiki_index(wiki_docs, minilm, tmp_path_factory):
+    """A MiniLM flat index of the 48 paragraphs of `wiki_docs`."""
+    from retrieval.retriever import build_retriever
+
+    out = tmp_path_factory.mktemp("wiki-index")
+    build_retriever(wiki_docs, out, embedder=minilm, progress=False)
+    return out

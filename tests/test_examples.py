@@ -1,5 +1,6 @@
 """The paper's example programs, on the real default model."""
 
+import math
 import re
 import sys
 from pathlib import Path
@@ -44,3 +45,18 @@ def test_prompt_intersection(gemma):
         a, b = particle.contexts
         assert a.generated == b.generated and 1 <= len(a.generated) <= 6
     assert post.log_ml > float("-inf")
+
+
+def test_retrieved_passages_as_separate_contexts(gemma, wiki_index, minilm):
+    from retrieval.retriever import Retriever
+    from retrieval_intersection import retrieval_program
+
+    retriever = Retriever.load(wiki_index, embedder=minilm)
+    program = retrieval_program(gemma, retriever, "What does anarchism advocate?", k=2, max_tokens=4)
+    hits = retriever.search("What does anarchism advocate?", 2)
+    prompts = [gemma.decode(c.tokens[:c.prompt_length]) for c in program.contexts]
+    assert len(prompts) == 2
+    for prompt, hit in zip(prompts, hits):
+        assert prompt.endswith(f"Background: {hit.text}\n\nQuestion: What does anarchism advocate?\nAnswer:")
+    posterior = steer.run(program, "smc", particles=2, seed=0)
+    assert math.isfinite(posterior.log_ml) and all(len(p.contexts[0].generated) <= 4 for p in posterior.particles)

@@ -81,6 +81,11 @@ def one_error(source):
     ("model default\nmodel default\n", 4, 1, "at most one `model`"),
     ('context d = "x", healing = false\n', 3, 18, "unknown context option 'healing'"),
     ('context d = "x", heal = 3\n', 3, 25, "`heal` must be true or false"),
+    # retrievers
+    ('x = retrieve("wiki", prompt)\n', 3, 14, "must be retriever, got str"),
+    ('retriever wiki = "idx"\nwiki = 3\n', 4, 1, "cannot assign to retriever 'wiki'"),
+    ('retriever prompt = "idx"\n', 3, 11, "'prompt' is already declared"),
+    ('retriever wiki = "idx"\nx = retrieve(wiki)\n', 4, 5, "missing argument 'query'"),
 ])
 def test_error_kinds_with_exact_positions(source, line, col, fragment):
     found = errors(source)

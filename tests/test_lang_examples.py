@@ -24,7 +24,7 @@ def run(name, lm, **options):
 def test_every_example_is_tested():
     tested = {"short_words", "infilling", "prompt_intersection", "date_format", "required_words",
               "soft_preference", "phone_number", "json_object", "arithmetic", "lipogram", "banned_words",
-              "reward_guided"}
+              "reward_guided", "retrieval_qa"}
     assert {p.stem for p in EXAMPLES.glob("*.steer")} == tested
 
 
@@ -139,3 +139,22 @@ def test_reward_guided(gemma, gemma_reward_dir):
     assert len(set(rewards)) > 1  # different answers, different rewards
     for p, r in zip(post.particles, rewards):
         assert p.weight == pytest.approx(r / values["temperature"], abs=1e-4)
+
+
+def test_retrieval_qa_puts_the_retrieved_passages_in_front_of_the_question(gemma, wiki_index, minilm, tmp_path):
+    import shutil
+
+    from retrieval.retriever import Retriever
+
+    shutil.copy(EXAMPLES / "retrieval_qa.steer", tmp_path)
+    (tmp_path / "wiki-index").symlink_to(wiki_index)
+    script = Script.from_file(tmp_path / "retrieval_qa.steer")
+    post = script.run(gemma, seed=0, particles=2, inputs={"max_tokens": 6})
+    assert math.isfinite(post.log_ml)
+    values = script.input_values()
+    passages = Retriever.load(wiki_index, embedder=minilm).search(values["question"], values["k"])
+    assert [h.title for h in passages][0] == "Anarchism"
+    expected = "".join(f"Background: {h.text}\n\n" for h in passages) + f"Question: {values['question']}\nAnswer:"
+    for p in post.particles:
+        context = p.env["answer"]
+        assert gemma.decode(context.tokens[:context.prompt_length]).endswith(expected)

@@ -193,7 +193,7 @@ repeat {steps}:
 score reward(judge, "say", text(c)) / {temperature}
 """
     script = Script.from_source(source, "judge.steer")
-    judge = script.reward_models()["judge"]
+    judge = script.resources()["judge"]
     eos = next(iter(tiny_lm.vocab.eos_ids))
     target = {}
     for seq, logp in complete_sequences(tiny_lm, tiny_lm.encode(""), steps).items():

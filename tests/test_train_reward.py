@@ -212,7 +212,7 @@ def test_steer_file_reward_potential_targets_lm_times_exp_reward(tiny_lm, tiny_r
 
     source = STEER_PROGRAM.format(path=tiny_reward_dir, temperature=TEMPERATURE, T=T)
     script = Script.from_source(source, "reward.steer")
-    exact, log_z = exact_reward_target(tiny_lm, script.reward_models()["judge"])
+    exact, log_z = exact_reward_target(tiny_lm, script.resources()["judge"])
     estimate, log_mls = {}, []
     for seed in range(3):
         post = script.run(tiny_lm, particles=1000, seed=seed)

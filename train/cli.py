@@ -1,4 +1,4 @@
-"""`steer train sft|dpo|reward|strength`: the trainers from the command line.
+"""`steer train ...`: the trainers (and the In-Context Pretraining ordering) from the command line.
 
 Every command takes the same run flags (model, data, output, length of training, LoRA, seed,
 checkpoints, resume) and writes `OUT/metrics.json` at the end; the trained model lands in `OUT/model`.
@@ -11,6 +11,7 @@ import json
 import sys
 
 from steer.cli import positive
+from steer.errors import SteerError
 
 from .common import TrainOptions
 
@@ -117,10 +118,37 @@ def _self_reward(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from .pretrain import pretrain
+
+    metrics = pretrain(args.data, _options(args), config=args.config, eval_data=args.eval_data)
+    print(json.dumps({"out": metrics["model"], "steps": metrics["train"]["steps"],
+                      "perplexity_before": (metrics.get("eval_before") or {}).get("perplexity"),
+                      "perplexity": (metrics.get("eval") or {}).get("perplexity")}))
+    return 0
+
+
+def _icp_order(args: argparse.Namespace) -> int:
+    from retrieval.embedders import load_embedder
+
+    from .common import load_tokenizer, model_dir
+    from .icp import order_corpus
+
+    if not 0 < args.dedup <= 1.0001:
+        raise SteerError(f"--dedup must be a cosine threshold in (0, 1], got {args.dedup}")
+    stats = order_corpus(args.docs, args.out, k=args.k, window=args.window, dedup=args.dedup, variant=args.variant,
+                         embedder=load_embedder(args.embedder), tokenizer=load_tokenizer(model_dir(args.model)),
+                         output_format=args.format, seed=args.seed, limit=args.limit, batch_size=args.batch_size,
+                         progress=not args.no_progress)
+    shown = ("documents", "duplicates_removed", "ordered", "windows", "tokens", "adjacent_cosine", "topics")
+    print(json.dumps({"out": args.out, **{k: stats[k] for k in shown if k in stats}}))
+    return 0
+
+
 def add_commands(commands) -> None:
     from .dpo import LOSS_TYPES
 
-    train = commands.add_parser("train", help="train models: sft, dpo, reward, strength, self-reward")
+    train = commands.add_parser("train", help="train models: sft, dpo, reward, strength, self-reward, icp-order, pretrain")
     kinds = train.add_subparsers(dest="trainer", required=True, parser_class=type(train))
 
     sft = kinds.add_parser("sft", help="supervised fine-tuning on prompt/completion or messages JSONL")
@@ -178,6 +206,34 @@ def add_commands(commands) -> None:
                       help="training prompts taken from the seed data")
     loop.add_argument("--beta", type=float, default=0.1, help="DPO beta")
     loop.set_defaults(handler=_self_reward)
+
+    from .pretrain import CONFIGS
+
+    pre = kinds.add_parser("pretrain", help="causal-LM training on packed windows (e.g. from icp-order)")
+    _run_flags(pre, lr=3e-4)
+    pre.add_argument("--config", choices=sorted(CONFIGS), default=None,
+                     help="train a model of this size from scratch instead of continuing --model")
+    pre.add_argument("--eval-data", default=None, help="held-out windows for perplexity (default: --eval-fraction)")
+    pre.set_defaults(handler=_pretrain)
+
+    icp = kinds.add_parser("icp-order", help="order a corpus for In-Context Pretraining and pack it into windows")
+    icp.add_argument("--docs", required=True, help="JSONL documents: 'text' (and 'id', 'title')")
+    icp.add_argument("--out", required=True, help="directory for order.jsonl, windows and stats.json")
+    icp.add_argument("--k", type=positive("--k"), default=10, help="neighbours per document")
+    icp.add_argument("--window", type=positive("--window"), default=2048, help="tokens per training window")
+    icp.add_argument("--dedup", type=float, default=0.95,
+                     help="drop one of two documents at cosine >= this (1.0 drops exact copies only)")
+    icp.add_argument("--variant", choices=("icp", "reference"), default="icp",
+                     help="icp: the paper's min-degree greedy traversal; reference: the released code's "
+                          "own-top-k chains with a cluster cap")
+    icp.add_argument("--format", choices=("jsonl", "arrow"), default="jsonl", help="windows as JSONL or datasets Arrow")
+    icp.add_argument("--embedder", default=None, help="'minilm' (default) or a sentence-transformers directory")
+    icp.add_argument("--model", default=None, help="model directory whose tokenizer packs the windows (default model)")
+    icp.add_argument("--seed", type=int, default=0, help="seed of the window shuffle")
+    icp.add_argument("--limit", type=positive("--limit"), default=None, help="only the first N documents")
+    icp.add_argument("--batch-size", type=positive("--batch-size"), default=64, help="embedding batch size")
+    icp.add_argument("--no-progress", action="store_true")
+    icp.set_defaults(handler=_icp_order)
 
 
 if __name__ == "__main__":  # pragma: no cover
