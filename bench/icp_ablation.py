@@ -80,7 +80,8 @@ def main() -> None:
     held_natural, _ = pack(tokens([d.id for d in held_docs]), eos, args.window, bos)
     shuffled = [held_docs[i].id for i in rng.permutation(len(held_docs))]
     held_random, _ = pack(tokens(shuffled), eos, args.window, bos)
-    eval_natural = write_windows(out / "eval_article_order.jsonl", held_natural)
+    # Both held-out sets go into the training-time evaluation so the data vocabulary covers them.
+    eval_both = write_windows(out / "eval_windows.jsonl", held_natural + held_random)
 
     results = {}
     for arm, windows in arms.items():
@@ -92,11 +93,11 @@ def main() -> None:
 
             shutil.rmtree(run_dir)
         started = time.perf_counter()
-        metrics = pretrain(windows, options, config=args.config, eval_data=eval_natural)
+        metrics = pretrain(windows, options, config=args.config, eval_data=eval_both)
         results[arm] = {
             "windows": metrics["windows"]["train"], "train_tokens": metrics["tokens"]["train"],
             "parameters": metrics["parameters"], "train_loss": metrics["train"]["loss"],
-            "ppl_article_order": metrics["eval"]["perplexity"],
+            "ppl_article_order": perplexity(metrics["model"], held_natural),
             "ppl_random_order": perplexity(metrics["model"], held_random),
             "seconds": time.perf_counter() - started,
         }

@@ -13,6 +13,7 @@ from .distributions import (
 from .errors import ModelLoadError, ParticlesDiedError, SteerError
 from .generate import Generate
 from .lm import HFLanguageModel, LanguageModel, LMContext, Token, Vocabulary
+from .mixture import MixtureContext
 from .models import load_model, tiny_model
 from .program import Program, SubProgram, program
 from .smc import Posterior, StepRecord, importance_sampling, run, smc, smc_steer
@@ -28,6 +29,7 @@ __all__ = [
     "HFLanguageModel",
     "LMContext",
     "LanguageModel",
+    "MixtureContext",
     "ModelLoadError",
     "NextToken",
     "NextWord",

@@ -45,6 +45,18 @@ class LogprobsRequest(Request):
         return self.context.lm
 
 
+class AllOf(Request):
+    """Several requests awaited together, served in the same round (e.g. one per context of a
+    mixture); the result is the list of their results."""
+
+    def __init__(self, requests: Iterable[Request]):
+        self.requests = list(requests)
+
+    @property
+    def result(self) -> list[Any]:
+        return [r.result for r in self.requests]
+
+
 def run_batched(coroutines: Iterable[Coroutine]) -> None:
     """Run coroutines to completion, serving their requests one batched round at a time."""
     waiting: list[tuple[Coroutine, Any]] = [(c, None) for c in coroutines]
@@ -77,7 +89,8 @@ def _drive(waiting: list[tuple[Coroutine, Any]]) -> None:
 
 def _serve(requests: list[Request]) -> None:
     by_server: dict[int, tuple[Any, list[Request]]] = {}
-    for request in requests:
+    flat = [part for r in requests for part in (r.requests if isinstance(r, AllOf) else [r])]
+    for request in flat:
         server = request.server
         by_server.setdefault(id(server), (server, []))[1].append(request)
     for server, batch in by_server.values():

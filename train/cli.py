@@ -128,6 +128,35 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _llara(args: argparse.Namespace) -> int:
+    from .llara import train_llara
+
+    metrics = train_llara(args.data, _options(args))
+    print(json.dumps({"out": metrics["model"], "steps": metrics["train"]["steps"],
+                      "eval_loss_before": (metrics.get("eval_before") or {}).get("eval_loss"),
+                      "eval_loss": (metrics.get("eval") or {}).get("eval_loss")}))
+    return 0
+
+
+def _radit_lm(args: argparse.Namespace) -> int:
+    from .radit import train_radit_lm
+
+    metrics = train_radit_lm(args.data, args.index, _options(args), k=args.k)
+    _summary(metrics, ("eval_loss", "eval_mean_token_accuracy"))
+    return 0
+
+
+def _radit_retriever(args: argparse.Namespace) -> int:
+    from .radit import train_radit_retriever
+
+    metrics = train_radit_retriever(args.data, args.index, args.out, lm=args.model, k=args.k, tau=args.tau,
+                                    epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                                    limit=args.limit, seed=args.seed, progress=not args.no_progress)
+    print(json.dumps({"out": args.out, **{k: metrics[k] for k in (
+        "lsr_loss_before", "lsr_loss_after", "lsr_best_ranked_first_before", "lsr_best_ranked_first_after")}}))
+    return 0
+
+
 def _icp_order(args: argparse.Namespace) -> int:
     from retrieval.embedders import load_embedder
 
@@ -148,7 +177,7 @@ def _icp_order(args: argparse.Namespace) -> int:
 def add_commands(commands) -> None:
     from .dpo import LOSS_TYPES
 
-    train = commands.add_parser("train", help="train models: sft, dpo, reward, strength, self-reward, icp-order, pretrain")
+    train = commands.add_parser("train", help="train models: sft, dpo, reward, strength, self-reward, icp-order, pretrain, llara, radit-lm, radit-retriever")
     kinds = train.add_subparsers(dest="trainer", required=True, parser_class=type(train))
 
     sft = kinds.add_parser("sft", help="supervised fine-tuning on prompt/completion or messages JSONL")
@@ -206,6 +235,34 @@ def add_commands(commands) -> None:
                       help="training prompts taken from the seed data")
     loop.add_argument("--beta", type=float, default=0.1, help="DPO beta")
     loop.set_defaults(handler=_self_reward)
+
+    llara = kinds.add_parser("llara", help="adapt a causal LM into a text embedder (LLaRA: EBAE + EBAR)")
+    _run_flags(llara, lr=1e-4)
+    llara.set_defaults(handler=_llara, max_length=128)
+    llara.epilog = ("--data: rows with 'passage' and 'next', or documents with 'article-paragraph' ids "
+                    "(examples/data/wikipedia_passages.jsonl.gz); --max-length caps passage tokens")
+
+    radit_lm = kinds.add_parser("radit-lm", help="RA-DIT LM-ft: SFT with one retrieved chunk per example")
+    _run_flags(radit_lm, lr=5e-5)
+    radit_lm.add_argument("--index", required=True, help="index directory of `steer index build`")
+    radit_lm.add_argument("--k", type=positive("--k"), default=2, help="chunks per question (one per example)")
+    radit_lm.set_defaults(handler=_radit_lm)
+    radit_lm.epilog = "--data: JSONL rows with 'question' and 'answer'"
+
+    radit_r = kinds.add_parser("radit-retriever", help="RA-DIT R-ft: tune the query encoder with LM-supervised retrieval")
+    radit_r.add_argument("--data", required=True, help="JSONL rows with 'question' and 'answer'")
+    radit_r.add_argument("--index", required=True, help="index directory (built with MiniLM)")
+    radit_r.add_argument("--out", required=True, help="embedder directory to write (dual.json + query_encoder/)")
+    radit_r.add_argument("--model", default=None, help="the LM that scores chunks (default: Gemma 3 270M)")
+    radit_r.add_argument("--k", type=positive("--k"), default=4, help="retrieved chunks scored per question")
+    radit_r.add_argument("--tau", type=float, default=0.1, help="temperature of p_LSR and p_R")
+    radit_r.add_argument("--epochs", type=positive("--epochs"), default=2)
+    radit_r.add_argument("--batch-size", type=positive("--batch-size"), default=8)
+    radit_r.add_argument("--lr", type=float, default=2e-5)
+    radit_r.add_argument("--limit", type=positive("--limit"), default=None)
+    radit_r.add_argument("--seed", type=int, default=0)
+    radit_r.add_argument("--no-progress", action="store_true")
+    radit_r.set_defaults(handler=_radit_retriever)
 
     from .pretrain import CONFIGS
 

@@ -1,0 +1,125 @@
+"""RA-DIT: the LSR loss against a direct computation, R-ft changing only the query encoder, LM-ft,
+parallel retrieval-augmented likelihood, cloze questions and ranking metrics."""
+
+import hashlib
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval.corpus import load_documents
+from retrieval.embedders import DualEmbedder, RetrievalError, load_embedder
+from retrieval.retriever import Retriever, background_prompt
+from steer.cli import main
+from steer.jsonl import DataError
+from steer.template import format_prompt
+from train.common import load_causal_lm, load_tokenizer
+from train.radit import (
+    QA,
+    cloze_questions,
+    load_qa,
+    lsr_loss,
+    parallel_log_likelihood,
+    ranking_metrics,
+    train_radit_retriever,
+    write_qa,
+)
+
+
+def test_lsr_loss_equals_a_direct_computation():
+    retriever = np.array([[0.9, 0.5, 0.1, 0.3], [0.2, 0.8, 0.75, 0.1]])
+    lm = np.array([[-1.2, -0.4, -2.0, -0.9], [-3.0, -0.2, -0.25, -1.0]])
+    tau, tau_r = 0.5, 0.1
+    direct = 0.0
+    for r, s in zip(retriever, lm):
+        p_r = np.exp(r / tau_r) / np.exp(r / tau_r).sum()
+        p_lsr = np.exp(s / tau) / np.exp(s / tau).sum()
+        direct += float(np.sum(p_r * np.log(p_r / p_lsr)))
+    got = lsr_loss(torch.tensor(retriever), torch.tensor(lm), tau=tau, retriever_tau=tau_r).item()
+    assert got == pytest.approx(direct / 2, abs=1e-6)
+    same = torch.tensor([[1.0, 2.0]])
+    assert lsr_loss(same, same, tau=1.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_ranking_metrics_by_hand():
+    ranked = [["a", "b", "c"], ["x", "y", "z"], ["p", "q"]]
+    metrics = ranking_metrics(ranked, ["a", "z", "missing"], ks=(1, 3))
+    assert metrics["recall@1"] == pytest.approx(1 / 3) and metrics["recall@3"] == pytest.approx(2 / 3)
+    assert metrics["ndcg@10"] == pytest.approx((1 + 1 / math.log2(4) + 0) / 3)
+
+
+def test_cloze_questions_blank_a_year_of_their_source(wiki_docs):
+    documents = {d.id: d for d in load_documents(wiki_docs)}
+    questions = cloze_questions(list(documents.values()))
+    assert len(questions) >= 5
+    for q in questions:
+        assert "____" in q.question and q.answer not in q.question
+        assert q.answer in documents[q.source].text
+
+
+def test_bad_qa_rows_name_their_line(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"question": "q", "answer": "a"}\n{"question": "q", "answer": ""}\n')
+    with pytest.raises(DataError, match=r"qa.jsonl:2: field 'answer' must be a non-empty string"):
+        load_qa(path)
+
+
+def files_digest(directory):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def test_rft_changes_only_the_query_encoder(wiki_index, wiki_docs, tiny_text_dir, minilm, tmp_path):
+    questions = cloze_questions(load_documents(wiki_docs))
+    index_before, lm_before = files_digest(wiki_index), files_digest(tiny_text_dir)
+    metrics = train_radit_retriever(questions, wiki_index, tmp_path / "rft", lm=str(tiny_text_dir), k=3,
+                                    epochs=3, batch_size=4, learning_rate=1e-4, progress=False)
+    assert files_digest(wiki_index) == index_before and files_digest(tiny_text_dir) == lm_before
+    assert metrics["lsr_loss_after"] < metrics["lsr_loss_before"]
+    dual = load_embedder(str(tmp_path / "rft"))
+    assert isinstance(dual, DualEmbedder) and dual.name == minilm.name
+    texts = ["Anarchism is a political philosophy.", questions[0].question]
+    np.testing.assert_allclose(dual.embed_passages(texts), minilm.embed_passages(texts), atol=1e-6)
+    assert not np.allclose(dual.embed_queries(texts), minilm.embed_queries(texts), atol=1e-4)
+    hits = Retriever.load(wiki_index, embedder=dual).search(questions[0].question, 3)
+    assert len(hits) == 3
+
+
+def test_rft_refuses_an_index_of_another_embedder(wiki_index, tmp_path):
+    index = tmp_path / "other"
+    index.mkdir()
+    for f in wiki_index.iterdir():
+        (index / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((index / "index.json").read_text())
+    (index / "index.json").write_text(json.dumps({**meta, "embedder": "some-other-model"}))
+    with pytest.raises(RetrievalError, match="unknown embedder 'some-other-model'"):
+        train_radit_retriever([QA("q?", "1900")], index, tmp_path / "o", progress=False)
+
+
+def test_parallel_likelihood_is_the_mixture_of_per_chunk_likelihoods(tiny_text_dir):
+    tokenizer, model = load_tokenizer(tiny_text_dir), load_causal_lm(tiny_text_dir).eval()
+    chunks, probs = ["first chunk", "a second, longer chunk"], np.array([0.25, 0.75])
+    question, answer = "what?", "1900"
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    direct = []
+    for chunk in chunks:  # one plain forward pass per chunk
+        ids = tokenizer(format_prompt(background_prompt([chunk], question)))["input_ids"] + answer_ids
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        start = len(ids) - len(answer_ids)
+        direct.append(sum(logprobs[start - 1 + i, t].item() for i, t in enumerate(answer_ids)))
+    want = math.log(sum(p * math.exp(d) for p, d in zip(probs, direct)))
+    assert parallel_log_likelihood(model, tokenizer, chunks, probs, question, answer) == pytest.approx(want, abs=1e-4)
+
+
+def test_radit_lm_cli_trains_on_retrieved_prompts(wiki_index, wiki_docs, tiny_long_dir, tmp_path, capsys):
+    qa = tmp_path / "qa.jsonl"
+    write_qa(qa, cloze_questions(load_documents(wiki_docs))[:6])
+    assert main(["train", "radit-lm", "--data", str(qa), "--index", str(wiki_index), "--model", str(tiny_long_dir),
+                 "--out", str(tmp_path / "lmft"), "--max-steps", "2", "--k", "2", "--max-length", "2048",
+                 "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 2
+    metrics = json.loads((tmp_path / "lmft" / "metrics.json").read_text())
+    assert metrics["questions"] == 6 and metrics["examples"]["train"] + metrics["examples"]["eval"] == 12
