@@ -100,6 +100,9 @@ class LLMEmbedder:
     @classmethod
     def load(cls, directory: str | Path) -> LLMEmbedder:
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
         directory = Path(directory)
         if not (directory / "config.json").is_file():
