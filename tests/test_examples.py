@@ -5,6 +5,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import steer
@@ -48,8 +49,9 @@ def test_prompt_intersection(gemma):
 
 
 def test_retrieved_passages_as_separate_contexts(gemma, wiki_index, minilm):
+    from retrieval_contexts import retrieval_program
+
     from retrieval.retriever import Retriever
-    from retrieval_intersection import retrieval_program
 
     retriever = Retriever.load(wiki_index, embedder=minilm)
     program = retrieval_program(gemma, retriever, "What does anarchism advocate?", k=2, max_tokens=4)
@@ -60,3 +62,11 @@ def test_retrieved_passages_as_separate_contexts(gemma, wiki_index, minilm):
         assert prompt.endswith(f"Background: {hit.text}\n\nQuestion: What does anarchism advocate?\nAnswer:")
     posterior = steer.run(program, "smc", particles=2, seed=0)
     assert math.isfinite(posterior.log_ml) and all(len(p.contexts[0].generated) <= 4 for p in posterior.particles)
+
+    mixture = retrieval_program(gemma, retriever, "What does anarchism advocate?", k=2, max_tokens=3, combine="mixture")
+    scores = np.array([h.score for h in hits]) / 0.05
+    np.testing.assert_allclose(mixture.mixture.weights, np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum())
+    posterior = steer.run(mixture, "smc", particles=2, seed=0)
+    assert abs(posterior.log_ml) < 1e-6  # sampled from the mixture itself: every weight is 1
+    for p in posterior.particles:  # posterior context weights: prior x likelihood of what was generated
+        assert np.isclose(p.mixture.weights.sum(), 1) and len(p.mixture.generated) <= 3
