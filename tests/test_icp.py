@@ -214,3 +214,14 @@ def test_icp_order_cli_writes_arrow_and_reports_bad_input(wiki_docs, tmp_path, c
     bad.write_text('{"id": "a", "text": "one"}\n{"id": "a", "text": "two"}\n')
     assert main(["train", "icp-order", "--docs", str(bad), "--out", str(tmp_path / "x")]) == 2
     assert "dup.jsonl:2: duplicate id 'a'" in capsys.readouterr().err
+
+
+def test_a_one_document_corpus_orders_to_itself(minilm, gemma_tokenizer, tmp_path):
+    docs = tmp_path / "one.jsonl"
+    docs.write_text(json.dumps({"id": "only", "text": "A single short document."}) + "\n")
+    stats = order_corpus(docs, tmp_path / "out", k=10, window=4, embedder=minilm, tokenizer=gemma_tokenizer,
+                         progress=False)
+    assert stats["ordered"] == 1 and stats["windows"] >= 1
+    assert stats["adjacent_cosine"]["ordered"] is None  # no adjacent pair: null, not NaN
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["documents"] == 1
+    assert [json.loads(line)["id"] for line in (tmp_path / "out" / "order.jsonl").read_text().splitlines()] == ["only"]

@@ -135,3 +135,14 @@ def test_exact_match_reads_the_first_line_of_greedy_answers(tiny_long_dir, wiki_
     for r in (result, retrieved):
         assert r["n"] == 1 and r["exact_match"] in (0.0, 1.0) and len(r["examples"]) == 1
         assert r["exact_match"] == float(_normalise(r["examples"][0]["output"]) == "1840")
+
+
+def test_a_query_encoder_of_another_dimension_is_refused(minilm, tmp_path):
+    from sentence_transformers import SentenceTransformer, models
+
+    narrow = SentenceTransformer(modules=[minilm.model[0], minilm.model[1], models.Dense(384, 128)], device="cpu")
+    narrow.save(str(tmp_path / "query_encoder"))
+    (tmp_path / "dual.json").write_text(json.dumps({"passage_embedder": "all-MiniLM-L6-v2",
+                                                    "query_encoder": "query_encoder"}))
+    with pytest.raises(RetrievalError, match="query encoder gives 128-d vectors but passages are 384-d"):
+        load_embedder(str(tmp_path))

@@ -28,6 +28,8 @@ from retrieval.embedders import Embedder, load_embedder
 from retrieval.index import VectorIndex, self_knn
 from steer.jsonl import DataError
 
+from .common import finite
+
 log = logging.getLogger(__name__)
 
 VARIANTS = ("icp", "reference")
@@ -308,6 +310,7 @@ def order_corpus(docs: str | Path, out: str | Path, *, k: int = 10, window: int 
     _write_windows(out, window_rows, output_format)
     stats = _stats(documents, vectors, result, lengths, spans, body, leftover, k, dedup, variant, seed)
     stats["window"], stats["bos"] = window, bos is not None
+    stats = finite(stats)  # a one-document corpus has no adjacent pairs: null, not NaN
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats
 

@@ -114,22 +114,19 @@ def train_radit_lm(data: str | Path | list[QA], index: str | Path, options: Trai
 
 
 # -- scoring with the LM -----------------------------------------------------------------------------
-def answer_log_likelihoods(model, tokenizer, prompts: list[str], answer: str, batch_size: int = 4) -> np.ndarray:
-    """log p(answer | prompt) / (answer tokens) for each prompt (prompts are templated instructions)."""
+def answer_log_likelihoods(model, tokenizer, prompts: list[str], answer: str) -> np.ndarray:
+    """log p(answer | prompt) / (answer tokens) for each prompt (prompts are templated instructions).
+
+    One unpadded forward pass per prompt, with the LM head applied only where the answer is
+    predicted: over a 262k-token vocabulary the head, not the trunk, would dominate otherwise."""
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    n = len(answer_ids)
     scores = []
     with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            rows = [tokenizer(p)["input_ids"] + answer_ids for p in prompts[start:start + batch_size]]
-            width = max(map(len, rows))
-            ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, r in enumerate(rows):
-                ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
-            logprobs = torch.log_softmax(model(ids, attention_mask=mask).logits.float(), -1)
-            for i, r in enumerate(rows):
-                positions = torch.arange(len(r) - len(answer_ids) - 1, len(r) - 1)
-                scores.append(logprobs[i, positions, torch.tensor(answer_ids)].sum().item() / len(answer_ids))
+        for prompt in prompts:
+            ids = torch.tensor([tokenizer(prompt)["input_ids"] + answer_ids])
+            logits = model(ids, logits_to_keep=n + 1).logits[0, :-1].float()
+            scores.append(torch.log_softmax(logits, -1)[torch.arange(n), answer_ids].sum().item() / n)
     return np.asarray(scores)
 
 
