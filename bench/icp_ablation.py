@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,19 +22,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval.corpus import load_documents  # noqa: E402
-from steer.models import cache_dir  # noqa: E402
-from train.common import TrainOptions, load_tokenizer, model_dir  # noqa: E402
-from train.icp import order_corpus, pack, starts_with_bos  # noqa: E402
-from train.pretrain import perplexity, pretrain  # noqa: E402
+from retrieval.corpus import load_documents
+from retrieval.llm_embedder import starts_with_bos
+from steer.models import cache_dir
+from train.common import TrainOptions, load_tokenizer, model_dir
+from train.icp import order_corpus, pack
+from train.pretrain import perplexity, pretrain
 
 WIKI = Path(__file__).resolve().parents[1] / "examples/data/wikipedia_passages.jsonl.gz"
 
 
 def write_windows(path: Path, windows: list[list[int]]) -> Path:
     with open(path, "w") as f:
-        for w in windows:
-            f.write(json.dumps({"input_ids": w}) + "\n")
+        f.writelines(json.dumps({"input_ids": w}) + "\n" for w in windows)
     return path
 
 
@@ -59,13 +60,12 @@ def main() -> None:
     held_docs = [d for d in documents if d.title in held_titles]
     corpus = out / "train_docs.jsonl"
     with open(corpus, "w") as f:
-        for d in train_docs:
-            f.write(json.dumps({"id": d.id, "title": d.title, "text": d.text}) + "\n")
+        f.writelines(json.dumps({"id": d.id, "title": d.title, "text": d.text}) + "\n" for d in train_docs)
 
     tokenizer = load_tokenizer(model_dir(None))
     eos, bos = tokenizer.eos_token_id, starts_with_bos(tokenizer)
     stats = order_corpus(corpus, out / "icp", k=args.k, window=args.window, seed=args.seed, tokenizer=tokenizer)
-    ordered_ids = [json.loads(line)["id"] for line in open(out / "icp" / "order.jsonl")]
+    ordered_ids = [json.loads(line)["id"] for line in (out / "icp" / "order.jsonl").read_text().splitlines()]
     text = {d.id: d.text for d in documents}
 
     def tokens(ids: list[str]) -> list[list[int]]:
@@ -89,8 +89,6 @@ def main() -> None:
                                learning_rate=args.lr, seed=args.seed, save_steps=10_000, eval_fraction=0.0)
         run_dir = Path(options.out)
         if run_dir.exists():
-            import shutil
-
             shutil.rmtree(run_dir)
         started = time.perf_counter()
         metrics = pretrain(windows, options, config=args.config, eval_data=eval_both)

@@ -17,7 +17,7 @@ from steer.jsonl import DataError, read_jsonl
 
 from .embedders import Embedder
 
-EMBEDDINGS, IDS = "embeddings.npy", "ids.json"
+EMBEDDINGS, IDS, EMBEDDER = "embeddings.npy", "ids.json", "embedder.json"
 
 
 @dataclass(frozen=True)
@@ -55,14 +55,18 @@ def load_documents(path: str | Path, text_field: str = "text", id_field: str = "
 
 
 def embed_documents(embedder: Embedder, texts: list[str], out: str | Path | None = None,
-                    batch_size: int = 64, chunk: int = 4096, progress: bool = True) -> np.ndarray:
+                    ids: list[str] | None = None, batch_size: int = 64, chunk: int = 4096,
+                    progress: bool = True) -> np.ndarray:
     """Passage embeddings of `texts`, (n, dim) float32 and unit length.
 
-    With `out`, they are written chunk by chunk into `out/embeddings.npy` and returned memory-mapped.
+    With `out`, they are written chunk by chunk into `out/embeddings.npy` and returned memory-mapped;
+    the documents' `ids` go to `ids.json` and the embedder's name to `embedder.json` beside them.
     """
     n = len(texts)
     if out is None:
         return embedder.embed_passages(texts, batch_size=batch_size, progress=progress)
+    if ids is None or len(ids) != n:
+        raise ValueError("embeddings written to disk need one id per text")
     path = Path(out) / EMBEDDINGS
     path.parent.mkdir(parents=True, exist_ok=True)
     matrix = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, embedder.dim))
@@ -71,15 +75,25 @@ def embed_documents(embedder: Embedder, texts: list[str], out: str | Path | None
             matrix[start:start + chunk] = embedder.embed_passages(texts[start:start + chunk], batch_size=batch_size)
             bar.update(min(chunk, n - start))
     matrix.flush()
+    Path(out, IDS).write_text(json.dumps(ids))
+    Path(out, EMBEDDER).write_text(json.dumps({"name": embedder.name, "dim": embedder.dim}))
     return np.load(path, mmap_mode="r")
 
 
-def save_ids(out: str | Path, ids: list[str]) -> None:
-    Path(out, IDS).write_text(json.dumps(ids))
+def cached_embeddings(directory: str | Path, embedder_name: str, ids: list[str]) -> np.ndarray | None:
+    """The embeddings stored in `directory` if the embedder `embedder_name` made them for exactly
+    these `ids` (in this order), else None."""
+    directory = Path(directory)
+    if not all((directory / f).is_file() for f in (EMBEDDINGS, IDS, EMBEDDER)):
+        return None
+    if json.loads((directory / EMBEDDER).read_text()).get("name") != embedder_name:
+        return None
+    vectors, stored = load_embeddings(directory)
+    return vectors if stored == ids else None
 
 
 def load_embeddings(directory: str | Path) -> tuple[np.ndarray, list[str]]:
-    """(memory-mapped embeddings, ids) as written by `embed_documents` and `save_ids`."""
+    """(memory-mapped embeddings, ids) as written by `embed_documents`."""
     directory = Path(directory)
     vectors = np.load(directory / EMBEDDINGS, mmap_mode="r")
     ids = json.loads((directory / IDS).read_text())

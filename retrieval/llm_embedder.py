@@ -61,9 +61,16 @@ def default_format(tokenizer, max_tokens: int = 256) -> tuple[LlaraFormat, bool]
     return LlaraFormat(ebae_slots=slots[:SLOTS], ebar_slots=slots[SLOTS:], max_tokens=max_tokens), added
 
 
+def starts_with_bos(tokenizer) -> int | None:
+    """The BOS id if the tokenizer puts one before every text (so its models expect one), else None."""
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else None
+
+
 def encode(tokenizer, texts: list[str], instruction: str, slots: list[str], max_tokens: int) -> list[list[int]]:
     """BOS (when the tokenizer uses one) + passage (cut to max_tokens) + instruction + slot tokens."""
-    bos = [tokenizer.bos_token_id] if tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id] else []
+    bos = starts_with_bos(tokenizer)
+    bos = [] if bos is None else [bos]
     tail = tokenizer(instruction, add_special_tokens=False)["input_ids"] + tokenizer.convert_tokens_to_ids(slots)
     bodies = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_tokens)["input_ids"]
     return [bos + body + tail for body in bodies]

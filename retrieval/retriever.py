@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .corpus import Document, embed_documents, load_documents, save_ids
+from .corpus import Document, embed_documents, load_documents
 from .embedders import MINILM, Embedder, RetrievalError, load_embedder
-from .index import META_FILE, VectorIndex
+from .index import VectorIndex
 
 DOCUMENTS = "documents.jsonl"
 
@@ -92,8 +92,8 @@ def build_retriever(docs: str | Path, out: str | Path, embedder: Embedder | None
     embedder = embedder or load_embedder()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    vectors = embed_documents(embedder, [d.text for d in documents], out, batch_size=batch_size, progress=progress)
-    save_ids(out, [d.id for d in documents])
+    vectors = embed_documents(embedder, [d.text for d in documents], out, ids=[d.id for d in documents],
+                              batch_size=batch_size, progress=progress)
     index = VectorIndex.build(np.asarray(vectors), kind=kind, embedder=embedder.name, progress=progress,
                               **index_options)
     index.save(out)
@@ -103,6 +103,3 @@ def build_retriever(docs: str | Path, out: str | Path, embedder: Embedder | None
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return Retriever(embedder, index, documents)
 
-
-def is_index_dir(path: str | Path) -> bool:
-    return (Path(path) / META_FILE).is_file() and (Path(path) / DOCUMENTS).is_file()

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .distributions import NEG_INF, Distribution
+from .distributions import Distribution
 from .errors import SteerError
 from .lm import LanguageModel, Token
 from .randomness import categorical
@@ -75,8 +75,7 @@ class MixtureNextToken(Distribution):
 
     async def log_prob(self, value) -> float:
         logprobs, self._rows = await self.mixture._mixture()
-        value = logprobs[int(value)].item()
-        return max(NEG_INF, value)
+        return logprobs[int(value)].item()
 
     def commit(self, value) -> None:
         token_id = int(value)

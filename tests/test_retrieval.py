@@ -5,7 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from retrieval.corpus import embed_documents, load_documents, load_embeddings, save_ids
+from retrieval.corpus import (
+    cached_embeddings,
+    embed_documents,
+    load_documents,
+    load_embeddings,
+)
 from retrieval.embedders import RetrievalError, normalise
 from retrieval.index import AUTO_IVF_FROM, VectorIndex, choose_kind, self_knn
 from retrieval.retriever import Retriever
@@ -108,13 +113,16 @@ def test_empty_corpus_is_an_error(tmp_path):
 
 def test_embeddings_are_stored_memory_mapped_with_ids(minilm, tmp_path):
     texts = ["a cat sat on the mat", "stock markets fell sharply", "the kitten slept on a rug"]
-    vectors = embed_documents(minilm, texts, tmp_path, chunk=2, progress=False)
-    save_ids(tmp_path, ["x", "y", "z"])
+    vectors = embed_documents(minilm, texts, tmp_path, ids=["x", "y", "z"], chunk=2, progress=False)
     stored, ids = load_embeddings(tmp_path)
     assert isinstance(stored, np.memmap) and ids == ["x", "y", "z"] and stored.shape == (3, 384)
     np.testing.assert_allclose(np.asarray(vectors), minilm.embed_passages(texts), atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(stored, axis=1), 1.0, atol=1e-5)
     assert stored[0] @ stored[2] > stored[0] @ stored[1]  # cats are closer to kittens than to stocks
+    # reused only for the same embedder and the same documents in the same order
+    np.testing.assert_array_equal(cached_embeddings(tmp_path, minilm.name, ["x", "y", "z"]), stored)
+    assert cached_embeddings(tmp_path, "another-embedder", ["x", "y", "z"]) is None
+    assert cached_embeddings(tmp_path, minilm.name, ["x", "z", "y"]) is None
 
 
 def test_a_passage_is_found_from_its_own_first_sentence(wiki_index, wiki_docs, minilm):

@@ -23,9 +23,15 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from retrieval.corpus import Document, embed_documents, load_documents, save_ids
-from retrieval.embedders import Embedder, load_embedder
+from retrieval.corpus import (
+    Document,
+    cached_embeddings,
+    embed_documents,
+    load_documents,
+)
+from retrieval.embedders import MINILM, Embedder, load_embedder
 from retrieval.index import VectorIndex, self_knn
+from retrieval.llm_embedder import starts_with_bos
 from steer.jsonl import DataError
 
 from .common import finite
@@ -286,7 +292,7 @@ def order_corpus(docs: str | Path, out: str | Path, *, k: int = 10, window: int 
     """The whole pipeline on a JSONL corpus; writes `order.jsonl`, the windows and `stats.json` to `out`.
 
     Embeddings are kept in `out/embeddings.npy` and reused when the same documents are ordered again
-    (a different k, threshold or window does not embed twice).
+    with the same embedder (a different k, threshold or window does not embed twice).
     """
     documents = load_documents(docs, limit=limit)
     out = Path(out)
@@ -305,7 +311,8 @@ def order_corpus(docs: str | Path, out: str | Path, *, k: int = 10, window: int 
     spans = window_spans(lengths, body)
     shuffle = np.random.default_rng(seed).permutation(len(windows))
     with open(out / "order.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"position": position, "id": d.id, "title": d.title}, ensure_ascii=False) + "\n" for position, d in enumerate(ordered))
+        f.writelines(json.dumps({"position": p, "id": d.id, "title": d.title}, ensure_ascii=False) + "\n"
+                     for p, d in enumerate(ordered))
     window_rows = [{"input_ids": windows[w], "documents": [ordered[i].id for i in spans[w]]} for w in shuffle]
     _write_windows(out, window_rows, output_format)
     stats = _stats(documents, vectors, result, lengths, spans, body, leftover, k, dedup, variant, seed)
@@ -318,19 +325,11 @@ def order_corpus(docs: str | Path, out: str | Path, *, k: int = 10, window: int 
 def _embeddings(documents: list[Document], out: Path, embedder: Embedder | None, batch_size: int,
                 progress: bool) -> np.ndarray:
     ids = [d.id for d in documents]
-    cached = out / "embeddings.npy"
-    if cached.is_file() and (out / "ids.json").is_file() and json.loads((out / "ids.json").read_text()) == ids:
-        return np.load(cached, mmap_mode="r")
-    vectors = embed_documents(embedder or load_embedder(), [d.text for d in documents], out,
-                              batch_size=batch_size, progress=progress)
-    save_ids(out, ids)
-    return vectors
-
-
-def starts_with_bos(tokenizer) -> int | None:
-    """The BOS id if the tokenizer puts one before every text (so its models expect one), else None."""
-    bos = tokenizer.bos_token_id
-    return bos if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else None
+    cached = cached_embeddings(out, embedder.name if embedder else MINILM, ids)
+    if cached is not None:
+        return cached
+    return embed_documents(embedder or load_embedder(), [d.text for d in documents], out, ids=ids,
+                           batch_size=batch_size, progress=progress)
 
 
 def _default_tokenizer():

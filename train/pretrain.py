@@ -34,6 +34,7 @@ from .common import (
     trainer_arguments,
     write_metrics,
 )
+from .data import held_out
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +119,7 @@ def pretrain(data: str | Path, options: TrainOptions, *, config: str | None = No
     if eval_data is not None:
         train, evaluation = windows, load_windows(eval_data)
     else:
-        held = round(len(windows) * options.eval_fraction)
-        order = np.random.default_rng(options.seed).permutation(len(windows))
-        evaluation, train = [windows[i] for i in order[:held]], [windows[i] for i in order[held:]]
+        train, evaluation = held_out(windows, options.eval_fraction, options.seed)
     if not train:
         raise DataError(f"{data}: no training windows left")
     window = len(train[0])
