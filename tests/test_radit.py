@@ -146,3 +146,22 @@ def test_a_query_encoder_of_another_dimension_is_refused(minilm, tmp_path):
                                                     "query_encoder": "query_encoder"}))
     with pytest.raises(RetrievalError, match="query encoder gives 128-d vectors but passages are 384-d"):
         load_embedder(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_both_radit_stages_on_the_default_model(wiki_index, wiki_docs, tmp_path, capsys):
+    qa = tmp_path / "qa.jsonl"
+    write_qa(qa, cloze_questions(load_documents(wiki_docs))[:4])
+    assert main(["train", "radit-retriever", "--data", str(qa), "--index", str(wiki_index), "--out",
+                 str(tmp_path / "lsr"), "--k", "2", "--epochs", "1", "--no-progress"]) == 0
+    lsr = json.loads(capsys.readouterr().out)
+    assert np.isfinite(lsr["lsr_loss_before"]) and 0 <= lsr["lsr_best_ranked_first_after"] <= 1
+    assert isinstance(load_embedder(str(tmp_path / "lsr")), DualEmbedder)
+    assert main(["train", "radit-lm", "--data", str(qa), "--index", str(wiki_index), "--out", str(tmp_path / "lmft"),
+                 "--lora", "--max-steps", "1", "--batch-size", "1", "--k", "1", "--max-length", "384",
+                 "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 1
+    assert (tmp_path / "lmft" / "model" / "model.safetensors").is_file()
+    assert main(["train", "radit-lm", "--data", str(tmp_path / "missing.jsonl"), "--index", str(wiki_index),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "missing.jsonl: no such data file" in capsys.readouterr().err
