@@ -126,38 +126,46 @@ class NextToken(Distribution):
     applies too.
     """
 
-    side_log_weight = 0.0  # log P(text continues the healed prompt), added by Program.sample
+    # log P(the next token meets what the target conditions on: healing, canonical tokenization, no
+    # control tokens), added by Program.sample
+    side_log_weight = 0.0
 
     def __init__(self, context: LMContext, mask: Any = None):
         self.context = context
         self.mask_spec = mask
 
     def _mask(self) -> torch.Tensor | None:
-        from .masks import healing_mask, resolve
+        from .masks import resolve
 
         mask = resolve(self.mask_spec, self.context)
-        for extra in (self.context.mask, healing_mask(self.context)):
+        for extra in (self.context.mask, base_mask(self.context)):
             if extra is not None:
                 mask = extra if mask is None else mask & extra
         return mask
 
-    def _healing_log_mass(self, logprobs: torch.Tensor) -> float:
-        """Token healing observes that the text continues the backed-off prompt text: its log mass."""
+    def _base_log_mass(self, logprobs: torch.Tensor) -> float:
+        """The target observes the base restriction (see `steer.masks.base_mask`): its log mass, given
+        the prompt's text.  While healing is pending that is relative to the tokens that reproduce the
+        backed-off text, so the weight (and log_ml) is about the continuation of the prompt, not the
+        probability of the prompt's own last token."""
         from .masks import healing_mask
 
-        return _log_mass(logprobs, healing_mask(self.context))
+        log_mass = _log_mass(logprobs, base_mask(self.context))
+        heal = healing_mask(self.context)
+        return log_mass if heal is None or log_mass == NEG_INF else log_mass - _log_mass(logprobs, heal)
 
     async def sample(self) -> tuple[Token, float]:
         ctx = self.context
         logprobs = await ctx.next_logprobs()
         mask = self._mask()
-        self.side_log_weight = self._healing_log_mass(logprobs)
+        self.side_log_weight = self._base_log_mass(logprobs)
         if mask is ctx.mask and ctx.mask_log_mass is not None:  # observed just before: mass known
             log_z = ctx.mask_log_mass
         else:
             log_z = _log_mass(logprobs, mask)
         if log_z == NEG_INF:
-            raise SteerError("no token is allowed here (use observe/condition to reject instead of sample)")
+            raise SteerError(f"no token is allowed here{_healing_note(ctx)} "
+                             "(use observe/condition to reject instead of sample)")
         token_id = ctx.draw
         ctx.draw = None
         # The batched round's draw is a sample of the unrestricted LM; accepted only inside the mask
@@ -173,20 +181,28 @@ class NextToken(Distribution):
         mask = self._mask()
         if mask is not None and not mask[token_id]:
             return NEG_INF
-        return logprobs[token_id].item() - _log_mass(logprobs, mask) + self._healing_log_mass(logprobs)
+        return logprobs[token_id].item() - _log_mass(logprobs, mask) + self._base_log_mass(logprobs)
 
     def commit(self, value: Any) -> None:
         self.context.extend([int(value)])
 
 
-def _given(context: LMContext) -> torch.Tensor | None:
-    """What is already known about the next token: a committed restriction and pending healing."""
-    from .masks import healing_mask
+def base_mask(context: LMContext) -> torch.Tensor | None:
+    from .masks import base_mask as base
 
-    heal = healing_mask(context)
-    if heal is None:
+    return base(context)
+
+
+def _healing_note(context: LMContext) -> str:
+    return f" (token healing: the next token must start with {context.heal!r})" if context.heal else ""
+
+
+def _given(context: LMContext) -> torch.Tensor | None:
+    """What is already known about the next token: a committed restriction and the base restriction."""
+    base = base_mask(context)
+    if base is None:
         return context.mask
-    return heal if context.mask is None else context.mask & heal
+    return base if context.mask is None else context.mask & base
 
 
 class TokenInMask(Distribution):
@@ -203,7 +219,7 @@ class TokenInMask(Distribution):
     @property
     def zero_reason(self) -> str:
         spec = self.mask_spec if not isinstance(self.mask_spec, torch.Tensor) else "the mask"
-        return f"no next token satisfies {spec!r} after {self.context.text[-40:]!r}"
+        return f"no next token satisfies {spec!r} after {self.context.text[-40:]!r}{_healing_note(self.context)}"
 
     async def _log_mass(self) -> float:
         from .checks import TokenCheck

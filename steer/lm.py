@@ -17,11 +17,12 @@ batched round (`advance`) lays the rows out afresh:
 from __future__ import annotations
 
 import itertools
+import re
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
+_CONTROL = re.compile(r"image|audio|video|multimodal|^<unused\d+>$")
+
+
 @dataclass(frozen=True, eq=False)
 class Vocabulary:
     """What constraints need to know about a tokenizer: each token's text and which ids are special."""
@@ -42,6 +46,7 @@ class Vocabulary:
     eos_ids: frozenset[int]
     bos_id: int | None
     special: np.ndarray  # bool per token: control tokens that never stand for text
+    tokenizer: Any = field(default=None, repr=False)  # what canonical tokenization is judged by
 
     @property
     def size(self) -> int:
@@ -58,11 +63,14 @@ class Vocabulary:
             if added.special and i < size:
                 special[i] = True
         special[tokenizer.all_special_ids] = True
+        for i, added in tokenizer.added_tokens_decoder.items():  # markers of other modalities
+            if i < size and _CONTROL.search(added.content):
+                special[i] = True
         eos = tokenizer.eos_token_id
         eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         for i in eos_ids:
             strings[i] = ""
-        return cls(strings, eos_ids, tokenizer.bos_token_id, special)
+        return cls(strings, eos_ids, tokenizer.bos_token_id, special, tokenizer)
 
 
 @dataclass(frozen=True)
@@ -117,8 +125,10 @@ class LanguageModel(ABC):
     def token(self, token_id: int) -> Token:
         return Token(token_id, self.vocab.strings[token_id], token_id in self.vocab.eos_ids)
 
-    def context(self, prompt: str = "", *, bos: bool = True, heal: bool = True) -> LMContext:
-        return LMContext(self, prompt, bos=bos, heal=heal)
+    def context(self, prompt: str = "", *, bos: bool = True, heal: bool = True, canonical: bool = True,
+                allow_special: bool = False) -> LMContext:
+        """A context to sample from; see `LMContext` for the options."""
+        return LMContext(self, prompt, bos=bos, heal=heal, canonical=canonical, allow_special=allow_special)
 
     def release(self, context: LMContext) -> None:
         """Forget the cache state held for `context` (it will be re-encoded if used again)."""
@@ -136,12 +146,18 @@ class LMContext:
     _serials = itertools.count()
 
     def __init__(self, lm: LanguageModel, prompt: str | Sequence[int] = "", *, bos: bool = True,
-                 heal: bool = True):
+                 heal: bool = True, canonical: bool = True, allow_special: bool = False):
+        """`heal`: back off a prompt's last token when the prompt ends in white space or mid-word; the
+        first generated token must then start with that token's text.  `canonical`: only token
+        sequences the tokenizer itself would produce (the target is the LM conditioned on canonical
+        tokenization).  `allow_special`: let `next_token()` propose control and multimodal tokens."""
         self.lm = lm
         self.tokens: list[int] = lm.encode(prompt, bos=bos) if isinstance(prompt, str) else list(prompt)
+        self.canonical = canonical
+        self.allow_special = allow_special
         # Token healing: a prompt ending in white space or mid-word ends in a token the model would
-        # rarely have produced there (" " before "(555)", "Fra" before "nce").  Its last token is backed
-        # off and the continuation must start with that text, so the natural tokenization is reachable.
+        # rarely have produced there (" " before " (555)", "Fra" before "nce").  Its last token is backed
+        # off and the first generated token must start with that text, so the natural token is reachable.
         self.healed = ""
         if heal and isinstance(prompt, str) and prompt and (prompt[-1].isspace() or prompt[-1].isalnum()):
             last = self.tokens[-1] if len(self.tokens) > 1 else None
@@ -183,11 +199,8 @@ class LMContext:
 
     @property
     def heal(self) -> str:
-        """The part of the backed-off prompt text that the next tokens must still reproduce."""
-        if not self.healed:
-            return ""
-        full = self._decoded()
-        return self.healed[len(full):] if self.healed.startswith(full) else ""
+        """The backed-off prompt text that the next token must start with ("" once it is written)."""
+        return self.healed if len(self.tokens) == self.prompt_length else ""
 
     def __str__(self) -> str:
         return self.text

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 
 from .errors import SteerError
-from .lm import LMContext
+from .constraints.canonical import Canonical
+from .lm import LMContext, Vocabulary
 from .tokens import TokenTable, ascii_bits
 
 _BIG = 1 << 30
@@ -406,8 +408,8 @@ class ContinuesWord(_Cached):
 
 
 def healing_mask(context: LMContext) -> torch.Tensor | None:
-    """While token healing is pending: the tokens that start with the backed-off text, or are a prefix
-    of it (None when nothing is pending)."""
+    """While token healing is pending: the tokens whose text starts with the backed-off prompt text
+    (None when nothing is pending)."""
     pending = context.heal
     if not pending:
         return None
@@ -416,10 +418,87 @@ def healing_mask(context: LMContext) -> torch.Tensor | None:
     if pending not in cache:
         ok = np.zeros(context.lm.vocab.size, dtype=bool)
         ok[t.starting_with(pending)] = True
-        for k in range(1, len(pending)):
-            ok[t.by_string.get(pending[:k], [])] = True
         cache[pending] = torch.from_numpy(ok)
     return cache[pending]
+
+
+def canonical_filter(context: LMContext) -> Canonical | None:
+    """The canonical-tokenization filter of `context`'s tokenizer, or None when it is switched off."""
+    if not context.canonical:
+        return None
+    found = Canonical.of(context.lm.vocab)
+    return None if found.trivial else found
+
+
+_BASE_CACHE: OrderedDict[tuple, torch.Tensor | None] = OrderedDict()
+
+
+def base_mask(context: LMContext) -> torch.Tensor | None:
+    """What the target itself conditions the next token on, before any constraint: the first token
+    reproduces a healed prompt, the sequence stays canonically tokenized, and control or multimodal
+    tokens are left out unless the context allows them (None: no restriction)."""
+    pending, canonical = context.heal, context.canonical
+    key = (id(context.lm.vocab), pending, context.tokens[-1] if canonical else None, context.allow_special)
+    if key in _BASE_CACHE:
+        _BASE_CACHE.move_to_end(key)
+        return _BASE_CACHE[key]
+    t = TokenTable.of(context.lm.vocab)
+    parts = [healing_mask(context)]
+    canon = canonical_filter(context)
+    if canon is not None:
+        parts.append(canon.after(context.tokens[-1]))
+    if not context.allow_special and t.vocab.special.any():
+        parts.append(torch.from_numpy(t.text | t.eos))
+    mask = None
+    for part in parts:
+        if part is not None:
+            mask = part if mask is None else mask & part
+    _BASE_CACHE[key] = mask
+    if len(_BASE_CACHE) > 256:
+        _BASE_CACHE.popitem(last=False)
+    return mask
+
+
+class HealedView:
+    """`context` as a constraint sees it while healing is pending: nothing generated yet, and every
+    token's text without the backed-off prompt text it starts with (so masks never judge the prompt)."""
+
+    _vocabs: OrderedDict[tuple[int, str], Vocabulary] = OrderedDict()
+
+    def __init__(self, context: LMContext):
+        self.source = context
+        self.lm = _ViewModel(self._remainders(context.lm.vocab, context.heal))
+        self.tokens, self.generated, self.text, self.heal = context.tokens, [], "", ""
+        self.canonical, self.allow_special = context.canonical, context.allow_special
+
+    @classmethod
+    def _remainders(cls, vocab: Vocabulary, pending: str) -> Vocabulary:
+        key = (id(vocab), pending)
+        if key not in cls._vocabs:
+            candidate = np.array([not vocab.special[i] and s.startswith(pending) for i, s in enumerate(vocab.strings)])
+            strings = [s[len(pending):] if ok else "" for s, ok in zip(vocab.strings, candidate)]
+            special = vocab.special | ~candidate  # other tokens are out of the question: not text here
+            special[list(vocab.eos_ids)] = True
+            view = Vocabulary(strings, vocab.eos_ids, vocab.bos_id, special)
+            TokenTable.of(view, cache=False)
+            cls._vocabs[key] = view
+            if len(cls._vocabs) > 8:
+                cls._vocabs.popitem(last=False)
+        return cls._vocabs[key]
+
+
+class _ViewModel:
+    def __init__(self, vocab: Vocabulary):
+        self.vocab = vocab
+
+
+def constraint_mask(constraint: TokenConstraint, context: LMContext) -> torch.Tensor:
+    """`constraint`'s mask in `context`, judging only generated text: while healing is pending, each
+    candidate token is judged by the text it adds after the backed-off prompt text (a token that is
+    exactly that text adds none)."""
+    if not context.heal:
+        return constraint.mask(context)
+    return constraint.mask(HealedView(context))
 
 
 def open_word_length(text: str) -> int:
@@ -494,7 +573,7 @@ def resolve(spec: Any, context: LMContext) -> torch.Tensor | None:
     if spec is None:
         return None
     if isinstance(spec, TokenConstraint):
-        return spec.mask(context)
+        return constraint_mask(spec, context)
     from .checks import TokenCheck
 
     if isinstance(spec, TokenCheck):

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -93,31 +94,42 @@ def load_model(path: str | os.PathLike | None = None, *, device: str = "cpu",
 _TINY_SPECIALS = ["<eos>", "<bos>"]
 
 
-def tiny_tokenizer(alphabet: str = "ab "):
-    """A character-level tokenizer over `alphabet`, with <eos> = 0 (also used as padding) and <bos> = 1."""
+def tiny_tokenizer(alphabet: str = "ab ", merges: Sequence[tuple[str, str]] = ()):
+    """A character-level tokenizer over `alphabet`, with <eos> = 0 (also used as padding) and <bos> = 1.
+
+    With `merges` (pairs of pieces, in priority order) it is a BPE tokenizer whose vocabulary also holds
+    the merged pieces, so some token sequences are not canonical (" " then "a" where " a" is a token).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(_TINY_SPECIALS)}
     for ch in alphabet:
         vocab.setdefault(ch, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    if merges:
+        for a, b in merges:
+            vocab.setdefault(a + b, len(vocab))
+        backend = Tokenizer(models.BPE(vocab, [tuple(m) for m in merges], unk_token="<eos>"))
+    else:
+        backend = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+        backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     backend.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<eos>", eos_token="<eos>",
                                    bos_token="<bos>")
 
 
 def tiny_model(alphabet: str = "ab ", *, seed: int = 0, hidden: int = 32, layers: int = 2,
-               max_length: int = 256, temperature: float = 1.0) -> HFLanguageModel:
+               max_length: int = 256, temperature: float = 1.0,
+               merges: Sequence[tuple[str, str]] = ()) -> HFLanguageModel:
     """A randomly initialised Gemma-3-architecture model over a tiny character vocabulary, built in
     process in milliseconds: small enough to enumerate every sequence in tests.
 
-    `temperature` scales the output weights (values below 1 give a peakier, more structured model).
+    `temperature` scales the output weights (values below 1 give a peakier, more structured model);
+    `merges` makes the tokenizer a small BPE (see `tiny_tokenizer`).
     """
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    tokenizer = tiny_tokenizer(alphabet)
+    tokenizer = tiny_tokenizer(alphabet, merges)
     config = Gemma3TextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2,

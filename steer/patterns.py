@@ -27,6 +27,7 @@ from .lm import LMContext, Vocabulary
 from .masks import TokenConstraint
 from .tokens import TokenTable
 
+_LOOK_AHEAD = 48  # look-ahead checks pairs one by one when either side has at most this many tokens
 _WIDTH = 32  # token characters walked in the vectorised pass; longer tokens are walked one by one
 _matrices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -126,7 +127,8 @@ class Regex(TokenConstraint):
         self.automaton = _Automaton(pattern)
         self._classes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._states: dict[str, int] = {}
-        self._masks: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._masks: dict[tuple[int, int, int | None], torch.Tensor] = {}
+        self._ends: dict[tuple[int, int], np.ndarray] = {}
 
     def __repr__(self) -> str:
         return f"regex({self.pattern!r})"
@@ -146,40 +148,97 @@ class Regex(TokenConstraint):
             self._classes[vocab] = lut[inverse.reshape(matrix.shape)]
         return self._classes[vocab]
 
-    def allowed_after(self, vocab: Vocabulary, state: int, skip: int = 0) -> np.ndarray:
-        """Tokens that keep a match reachable from `state` (EOS: whether `state` is a full match).
+    def _walk_all(self, vocab: Vocabulary, state: int) -> np.ndarray:
+        """The DFA state after each token's text, from `state` (cached per state and vocabulary)."""
+        key = (id(vocab), state)
+        ends = self._ends.get(key)
+        if ends is None:
+            a = self.automaton
+            classes = self._token_classes(vocab)
+            _, usable, long_ids, order, counts = _codepoints(vocab)
+            current = np.full(vocab.size, state, dtype=np.int32)
+            for j in range(_WIDTH):
+                k = counts[j]
+                if not k:
+                    break
+                current[:k] = a.table[current[:k], classes[:k, j]]
+            ends = np.empty_like(current)
+            ends[order] = current
+            ends[~usable] = a.dead
+            ends[np.array([s == "" for s in vocab.strings]) & ~vocab.special] = state  # adds no text
+            for i in long_ids:
+                ends[i] = a.walk(state, vocab.strings[i])
+            self._ends[key] = ends
+            if len(self._ends) > 256:
+                self._ends.pop(next(iter(self._ends)))
+        return ends
 
-        `skip` characters at the start of each token are not new text (token healing: they reproduce
-        the backed-off prompt); the healing mask keeps only the tokens for which that holds.
-        """
+    def allowed_after(self, vocab: Vocabulary, state: int) -> np.ndarray:
+        """Tokens that keep a match reachable from `state` (EOS: whether `state` is a full match)."""
         a = self.automaton
-        classes = self._token_classes(vocab)
-        _, usable, long_ids, order, counts = _codepoints(vocab)
-        current = np.full(vocab.size, state, dtype=np.int32)
-        for j in range(skip, _WIDTH):
-            k = counts[j]
-            if not k:
-                break
-            current[:k] = a.table[current[:k], classes[:k, j]]
-        ends = np.empty_like(current)
-        ends[order] = current
-        ok = usable & a.live[ends]
-        for i in long_ids:
-            ok[i] = bool(a.live[a.walk(state, vocab.strings[i][skip:])])
-        eos = list(vocab.eos_ids)
-        ok[eos] = self.allow_eos and bool(a.finals[state])
+        ok = a.live[self._walk_all(vocab, state)]
+        ok[list(vocab.eos_ids)] = self.allow_eos and bool(a.finals[state])
         return ok
 
     def mask(self, context: LMContext) -> torch.Tensor:
-        state, pending = self.state(context.text), context.heal
-        key = (id(context.lm.vocab), state, len(pending))
+        """Tokens that keep a match reachable and, when the context keeps tokenization canonical, can
+        also be continued canonically: a token after which the pattern could only go on with a token
+        that does not tokenize canonically (" " before "(" where " (" is one token) is left out now,
+        instead of killing the particle one step later."""
+        from .masks import canonical_filter
+
+        vocab = context.lm.vocab
+        state = self.state(context.text)
+        canon = canonical_filter(getattr(context, "source", context))
+        last = context.tokens[-1] if canon is not None else None
+        key = (id(vocab), state, last)
         if key not in self._masks:
             if state == self.automaton.dead:
-                ok = np.zeros(context.lm.vocab.size, dtype=bool)
+                ok = np.zeros(vocab.size, dtype=bool)
             else:
-                ok = self.allowed_after(context.lm.vocab, state, skip=len(pending))
+                ok = self.allowed_after(vocab, state)
+                if canon is not None:
+                    ok = self._look_ahead(vocab, state, ok & canon.after(last).numpy(), canon)
             self._masks[key] = torch.from_numpy(ok)
+            if len(self._masks) > 4096:
+                self._masks.pop(next(iter(self._masks)))
         return self._masks[key]
+
+    def _look_ahead(self, vocab: Vocabulary, state: int, ok: np.ndarray, canon) -> np.ndarray:
+        """Drop the tokens after which no token both continues a match and tokenizes canonically."""
+        a = self.automaton
+        real = canon.vocab  # the next token is a whole token of the model's vocabulary
+        eos = np.zeros(vocab.size, dtype=bool)
+        eos[list(vocab.eos_ids)] = True
+        candidates = np.flatnonzero(ok & ~eos)
+        ends = self._walk_all(vocab, state)[candidates]
+        ok = ok.copy()
+        for nxt in np.unique(ends):
+            xs = candidates[ends == nxt]
+            if self.allow_eos and a.finals[nxt]:
+                continue  # the text may end there
+            follow = self.allowed_after(real, int(nxt)) & ~eos & ~real.special
+            n_follow = int(follow.sum())
+            if n_follow == 0:
+                ok[xs] = False
+            elif len(xs) <= _LOOK_AHEAD:
+                for x in xs:
+                    ok[x] = bool((canon.after(int(x)).numpy() & follow).any())
+            elif n_follow <= _LOOK_AHEAD:
+                dead = np.ones(len(xs), dtype=bool)
+                for y in np.flatnonzero(follow):
+                    dead &= ~canon.before(int(y))[xs]
+                    if not dead.any():
+                        break
+                ok[xs[dead]] = False
+            # else: many tokens before and after; a dead end there is rare and is caught a step later
+        return ok
+
+    def done(self, context: LMContext) -> bool:
+        """The generated text is a full match that no further text can extend: a program can finish
+        here (the model is not asked to end the text, so its end-of-text probability is not scored)."""
+        a, state = self.automaton, self.state(context.text)
+        return bool(a.finals[state]) and not a.live[a.table[state, : a.pad]].any()
 
     def matches(self, text: str) -> bool:
         return re.fullmatch(self.pattern, text, flags=re.ASCII) is not None  # as the automaton: ASCII classes

@@ -90,10 +90,11 @@ class TokenTable:
             setattr(self, name, arrays[name])
 
     @classmethod
-    def of(cls, vocab: Vocabulary) -> TokenTable:
+    def of(cls, vocab: Vocabulary, cache: bool = True) -> TokenTable:
+        """The table of `vocab` (computed once per vocabulary; `cache`: also kept on disk)."""
         table = cls._tables.get(vocab)
         if table is None:
-            table = cls._tables[vocab] = cls(vocab)
+            table = cls._tables[vocab] = cls(vocab, cache=cache)
         return table
 
     # -- derived lookups (cheap, built on first use) --------------------------------------------------

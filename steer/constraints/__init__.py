@@ -1,0 +1,1 @@
+"""What may come next over a vocabulary: canonical tokenization (more constraint modules move here)."""

@@ -1,0 +1,158 @@
+"""Canonical tokenization: the pair test against the tokenizer itself, and SMC under canonicality
+against exact enumeration on a tiny BPE model whose merged tokens make non-canonical sequences."""
+
+import itertools
+import math
+import random
+
+import numpy as np
+import pytest
+import regex as re
+
+import steer
+from exact import complete_sequences
+from steer.constraints.canonical import Canonical
+
+MERGES = {
+    "small": [(" ", "a"), ("a", "b"), ("b", "b"), (" a", "b")],
+    "chained": [("a", "b"), ("b", "b"), ("b", "a"), ("ab", "a"), (" ", "b"), ("a", "a"), ("aa", "a"),
+                (" b", "ba")],
+}
+
+
+@pytest.fixture(scope="module")
+def bpe_lm():
+    """Tokens <eos> <bos> a b " " " a" ab bb " ab": " " then "a" is never what the tokenizer writes."""
+    return steer.tiny_model("ab ", merges=MERGES["small"], seed=3, temperature=1.5, max_length=64)
+
+
+def encodes_to_itself(tokenizer, vocab, ids) -> bool:
+    return tokenizer.encode("".join(vocab.strings[i] for i in ids), add_special_tokens=False) == list(ids)
+
+
+@pytest.mark.parametrize("merges", list(MERGES))
+def test_pair_test_agrees_with_the_tokenizer_on_every_short_sequence(merges):
+    lm = steer.tiny_model("ab ", merges=MERGES[merges], seed=1)
+    vocab, canon = lm.vocab, Canonical(lm.vocab, cache=False)
+    text_ids = range(2, vocab.size)
+    disagree = [seq for n in range(1, 5) for seq in itertools.product(text_ids, repeat=n)
+                if canon.is_canonical(list(seq)) != encodes_to_itself(lm.tokenizer, vocab, seq)]
+    assert not disagree
+    assert not canon.is_canonical(lm.encode("a", bos=False) + lm.encode("b", bos=False))  # "ab" is one token
+    for b in text_ids:  # `before` is `after` read the other way
+        assert [bool(canon.before(b)[a]) for a in text_ids] == [canon.pair(a, b) for a in text_ids]
+
+
+def test_a_tokenizer_without_merges_is_trivially_canonical(tiny_lm):
+    canon = Canonical(tiny_lm.vocab, cache=False)
+    assert canon.trivial and canon.after(2).all()
+
+
+@pytest.mark.slow
+def test_gemma_pairs_agree_with_the_tokenizer(gemma):
+    vocab, canon = gemma.vocab, Canonical.of(gemma.vocab)
+    one = lambda s: gemma.encode(s, bos=False)[0]  # noqa: E731
+    assert not canon.pair(one(" "), one("("))          # " (" is one token
+    assert canon.pair(one(" at"), one(" ("))
+    assert not canon.pair(one("\n"), one("\n"))       # "\n\n" is an added token
+    assert vocab.special[255999]                       # <start_of_image> is a control token
+    rng = random.Random(0)
+    texts = np.flatnonzero(canon.alone & ~vocab.special)
+    common = gemma.encode("Call me at (555) 123-4567. The movie was great, wasn't it? Once upon a time", bos=False)
+    pairs = [(rng.choice(common) if k % 2 else int(rng.choice(texts)), int(rng.choice(texts))) for k in range(600)]
+    disagree = [(vocab.strings[a], vocab.strings[b]) for a, b in pairs
+                if canon.pair(a, b) != encodes_to_itself(gemma.tokenizer, vocab, (a, b))]
+    assert not disagree
+
+
+# -- SMC under canonicality against exact enumeration -------------------------------------------
+T = 3
+
+
+class Constrained(steer.Program):
+    def __init__(self, lm, prompt, constraint):
+        super().__init__()
+        self.ctx = lm.context(prompt)
+        self.constraint = constraint
+
+    async def step(self):
+        if self.constraint is not None:
+            await self.observe(self.ctx.allowed(self.constraint), True)
+        token = await self.sample(self.ctx.next_token())
+        if token.is_eos or len(self.ctx.generated) >= T:
+            if isinstance(self.constraint, steer.checks.TokenCheck):  # a check judges prefixes only
+                self.condition(bool(re.fullmatch(PATTERN, self.ctx.text)) or not token.is_eos)
+            self.finish()
+
+    def result(self):
+        return tuple(self.ctx.generated)
+
+
+PATTERN = r"a* ?b+a?"
+CONSTRAINTS = {
+    "none": lambda: None,
+    "mask": lambda: steer.masks.exclude_chars("b"),
+    "regex": lambda: steer.patterns.regex(PATTERN),
+    "check": lambda: steer.checks.partial_regex(PATTERN),
+}
+
+
+def allowed_text(kind, text, ended):
+    if kind == "mask":
+        return "b" not in text
+    if kind in ("regex", "check"):
+        return bool(re.fullmatch(PATTERN, text)) if ended else bool(re.fullmatch(PATTERN, text, partial=True))
+    return True
+
+
+def exact(lm, prompt, kind):
+    """The LM conditioned on canonical tokens, no control tokens, healing and the constraint."""
+    ctx = lm.context(prompt)
+    eos = next(iter(lm.vocab.eos_ids))
+    canon = Canonical(lm.vocab, cache=False)
+    heal_ids = [i for i, s in enumerate(lm.vocab.strings) if ctx.healed and s.startswith(ctx.healed)
+                and not lm.vocab.special[i]]
+    first = complete_sequences(lm, ctx.tokens, 1)
+    heal_mass = sum(math.exp(first[(i,)]) for i in heal_ids) if ctx.healed else 1.0
+    target = {}
+    for seq, logp in complete_sequences(lm, ctx.tokens, T).items():
+        body = [t for t in seq if t != eos]
+        if any(lm.vocab.special[t] for t in body) or not canon.is_canonical([ctx.tokens[-1], *body]):
+            continue
+        if ctx.healed and seq[0] not in heal_ids:
+            continue
+        text = lm.decode(body)[len(ctx.healed):]
+        if allowed_text(kind, text, ended=seq[-1] == eos):
+            target[seq] = math.exp(logp)
+    z = sum(target.values())
+    return {k: v / z for k, v in target.items()}, z / heal_mass
+
+
+@pytest.mark.parametrize("prompt", ["ab", "b a "])
+@pytest.mark.parametrize("kind", list(CONSTRAINTS))
+def test_smc_under_canonicality_matches_enumeration(bpe_lm, prompt, kind):
+    posterior, z = exact(bpe_lm, prompt, kind)
+    assert 0 < z < 1 and len(posterior) >= 4
+    estimate: dict = {}
+    for seed in range(3):
+        post = steer.smc(Constrained(bpe_lm, prompt, CONSTRAINTS[kind]()), particles=1500, seed=seed)
+        for k, w in post.distribution().items():
+            estimate[k] = estimate.get(k, 0.0) + w / 3
+    assert set(estimate) <= set(posterior), "a sample outside the canonical, constrained support"
+    tv = 0.5 * sum(abs(estimate.get(k, 0.0) - p) for k, p in posterior.items())
+    assert tv < 0.05
+    # exp(log_ml) is unbiased for the normaliser (relative to the healed prompt's text)
+    values = [math.exp(steer.smc(Constrained(bpe_lm, prompt, CONSTRAINTS[kind]()), particles=20,
+                                 seed=100 + s).log_ml) for s in range(40)]
+    mean, se = np.mean(values), np.std(values, ddof=1) / math.sqrt(len(values))
+    assert abs(mean - z) < 3 * se + 1e-9
+
+
+def test_unconstrained_weights_only_differ_by_non_canonical_mass(bpe_lm):
+    """With no constraint each step's weight is the mass of the canonical next tokens: nearly equal
+    weights, and no particle ever holds a non-canonical pair."""
+    post = steer.importance_sampling(Constrained(bpe_lm, "b a ", None), particles=200, seed=0)
+    canon = Canonical(bpe_lm.vocab, cache=False)
+    for p in post.particles:
+        body = [t for t in p.ctx.tokens[1:] if t not in bpe_lm.vocab.eos_ids]
+        assert canon.is_canonical(body)
