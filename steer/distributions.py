@@ -134,6 +134,11 @@ class NextToken(Distribution):
         self.context = context
         self.mask_spec = mask
 
+    @property
+    def zero_reason(self) -> str:
+        return (f"no next token after {self.context.text[-40:]!r} is allowed and keeps the tokenization "
+                f"canonical{_healing_note(self.context)}")
+
     def _mask(self) -> torch.Tensor | None:
         from .masks import resolve
 
@@ -173,7 +178,7 @@ class NextToken(Distribution):
         if token_id is None or (mask is not None and not mask[token_id]):
             probs = _probs(logprobs)
             token_id = int(categorical(probs if mask is None else probs * mask))
-        return ctx.lm.token(token_id), logprobs[token_id].item() - log_z
+        return ctx.token(token_id), logprobs[token_id].item() - log_z
 
     async def log_prob(self, value: Any) -> float:
         token_id = int(value)
@@ -254,6 +259,9 @@ class TokenInMask(Distribution):
             s = vocab.strings[i]
             if pending:  # healing: only the part after the backed-off prompt text is new text
                 s = s[len(pending):] if s.startswith(pending) else ""
+            at = ctx.end_position(text, s)
+            if at is not None:  # writes an end string: the text before it must be a complete text
+                return check.allows((text + s)[:at], complete=True)
             return not vocab.special[i] and check.allows(text + s)
 
         logprobs = await ctx.next_logprobs()

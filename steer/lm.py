@@ -126,9 +126,10 @@ class LanguageModel(ABC):
         return Token(token_id, self.vocab.strings[token_id], token_id in self.vocab.eos_ids)
 
     def context(self, prompt: str = "", *, bos: bool = True, heal: bool = True, canonical: bool = True,
-                allow_special: bool = False) -> LMContext:
+                allow_special: bool = False, end: str | Sequence[str] = ()) -> LMContext:
         """A context to sample from; see `LMContext` for the options."""
-        return LMContext(self, prompt, bos=bos, heal=heal, canonical=canonical, allow_special=allow_special)
+        return LMContext(self, prompt, bos=bos, heal=heal, canonical=canonical, allow_special=allow_special,
+                         end=end)
 
     def release(self, context: LMContext) -> None:
         """Forget the cache state held for `context` (it will be re-encoded if used again)."""
@@ -146,12 +147,20 @@ class LMContext:
     _serials = itertools.count()
 
     def __init__(self, lm: LanguageModel, prompt: str | Sequence[int] = "", *, bos: bool = True,
-                 heal: bool = True, canonical: bool = True, allow_special: bool = False):
+                 heal: bool = True, canonical: bool = True, allow_special: bool = False,
+                 end: str | Sequence[str] = ()):
         """`heal`: back off a prompt's last token when the prompt ends in white space or mid-word; the
         first generated token must then start with that token's text.  `canonical`: only token
         sequences the tokenizer itself would produce (the target is the LM conditioned on canonical
-        tokenization).  `allow_special`: let `next_token()` propose control and multimodal tokens."""
+        tokenization).  `allow_special`: let `next_token()` propose control and multimodal tokens.
+        `end`: strings that end the text like the end-of-text token (e.g. "\n"): the token that writes
+        one is returned with `is_eos` set, the text stops before it, and constraints judge the text
+        before it as a complete text."""
         self.lm = lm
+        self.end: tuple[str, ...] = (end,) if isinstance(end, str) else tuple(end)
+        if not all(isinstance(e, str) and e for e in self.end):
+            raise SteerError("end strings must be non-empty strings")
+        self.end_at: int | None = None  # where the text stops once a token wrote an end string
         self.tokens: list[int] = lm.encode(prompt, bos=bos) if isinstance(prompt, str) else list(prompt)
         self.canonical = canonical
         self.allow_special = allow_special
@@ -192,10 +201,44 @@ class LMContext:
         return cached[1]
 
     @property
-    def text(self) -> str:
-        """The generated text (prompt excluded, and so the text that token healing backed off)."""
+    def full_text(self) -> str:
+        """Everything generated (prompt excluded, and so the text that token healing backed off),
+        including an end string and what its token wrote after it."""
         full = self._decoded()
         return full[len(self.healed):] if self.healed else full
+
+    @property
+    def text(self) -> str:
+        """The generated text: `full_text` up to the first end string, if one has been written."""
+        full = self.full_text
+        return full if self.end_at is None else full[: self.end_at]
+
+    @property
+    def ended(self) -> bool:
+        """A token has written one of the `end` strings (only end-of-text may follow)."""
+        return self.end_at is not None
+
+    def end_position(self, text: str, new: str) -> int | None:
+        """Where the text would stop if `new` followed `text`: the start of the first end string that
+        `new` completes (None if it completes none)."""
+        if not self.end or self.end_at is not None:
+            return None
+        keep = max(len(e) for e in self.end) - 1
+        tail = text[len(text) - keep:] if keep else ""
+        joined = tail + new
+        found = [i for i in (joined.find(e) for e in self.end) if i >= 0]
+        return len(text) - len(tail) + min(found) if found else None
+
+    def token(self, token_id: int) -> Token:
+        """The token `token_id` as it would be written here (`is_eos` also for a token ending the text)."""
+        token = self.lm.token(token_id)
+        if not token.is_eos and self.end:
+            new = token.text
+            if self.heal:
+                new = new[len(self.heal):]
+            if self.end_position(self.text, new) is not None:
+                return Token(token.id, token.text, True)
+        return token
 
     @property
     def heal(self) -> str:
@@ -214,7 +257,10 @@ class LMContext:
             return
         if len(self.tokens) + len(token_ids) > self.lm.max_length:
             raise SteerError(f"context would exceed the model's {self.lm.max_length} tokens")
+        before = self.text if self.end and self.end_at is None else ""
         self.tokens.extend(token_ids)
+        if self.end and self.end_at is None:
+            self.end_at = self.end_position(before, self.full_text[len(before):])
         self.logprobs = None
         self.draw = None
         self.mask = None

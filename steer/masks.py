@@ -437,6 +437,8 @@ def base_mask(context: LMContext) -> torch.Tensor | None:
     """What the target itself conditions the next token on, before any constraint: the first token
     reproduces a healed prompt, the sequence stays canonically tokenized, and control or multimodal
     tokens are left out unless the context allows them (None: no restriction)."""
+    if context.ended:  # an end string was written: only the end-of-text token may follow
+        return torch.from_numpy(TokenTable.of(context.lm.vocab).eos.copy())
     pending, canonical = context.heal, context.canonical
     key = (id(context.lm.vocab), pending, context.tokens[-1] if canonical else None, context.allow_special)
     if key in _BASE_CACHE:
@@ -459,30 +461,35 @@ def base_mask(context: LMContext) -> torch.Tensor | None:
     return mask
 
 
-class HealedView:
-    """`context` as a constraint sees it while healing is pending: nothing generated yet, and every
-    token's text without the backed-off prompt text it starts with (so masks never judge the prompt)."""
+class View:
+    """A context as a constraint sees it: the text so far, and a vocabulary whose strings are the text
+    each candidate token adds (other tokens are marked special: not text here).  Constraints build
+    their masks from it exactly as from a context, so they never judge a healed prompt's text or an
+    end string."""
 
-    _vocabs: OrderedDict[tuple[int, str], Vocabulary] = OrderedDict()
+    _vocabs: OrderedDict[tuple, Vocabulary] = OrderedDict()
 
-    def __init__(self, context: LMContext):
+    def __init__(self, context: LMContext, text: str, vocab: Vocabulary | None = None):
         self.source = context
-        self.lm = _ViewModel(self._remainders(context.lm.vocab, context.heal))
-        self.tokens, self.generated, self.text, self.heal = context.tokens, [], "", ""
-        self.canonical, self.allow_special = context.canonical, context.allow_special
+        self.lm = _ViewModel(vocab or context.lm.vocab)
+        self.tokens, self.generated, self.text, self.heal = context.tokens, context.generated, text, ""
+        self.canonical, self.allow_special, self.end = context.canonical, context.allow_special, ()
 
     @classmethod
-    def _remainders(cls, vocab: Vocabulary, pending: str) -> Vocabulary:
-        key = (id(vocab), pending)
+    def vocabulary(cls, vocab: Vocabulary, key: tuple, strings: dict[int, str]) -> Vocabulary:
+        """A vocabulary in which token i stands for `strings[i]` and every other token is special."""
+        key = (id(vocab), *key)
         if key not in cls._vocabs:
-            candidate = np.array([not vocab.special[i] and s.startswith(pending) for i, s in enumerate(vocab.strings)])
-            strings = [s[len(pending):] if ok else "" for s, ok in zip(vocab.strings, candidate)]
-            special = vocab.special | ~candidate  # other tokens are out of the question: not text here
+            special = np.ones(vocab.size, dtype=bool)
+            special[list(strings)] = False
             special[list(vocab.eos_ids)] = True
-            view = Vocabulary(strings, vocab.eos_ids, vocab.bos_id, special)
+            texts = [""] * vocab.size
+            for i, s in strings.items():
+                texts[i] = s
+            view = Vocabulary(texts, vocab.eos_ids, vocab.bos_id, special)
             TokenTable.of(view, cache=False)
             cls._vocabs[key] = view
-            if len(cls._vocabs) > 8:
+            if len(cls._vocabs) > 16:
                 cls._vocabs.popitem(last=False)
         return cls._vocabs[key]
 
@@ -492,13 +499,76 @@ class _ViewModel:
         self.vocab = vocab
 
 
+def healed_view(context: LMContext) -> View:
+    """While healing is pending: each candidate token is judged by what it adds after the backed-off
+    prompt text (a token that is exactly that text adds nothing)."""
+    vocab, pending = context.lm.vocab, context.heal
+    strings = {int(i): vocab.strings[i][len(pending):] for i in TokenTable.of(vocab).starting_with(pending)}
+    return View(context, "", View.vocabulary(vocab, ("heal", pending), strings))
+
+
+def ending_tokens(context: LMContext) -> dict[str, np.ndarray]:
+    """The tokens that would write an end string of `context` next, grouped by the text they would
+    end with (the text before the end string)."""
+    vocab, text, pending = context.lm.vocab, context.text, context.heal
+    if not context.end or context.ended:
+        return {}
+    keep = max(len(e) for e in context.end) - 1
+    t = TokenTable.of(vocab)
+    key = (id(vocab), context.end, pending, text[len(text) - keep:] if keep else "")
+    found = _ENDING.get(key)
+    if found is None:  # per token: where its end string starts, relative to the end of the text
+        candidates: set[int] = set()
+        for e in context.end:
+            candidates.update(_containing(t, pending + e if pending else e).tolist())
+            for k in range(1, len(e)):
+                if text.endswith(e[:k]):
+                    candidates.update(t.starting_with(pending + e[k:]).tolist())
+        found = []
+        for i in sorted(candidates):
+            new = vocab.strings[i]
+            if pending:
+                if not new.startswith(pending):
+                    continue
+                new = new[len(pending):]
+            at = context.end_position(text, new)
+            if at is not None:
+                found.append((i, at - len(text), new))
+        _ENDING[key] = found
+        if len(_ENDING) > 256:
+            _ENDING.popitem(last=False)
+    groups: dict[str, list[int]] = {}
+    for i, offset, new in found:
+        ended = text[: len(text) + offset] if offset <= 0 else text + new[:offset]
+        groups.setdefault(ended, []).append(i)
+    return {k: np.array(v, dtype=np.int64) for k, v in groups.items()}
+
+
+_ENDING: OrderedDict[tuple, list[tuple[int, int, str]]] = OrderedDict()
+
+
 def constraint_mask(constraint: TokenConstraint, context: LMContext) -> torch.Tensor:
-    """`constraint`'s mask in `context`, judging only generated text: while healing is pending, each
-    candidate token is judged by the text it adds after the backed-off prompt text (a token that is
-    exactly that text adds none)."""
-    if not context.heal:
-        return constraint.mask(context)
-    return constraint.mask(HealedView(context))
+    """`constraint`'s mask in `context`, judging only generated text: while healing is pending each
+    token is judged by the text it adds after the backed-off prompt, and a token that writes an end
+    string is judged by the text before it, as a complete text (its end-of-text entry)."""
+    if context.ended:
+        return constraint.mask(View(context, context.text))
+    mask = constraint.mask(healed_view(context) if context.heal else context)
+    ending = ending_tokens(context)
+    if not ending:
+        return mask
+    mask = mask.clone()
+    eos = list(context.lm.vocab.eos_ids)
+    vocab, text = context.lm.vocab, context.text
+    for ended_text, ids in ending.items():
+        ok = bool(constraint.mask(View(context, ended_text))[eos].any())
+        if ok and len(ended_text) > len(text):  # the token adds text before the end string: judge it
+            strings = {int(i): ended_text[len(text):] for i in ids}
+            adds = View.vocabulary(vocab, ("adds", text, ended_text), strings)
+            mask[ids] = constraint.mask(View(context, text, adds))[ids]
+        else:
+            mask[ids] = ok
+    return mask
 
 
 def open_word_length(text: str) -> int:

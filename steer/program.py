@@ -42,9 +42,9 @@ class _Weighted:
         """Draw from `proposal` (default: `dist` itself), correcting the weight by the density ratio."""
         if proposal is None:
             value, _ = await dist.sample()
-            side = getattr(dist, "side_log_weight", 0.0)  # e.g. token healing's observation
+            side = getattr(dist, "side_log_weight", 0.0)  # what the target conditions every token on
             if side:
-                self._particle()._add(side, "the text cannot continue the healed prompt")
+                self._particle()._add(side, getattr(dist, "zero_reason", "no next token is possible here"))
         else:
             value, log_q = await proposal.sample()
             log_p = await dist.log_prob(value)

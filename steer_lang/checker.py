@@ -26,6 +26,7 @@ from .builtins import (
 from .errors import Diagnostic, LangError
 
 INPUT_TYPES = ("str", "int", "float", "bool", "list")
+CONTEXT_OPTIONS = ("heal", "canonical", "special", "end")  # keyword arguments of lm.context
 _NUMERIC = ("int", "float", "bool")
 _TEXT = ("str", "token")
 
@@ -257,10 +258,14 @@ class _Checker:
             t = self._expr(s.prompt, scope)
             for option in s.options:
                 ot = self._expr(option.value, scope)
-                if option.name != "heal":
-                    self.error(option, f"unknown context option '{option.name}'; options: heal")
+                if option.name not in CONTEXT_OPTIONS:
+                    self.error(option, f"unknown context option '{option.name}'; options: "
+                                       f"{', '.join(CONTEXT_OPTIONS)}")
+                elif option.name == "end":
+                    if not (accepts("str", ot) or accepts("list", ot)):
+                        self.error(option.value, f"`end` must be a string or a list of strings, got {ot}")
                 elif not accepts("bool", ot):
-                    self.error(option.value, f"`heal` must be true or false, got {ot}")
+                    self.error(option.value, f"`{option.name}` must be true or false, got {ot}")
             if self._effect(s, scope, "context"):
                 if not accepts("text", t):
                     self.error(s.prompt, f"a context's prompt must be a string, got {t}")

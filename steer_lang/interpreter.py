@@ -201,9 +201,18 @@ class ScriptProgram(Program):
             prompt = self._eval(s.prompt, env)
             if not isinstance(prompt, (str, Token)):
                 raise ProgramError(s.prompt, f"a context's prompt must be a string, got {type_of(prompt)}")
-            heal = all(_truth(self._eval(o.value, env), o.value) for o in s.options if o.name == "heal")
+            options = {}
+            for o in s.options:
+                value = self._eval(o.value, env)
+                if o.name == "end":
+                    ends = [value] if isinstance(value, (str, Token)) else value
+                    if not isinstance(ends, list) or not all(isinstance(e, (str, Token)) and text(e) for e in ends):
+                        raise ProgramError(o.value, "`end` must be a non-empty string or a list of them")
+                    options["end"] = [text(e) for e in ends]
+                else:
+                    options["allow_special" if o.name == "special" else o.name] = _truth(value, o.value)
             try:
-                env[s.name] = self.code.lm.context(text(prompt), heal=heal)
+                env[s.name] = self.code.lm.context(text(prompt), **options)
             except SteerError as e:
                 raise ProgramError(s, str(e)) from None
         elif isinstance(s, ast.If):

@@ -12,8 +12,10 @@ def next_logprobs(lm, tokens: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, -1)
 
 
-def complete_sequences(lm, prompt: list[int], max_tokens: int):
-    """Every complete continuation (ending in EOS, or at max_tokens) with its exact log-probability."""
+def complete_sequences(lm, prompt: list[int], max_tokens: int, special: bool = False):
+    """Every complete continuation (ending in EOS, or at max_tokens) with its exact log-probability;
+    without `special`, continuations holding a control token other than EOS are left out, as
+    `next_token()` leaves them out by default."""
     eos = next(iter(lm.vocab.eos_ids))
     out = {}
 
@@ -23,7 +25,8 @@ def complete_sequences(lm, prompt: list[int], max_tokens: int):
             return
         lp = next_logprobs(lm, prompt + generated)
         for t in range(lm.vocab.size):
-            walk(generated + [t], logp + lp[t].item())
+            if special or not lm.vocab.special[t] or t in lm.vocab.eos_ids:
+                walk(generated + [t], logp + lp[t].item())
 
     walk([], 0.0)
     return out

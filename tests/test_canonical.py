@@ -156,3 +156,55 @@ def test_unconstrained_weights_only_differ_by_non_canonical_mass(bpe_lm):
     for p in post.particles:
         body = [t for t in p.ctx.tokens[1:] if t not in bpe_lm.vocab.eos_ids]
         assert canon.is_canonical(body)
+
+
+# -- end strings ---------------------------------------------------------------------------------
+class UntilEnd(Constrained):
+    def __init__(self, lm, prompt, constraint):
+        steer.Program.__init__(self)
+        self.ctx = lm.context(prompt, end=" ", heal=False)
+        self.constraint = constraint
+
+
+def exact_until_end(lm, prompt, kind):
+    """Enumerate sequences that stop at EOS, at a token writing the end string " ", or after T tokens."""
+    from exact import next_logprobs
+
+    base = lm.context(prompt, end=" ", heal=False)
+    canon = Canonical(lm.vocab, cache=False)
+    eos = next(iter(lm.vocab.eos_ids))
+    target = {}
+
+    def walk(seq, logp):
+        ctx = lm.context(prompt, end=" ", heal=False)
+        ctx.extend(seq)
+        if seq and (seq[-1] == eos or ctx.ended or len(seq) == T):
+            ok = allowed_text(kind, ctx.text, ended=seq[-1] == eos or ctx.ended)
+            if ok and canon.is_canonical([base.tokens[-1], *[t for t in seq if t != eos]]):
+                target[tuple(seq)] = math.exp(logp)
+            return
+        lp = next_logprobs(lm, base.tokens + seq)
+        for t in range(lm.vocab.size):
+            if not lm.vocab.special[t] or t == eos:
+                walk(seq + [t], logp + lp[t].item())
+
+    walk([], 0.0)
+    z = sum(target.values())
+    return {k: v / z for k, v in target.items()}, z
+
+
+@pytest.mark.parametrize("kind", ["none", "regex", "check"])
+def test_end_strings_end_the_text_and_constraints_judge_the_text_before_them(bpe_lm, kind):
+    posterior, z = exact_until_end(bpe_lm, "b", kind)
+    estimate: dict = {}
+    for seed in range(3):
+        post = steer.smc(UntilEnd(bpe_lm, "b", CONSTRAINTS[kind]()), particles=1500, seed=seed)
+        for p in post.particles:
+            assert " " not in p.ctx.text and (p.ctx.ended or len(p.ctx.generated) == T or
+                                               p.ctx.generated[-1] in bpe_lm.vocab.eos_ids)
+        for k, w in post.distribution().items():
+            estimate[k] = estimate.get(k, 0.0) + w / 3
+    assert set(estimate) <= set(posterior)
+    assert 0.5 * sum(abs(estimate.get(k, 0.0) - p) for k, p in posterior.items()) < 0.05
+    ended = sum(p for k, p in posterior.items() if " " in bpe_lm.decode(list(k)))
+    assert ended > 0.2  # the end string is what ends most texts here

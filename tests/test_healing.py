@@ -1,8 +1,9 @@
-"""Token healing: the prompt's last token is backed off and the continuation must reproduce its text;
-the weight gains the probability of that (the target is the LM conditioned on the prompt's text)."""
+"""Token healing: the prompt's last token is backed off and the first generated token must start with its
+text; the target is the LM conditioned on the prompt's text, and weights are relative to it."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,9 +12,9 @@ from exact import next_logprobs
 
 
 class Free(steer.Program):
-    def __init__(self, lm, prompt, n, heal=True, constraint=None):
+    def __init__(self, lm, prompt, n, heal=True, constraint=None, **options):
         super().__init__()
-        self.ctx = lm.context(prompt, heal=heal)
+        self.ctx = lm.context(prompt, heal=heal, **options)
         self.n, self.constraint = n, constraint
 
     async def step(self):
@@ -30,35 +31,80 @@ def test_healing_backs_off_only_prompts_ending_in_space_or_mid_word(tiny_lm):
     assert tiny_lm.context("").healed == ""
 
 
-def test_healed_weights_are_the_probability_of_the_backed_off_text(tiny_lm):
-    """Single-character tokens: the first token must be "b" again, so every IS weight is log p(b | a)
-    and the visible continuations are distributed as without healing."""
+def test_the_healed_prompt_costs_nothing_and_the_first_token_reproduces_it(tiny_lm):
+    """Single-character tokens: the first token must be "b" again.  The weight is relative to the
+    prompt's own text, so a run with nothing excluded has every weight 0 (log_ml = 0)."""
     b = tiny_lm.encode("b", bos=False)[0]
-    expected = next_logprobs(tiny_lm, tiny_lm.encode("a"))[b].item()
-    post = steer.importance_sampling(Free(tiny_lm, "ab", 3), particles=64, seed=0)
+    post = steer.importance_sampling(Free(tiny_lm, "ab", 3, allow_special=True), particles=64, seed=0)
     for p in post.particles:
         assert p.ctx.generated[0] == b and p.ctx.text == tiny_lm.decode(p.ctx.generated[1:])
+        assert p.weight == pytest.approx(0.0, abs=1e-6)
+    assert post.log_ml == pytest.approx(0.0, abs=1e-6)
+
+
+def test_healing_weight_is_relative_to_the_tokens_that_reproduce_the_prompt():
+    """BPE tokens " ", " a", " ab": after "b " the first token starts with " " and must be canonical
+    after "b"; the weight is its mass among the tokens that start with " "."""
+    lm = steer.tiny_model("ab ", merges=[(" ", "a"), ("a", "b"), ("b", "b"), (" a", "b")], seed=3)
+    ctx = lm.context("b ")
+    assert ctx.healed == " " and ctx.tokens == lm.encode("b")
+    logp = next_logprobs(lm, ctx.tokens)
+    heal = [i for i, s in enumerate(lm.vocab.strings) if s.startswith(" ")]
+    canonical = [i for i in heal if lm.tokenizer.encode("b" + lm.vocab.strings[i], add_special_tokens=False)[1:] == [i]]
+    expected = (torch.logsumexp(logp[canonical], 0) - torch.logsumexp(logp[heal], 0)).item()
+    post = steer.importance_sampling(Free(lm, "b ", 1), particles=32, seed=0)
+    for p in post.particles:
+        assert p.ctx.generated[0] in canonical
         assert p.weight == pytest.approx(expected, abs=1e-5)
-    assert post.log_ml == pytest.approx(expected, abs=1e-5)
 
 
 @pytest.mark.slow
 def test_healing_on_gemma_reaches_the_natural_token(gemma):
-    """After "Call me at " the first token is drawn from those that start with " " and go on with the
-    start of a match (e.g. " ("); the IS weight is their total probability after "Call me at"."""
+    """After "Call me at " the first token starts with " ", is canonical after " at", starts a match and
+    can go on with one: " (" and not a bare " " (which could only be followed by "(", not canonical).
+    The weight is that set's probability among the tokens that start with " "."""
     phone = steer.patterns.regex(r"\(\d{3}\) \d{3}-\d{4}")
     ids = gemma.encode("Call me at ")
     assert gemma.vocab.strings[ids[-1]] == " "
     with torch.no_grad():
         logp = torch.log_softmax(gemma.model(torch.tensor([ids[:-1]])).logits[0, -1].float(), -1)
-    strings = gemma.vocab.strings
-    allowed = [i for i, s in enumerate(strings) if s.startswith(" ") and phone.automaton.live[
-        phone.automaton.walk(phone.automaton.initial, s[1:])] and not gemma.vocab.special[i]]
+    strings, special = gemma.vocab.strings, gemma.vocab.special
+    ctx = gemma.context("Call me at ")
+    allowed = (steer.masks.resolve(phone, ctx) & steer.masks.base_mask(ctx)).nonzero().flatten().tolist()
+    assert ids[-1] not in allowed and gemma.encode(" (", bos=False)[0] in allowed
+    heal = [i for i, s in enumerate(strings) if s.startswith(" ") and not special[i]]
     post = steer.importance_sampling(Free(gemma, "Call me at ", 1, constraint=phone), particles=4, seed=0)
-    expected = torch.logsumexp(logp[allowed], 0).item()  # P(first token is " " + a start of a match)
+    expected = (torch.logsumexp(logp[allowed], 0) - torch.logsumexp(logp[heal], 0)).item()
     for p in post.particles:
-        first = strings[p.ctx.generated[0]]
-        assert first.startswith(" ") and p.ctx.text == first[1:] and phone.automaton.live[
-            phone.automaton.walk(phone.automaton.initial, p.ctx.text)]
+        first = p.ctx.generated[0]
+        assert strings[first].startswith(" (") and p.ctx.text == strings[first][1:]
+        assert gemma.encode("Call me at" + strings[first], bos=False)[-1] == first  # canonical
         assert p.weight == pytest.approx(expected, abs=2e-3)
-    assert math.isfinite(post.log_ml)
+    assert -8 < post.log_ml < -4  # log P(" (" ... | "Call me at "), not the e^-15 of a lone "("
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt", ["The movie was", "The movie was ", "The mov", 'He said: "'])
+def test_unconstrained_weights_are_equal_whatever_the_prompt_ends_with(gemma, prompt):
+    post = steer.importance_sampling(Free(gemma, prompt, 6), particles=6, seed=0)
+    weights = np.array([p.weight for p in post.particles])
+    assert weights.max() - weights.min() < 0.01  # only the mass of non-canonical tokens differs
+    for p in post.particles:
+        ids = [i for i in p.ctx.tokens[1:] if i not in gemma.vocab.eos_ids]
+        assert gemma.encode(gemma.decode(ids), bos=False) == ids
+
+
+@pytest.mark.slow
+def test_masks_do_not_judge_the_healed_prompt(gemma):
+    """A lipogram after "Once upon a time": " time" is backed off and written again, and the mask only
+    judges what comes after it (it used to kill every particle)."""
+    lipogram = steer.masks.exclude_chars("eE")
+    post = steer.smc(Free(gemma, "Once upon a time", 6, constraint=lipogram), particles=4, seed=0)
+    for p in post.particles:
+        assert gemma.vocab.strings[p.ctx.generated[0]].startswith(" time")
+        assert not set(p.ctx.text) & set("eE")
+
+
+def test_errors_name_the_healed_text(tiny_lm):
+    with pytest.raises(steer.ParticlesDiedError, match="token healing: the next token must start with 'b'"):
+        steer.smc(Free(tiny_lm, "ab", 2, constraint=[tiny_lm.encode("a", bos=False)[0]]), particles=2, seed=0)

@@ -149,7 +149,7 @@ def word_outcomes(lm, words, max_len=16):
 
 def test_word_sampling_is_an_exact_sample_of_the_model():
     lm = steer.tiny_model("ab ", seed=5, temperature=1.5)
-    source = 'context c = ""\nw = sample word(c)\nt = sample next(c)\n'
+    source = 'context c = "", special = true\nw = sample word(c)\nt = sample next(c)\n'
     n = 4000
     post = run_source(source, lm, method="is", particles=n, seed=1)
     assert np.allclose(post.log_weights, 0.0)  # drawn from the model itself: nothing to correct

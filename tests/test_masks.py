@@ -22,6 +22,7 @@ def direct_word_length_ok(open_word: int, token: str, lo: int, hi: int) -> bool:
 class FakeContext:
     def __init__(self, lm, text):
         self.lm, self.text = lm, text
+        self.heal, self.end, self.ended = "", (), False
 
 
 def check_vocabulary(lm, lo, hi, texts):
@@ -83,7 +84,7 @@ def test_observing_two_restrictions_gives_the_joint_probability(tiny_lm):
     from exact import next_logprobs
     from steer.scheduler import run_batched
 
-    ctx = tiny_lm.context("ab", heal=False)
+    ctx = tiny_lm.context("ab", heal=False, allow_special=True)
     a, b = [0, 2, 3], [1, 2]  # overlap: token 2 only
     p = next_logprobs(tiny_lm, ctx.tokens).exp()
     found = []

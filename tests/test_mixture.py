@@ -54,7 +54,7 @@ def test_sequence_log_probability_is_the_exact_mixture(tiny_lm):
             got.append(await score())
 
         run_batched([record()])
-        assert got[0] == pytest.approx(want, abs=1e-6)
+        assert got[0] == pytest.approx(want, abs=1e-5)  # float32 log-probs
 
 
 def test_smc_samples_follow_the_mixture(tiny_lm):
