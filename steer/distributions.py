@@ -115,6 +115,13 @@ def _probs(logprobs: torch.Tensor) -> torch.Tensor:
 def _log_mass(logprobs: torch.Tensor, mask: torch.Tensor | None) -> float:
     if mask is None:
         return 0.0
+    from .masks import excluded_ids
+
+    excluded = excluded_ids(mask)  # known for the base masks, which leave out few tokens
+    if excluded is not None:
+        out = float(logprobs[excluded].double().exp().sum())
+        if out < 0.5:  # 1 - out is then exact enough; otherwise sum what is kept
+            return math.log1p(-out)
     mass = float((_probs(logprobs) * mask).sum())
     return math.log(mass) if mass > 0 else NEG_INF
 

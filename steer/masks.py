@@ -456,9 +456,23 @@ def base_mask(context: LMContext) -> torch.Tensor | None:
         if part is not None:
             mask = part if mask is None else mask & part
     _BASE_CACHE[key] = mask
+    if mask is not None:
+        excluded = (~mask).nonzero().flatten()
+        if len(excluded) < mask.numel() // 4:
+            _EXCLUDED[id(mask)] = (mask, excluded)
     if len(_BASE_CACHE) > 256:
-        _BASE_CACHE.popitem(last=False)
+        dropped = _BASE_CACHE.popitem(last=False)[1]
+        _EXCLUDED.pop(id(dropped), None)
     return mask
+
+
+_EXCLUDED: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def excluded_ids(mask: torch.Tensor) -> torch.Tensor | None:
+    """The ids a base mask leaves out, when it is one of the cached base masks and they are few."""
+    hit = _EXCLUDED.get(id(mask))
+    return hit[1] if hit is not None and hit[0] is mask else None
 
 
 class View:

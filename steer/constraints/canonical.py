@@ -207,26 +207,42 @@ class Canonical:
         a = self.arrays
         lo, hi = a[f"{side}_ptr"][token], a[f"{side}_ptr"][token + 1]
         nodes, consumed, created = (a[f"{side}_{k}"][lo:hi] for k in ("node", "consumed", "created"))
-        o_tok, o_node, o_consumed, o_created = (a[f"{other}_{k}"] for k in ("tok", "node", "consumed", "created"))
+        by_node, node_ptr = self._entries_by_node(other)
+        o_tok, o_consumed, o_created = (a[f"{other}_{k}"] for k in ("tok", "consumed", "created"))
         ptr, partner, prank = index
         bad = np.zeros(self.vocab.size, dtype=bool)
-        dense = np.full(self.vocab.size, _NONE, dtype=np.int32)
         for node, used, made in zip(nodes, consumed, created):
             p_lo, p_hi = ptr[node], ptr[node + 1]
             if p_lo == p_hi:
                 continue
-            dense[partner[p_lo:p_hi]] = prank[p_lo:p_hi]
-            c = dense[o_node]
+            c = prank[p_lo:p_hi]
+            keep = (c < used) if side == "right" else (c <= used)
+            keep &= c > made
+            if not keep.any():
+                continue
+            others, c = partner[p_lo:p_hi][keep], c[keep]
+            # every spine entry on the other side whose node is one of `others` (a ragged gather)
+            starts, lengths = node_ptr[others], node_ptr[others + 1] - node_ptr[others]
+            if not lengths.sum():
+                continue
+            offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+            entries = by_node[offsets + np.arange(lengths.sum())]
+            c = np.repeat(c, lengths)
             # Equal ranks are the same merge, applied left to right: the boundary merge comes before
             # the one inside the right-hand token and after the one inside the left-hand token.
-            if side == "right":
-                hit = (c < used) & (c <= o_consumed)
-            else:
-                hit = (c <= used) & (c < o_consumed)
-            hit &= (c > made) & (c > o_created)
-            bad[o_tok[hit]] = True
-            dense[partner[p_lo:p_hi]] = _NONE
+            hit = (c <= o_consumed[entries]) if side == "right" else (c < o_consumed[entries])
+            hit &= c > o_created[entries]
+            bad[o_tok[entries[hit]]] = True
         return bad
+
+    def _entries_by_node(self, side: str) -> tuple[np.ndarray, np.ndarray]:
+        """The entries of one side's flat spines, sorted by node, with a pointer per node."""
+        cache = self.__dict__.setdefault("_by_node", {})
+        if side not in cache:
+            node = self.arrays[f"{side}_node"]
+            order = np.argsort(node, kind="stable")
+            cache[side] = order, np.searchsorted(node[order], np.arange(self.vocab.size + 1))
+        return cache[side]
 
     # -- queries --------------------------------------------------------------------------------------
     def after(self, prev: int) -> torch.Tensor:
