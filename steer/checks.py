@@ -166,9 +166,12 @@ NUMBER: /-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?/
 """
 
 
-def partial_regex(pattern: str) -> PartialRegex:
-    """The text matches `pattern`, checked token by token (any `regex`-module pattern)."""
-    return PartialRegex(pattern)
+def partial_regex(pattern: str, timeout: float = 1.0) -> PartialRegex:
+    """The text matches `pattern`, checked token by token (any `regex`-module pattern); `timeout` bounds
+    each partial match in seconds."""
+    if not timeout > 0:
+        raise SteerError(f"partial_regex needs a positive timeout, got {timeout}")
+    return PartialRegex(pattern, timeout=timeout)
 
 
 def grammar(text: str, start: str = "start") -> Grammar:

@@ -15,11 +15,11 @@ Patterns beyond regular languages (look-around, back-references) cannot be autom
 from __future__ import annotations
 
 import json
-import re
 import weakref
 from typing import Any
 
 import numpy as np
+import regex as regex_module
 import torch
 
 from .errors import SteerError
@@ -28,6 +28,7 @@ from .masks import TokenConstraint
 from .tokens import TokenTable
 
 _LOOK_AHEAD = 48  # look-ahead checks pairs one by one when either side has at most this many tokens
+_DEPTH = 4  # and follows narrow continuations this many tokens deep
 _WIDTH = 32  # token characters walked in the vectorised pass; longer tokens are walked one by one
 _matrices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -67,11 +68,13 @@ class _Automaton:
         from interegular.fsm import anything_else
 
         try:
-            fsm = interegular.parse_pattern(pattern).to_fsm()
-        except Exception:  # noqa: BLE001 - interegular raises several types for what it cannot handle
+            fsm = interegular.parse_pattern(_without_anchors(pattern)).to_fsm()
+        except Exception as e:  # noqa: BLE001 - interegular raises several types for what it cannot handle
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SteerError(
-                f"regex({pattern!r}) needs a regular pattern (no look-around or back-references); "
-                "partial_regex(...) checks such patterns by rejection sampling"
+                f"regex({pattern!r}) cannot be compiled to a token automaton ({reason}); "
+                "partial_regex(...) accepts every pattern of the `regex` module (look-around, "
+                "back-references, \\p{...} classes) and checks it by rejection sampling"
             ) from None
         states = sorted(fsm.states)
         number = {s: k for k, s in enumerate(states)}
@@ -112,6 +115,18 @@ class _Automaton:
         return int(state)
 
 
+def _without_anchors(pattern: str) -> str:
+    """The pattern without a leading ^ / \\A or a trailing $ / \\Z / \\z: the whole text must match
+    anyway, so they mean nothing here (and the automaton compiler does not know them)."""
+    for head in ("^", "\\A"):
+        if pattern.startswith(head):
+            pattern = pattern[len(head):]
+    for tail in ("$", "\\Z", "\\z"):
+        if pattern.endswith(tail) and not pattern.endswith("\\" + tail):
+            pattern = pattern[: -len(tail)]
+    return pattern
+
+
 class Regex(TokenConstraint):
     """The generated text must match `pattern` in full by the time the text ends (EOS).
 
@@ -120,8 +135,8 @@ class Regex(TokenConstraint):
 
     def __init__(self, pattern: str, allow_eos: bool = True):
         try:
-            re.compile(pattern)
-        except re.error as e:
+            regex_module.compile(pattern)
+        except regex_module.error as e:
             raise SteerError(f"invalid regular expression {pattern!r}: {e}") from None
         self.pattern, self.allow_eos = pattern, allow_eos
         self.automaton = _Automaton(pattern)
@@ -129,6 +144,7 @@ class Regex(TokenConstraint):
         self._states: dict[str, int] = {}
         self._masks: dict[tuple[int, int, int | None], torch.Tensor] = {}
         self._ends: dict[tuple[int, int], np.ndarray] = {}
+        self._lives: dict[tuple[int, int, int, int], bool] = {}
 
     def __repr__(self) -> str:
         return f"regex({self.pattern!r})"
@@ -223,7 +239,7 @@ class Regex(TokenConstraint):
                 ok[xs] = False
             elif len(xs) <= _LOOK_AHEAD:
                 for x in xs:
-                    ok[x] = bool((canon.after(int(x)).numpy() & follow).any())
+                    ok[x] = self._live(canon, int(nxt), int(x), _DEPTH)
             elif n_follow <= _LOOK_AHEAD:
                 dead = np.ones(len(xs), dtype=bool)
                 for y in np.flatnonzero(follow):
@@ -234,6 +250,30 @@ class Regex(TokenConstraint):
             # else: many tokens before and after; a dead end there is rare and is caught a step later
         return ok
 
+    def _live(self, canon, state: int, last: int, depth: int) -> bool:
+        """Whether, from DFA `state` after token `last`, some token continues the match canonically and
+        can itself go on, up to `depth` tokens ahead (past a wide choice of tokens, assumed so)."""
+        key = (id(canon.vocab), state, last, depth)
+        found = self._lives.get(key)
+        if found is None:
+            a, real = self.automaton, canon.vocab
+            if self.allow_eos and a.finals[state]:
+                found = True
+            else:
+                follow = self.allowed_after(real, state) & ~real.special
+                follow[list(real.eos_ids)] = False
+                if follow.sum() > _LOOK_AHEAD:
+                    found = True
+                else:
+                    ys = np.flatnonzero(follow & canon.after(last).numpy())
+                    ends = self._walk_all(real, state)
+                    found = bool(len(ys)) if depth == 0 else any(
+                        self._live(canon, int(ends[y]), int(y), depth - 1) for y in ys)
+            if len(self._lives) > 100_000:
+                self._lives.clear()
+            self._lives[key] = found
+        return found
+
     def done(self, context: LMContext) -> bool:
         """The generated text is a full match that no further text can extend: a program can finish
         here (the model is not asked to end the text, so its end-of-text probability is not scored)."""
@@ -241,7 +281,8 @@ class Regex(TokenConstraint):
         return bool(a.finals[state]) and not a.live[a.table[state, : a.pad]].any()
 
     def matches(self, text: str) -> bool:
-        return re.fullmatch(self.pattern, text, flags=re.ASCII) is not None  # as the automaton: ASCII classes
+        # as the automaton: ASCII classes
+        return regex_module.fullmatch(self.pattern, text, flags=regex_module.ASCII) is not None
 
 
 def regex(pattern: str, allow_eos: bool = True) -> Regex:
