@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from steer.constraints.canonical import Canonical
 from steer_lang import Script
 
 pytestmark = pytest.mark.slow
@@ -51,46 +52,56 @@ def full_logprobs(lm, ids):
 
 
 def test_prompt_intersection_weights_are_the_second_prompts_likelihood(gemma):
-    """Under IS the weight is log p(x | second prompt) plus, for token healing, the first prompt's
-    probability of continuing its backed-off last token (both computed here with plain forward passes)."""
+    """Under IS the weight is what sampling from the first context adds (the mass of its canonical,
+    healed tokens) plus log p(x | second prompt's text), both computed here with plain forward passes."""
     script, _, live = run("prompt_intersection", gemma, method="is", particles=3, inputs={"max_tokens": 5})
     values = script.input_values()
-    second = gemma.encode(values["second"])
     for p, _ in live:
         generated = p.env["a"].generated
-        healed, heal_mass = healing(gemma, values["first"], generated)
-        assert p_heal_ok([(p, 1.0)], healed)
         assert p.env["b"].generated == generated and 1 <= len(generated) <= 5
-        logp = full_logprobs(gemma, second[:-1] + generated)
-        n = len(second) - 1
-        expected = heal_mass + sum(logp[n - 1 + i, t].item() for i, t in enumerate(generated))
+        assert p.env["a"].text == gemma.decode(generated)[len(p.env["a"].healed):]
+        expected = sampling_weight(gemma, values["first"], generated) + observed_log_prob(
+            gemma, values["second"], generated)
         assert p.weight == pytest.approx(expected, abs=2e-3)
 
 
-def healing(lm, prompt, generated):
-    """The prompt's backed-off last token, and the log-probability that the text reproduces it:
-    at each step while some of it is pending, the mass of the tokens consistent with the rest."""
-    ids = lm.encode(prompt)
-    healed = lm.vocab.strings[ids[-1]]  # the example prompts end in a word: healing applies
-    total, done = 0.0, ""
+def _steps(lm, prompt, generated, heal=True):
+    """Per generated token: its log-probs, the base restriction (canonical after the previous token,
+    no control tokens) and, while healing is pending, the tokens that reproduce the backed-off text."""
+    ctx = lm.context(prompt, heal=heal)
+    canon = Canonical.of(lm.vocab)
+    ids = list(ctx.tokens)
+    logp = full_logprobs(lm, ids + generated)[len(ids) - 1:]
+    text = torch.from_numpy(~lm.vocab.special)
+    text[list(lm.vocab.eos_ids)] = True
     for i, t in enumerate(generated):
-        pending = healed[len(done):]
-        if not pending:
-            break
-        consistent = [j for j, s in enumerate(lm.vocab.strings)
-                      if s and not lm.vocab.special[j] and (s.startswith(pending) or pending.startswith(s))]
-        total += torch.logsumexp(full_logprobs(lm, ids[:-1] + generated[:i])[-1, consistent], 0).item()
-        done += lm.vocab.strings[t]
-    return healed, total
+        prev = (ids + generated)[len(ids) - 1 + i]
+        base = canon.after(prev) & text
+        heal_set = None
+        if i == 0 and ctx.healed:
+            heal_set = torch.tensor([s.startswith(ctx.healed) for s in lm.vocab.strings]) & text
+        yield logp[i], base, heal_set, t
 
 
-def p_heal_ok(live, healed):
-    """Every particle's text starts by reproducing the backed-off text, which is not in its result."""
-    for p, _ in live:
-        full = p.env["a"].lm.decode(p.env["a"].generated)
-        if not (full.startswith(healed) or healed.startswith(full)) or full[len(healed):] != p.env["a"].text:
-            return False
-    return True
+def sampling_weight(lm, prompt, generated, heal=True):
+    """What sampling `generated` from the context adds: per step the log mass of the base restriction,
+    relative to the healing set on the first step."""
+    total = 0.0
+    for lp, base, heal_set, _ in _steps(lm, prompt, generated, heal):
+        if heal_set is not None:
+            total += (torch.logsumexp(lp[base & heal_set], 0) - torch.logsumexp(lp[heal_set], 0)).item()
+        else:
+            total += torch.logsumexp(lp[base], 0).item()
+    return total
+
+
+def observed_log_prob(lm, prompt, generated):
+    """log p(generated | prompt's text): relative to the healing set on the first step."""
+    total = 0.0
+    for lp, base, heal_set, t in _steps(lm, prompt, generated):
+        assert base[t]
+        total += lp[t].item() - (torch.logsumexp(lp[heal_set], 0).item() if heal_set is not None else 0.0)
+    return total
 
 
 def test_date_format(gemma):
@@ -115,16 +126,17 @@ def test_soft_preference_weight_is_the_final_score_only(gemma):
     bonus = script.input_values()["bonus"]
     hits = []
     for p, _ in live:
-        _, heal_mass = healing(gemma, script.input_values()["prompt"], p.env["c"].generated)
+        heal_mass = sampling_weight(gemma, script.input_values()["prompt"], p.env["c"].generated)
         hits.append(sum(w in common for w in re.findall(r"[^\W\d_]+(?:'[^\W\d_]+)*", p.result().lower())))
-        # Every twist was taken back: the weight is the final score and the healing observation.
+        # Every twist was taken back: the weight is the final score and what sampling added.
         assert p.weight == pytest.approx(heal_mass + bonus * hits[-1], abs=2e-3)
     assert max(hits) > 0
 
 
 def test_reward_guided(gemma, gemma_reward_dir):
     """The example steered by a reward model trained on the real model: under IS with healing off, a
-    particle's weight is exactly its final score r/T (the twists cancel), r computed here directly."""
+    particle's weight is its final score r/T (the twists cancel), r computed here directly, plus the
+    mass of the canonical tokens it sampled from."""
     from steer.potentials import RewardModel
 
     path, _ = gemma_reward_dir
@@ -137,8 +149,10 @@ def test_reward_guided(gemma, gemma_reward_dir):
     judge = RewardModel(path)
     rewards = judge.rewards([values["instruction"]] * 3, [p.env["c"].text for p in post.particles])
     assert len(set(rewards)) > 1  # different answers, different rewards
+    prompt = "Instruction:\n" + values["instruction"] + "\n\nResponse:\n"
     for p, r in zip(post.particles, rewards):
-        assert p.weight == pytest.approx(r / values["temperature"], abs=1e-4)
+        sampled = sampling_weight(gemma, prompt, p.env["c"].generated, heal=False)
+        assert p.weight == pytest.approx(r / values["temperature"] + sampled, abs=1e-3)
 
 
 def test_retrieval_qa_puts_the_retrieved_passages_in_front_of_the_question(gemma, wiki_index, minilm, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import steer
+from steer.constraints.canonical import Canonical
 from steer.masks import resolve
 
 pytestmark = pytest.mark.slow
@@ -124,12 +125,17 @@ def test_regex_mask_matches_partial_matching(gemma, pattern, states):
     for s in ("(", " (", "5", "55", ")", " ", "-", "the", " cat", ".", " the", "x"):
         sample.update(gemma.encode(s, bos=False)[-1:])
     eos = next(iter(vocab.eos_ids))
+    canon = Canonical.of(vocab)
     for text in states:
-        ctx = gemma.context("Prompt:", heal=False)
+        ctx = gemma.context("Prompt:", heal=False, canonical=False)  # the automaton alone
         if text:
             ctx.extend(gemma.encode(text, bos=False))
         assert ctx.text == text
         mask = resolve(constraint, ctx)
+        # With canonical tokenization the look-ahead only removes tokens, never adds one.
+        looked = resolve(constraint, gemma.context("Prompt:", heal=False)) if not text else None
+        if looked is not None:
+            assert not (looked & ~(mask & canon.after(ctx.tokens[-1]))).any()
         for i in sorted(sample):
             s = vocab.strings[i]
             expected = "\ufffd" not in s and regex.fullmatch(pattern, text + s, partial=True, flags=regex.ASCII) is not None
