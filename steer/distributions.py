@@ -122,7 +122,10 @@ def _log_mass(logprobs: torch.Tensor, mask: torch.Tensor | None) -> float:
         out = float(logprobs[excluded].double().exp().sum())
         if out < 0.5:  # 1 - out is then exact enough; otherwise sum what is kept
             return math.log1p(-out)
-    mass = float((_probs(logprobs) * mask).sum())
+    probs = logprobs.exp()
+    mass = float(torch.dot(probs, mask.to(probs.dtype)))  # a fused pass; float64 only when tiny
+    if mass < 1e-30:
+        mass = float((_probs(logprobs) * mask).sum())
     return math.log(mass) if mass > 0 else NEG_INF
 
 
@@ -149,8 +152,11 @@ class NextToken(Distribution):
     def _mask(self) -> torch.Tensor | None:
         from .masks import resolve
 
-        mask = resolve(self.mask_spec, self.context)
-        for extra in (self.context.mask, base_mask(self.context)):
+        ctx = self.context
+        if self.mask_spec is None and ctx.mask is not None and ctx.mask_log_mass is not None:
+            return ctx.mask  # observed as allowed just before: it holds the base restriction already
+        mask = resolve(self.mask_spec, ctx)
+        for extra in (ctx.mask, base_mask(ctx)):
             if extra is not None:
                 mask = extra if mask is None else mask & extra
         return mask
@@ -243,12 +249,14 @@ class TokenInMask(Distribution):
         logprobs = await self.context.next_logprobs()
         given = _given(self.context)
         if given is None:
+            self._allowed = self._resolved
             self._new_log_mass = _log_mass(logprobs, self._resolved)
             return self._new_log_mass
         log_given = _log_mass(logprobs, given)
         if log_given == NEG_INF:
             return NEG_INF
-        self._new_log_mass = _log_mass(logprobs, self._resolved & given)
+        self._allowed = self._resolved & given
+        self._new_log_mass = _log_mass(logprobs, self._allowed)
         return self._new_log_mass - log_given
 
     async def _checked(self, check) -> float:
@@ -281,6 +289,7 @@ class TokenInMask(Distribution):
         if token is not None:
             self._resolved[token] = True
             self._new_log_mass = logprobs[token].item()
+        self._allowed = self._resolved  # the accepted token is within what was given
         return log_w
 
     async def sample(self) -> tuple[bool, float]:
@@ -303,10 +312,14 @@ class TokenInMask(Distribution):
         return math.log1p(-math.exp(log_in)) if log_in < 0 else NEG_INF
 
     def commit(self, value: Any) -> None:
-        mask = self._resolved if value else ~self._resolved
-        self.context.mask = mask if self.context.mask is None else self.context.mask & mask
-        # Known for True (what NextToken then renormalises by); recomputed when needed otherwise.
-        self.context.mask_log_mass = getattr(self, "_new_log_mass", None) if value else None
+        ctx = self.context
+        if value:
+            # Everything now known about the next token (with the base restriction), and its mass:
+            # what NextToken samples from and renormalises by.
+            ctx.mask, ctx.mask_log_mass = self._allowed, self._new_log_mass
+        else:
+            ctx.mask = ~self._resolved if ctx.mask is None else ctx.mask & ~self._resolved
+            ctx.mask_log_mass = None
 
 
 class Continuation(Distribution):

@@ -184,7 +184,8 @@ class LMContext:
         self.pending_scores: list[float] | None = None
         self.draw: int | None = None  # a sample from `logprobs` drawn in the batched round, unused so far
         self.mask: torch.Tensor | None = None  # restriction on the next token set by `allowed`
-        self.mask_log_mass: float | None = None  # its log-probability, known when it was observed
+        # its log-probability, known when it was observed True (the mask then holds the base restriction)
+        self.mask_log_mass: float | None = None
         self.serial = next(self._serials)
         self.backend_state: object = None  # owned by the model backend
 
