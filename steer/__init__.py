@@ -1,6 +1,7 @@
 """steer: control language models with probabilistic programs and Sequential Monte Carlo."""
 
 from . import checks, masks, patterns
+from .constraints import tilts
 from .distributions import (
     Bernoulli,
     Categorical,
@@ -51,5 +52,6 @@ __all__ = [
     "run",
     "smc",
     "smc_steer",
+    "tilts",
     "tiny_model",
 ]

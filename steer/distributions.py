@@ -130,7 +130,9 @@ def _log_mass(logprobs: torch.Tensor, mask: torch.Tensor | None) -> float:
 
 
 class NextToken(Distribution):
-    """The LM's next token in a context, optionally restricted to a mask and renormalised.
+    """The LM's next token in a context, optionally restricted to a mask and renormalised, and
+    optionally tilted: with `tilt` φ the target gains the potential exp(φ(x)) and sampling draws from
+    p(x)·exp(φ(x)) (see `steer.tilts`).
 
     Committing a token appends it to the context.  A restriction set by observing `ctx.allowed(mask)`
     applies too.
@@ -140,9 +142,15 @@ class NextToken(Distribution):
     # control tokens), added by Program.sample
     side_log_weight = 0.0
 
-    def __init__(self, context: LMContext, mask: Any = None):
+    def __init__(self, context: LMContext, mask: Any = None, tilt: Any = None):
         self.context = context
         self.mask_spec = mask
+        self.tilt_spec = tilt
+
+    def _tilt(self) -> torch.Tensor | None:
+        from .constraints.tilts import resolve_tilt
+
+        return resolve_tilt(self.tilt_spec, self.context)
 
     @property
     def zero_reason(self) -> str:
@@ -184,6 +192,16 @@ class NextToken(Distribution):
         if log_z == NEG_INF:
             raise SteerError(f"no token is allowed here{_healing_note(ctx)} "
                              "(use observe/condition to reject instead of sample)")
+        tilt = self._tilt()
+        if tilt is not None:  # propose from p·exp(φ) within the mask; the weight gains E_p[exp φ]
+            scores = logprobs.double() + tilt
+            if mask is not None:
+                scores = scores.masked_fill(~mask, NEG_INF)
+            log_zt = torch.logsumexp(scores, 0).item()
+            self.side_log_weight += log_zt - log_z
+            ctx.draw = None
+            token_id = int(categorical((scores - log_zt).exp()))
+            return ctx.token(token_id), scores[token_id].item() - log_zt
         token_id = ctx.draw
         ctx.draw = None
         # The batched round's draw is a sample of the unrestricted LM; accepted only inside the mask
@@ -199,7 +217,9 @@ class NextToken(Distribution):
         mask = self._mask()
         if mask is not None and not mask[token_id]:
             return NEG_INF
-        return logprobs[token_id].item() - _log_mass(logprobs, mask) + self._base_log_mass(logprobs)
+        tilt = self._tilt()
+        bonus = tilt[token_id].item() if tilt is not None else 0.0  # the tilt is a potential of the target
+        return logprobs[token_id].item() + bonus - _log_mass(logprobs, mask) + self._base_log_mass(logprobs)
 
     def commit(self, value: Any) -> None:
         self.context.extend([int(value)])

@@ -285,11 +285,12 @@ class LMContext:
         return first + sum(self.pending_scores)
 
     # -- distributions --------------------------------------------------------------------------------
-    def next_token(self, mask: object = None):
-        """The LM's next-token distribution here, optionally restricted to `mask` and renormalised."""
+    def next_token(self, mask: object = None, tilt: object = None):
+        """The LM's next-token distribution here, optionally restricted to `mask` and renormalised, and
+        tilted by `tilt` (a soft preference: sampled from p·exp(tilt), the weight gains its mass)."""
         from .distributions import NextToken
 
-        return NextToken(self, mask)
+        return NextToken(self, mask, tilt)
 
     def allowed(self, mask: object):
         """A Bernoulli over "the next token is in `mask`"; observing True restricts the next token."""

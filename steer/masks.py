@@ -44,9 +44,13 @@ class TokenConstraint:
         raise NotImplementedError
 
     def __and__(self, other: TokenConstraint) -> TokenConstraint:
+        if not isinstance(other, TokenConstraint):
+            return NotImplemented  # e.g. a tilt, which makes a mask-and-tilt pair
         return Combined("and", self, other)
 
     def __or__(self, other: TokenConstraint) -> TokenConstraint:
+        if not isinstance(other, TokenConstraint):
+            return NotImplemented
         return Combined("or", self, other)
 
     def __invert__(self) -> TokenConstraint:

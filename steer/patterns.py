@@ -252,7 +252,7 @@ class Regex(TokenConstraint):
 
     def _live(self, canon, state: int, last: int, depth: int) -> bool:
         """Whether, from DFA `state` after token `last`, some token continues the match canonically and
-        can itself go on, up to `depth` tokens ahead (past a wide choice of tokens, assumed so)."""
+        can itself go on, up to `depth` tokens ahead (past a wide choice of tokens, one step only)."""
         key = (id(canon.vocab), state, last, depth)
         found = self._lives.get(key)
         if found is None:
@@ -262,13 +262,12 @@ class Regex(TokenConstraint):
             else:
                 follow = self.allowed_after(real, state) & ~real.special
                 follow[list(real.eos_ids)] = False
-                if follow.sum() > _LOOK_AHEAD:
-                    found = True
+                ys = np.flatnonzero(follow & canon.after(last).numpy())
+                if not len(ys) or depth == 0 or follow.sum() > _LOOK_AHEAD:
+                    found = bool(len(ys))  # past a wide choice, one canonical token is enough
                 else:
-                    ys = np.flatnonzero(follow & canon.after(last).numpy())
                     ends = self._walk_all(real, state)
-                    found = bool(len(ys)) if depth == 0 else any(
-                        self._live(canon, int(ends[y]), int(y), depth - 1) for y in ys)
+                    found = any(self._live(canon, int(ends[y]), int(y), depth - 1) for y in ys)
             if len(self._lives) > 100_000:
                 self._lives.clear()
             self._lives[key] = found

@@ -24,10 +24,11 @@ class NextWord(SubProgram):
     gains the log-probability of the allowed set (a locally constrained proposal).
     """
 
-    def __init__(self, context: LMContext, mask: Any = None, max_tokens: int = 16):
+    def __init__(self, context: LMContext, mask: Any = None, max_tokens: int = 16, tilt: Any = None):
         self.context = context
         self.mask = mask
         self.max_tokens = max_tokens
+        self.tilt = tilt
 
     async def run(self) -> str:
         ctx = self.context
@@ -40,7 +41,7 @@ class NextWord(SubProgram):
                     break
             if self.mask is not None:
                 await self.observe(ctx.allowed(self.mask), True)
-            token = await self.sample(ctx.next_token())
+            token = await self.sample(ctx.next_token(tilt=self.tilt))
             if token.is_eos:
                 break
         return ctx.lm.decode(ctx.tokens[start:])

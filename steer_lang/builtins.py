@@ -17,6 +17,8 @@ import regex
 from retrieval.retriever import Retriever, background_prompt
 from steer import checks, masks, patterns
 from steer.checks import TokenCheck
+from steer.constraints import tilts
+from steer.constraints.tilts import Steered, Tilt
 from steer.errors import SteerError
 from steer.lm import LMContext, Token
 from steer.masks import TokenConstraint
@@ -38,7 +40,8 @@ def type_of(value: Any) -> str:
     if isinstance(value, bool):
         return "bool"
     for t, name in ((int, "int"), (float, "float"), (str, "str"), (list, "list"), (Token, "token"),
-                    (LMContext, "context"), (TokenConstraint, "mask"), (TokenCheck, "mask"),
+                    (LMContext, "context"), (TokenConstraint, "mask"), (TokenCheck, "mask"), (Tilt, "mask"),
+                    (Steered, "mask"),
                     (ScoringModel, "reward_model"), (Retriever, "retriever")):
         if isinstance(value, t):
             return name
@@ -316,6 +319,9 @@ _BUILTINS = [
        "at most n words", "mask"),
     _b("must_end_with", [("suffix", "str")], "mask", _constraint(masks.must_end_with),
        "the text may only end once it ends with suffix", "mask"),
+    _b("prefer_words", [("words", "list"), ("bonus", "float", 2.0)], "mask",
+       lambda w, b=2.0: _constraint(tilts.prefer_words)(_strings("prefer_words", w), b),
+       "a tilt: exp(bonus) per complete listed word, proposed token by token (combine with `and`)", "mask"),
     _b("stop_at", [("strings", "list")], "mask", lambda s: _constraint(masks.stop_at)(_strings("stop_at", s)),
        "the text ends right after the first stop string", "mask"),
     _b("max_tokens", [("n", "int")], "mask", _constraint(masks.max_tokens), "only EOS after n tokens", "mask"),

@@ -16,6 +16,7 @@ import operator
 from typing import Any
 
 from steer.checks import TokenCheck
+from steer.constraints.tilts import Steered, Tilt
 from steer.distributions import Bernoulli, Categorical, Geometric
 from steer.errors import SteerError
 from steer.lm import LanguageModel, LMContext, Token
@@ -282,15 +283,19 @@ class ScriptProgram(Program):
         call, args = s.dist, self._dist_args(s.dist)
         if call.func in ("next", "word"):
             ctx = self._context(call, args)
-            mask = None
+            mask = tilt = None
             if s.where is not None:
                 mask = self._eval(s.where, self.env)
-                if not isinstance(mask, (TokenConstraint, TokenCheck)):
-                    raise ProgramError(s.where, f"`where` needs a token mask, got {type_of(mask)}")
+                if isinstance(mask, Steered):
+                    mask, tilt = mask.mask, mask.tilt
+                elif isinstance(mask, Tilt):
+                    mask, tilt = None, mask
+                elif not isinstance(mask, (TokenConstraint, TokenCheck)):
+                    raise ProgramError(s.where, f"`where` needs a token mask or tilt, got {type_of(mask)}")
             try:
                 if call.func == "word":
                     before = len(ctx.tokens)
-                    value = await self.call(NextWord(ctx, mask))
+                    value = await self.call(NextWord(ctx, mask, tilt=tilt))
                     self.tokens_sampled += len(ctx.tokens) - before
                     return value
                 if mask is not None:
@@ -298,7 +303,7 @@ class ScriptProgram(Program):
                     if self.finished:  # no allowed token: the particle died
                         return ctx.lm.token(next(iter(ctx.lm.vocab.eos_ids)))
                 self.tokens_sampled += 1
-                return await self.sample(ctx.next_token())
+                return await self.sample(ctx.next_token(tilt=tilt))
             except SteerError as e:
                 raise ProgramError(s, str(e)) from None
         return await self.sample(self._simple_distribution(call, args))
@@ -362,10 +367,12 @@ class ScriptProgram(Program):
                 if isinstance(left, TokenCheck):
                     raise ProgramError(e, f"{left!r} is checked token by token and cannot be combined "
                                           "with and/or; use it alone in `where`")
-                if isinstance(left, TokenConstraint):
+                if isinstance(left, (TokenConstraint, Tilt, Steered)):
                     right = self._eval(e.right, env)
-                    if isinstance(right, TokenCheck) or not isinstance(right, TokenConstraint):
+                    if isinstance(right, TokenCheck) or not isinstance(right, (TokenConstraint, Tilt, Steered)):
                         raise ProgramError(e, f"cannot combine a mask with {type_of(right)}")
+                    if e.op == "or" and not (isinstance(left, TokenConstraint) and isinstance(right, TokenConstraint)):
+                        raise ProgramError(e, "a tilt combines with `and` only (tilts add up)")
                     return left & right if e.op == "and" else left | right
                 if _truth(left, e.left) == (e.op == "or"):
                     return e.op == "or"

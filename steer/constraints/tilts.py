@@ -43,10 +43,42 @@ class Tilt:
     def __add__(self, other: Tilt) -> Tilt:
         return _Sum(self, other)
 
+    def __and__(self, other: Any) -> Any:
+        """A tilt with another tilt adds up; with a mask it makes a `Steered` pair."""
+        if isinstance(other, Tilt):
+            return _Sum(self, other)
+        if isinstance(other, Steered):
+            return Steered(other.mask, self + other.tilt)
+        return Steered(other, self)
+
+    __rand__ = __and__
+
     def __mul__(self, factor: float) -> Tilt:
         return _Scaled(self, float(factor))
 
     __rmul__ = __mul__
+
+
+class Steered:
+    """A mask and a tilt together (`mask & tilt`, or `where mask and tilt` in `.steer`): the next token
+    is restricted to the mask (observed, adding its log mass) and drawn from the tilted model."""
+
+    def __init__(self, mask: Any, tilt: Tilt):
+        self.mask, self.tilt = mask, tilt
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __and__(self, other: Any) -> Steered:
+        if isinstance(other, (Tilt, Steered)):
+            return Steered(self.mask if not isinstance(other, Steered) else self.mask & other.mask,
+                           self.tilt + (other.tilt if isinstance(other, Steered) else other))
+        return Steered(self.mask & other, self.tilt)
+
+    __rand__ = __and__
+
+    def __repr__(self) -> str:
+        return f"({self.mask!r} & {self.tilt!r})"
 
 
 class _Sum(Tilt):
@@ -129,6 +161,11 @@ class WordBonus(Tilt):
         if not ended and runs and runs[-1][1] == len(text):
             score += runs[-1][0] in self.prefixes
         return self.bonus * score
+
+    def settle(self, context) -> float:
+        """What to `score` when a program stops before the end of the text: takes back the bonus held
+        for an open word that is only a prefix of a listed word (at end-of-text the tilt does this)."""
+        return self.potential(context.text, ended=True) - self.potential(context.text)
 
     # -- vectorised over the vocabulary -------------------------------------------------------------
     def _statics(self, table) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,124 @@
+"""Token tilts against exact enumeration: the posterior is p(x)·exp(potential) and exp(log_ml) is
+unbiased for its normaliser; the word bonus against its plain-text potential."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import steer
+from exact import complete_sequences
+from steer.constraints.canonical import Canonical
+
+T = 3
+
+
+class Tilted(steer.Program):
+    def __init__(self, lm, prompt, tilt, mask=None):
+        super().__init__()
+        self.ctx = lm.context(prompt, heal=False)
+        self.tilt, self.mask = tilt, mask
+
+    async def step(self):
+        if self.mask is not None:
+            await self.observe(self.ctx.allowed(self.mask), True)
+        token = await self.sample(self.ctx.next_token(tilt=self.tilt))
+        if token.is_eos or len(self.ctx.generated) >= T:
+            if not token.is_eos and hasattr(self.tilt, "settle"):
+                self.score(self.tilt.settle(self.ctx))  # a cut-off text: only complete words count
+            self.finish()
+
+    def result(self):
+        return tuple(self.ctx.generated)
+
+
+def exact(lm, prompt, potential, allowed=lambda text: True):
+    ctx = lm.context(prompt, heal=False)
+    eos = next(iter(lm.vocab.eos_ids))
+    canon = Canonical(lm.vocab, cache=False)
+    target = {}
+    for seq, logp in complete_sequences(lm, ctx.tokens, T).items():
+        body = [t for t in seq if t != eos]
+        if not canon.is_canonical([ctx.tokens[-1], *body]):
+            continue
+        text = lm.decode(body)
+        if allowed(text):
+            target[seq] = math.exp(logp + potential(text, seq[-1] == eos))
+    z = sum(target.values())
+    return {k: v / z for k, v in target.items()}, z
+
+
+def check(lm, prompt, make, potential, mask=None, allowed=lambda text: True):
+    posterior, z = exact(lm, prompt, potential, allowed)
+    estimate: dict = {}
+    for seed in range(3):
+        post = steer.smc(Tilted(lm, prompt, make(), mask), particles=1500, seed=seed)
+        for k, w in post.distribution().items():
+            estimate[k] = estimate.get(k, 0.0) + w / 3
+    assert set(estimate) <= set(posterior)
+    assert 0.5 * sum(abs(estimate.get(k, 0.0) - p) for k, p in posterior.items()) < 0.05
+    values = [math.exp(steer.smc(Tilted(lm, prompt, make(), mask), particles=20, seed=100 + s).log_ml)
+              for s in range(40)]
+    mean, se = np.mean(values), np.std(values, ddof=1) / math.sqrt(len(values))
+    assert abs(mean - z) < 3 * se + 1e-9
+    return posterior
+
+
+@pytest.fixture(scope="module")
+def bpe_lm():
+    return steer.tiny_model("ab ", merges=[(" ", "a"), ("a", "b"), ("b", "b"), (" a", "b")], seed=3,
+                            temperature=1.5, max_length=64)
+
+
+def test_token_bonus_is_exact(tiny_lm):
+    a = tiny_lm.encode("a", bos=False)[0]
+    bonus = torch.zeros(tiny_lm.vocab.size)
+    bonus[a] = 1.3
+    posterior = check(tiny_lm, "b", lambda: steer.tilts.token_bonus(bonus),
+                      lambda text, ended: 1.3 * text.count("a"))
+    assert posterior
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_word_bonus_over_multi_token_words_is_exact(bpe_lm, masked):
+    """"ab" is a listed word; it is written "a" "b", "ab", " a" "b" or " ab": the bonus for the prefix
+    "a" is taken back when the word becomes "abb" or "aa"."""
+    words = steer.tilts.prefer_words(["ab"], bonus=1.5)
+    mask = steer.masks.max_words(1) if masked else None
+    allowed = (lambda text: len(text.split()) <= 1) if masked else (lambda text: True)
+    check(bpe_lm, "b ", lambda: steer.tilts.prefer_words(["ab"], bonus=1.5),
+          lambda text, ended: words.potential(text, ended=True), mask=mask, allowed=allowed)
+
+
+def test_word_bonus_values_are_the_change_in_the_potential(bpe_lm):
+    """Every token's tilt, in several states, equals potential(text + token) - potential(text)."""
+    words = steer.tilts.prefer_words(["ab", "ba"], bonus=0.7)
+    vocab = bpe_lm.vocab
+    for text in ["", "a", "ab", "b", "ab a", "ba b"]:
+        ctx = bpe_lm.context("b", heal=False, allow_special=True)
+        ctx.extend(bpe_lm.encode(text, bos=False))
+        phi = words.values(ctx)
+        for i, s in enumerate(vocab.strings):
+            if i in vocab.eos_ids:
+                expected = words.potential(text, ended=True) - words.potential(text)
+            elif vocab.special[i]:
+                expected = 0.0
+            else:
+                expected = words.potential(text + s) - words.potential(text)
+            assert phi[i].item() == pytest.approx(expected), (text, s)
+
+
+@pytest.mark.slow
+def test_word_bonus_on_gemma_matches_the_potential(gemma):
+    words = steer.tilts.prefer_words(["good", "great", "wonderful"], bonus=2.0)
+    rng = np.random.default_rng(0)
+    sample = rng.choice(np.flatnonzero(~gemma.vocab.special), 3000, replace=False).tolist()
+    sample += [gemma.encode(s, bos=False)[0] for s in (" good", " great", "good", " wonder", "ful", ".")]
+    for text in ["", " It was", " It was good", " It was wonder", " a gre"]:
+        ctx = gemma.context("Review:", heal=False)
+        ctx.extend(gemma.encode(text, bos=False))
+        phi = words.values(ctx)
+        for i in sample:
+            s = gemma.vocab.strings[i]
+            assert phi[i].item() == pytest.approx(words.potential(text + s) - words.potential(text)), (text, s)
