@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from steer.cli import positive
+from steer.cli import positive, strict_json
 
 from .index import KINDS
 
@@ -30,8 +30,7 @@ def _search(args: argparse.Namespace) -> int:
     retriever = Retriever.load(args.index)
     for rank, hit in enumerate(retriever.search(args.query, args.k), 1):
         if args.json:
-            print(json.dumps({"rank": rank, "id": hit.id, "score": hit.score, "title": hit.title, "text": hit.text},
-                             ensure_ascii=False))
+            print(strict_json({"rank": rank, "id": hit.id, "score": hit.score, "title": hit.title, "text": hit.text}))
         else:
             title = f" [{hit.title}]" if hit.title else ""
             text = hit.text if len(hit.text) <= 160 else hit.text[:157] + "..."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
@@ -62,12 +63,29 @@ def sampler_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def strict_json(value) -> str:
+    """JSON that any parser reads: infinite or NaN numbers (a dead particle's log weight) become null."""
+    def clean(v):
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if hasattr(v, "item") and callable(v.item):  # numpy / torch scalars
+            return clean(v.item())
+        return v
+
+    return json.dumps(clean(value), allow_nan=False, ensure_ascii=False, default=str)
+
+
 def print_posterior(posterior, as_json: bool, out=None) -> None:
     out = out or sys.stdout
     if as_json:
         for particle, w, lw in zip(posterior.particles, posterior.weights, posterior.log_weights):
-            print(json.dumps({"text": particle.result(), "weight": float(w), "log_weight": float(lw)}), file=out)
-        print(json.dumps({"summary": posterior.summary()}), file=out)
+            print(strict_json({"text": particle.result(), "weight": float(w), "log_weight": float(lw),
+                               "alive": bool(math.isfinite(lw))}), file=out)
+        print(strict_json({"summary": posterior.summary()}), file=out)
         return
     for text, w in posterior.distribution().items():
         print(f"{w:7.4f}  {json.dumps(text, ensure_ascii=False)}", file=out)

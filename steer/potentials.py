@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .distributions import Distribution
 from .errors import ModelLoadError, SteerError
 from .scheduler import Request
 from .template import format_prompt, judge_instruction
@@ -88,6 +89,68 @@ class ScoringModel:
         else:
             particle.twist(value)
         return value
+
+
+    def look_ahead(self, context: Any, instruction: str, k: int = 8) -> LookAhead:
+        """A one-step look-ahead proposal for the next token of `context`: see `LookAhead`."""
+        return LookAhead(self, context, instruction, k)
+
+
+class LookAhead(Distribution):
+    """The model's next token, tilted by how each of its `k` likeliest candidates changes the score:
+    q(x) ∝ p(x) · exp((r(text + x) - r(text)) / T) for the top k, p(x) for the rest.
+
+    Use it as a proposal against `ctx.next_token()` (with `guide` for the target's twist and score):
+    the weight p(x) / q(x) keeps the target exact, and the scores of every particle's candidates are
+    computed in one batch per round.  It is the one-step version of twisted SMC's look-ahead (Zhao et
+    al. 2024): it sees a reward change only where the reward model can already tell after one token.
+    """
+
+    def __init__(self, model: ScoringModel, context: Any, instruction: str, k: int = 8):
+        if k < 1:
+            raise SteerError(f"look_ahead needs k >= 1, got {k}")
+        self.model, self.context, self.instruction, self.k = model, context, instruction, k
+        self._logq: torch.Tensor | None = None
+
+    async def _proposal(self) -> torch.Tensor:
+        if self._logq is None:
+            from .distributions import NextToken
+            from .scheduler import AllOf
+
+            ctx = self.context
+            logprobs = (await ctx.next_logprobs()).double()
+            mask = NextToken(ctx)._mask()
+            if mask is not None:
+                logprobs = logprobs.masked_fill(~mask, float("-inf"))
+            top = torch.topk(logprobs, min(self.k, int(torch.isfinite(logprobs).sum()))).indices.tolist()
+            eos = ctx.lm.vocab.eos_ids
+            texts = [ctx.text if i in eos else _after(ctx, i) for i in top]
+            now, *scores = await AllOf([ScoreRequest(self.model, self.instruction, t) for t in [ctx.text, *texts]])
+            tilt = torch.zeros_like(logprobs)
+            tilt[top] = (torch.tensor(scores, dtype=torch.float64) - now) / self.model.temperature
+            self._logq = torch.log_softmax(logprobs + tilt, 0)
+        return self._logq
+
+    async def sample(self) -> tuple[Any, float]:
+        from .randomness import categorical
+
+        logq = await self._proposal()
+        token_id = int(categorical(logq.exp()))
+        return self.context.token(token_id), logq[token_id].item()
+
+    async def log_prob(self, value: Any) -> float:
+        return (await self._proposal())[int(value)].item()
+
+    def commit(self, value: Any) -> None:
+        self.context.extend([int(value)])
+
+
+def _after(context: Any, token_id: int) -> str:
+    """The context's text once `token_id` follows (the backed-off prompt text is not part of it)."""
+    new = context.lm.vocab.strings[token_id]
+    if context.heal:
+        new = new[len(context.heal):]
+    return context.text + new
 
 
 def _load(directory: Path, auto_class: str):

@@ -108,3 +108,33 @@ def test_banned_words(gemma, trailing):
 def test_short_words(gemma, trailing):
     for text in outputs(gemma, "short_words", trailing, max_tokens=12):
         assert all(len(w) <= 5 for w in re.findall(r"[^\W\d_]+", text)), text
+
+
+def test_bounded_integer_person_record(gemma):
+    """An integer with bounds is an exact digit pattern: every final particle parses, its age lies in
+    0-120, and the run does not collapse onto one particle (ESS >= 2)."""
+    import steer
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"]}
+    record = steer.patterns.json_schema(schema)
+
+    class Person(steer.Program):
+        def __init__(self):
+            super().__init__()
+            self.ctx = gemma.context("Person record: ")
+
+        async def step(self):
+            await self.observe(self.ctx.allowed(record), True)
+            token = await self.sample(self.ctx.next_token())
+            if token.is_eos or record.done(self.ctx) or len(self.ctx.generated) >= 40:
+                self.condition(record.matches(self.ctx.text), "the record is not complete")
+                self.finish()
+
+    post = steer.smc(Person(), particles=8, seed=0)
+    assert post.ess >= 2
+    for p, w in zip(post.particles, post.weights):
+        if w > 0:
+            value = json.loads(p.ctx.text)
+            assert valid(value, schema) and 0 <= value["age"] <= 120 and isinstance(value["age"], int)

@@ -108,3 +108,27 @@ def test_the_installed_command_exits_2_on_a_bad_file(write):
     assert out.returncode == 2
     assert out.stderr.startswith(f"{path}:1:9: syntax error: unexpected end of line; expected ':'")
     assert "Traceback" not in out.stderr
+
+
+def strict_loads(line: str):
+    """json.loads that refuses the non-standard constants (-Infinity, NaN) Python would accept."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_every_json_output_is_strict_json(tiny_dir, write, capsys):
+    """Dead particles (a failed condition under importance sampling) print a null log weight."""
+    from steer.cli import main as steer_main
+
+    path = write('context c = "a"\nrepeat 2:\n    sample next(c)\ncondition contains(text(c), "b")\n'
+                 'result text(c)\n')
+    assert main(["run", path, "--model", str(tiny_dir), "--method", "is", "-n", "12", "--seed", "1", "--json"]) == 0
+    lines = [strict_loads(line) for line in capsys.readouterr().out.splitlines()]
+    particles = lines[:-1]
+    dead = [p for p in particles if not p["alive"]]
+    assert dead and all(p["log_weight"] is None and p["weight"] == 0.0 for p in dead)
+    assert all(isinstance(p["log_weight"], float) for p in particles if p["alive"])
+    assert steer_main(["generate", "--model", str(tiny_dir), "--prompt", "ab", "-n", "4", "-t", "3", "--json"]) == 0
+    for line in capsys.readouterr().out.splitlines():
+        strict_loads(line)

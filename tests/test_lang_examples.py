@@ -172,3 +172,35 @@ def test_retrieval_qa_puts_the_retrieved_passages_in_front_of_the_question(gemma
     for p in post.particles:
         context = p.env["answer"]
         assert gemma.decode(context.tokens[:context.prompt_length]).endswith(expected)
+
+
+def test_look_ahead_proposal_with_the_trained_reward_model(gemma, gemma_reward_dir):
+    """The one-step look-ahead on the real model and a real reward model: the proposal is the model's
+    next token tilted by (r(text + x) - r(text)) / T on its top k, checked against direct scores."""
+    import steer
+    from steer.potentials import RewardModel
+    from steer.scheduler import run_batched
+
+    path, _ = gemma_reward_dir
+    judge = RewardModel(path, temperature=0.5)
+    instruction = "How can I calm down after an argument?"
+    ctx = gemma.context("Instruction:\n" + instruction + "\n\nResponse:\n", heal=False)
+    look = judge.look_ahead(ctx, instruction, k=4)
+    got = []
+
+    async def first():
+        got.append(await look.log_prob(gemma.encode(" Take", bos=False)[0]))
+
+    run_batched([first()])
+    logq = look._logq
+    lp = full_logprobs(gemma, ctx.tokens)[-1].double()
+    base = Canonical.of(gemma.vocab).after(ctx.tokens[-1]) & torch.from_numpy(~gemma.vocab.special)
+    lp = lp.masked_fill(~base, float("-inf"))
+    top = torch.topk(lp, 4).indices.tolist()
+    now = judge.rewards([instruction], [""])[0]
+    scores = judge.rewards([instruction] * 4, [gemma.vocab.strings[i] for i in top])
+    tilt = torch.zeros_like(lp)
+    tilt[top] = (torch.tensor(scores, dtype=torch.float64) - now) / 0.5
+    assert torch.allclose(logq[top], torch.log_softmax(lp + tilt, 0)[top], atol=1e-3)
+    assert got[0] == pytest.approx(torch.log_softmax(lp + tilt, 0)[gemma.encode(" Take", bos=False)[0]].item(),
+                                   abs=1e-3)

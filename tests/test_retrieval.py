@@ -167,7 +167,7 @@ def test_index_cli_builds_and_searches(wiki_docs, tmp_path, capsys):
     built = json.loads(capsys.readouterr().out)
     assert built == {"out": str(out), "documents": 48, "kind": "hnsw", "dim": 384, "embedder": "all-MiniLM-L6-v2"}
     assert main(["index", "search", str(out), "an anarchist political philosophy", "-k", "3", "--json"]) == 0
-    hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    hits = [json.loads(line, parse_constant=_refuse) for line in capsys.readouterr().out.splitlines()]  # strict
     assert [h["rank"] for h in hits] == [1, 2, 3] and hits[0]["title"] == "Anarchism"
 
 
@@ -177,3 +177,7 @@ def test_index_cli_user_errors_exit_2(tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": 1, "text": "x"}, {"id": 1, "text": "y"}])
     assert main(["index", "build", "--docs", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "bad.jsonl:2: duplicate id '1'" in capsys.readouterr().err
+
+
+def _refuse(name):
+    raise ValueError(f"not JSON: {name}")

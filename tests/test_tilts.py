@@ -10,6 +10,7 @@ import torch
 import steer
 from exact import complete_sequences
 from steer.constraints.canonical import Canonical
+from steer.potentials import ScoringModel
 
 T = 3
 
@@ -122,3 +123,55 @@ def test_word_bonus_on_gemma_matches_the_potential(gemma):
         for i in sample:
             s = gemma.vocab.strings[i]
             assert phi[i].item() == pytest.approx(words.potential(text + s) - words.potential(text)), (text, s)
+
+
+# -- one-step look-ahead with a sequence-level reward --------------------------------------------
+class CountA(ScoringModel):
+    """A stand-in reward model (the real one is exercised in test_lang_examples): r = number of "a"."""
+
+    def __init__(self):
+        super().__init__(temperature=0.5, batch_size=64, cache_size=1000)
+        self.batches = 0
+
+    def _score_batch(self, pairs):
+        self.batches += 1
+        return [float(response.count("a")) for _, response in pairs]
+
+
+class Guided(steer.Program):
+    def __init__(self, lm, model, look):
+        super().__init__()
+        self.ctx = lm.context("b", heal=False)
+        self.model, self.look = model, look
+
+    async def step(self):
+        proposal = self.model.look_ahead(self.ctx, "", k=2) if self.look else None
+        token = await self.sample(self.ctx.next_token(), proposal=proposal)
+        done = token.is_eos or len(self.ctx.generated) >= T
+        await self.model.guide(self, "", self.ctx.text, final=done)
+        if done:
+            self.finish()
+
+    def result(self):
+        return tuple(self.ctx.generated)
+
+
+def test_look_ahead_proposal_keeps_the_reward_target_exact(bpe_lm):
+    model = CountA()
+    posterior, z = exact(bpe_lm, "b", lambda text, ended: text.count("a") / 0.5)
+    estimate: dict = {}
+    for seed in range(3):
+        post = steer.smc(Guided(bpe_lm, model, True), particles=1500, seed=seed)
+        for k, w in post.distribution().items():
+            estimate[k] = estimate.get(k, 0.0) + w / 3
+    assert 0.5 * sum(abs(estimate.get(k, 0.0) - p) for k, p in posterior.items()) < 0.05
+    values = [math.exp(steer.smc(Guided(bpe_lm, model, True), particles=20, seed=100 + s).log_ml)
+              for s in range(40)]
+    mean, se = np.mean(values), np.std(values, ddof=1) / math.sqrt(len(values))
+    assert abs(mean - z) < 3 * se + 1e-9
+
+
+def test_look_ahead_scores_every_particles_candidates_in_one_batch(bpe_lm):
+    model = CountA()
+    steer.smc(Guided(bpe_lm, model, True), particles=16, seed=0)
+    assert model.batches <= 2 * T  # per step: the candidates' round, then the guide's round
