@@ -299,6 +299,7 @@ _SUPPORTED = {
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 MAX_DIGITS = 15  # an integer without bounds has at most this many digits (exact in every JSON reader)
 _UNBOUNDED_INTEGER = "(-)?(0|[1-9][0-9]*)"  # how outlines-core writes an integer
+_BOUNDED_NUMBER_PARTS = ((r"(\.[0-9]+)?", r"(\.[0-9]{1,15})?"), (r"([eE][+-][0-9]+)?", r"([eE][+-][0-9]{1,3})?"))
 _TYPES = {"object", "array", "string", "integer", "number", "boolean", "null"}
 
 
@@ -360,7 +361,9 @@ def json_schema(schema: dict | str, whitespace: str = r"[ ]?", allow_eos: bool =
     except (ValueError, TypeError) as e:
         raise SteerError(f"cannot use this JSON schema: {e}") from None
     # Integers cannot run on forever: at most MAX_DIGITS digits, and exact digit patterns for bounds.
-    pattern = pattern.replace(_UNBOUNDED_INTEGER, integer_pattern(None, None))
+    pattern = pattern.replace(_UNBOUNDED_INTEGER, f"(-)?(0|[1-9][0-9]{{0,{MAX_DIGITS - 1}}})")
+    for unbounded, bounded in _BOUNDED_NUMBER_PARTS:  # fractions and exponents too
+        pattern = pattern.replace(unbounded, bounded)
     for placeholder, digits in ranges.items():
         pattern = pattern.replace(f'"{placeholder}"', digits)
     return Regex(pattern, allow_eos=allow_eos)
