@@ -129,25 +129,33 @@ class TokenTable:
         return cache_dir() / "tokens" / f"{h.hexdigest()[:32]}.npz"
 
     def _load(self) -> dict[str, np.ndarray] | None:
-        path = self._path()
-        if not path.exists():
-            return None
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in _FIELDS}
-        except (OSError, KeyError, ValueError) as e:
-            log.warning("ignoring unreadable token table %s: %s", path, e)
-            return None
-        if any(len(a) != self.vocab.size for a in arrays.values()):
+        arrays = load_arrays(self._path(), _FIELDS, "token table")
+        if arrays is None or any(len(a) != self.vocab.size for a in arrays.values()):
             return None
         return arrays
 
     def _save(self, arrays: dict[str, np.ndarray]) -> None:
-        path = self._path()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            staging = path.with_suffix(f".{os.getpid()}.tmp.npz")
-            np.savez(staging, **arrays)
-            os.replace(staging, path)
-        except OSError as e:  # a read-only cache only costs speed
-            log.warning("could not cache the token table at %s: %s", path, e)
+        save_arrays(self._path(), arrays, "token table")
+
+
+def load_arrays(path, fields: tuple[str, ...], what: str) -> dict[str, np.ndarray] | None:
+    """Arrays cached on disk (None if absent or unreadable: they are then computed again)."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in fields}
+    except (OSError, KeyError, ValueError) as e:
+        log.warning("ignoring unreadable %s %s: %s", what, path, e)
+        return None
+
+
+def save_arrays(path, arrays: dict[str, np.ndarray], what: str) -> None:
+    """Write arrays next to `path` and rename, so readers never see half a file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(staging, **arrays)
+        os.replace(staging, path)
+    except OSError as e:  # a read-only cache only costs time
+        log.warning("could not cache the %s at %s: %s", what, path, e)

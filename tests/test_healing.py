@@ -1,7 +1,6 @@
 """Token healing: the prompt's last token is backed off and the first generated token must start with its
 text; the target is the LM conditioned on the prompt's text, and weights are relative to it."""
 
-import math
 
 import numpy as np
 import pytest

@@ -177,7 +177,6 @@ def test_retrieval_qa_puts_the_retrieved_passages_in_front_of_the_question(gemma
 def test_look_ahead_proposal_with_the_trained_reward_model(gemma, gemma_reward_dir):
     """The one-step look-ahead on the real model and a real reward model: the proposal is the model's
     next token tilted by (r(text + x) - r(text)) / T on its top k, checked against direct scores."""
-    import steer
     from steer.potentials import RewardModel
     from steer.scheduler import run_batched
 

@@ -6,7 +6,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 
 import steer
 from steer.constraints.canonical import Canonical

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import weakref
 from collections import OrderedDict
 from functools import cached_property
@@ -321,23 +320,12 @@ class Canonical:
         return cache_dir() / "tokens" / f"canonical-{h.hexdigest()[:32]}.npz"
 
     def _load(self) -> dict[str, np.ndarray] | None:
-        path = self._path()
-        if not path.exists():
-            return None
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in _FIELDS}
-        except (OSError, KeyError, ValueError) as e:
-            log.warning("ignoring unreadable canonical-tokenization table %s: %s", path, e)
-            return None
-        return arrays if len(arrays["alone"]) == self.vocab.size else None
+        from ..tokens import load_arrays
+
+        arrays = load_arrays(self._path(), _FIELDS, "canonical-tokenization table")
+        return arrays if arrays is not None and len(arrays["alone"]) == self.vocab.size else None
 
     def _save(self, arrays: dict[str, np.ndarray]) -> None:
-        path = self._path()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            staging = path.with_suffix(f".{os.getpid()}.tmp.npz")
-            np.savez(staging, **arrays)
-            os.replace(staging, path)
-        except OSError as e:  # a read-only cache only costs time
-            log.warning("could not cache the canonical-tokenization table at %s: %s", path, e)
+        from ..tokens import save_arrays
+
+        save_arrays(self._path(), arrays, "canonical-tokenization table")
