@@ -202,11 +202,11 @@ class NextToken(Distribution):
             ctx.draw = None
             token_id = int(categorical((scores - log_zt).exp()))
             return ctx.token(token_id), scores[token_id].item() - log_zt
-        token_id = ctx.draw
-        ctx.draw = None
-        # The batched round's draw is a sample of the unrestricted LM; accepted only inside the mask
-        # it is an exact sample of the restricted one (rejection sampling with one try).
-        if token_id is None or (mask is not None and not mask[token_id]):
+        draws, ctx.draw = ctx.draw or [], None
+        # The batched round's draws are samples of the unrestricted LM; the first inside the mask is an
+        # exact sample of the restricted one (rejection sampling with a few tries).
+        token_id = next((d for d in draws if mask is None or mask[d]), None)
+        if token_id is None:
             probs = _probs(logprobs)
             token_id = int(categorical(probs if mask is None else probs * mask))
         return ctx.token(token_id), logprobs[token_id].item() - log_z
@@ -300,10 +300,10 @@ class TokenInMask(Distribution):
             return not vocab.special[i] and check.allows(text + s)
 
         logprobs = await ctx.next_logprobs()
-        token, log_w, _ = awrs(logprobs, _given(ctx), accepts, first=ctx.draw)
+        token, log_w, _ = awrs(logprobs, _given(ctx), accepts, first=ctx.draw[0] if ctx.draw else None)
         # The accepted token is an exact sample of the LM within the constraint: keep it as the draw
         # that the next-token sample takes (its restriction is that single token).
-        ctx.draw = token
+        ctx.draw = None if token is None else [token]
         self._resolved = torch.zeros(vocab.size, dtype=torch.bool)
         self._new_log_mass = NEG_INF
         if token is not None:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
+_DRAWS = 8  # tokens pre-drawn per context in each batched round
 _CONTROL = re.compile(r"image|audio|video|multimodal|^<unused\d+>$")
 
 
@@ -182,7 +183,7 @@ class LMContext:
         self.prompt_length = len(self.tokens)
         self.logprobs: torch.Tensor | None = None  # next-token log-probs after self.tokens
         self.pending_scores: list[float] | None = None
-        self.draw: int | None = None  # a sample from `logprobs` drawn in the batched round, unused so far
+        self.draw: list[int] | None = None  # samples from `logprobs` drawn in the batched round, unused so far
         self.mask: torch.Tensor | None = None  # restriction on the next token set by `allowed`
         # its log-probability, known when it was observed True (the mask then holds the base restriction)
         self.mask_log_mass: float | None = None
@@ -417,7 +418,9 @@ class HFLanguageModel(LanguageModel):
         position = {row: i for i, row in enumerate(wanted)}
         logprobs = self._logprobs(hidden[wanted, -1])
         multiplicity = np.bincount(asked_rows, minlength=len(sources))
-        draws = categorical(logprobs.exp(), int(multiplicity.max())).tolist()
+        # A few draws per context: a masked next token takes the first that falls in its mask (exact
+        # rejection sampling), which saves a full inverse-CDF pass over the vocabulary most of the time.
+        draws = categorical(logprobs.exp(), int(multiplicity.max()) * _DRAWS).tolist()
         used = dict.fromkeys(wanted, 0)
         width = hidden.shape[1]
         row_scores = {}
@@ -431,7 +434,7 @@ class HFLanguageModel(LanguageModel):
             self._resident[context.serial] = context
             if is_asked:
                 context.logprobs = logprobs[position[row]]
-                context.draw = draws[position[row]][used[row]]
+                context.draw = draws[position[row]][used[row] * _DRAWS:(used[row] + 1) * _DRAWS]
                 used[row] += 1
                 context.pending_scores = row_scores.get(row)
 

@@ -137,7 +137,8 @@ class Canonical:
         self._before: OrderedDict[int, np.ndarray] = OrderedDict()
         self.exempt = vocab.special.copy()  # not judged: special tokens, EOS
         self.exempt[list(vocab.eos_ids)] = True
-        self._added_splits: list[tuple[str, str]] = []
+        self._added_splits: dict[str, list[str]] = {}  # an added token's head -> the rests that finish it
+        self._longest_head = 0
         if self.bpe is None:
             self.alone = np.ones(n, dtype=bool)
             self.arrays = None
@@ -152,7 +153,9 @@ class Canonical:
         for added in self.bpe["added"]:
             content = added.get("content", "")
             if not added.get("special") and len(content) > 1:
-                self._added_splits += [(content[:k], content[k:]) for k in range(1, len(content))]
+                for k in range(1, len(content)):
+                    self._added_splits.setdefault(content[:k], []).append(content[k:])
+        self._longest_head = max(map(len, self._added_splits), default=0)
         self._by_left = self._csr(arrays["merge_left"], arrays["merge_right"], arrays["merge_rank"])
         self._by_right = self._csr(arrays["merge_right"], arrays["merge_left"], arrays["merge_rank"])
 
@@ -258,8 +261,8 @@ class Canonical:
             from ..tokens import TokenTable
 
             table = TokenTable.of(self.vocab)
-            for head, rest in self._added_splits:
-                if s.endswith(head):
+            for k in range(1, min(len(s), self._longest_head) + 1):
+                for rest in self._added_splits.get(s[-k:], ()):
                     ok[table.starting_with(rest)] = False
         ok |= self.exempt
         mask = torch.from_numpy(ok)
@@ -278,8 +281,8 @@ class Canonical:
         if self.arrays is not None and self.alone[nxt] and not self.exempt[nxt]:
             ok &= ~self._conflicts(nxt, "left", self._by_right, "right")
             s = self.vocab.strings[nxt]
-            for head, rest in self._added_splits:
-                if s.startswith(rest):
+            for head, rests in self._added_splits.items():
+                if any(s.startswith(rest) for rest in rests):
                     ok[self._ending_with(head)] = False
             ok |= self.exempt
         self._before[nxt] = ok
