@@ -127,10 +127,11 @@ class LanguageModel(ABC):
         return Token(token_id, self.vocab.strings[token_id], token_id in self.vocab.eos_ids)
 
     def context(self, prompt: str = "", *, bos: bool = True, heal: bool = True, canonical: bool = True,
-                allow_special: bool = False, end: str | Sequence[str] = ()) -> LMContext:
+                allow_special: bool = False, end: str | Sequence[str] = (),
+                max_tokens: int | None = None) -> LMContext:
         """A context to sample from; see `LMContext` for the options."""
         return LMContext(self, prompt, bos=bos, heal=heal, canonical=canonical, allow_special=allow_special,
-                         end=end)
+                         end=end, max_tokens=max_tokens)
 
     def release(self, context: LMContext) -> None:
         """Forget the cache state held for `context` (it will be re-encoded if used again)."""
@@ -149,15 +150,20 @@ class LMContext:
 
     def __init__(self, lm: LanguageModel, prompt: str | Sequence[int] = "", *, bos: bool = True,
                  heal: bool = True, canonical: bool = True, allow_special: bool = False,
-                 end: str | Sequence[str] = ()):
+                 end: str | Sequence[str] = (), max_tokens: int | None = None):
         """`heal`: back off a prompt's last token when the prompt ends in white space or mid-word; the
         first generated token must then start with that token's text.  `canonical`: only token
         sequences the tokenizer itself would produce (the target is the LM conditioned on canonical
         tokenization).  `allow_special`: let `next_token()` propose control and multimodal tokens.
         `end`: strings that end the text like the end-of-text token (e.g. "\n"): the token that writes
         one is returned with `is_eos` set, the text stops before it, and constraints judge the text
-        before it as a complete text."""
+        before it as a complete text.  `max_tokens`: the text must end (end-of-text or an end string)
+        within this many generated tokens, the ending one included; constraints that can tell (the
+        regular-expression automaton) then leave out tokens after which no ending fits in the budget."""
         self.lm = lm
+        if max_tokens is not None and max_tokens < 1:
+            raise SteerError(f"max_tokens must be at least 1, got {max_tokens}")
+        self.max_tokens = max_tokens
         self.end: tuple[str, ...] = (end,) if isinstance(end, str) else tuple(end)
         if not all(isinstance(e, str) and e for e in self.end):
             raise SteerError("end strings must be non-empty strings")
@@ -214,6 +220,11 @@ class LMContext:
         """The generated text: `full_text` up to the first end string, if one has been written."""
         full = self.full_text
         return full if self.end_at is None else full[: self.end_at]
+
+    @property
+    def tokens_left(self) -> int | None:
+        """Tokens this context may still generate, the ending one included (None: no budget)."""
+        return None if self.max_tokens is None else self.max_tokens - len(self.generated)
 
     @property
     def ended(self) -> bool:

@@ -443,6 +443,18 @@ def base_mask(context: LMContext) -> torch.Tensor | None:
     tokens are left out unless the context allows them (None: no restriction)."""
     if context.ended:  # an end string was written: only the end-of-text token may follow
         return torch.from_numpy(TokenTable.of(context.lm.vocab).eos.copy())
+    left = getattr(context, "tokens_left", None)
+    if left is not None and left <= 1:  # the budget's last token must end the text
+        last = TokenTable.of(context.lm.vocab).eos.copy()
+        for ids in ending_tokens(context).values():
+            last[ids] = True
+        mask = torch.from_numpy(last)
+        rest = _base_mask(context)
+        return mask if rest is None else mask & rest
+    return _base_mask(context)
+
+
+def _base_mask(context: LMContext) -> torch.Tensor | None:
     pending, canonical = context.heal, context.canonical
     key = (id(context.lm.vocab), pending, context.tokens[-1] if canonical else None, context.allow_special)
     if key in _BASE_CACHE:

@@ -30,6 +30,7 @@ from .tokens import TokenTable
 
 _LOOK_AHEAD = 48  # look-ahead checks pairs one by one when either side has at most this many tokens
 _DEPTH = 4  # and follows narrow continuations this many tokens deep
+_HORIZON = 64  # a token budget further than this from its end is not checked (a match fits anyway)
 _WIDTH = 32  # token characters walked in the vectorised pass; longer tokens are walked one by one
 _matrices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -146,6 +147,7 @@ class Regex(TokenConstraint):
         self._masks: dict[tuple[int, int, int | None], torch.Tensor] = {}
         self._ends: dict[tuple[int, int], np.ndarray] = {}
         self._lives: dict[tuple[int, int, int, int], bool] = {}
+        self._to_end: dict[tuple[int, int], int] = {}
 
     def __repr__(self) -> str:
         return f"regex({self.pattern!r})"
@@ -206,9 +208,12 @@ class Regex(TokenConstraint):
 
         vocab = context.lm.vocab
         state = self.state(context.text)
-        canon = canonical_filter(getattr(context, "source", context))
+        source = getattr(context, "source", context)
+        canon = canonical_filter(source)
         last = context.tokens[-1] if canon is not None else None
-        key = (id(vocab), state, last)
+        left = getattr(source, "tokens_left", None)
+        budget = None if left is None or left - 2 >= _HORIZON else left - 2
+        key = (id(vocab), state, last, budget)
         if key not in self._masks:
             if state == self.automaton.dead:
                 ok = np.zeros(vocab.size, dtype=bool)
@@ -216,6 +221,8 @@ class Regex(TokenConstraint):
                 ok = self.allowed_after(vocab, state)
                 if canon is not None:
                     ok = self._look_ahead(vocab, state, ok & canon.after(last).numpy(), canon)
+                if budget is not None:
+                    ok = self._within_budget(vocab, state, ok, budget, source.lm.vocab)
             self._masks[key] = torch.from_numpy(ok)
             if len(self._masks) > 4096:
                 self._masks.pop(next(iter(self._masks)))
@@ -250,6 +257,44 @@ class Regex(TokenConstraint):
                 ok[xs[dead]] = False
             # else: many tokens before and after; a dead end there is rare and is caught a step later
         return ok
+
+    def _within_budget(self, vocab: Vocabulary, state: int, ok: np.ndarray, budget: int,
+                       real: Vocabulary) -> np.ndarray:
+        """Drop the tokens after which a full match needs more than `budget` further tokens before the
+        one that ends the text: proposals then finish within the context's `max_tokens`."""
+        eos = np.zeros(vocab.size, dtype=bool)
+        eos[list(vocab.eos_ids)] = True
+        candidates = np.flatnonzero(ok & ~eos)
+        ends = self._walk_all(vocab, state)[candidates]
+        ok = ok.copy()
+        for nxt in np.unique(ends):
+            if self._tokens_to_end(real, int(nxt)) > budget:
+                ok[candidates[ends == nxt]] = False
+        return ok
+
+    def _tokens_to_end(self, real: Vocabulary, state: int) -> int:
+        """The fewest tokens that take `state` to a full match (a breadth-first search over the
+        token-level automaton, up to _HORIZON; canonical tokenization ignored, so never too many)."""
+        key = (id(real), state)
+        if key not in self._to_end:
+            a = self.automaton
+            frontier, seen, found = {state}, {state}, _HORIZON + 1
+            for depth in range(_HORIZON + 1):
+                if any(a.finals[s] for s in frontier):
+                    found = depth
+                    break
+                following = set()
+                for s in frontier:
+                    ends = self._walk_all(real, s)
+                    step = a.live[ends] & ~real.special
+                    step[list(real.eos_ids)] = False
+                    following.update(np.unique(ends[step]).tolist())
+                frontier = following - seen
+                seen |= frontier
+                if not frontier:
+                    break
+            self._to_end[key] = found
+        return self._to_end[key]
 
     def _live(self, canon, state: int, last: int, depth: int) -> bool:
         """Whether, from DFA `state` after token `last`, some token continues the match canonically and

@@ -26,7 +26,7 @@ from .builtins import (
 from .errors import Diagnostic, LangError
 
 INPUT_TYPES = ("str", "int", "float", "bool", "list")
-CONTEXT_OPTIONS = ("heal", "canonical", "special", "end")  # keyword arguments of lm.context
+CONTEXT_OPTIONS = ("heal", "canonical", "special", "end", "max_tokens")  # keyword arguments of lm.context
 _NUMERIC = ("int", "float", "bool")
 _TEXT = ("str", "token")
 
@@ -264,6 +264,9 @@ class _Checker:
                 elif option.name == "end":
                     if not (accepts("str", ot) or accepts("list", ot)):
                         self.error(option.value, f"`end` must be a string or a list of strings, got {ot}")
+                elif option.name == "max_tokens":
+                    if not accepts("int", ot):
+                        self.error(option.value, f"`max_tokens` must be an integer, got {ot}")
                 elif not accepts("bool", ot):
                     self.error(option.value, f"`{option.name}` must be true or false, got {ot}")
             if self._effect(s, scope, "context"):

@@ -210,6 +210,10 @@ class ScriptProgram(Program):
                     if not isinstance(ends, list) or not all(isinstance(e, (str, Token)) and text(e) for e in ends):
                         raise ProgramError(o.value, "`end` must be a non-empty string or a list of them")
                     options["end"] = [text(e) for e in ends]
+                elif o.name == "max_tokens":
+                    if type_of(value) != "int":
+                        raise ProgramError(o.value, f"`max_tokens` must be an integer, got {type_of(value)}")
+                    options["max_tokens"] = value
                 else:
                     options["allow_special" if o.name == "special" else o.name] = _truth(value, o.value)
             try:

@@ -208,3 +208,30 @@ def test_end_strings_end_the_text_and_constraints_judge_the_text_before_them(bpe
     assert 0.5 * sum(abs(estimate.get(k, 0.0) - p) for k, p in posterior.items()) < 0.05
     ended = sum(p for k, p in posterior.items() if " " in bpe_lm.decode(list(k)))
     assert ended > 0.2  # the end string is what ends most texts here
+
+
+class WithinBudget(Constrained):
+    def __init__(self, lm, prompt, constraint):
+        steer.Program.__init__(self)
+        self.ctx = lm.context(prompt, end=" ", heal=False, max_tokens=T)
+        self.constraint = constraint
+
+
+@pytest.mark.parametrize("kind", ["none", "regex"])
+def test_a_token_budget_makes_every_text_end_within_it(bpe_lm, kind):
+    """`max_tokens=T`: texts end (EOS or the end string) within T tokens; the regex leaves out tokens
+    after which no full match fits; the posterior is the exact one over such texts."""
+    posterior, z = exact_until_end(bpe_lm, "b", kind)
+    eos = next(iter(bpe_lm.vocab.eos_ids))
+    ended = {k: p for k, p in posterior.items() if k[-1] == eos or " " in bpe_lm.decode(list(k))}
+    total = sum(ended.values())
+    ended = {k: p / total for k, p in ended.items()}
+    estimate: dict = {}
+    for seed in range(3):
+        post = steer.smc(WithinBudget(bpe_lm, "b", CONSTRAINTS[kind]()), particles=1500, seed=seed)
+        for p in post.particles:
+            assert p.ctx.ended or p.ctx.generated[-1] == eos
+        for k, w in post.distribution().items():
+            estimate[k] = estimate.get(k, 0.0) + w / 3
+    assert set(estimate) <= set(ended)
+    assert 0.5 * sum(abs(estimate.get(k, 0.0) - p) for k, p in ended.items()) < 0.05
