@@ -232,7 +232,14 @@ def base_mask(context: LMContext) -> torch.Tensor | None:
 
 
 def _healing_note(context: LMContext) -> str:
-    return f" (token healing: the next token must start with {context.heal!r})" if context.heal else ""
+    """What else restricted the next token, for error messages: healing and a token budget."""
+    notes = []
+    if context.heal:
+        notes.append(f"token healing: the next token must start with {context.heal!r}")
+    left = getattr(context, "tokens_left", None)
+    if left is not None:
+        notes.append(f"the text must end within {left} more token{'s' if left != 1 else ''} (max_tokens)")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def _given(context: LMContext) -> torch.Tensor | None:
