@@ -55,6 +55,7 @@ def test_gemma_pairs_agree_with_the_tokenizer(gemma):
     assert not canon.pair(one(" "), one("("))          # " (" is one token
     assert canon.pair(one(" at"), one(" ("))
     assert not canon.pair(one("\n"), one("\n"))       # "\n\n" is an added token
+    assert canon.pair(one(" "), one("<strong>"))       # added tokens are matched whole: canonical
     assert vocab.special[255999]                       # <start_of_image> is a control token
     rng = random.Random(0)
     texts = np.flatnonzero(canon.alone & ~vocab.special)

@@ -34,7 +34,7 @@ from ..lm import Vocabulary
 
 log = logging.getLogger(__name__)
 
-_FORMAT = 1
+_FORMAT = 2  # bump when the tables change
 _NONE = np.iinfo(np.int32).max  # "no merge": later than every rank
 _FIELDS = ("alone", "merge_left", "merge_right", "merge_rank") + tuple(
     f"{side}_{part}" for side in ("left", "right") for part in ("tok", "node", "consumed", "created", "ptr"))
@@ -178,16 +178,15 @@ class Canonical:
         rank, simulated, left, right = _merge_trees(pieces, self.bpe["merges"], n)
         # The tokenizer itself has the last word on single tokens (added tokens are matched before
         # BPE, so e.g. a BPE piece holding a newline is never produced).
-        ids = [i for i in range(n) if simulated[i]]
+        added = {a["id"] for a in self.bpe["added"] if a["id"] < n}
+        ids = [i for i in range(n) if simulated[i] or i in added]  # added tokens are matched whole
         texts = [self.vocab.strings[i] for i in ids]
         encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         alone = np.zeros(n, dtype=bool)
         for i, enc in zip(ids, encoded):
             alone[i] = enc == [i]
-        added = {a["id"] for a in self.bpe["added"]}
         for i in added:  # matched whole, before BPE: no spines
-            if i < n:
-                left[i] = right[i] = []
+            left[i] = right[i] = []
         for i in range(n):
             if not alone[i]:
                 left[i] = right[i] = []
