@@ -21,7 +21,7 @@ class Generate(Program):
         super().__init__()
         if max_tokens < 1:
             raise SteerError(f"max_tokens must be at least 1, got {max_tokens}")
-        self.context = lm.context(prompt)
+        self.context = lm.context(prompt, end=[stop] if stop else ())  # the stop string ends the text
         if len(self.context.tokens) + max_tokens > lm.max_length:
             raise SteerError(
                 f"prompt ({len(self.context.tokens)} tokens) plus max_tokens ({max_tokens}) exceeds the "
@@ -35,9 +35,8 @@ class Generate(Program):
         ctx = self.context
         proposal = ctx.next_token(self.mask) if self.mask is not None else None
         token = await self.sample(ctx.next_token(), proposal=proposal)
-        if token.is_eos or len(ctx.generated) >= self.max_tokens or (self.stop and self.stop in ctx.text):
+        if token.is_eos or len(ctx.generated) >= self.max_tokens:
             self.finish()
 
     def result(self) -> str:
-        text = self.context.text
-        return text.split(self.stop, 1)[0] if self.stop else text
+        return self.context.text
