@@ -234,20 +234,17 @@ class Regex(TokenConstraint):
         real = canon.vocab  # the next token is a whole token of the model's vocabulary
         eos = np.zeros(vocab.size, dtype=bool)
         eos[list(vocab.eos_ids)] = True
-        candidates = np.flatnonzero(ok & ~eos)
-        ends = self._walk_all(vocab, state)[candidates]
         ok = ok.copy()
-        for nxt in np.unique(ends):
-            xs = candidates[ends == nxt]
+        for nxt, xs in self._by_next_state(vocab, state, ok):
             if self.allow_eos and a.finals[nxt]:
                 continue  # the text may end there
-            follow = self.allowed_after(real, int(nxt)) & ~eos & ~real.special
+            follow = self.allowed_after(real, nxt) & ~eos & ~real.special
             n_follow = int(follow.sum())
             if n_follow == 0:
                 ok[xs] = False
             elif len(xs) <= _LOOK_AHEAD:
                 for x in xs:
-                    ok[x] = self._live(canon, int(nxt), int(x), _DEPTH)
+                    ok[x] = self._live(canon, nxt, int(x), _DEPTH)
             elif n_follow <= _LOOK_AHEAD:
                 dead = np.ones(len(xs), dtype=bool)
                 for y in np.flatnonzero(follow):
@@ -262,15 +259,20 @@ class Regex(TokenConstraint):
                        real: Vocabulary) -> np.ndarray:
         """Drop the tokens after which a full match needs more than `budget` further tokens before the
         one that ends the text: proposals then finish within the context's `max_tokens`."""
+        ok = ok.copy()
+        for nxt, xs in self._by_next_state(vocab, state, ok):
+            if self._tokens_to_end(real, nxt) > budget:
+                ok[xs] = False
+        return ok
+
+    def _by_next_state(self, vocab: Vocabulary, state: int, ok: np.ndarray):
+        """The allowed tokens other than end-of-text, grouped by the DFA state each leads to."""
         eos = np.zeros(vocab.size, dtype=bool)
         eos[list(vocab.eos_ids)] = True
         candidates = np.flatnonzero(ok & ~eos)
         ends = self._walk_all(vocab, state)[candidates]
-        ok = ok.copy()
         for nxt in np.unique(ends):
-            if self._tokens_to_end(real, int(nxt)) > budget:
-                ok[candidates[ends == nxt]] = False
-        return ok
+            yield int(nxt), candidates[ends == nxt]
 
     def _tokens_to_end(self, real: Vocabulary, state: int) -> int:
         """The fewest tokens that take `state` to a full match (a breadth-first search over the
