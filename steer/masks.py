@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -506,10 +506,12 @@ class View:
         self.canonical, self.allow_special, self.end = context.canonical, context.allow_special, ()
 
     @classmethod
-    def vocabulary(cls, vocab: Vocabulary, key: tuple, strings: dict[int, str]) -> Vocabulary:
-        """A vocabulary in which token i stands for `strings[i]` and every other token is special."""
+    def vocabulary(cls, vocab: Vocabulary, key: tuple, strings: Callable[[], dict[int, str]]) -> Vocabulary:
+        """A vocabulary in which token i stands for `strings()[i]` and every other token is special
+        (built once per `key`)."""
         key = (id(vocab), *key)
         if key not in cls._vocabs:
+            strings = strings()
             special = np.ones(vocab.size, dtype=bool)
             special[list(strings)] = False
             special[list(vocab.eos_ids)] = True
@@ -533,7 +535,10 @@ def healed_view(context: LMContext) -> View:
     """While healing is pending: each candidate token is judged by what it adds after the backed-off
     prompt text (a token that is exactly that text adds nothing)."""
     vocab, pending = context.lm.vocab, context.heal
-    strings = {int(i): vocab.strings[i][len(pending):] for i in TokenTable.of(vocab).starting_with(pending)}
+
+    def strings() -> dict[int, str]:
+        return {int(i): vocab.strings[i][len(pending):] for i in TokenTable.of(vocab).starting_with(pending)}
+
     return View(context, "", View.vocabulary(vocab, ("heal", pending), strings))
 
 
@@ -590,14 +595,15 @@ def constraint_mask(constraint: TokenConstraint, context: LMContext) -> torch.Te
     mask = mask.clone()
     eos = list(context.lm.vocab.eos_ids)
     vocab, text = context.lm.vocab, context.text
+    # Tokens that add text before their end string: judged at once, by a view in which each stands
+    # for the text it adds.
+    adds = tuple(sorted((int(i), ended[len(text):]) for ended, ids in ending.items() if len(ended) > len(text)
+                        for i in ids))
+    added = constraint.mask(View(context, text, View.vocabulary(vocab, ("adds", adds), lambda: dict(adds)))) \
+        if adds else None
     for ended_text, ids in ending.items():
         ok = bool(constraint.mask(View(context, ended_text))[eos].any())
-        if ok and len(ended_text) > len(text):  # the token adds text before the end string: judge it
-            strings = {int(i): ended_text[len(text):] for i in ids}
-            adds = View.vocabulary(vocab, ("adds", text, ended_text), strings)
-            mask[ids] = constraint.mask(View(context, text, adds))[ids]
-        else:
-            mask[ids] = ok
+        mask[ids] = added[ids] & ok if len(ended_text) > len(text) else ok
     return mask
 
 

@@ -38,15 +38,18 @@ _matrices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _codepoints(vocab: Vocabulary):
     """Per vocabulary: a (tokens x _WIDTH) matrix of code points (-1 pads) with rows sorted by
     decreasing length, the tokens that can be walked (text tokens without broken UTF-8), the ids of
-    the longer ones, the row order, and per column how many rows reach it."""
+    the longer ones, the row order, per column how many rows reach it, and the text tokens that add no
+    text (in a view of the vocabulary, a token that is exactly a healed prompt's text)."""
     if vocab not in _matrices:
         table = TokenTable.of(vocab)
         n = vocab.size
         matrix = np.full((n, _WIDTH), -1, dtype=np.int32)
         lengths = np.zeros(n, dtype=np.int32)
         usable = table.text.copy()
+        empty = np.zeros(n, dtype=bool)
         long_ids = []
         for i, s in enumerate(vocab.strings):
+            empty[i] = usable[i] and not s
             if not usable[i] or not s or "\ufffd" in s:
                 usable[i] = False
                 continue
@@ -58,7 +61,7 @@ def _codepoints(vocab: Vocabulary):
         # Rows sorted by decreasing length, so column j is walked only for the tokens that long.
         order = np.argsort(-lengths, kind="stable")
         counts = np.array([(lengths > j).sum() for j in range(_WIDTH)])
-        _matrices[vocab] = (matrix[order], usable, np.array(long_ids, dtype=np.int64), order, counts)
+        _matrices[vocab] = (matrix[order], usable, np.array(long_ids, dtype=np.int64), order, counts, empty)
     return _matrices[vocab]
 
 
@@ -144,10 +147,8 @@ class Regex(TokenConstraint):
         self.automaton = _Automaton(pattern)
         self._classes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._states: dict[str, int] = {}
-        self._masks: dict[tuple[int, int, int | None], torch.Tensor] = {}
-        self._ends: dict[tuple[int, int], np.ndarray] = {}
-        self._lives: dict[tuple[int, int, int, int], bool] = {}
-        self._to_end: dict[tuple[int, int], int] = {}
+        # Per vocabulary (weakly: views of a vocabulary are short-lived), named caches keyed by state.
+        self._caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"regex({self.pattern!r})"
@@ -167,14 +168,21 @@ class Regex(TokenConstraint):
             self._classes[vocab] = lut[inverse.reshape(matrix.shape)]
         return self._classes[vocab]
 
+    def _cache(self, vocab: Vocabulary, name: str, limit: int) -> dict:
+        """The cache `name` of this pattern for `vocab`, emptied of its oldest entry beyond `limit`."""
+        store = self._caches.setdefault(vocab, {}).setdefault(name, {})
+        if len(store) > limit:
+            store.pop(next(iter(store)))
+        return store
+
     def _walk_all(self, vocab: Vocabulary, state: int) -> np.ndarray:
         """The DFA state after each token's text, from `state` (cached per state and vocabulary)."""
-        key = (id(vocab), state)
-        ends = self._ends.get(key)
+        cache = self._cache(vocab, "ends", 256)
+        ends = cache.get(state)
         if ends is None:
             a = self.automaton
             classes = self._token_classes(vocab)
-            _, usable, long_ids, order, counts = _codepoints(vocab)
+            _, usable, long_ids, order, counts, empty = _codepoints(vocab)
             current = np.full(vocab.size, state, dtype=np.int32)
             for j in range(_WIDTH):
                 k = counts[j]
@@ -184,13 +192,17 @@ class Regex(TokenConstraint):
             ends = np.empty_like(current)
             ends[order] = current
             ends[~usable] = a.dead
-            ends[np.array([s == "" for s in vocab.strings]) & ~vocab.special] = state  # adds no text
+            ends[empty] = state  # adds no text
             for i in long_ids:
                 ends[i] = a.walk(state, vocab.strings[i])
-            self._ends[key] = ends
-            if len(self._ends) > 256:
-                self._ends.pop(next(iter(self._ends)))
+            cache[state] = ends
         return ends
+
+    def _follow(self, vocab: Vocabulary, state: int) -> np.ndarray:
+        """Text tokens (not end-of-text, not special) that keep a match reachable from `state`."""
+        ok = self.automaton.live[self._walk_all(vocab, state)] & ~vocab.special
+        ok[list(vocab.eos_ids)] = False
+        return ok
 
     def allowed_after(self, vocab: Vocabulary, state: int) -> np.ndarray:
         """Tokens that keep a match reachable from `state` (EOS: whether `state` is a full match)."""
@@ -213,8 +225,9 @@ class Regex(TokenConstraint):
         last = context.tokens[-1] if canon is not None else None
         left = getattr(source, "tokens_left", None)
         budget = None if left is None or left - 2 >= _HORIZON else left - 2
-        key = (id(vocab), state, last, budget)
-        if key not in self._masks:
+        masks = self._cache(vocab, "masks", 4096)
+        key = (state, last, budget)
+        if key not in masks:
             if state == self.automaton.dead:
                 ok = np.zeros(vocab.size, dtype=bool)
             else:
@@ -223,22 +236,18 @@ class Regex(TokenConstraint):
                     ok = self._look_ahead(vocab, state, ok & canon.after(last).numpy(), canon)
                 if budget is not None:
                     ok = self._within_budget(vocab, state, ok, budget, source.lm.vocab)
-            self._masks[key] = torch.from_numpy(ok)
-            if len(self._masks) > 4096:
-                self._masks.pop(next(iter(self._masks)))
-        return self._masks[key]
+            masks[key] = torch.from_numpy(ok)
+        return masks[key]
 
     def _look_ahead(self, vocab: Vocabulary, state: int, ok: np.ndarray, canon) -> np.ndarray:
         """Drop the tokens after which no token both continues a match and tokenizes canonically."""
         a = self.automaton
         real = canon.vocab  # the next token is a whole token of the model's vocabulary
-        eos = np.zeros(vocab.size, dtype=bool)
-        eos[list(vocab.eos_ids)] = True
         ok = ok.copy()
         for nxt, xs in self._by_next_state(vocab, state, ok):
             if self.allow_eos and a.finals[nxt]:
                 continue  # the text may end there
-            follow = self.allowed_after(real, nxt) & ~eos & ~real.special
+            follow = self._follow(real, nxt)
             n_follow = int(follow.sum())
             if n_follow == 0:
                 ok[xs] = False
@@ -277,8 +286,8 @@ class Regex(TokenConstraint):
     def _tokens_to_end(self, real: Vocabulary, state: int) -> int:
         """The fewest tokens that take `state` to a full match (a breadth-first search over the
         token-level automaton, up to _HORIZON; canonical tokenization ignored, so never too many)."""
-        key = (id(real), state)
-        if key not in self._to_end:
+        cache = self._cache(real, "to_end", 100_000)
+        if state not in cache:
             a = self.automaton
             frontier, seen, found = {state}, {state}, _HORIZON + 1
             for depth in range(_HORIZON + 1):
@@ -287,38 +296,33 @@ class Regex(TokenConstraint):
                     break
                 following = set()
                 for s in frontier:
-                    ends = self._walk_all(real, s)
-                    step = a.live[ends] & ~real.special
-                    step[list(real.eos_ids)] = False
-                    following.update(np.unique(ends[step]).tolist())
+                    following.update(np.unique(self._walk_all(real, s)[self._follow(real, s)]).tolist())
                 frontier = following - seen
                 seen |= frontier
                 if not frontier:
                     break
-            self._to_end[key] = found
-        return self._to_end[key]
+            cache[state] = found
+        return cache[state]
 
     def _live(self, canon, state: int, last: int, depth: int) -> bool:
         """Whether, from DFA `state` after token `last`, some token continues the match canonically and
         can itself go on, up to `depth` tokens ahead (past a wide choice of tokens, one step only)."""
-        key = (id(canon.vocab), state, last, depth)
-        found = self._lives.get(key)
+        lives = self._cache(canon.vocab, "lives", 100_000)
+        key = (state, last, depth)
+        found = lives.get(key)
         if found is None:
             a, real = self.automaton, canon.vocab
             if self.allow_eos and a.finals[state]:
                 found = True
             else:
-                follow = self.allowed_after(real, state) & ~real.special
-                follow[list(real.eos_ids)] = False
+                follow = self._follow(real, state)
                 ys = np.flatnonzero(follow & canon.after(last).numpy())
                 if not len(ys) or depth == 0 or follow.sum() > _LOOK_AHEAD:
                     found = bool(len(ys))  # past a wide choice, one canonical token is enough
                 else:
                     ends = self._walk_all(real, state)
                     found = any(self._live(canon, int(ends[y]), int(y), depth - 1) for y in ys)
-            if len(self._lives) > 100_000:
-                self._lives.clear()
-            self._lives[key] = found
+            lives[key] = found
         return found
 
     def done(self, context: LMContext) -> bool:

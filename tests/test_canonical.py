@@ -90,19 +90,27 @@ class Constrained(steer.Program):
 
 
 PATTERN = r"a* ?b+a?"
+A_RUNS = r"a+( a+)?"
 CONSTRAINTS = {
     "none": lambda: None,
     "mask": lambda: steer.masks.exclude_chars("b"),
     "regex": lambda: steer.patterns.regex(PATTERN),
     "check": lambda: steer.checks.partial_regex(PATTERN),
 }
+INSIDE_TOKEN = {  # for the end string "b", which "ab" and " ab" write after some text
+    "a-runs": lambda: steer.patterns.regex(A_RUNS),
+    "no-a": lambda: steer.masks.exclude_chars("a"),
+}
 
 
 def allowed_text(kind, text, ended):
     if kind == "mask":
         return "b" not in text
-    if kind in ("regex", "check"):
-        return bool(re.fullmatch(PATTERN, text)) if ended else bool(re.fullmatch(PATTERN, text, partial=True))
+    if kind == "no-a":
+        return "a" not in text
+    if kind in ("regex", "check", "a-runs"):
+        pattern = A_RUNS if kind == "a-runs" else PATTERN
+        return bool(re.fullmatch(pattern, text)) if ended else bool(re.fullmatch(pattern, text, partial=True))
     return True
 
 
@@ -161,23 +169,23 @@ def test_unconstrained_weights_only_differ_by_non_canonical_mass(bpe_lm):
 
 # -- end strings ---------------------------------------------------------------------------------
 class UntilEnd(Constrained):
-    def __init__(self, lm, prompt, constraint):
+    def __init__(self, lm, prompt, constraint, end=" "):
         steer.Program.__init__(self)
-        self.ctx = lm.context(prompt, end=" ", heal=False)
+        self.ctx = lm.context(prompt, end=end, heal=False)
         self.constraint = constraint
 
 
-def exact_until_end(lm, prompt, kind):
-    """Enumerate sequences that stop at EOS, at a token writing the end string " ", or after T tokens."""
+def exact_until_end(lm, prompt, kind, end=" "):
+    """Enumerate sequences that stop at EOS, at a token writing the end string, or after T tokens."""
     from exact import next_logprobs
 
-    base = lm.context(prompt, end=" ", heal=False)
+    base = lm.context(prompt, end=end, heal=False)
     canon = Canonical(lm.vocab, cache=False)
     eos = next(iter(lm.vocab.eos_ids))
     target = {}
 
     def walk(seq, logp):
-        ctx = lm.context(prompt, end=" ", heal=False)
+        ctx = lm.context(prompt, end=end, heal=False)
         ctx.extend(seq)
         if seq and (seq[-1] == eos or ctx.ended or len(seq) == T):
             ok = allowed_text(kind, ctx.text, ended=seq[-1] == eos or ctx.ended)
@@ -236,3 +244,20 @@ def test_a_token_budget_makes_every_text_end_within_it(bpe_lm, kind):
             estimate[k] = estimate.get(k, 0.0) + w / 3
     assert set(estimate) <= set(ended)
     assert 0.5 * sum(abs(estimate.get(k, 0.0) - p) for k, p in ended.items()) < 0.05
+
+
+@pytest.mark.parametrize("kind", ["a-runs", "no-a"])
+def test_an_end_string_inside_a_token_judges_the_text_it_adds_before_it(bpe_lm, kind):
+    """End string "b": the token "ab" writes "a" then ends the text, so the constraint judges "a" as
+    text that ends there (a mask too, whose end-of-text entry alone would not see the "a")."""
+    posterior, _ = exact_until_end(bpe_lm, "b", kind, end="b")
+    estimate: dict = {}
+    for seed in range(3):
+        post = steer.smc(UntilEnd(bpe_lm, "b", INSIDE_TOKEN[kind](), end="b"), particles=1500, seed=seed)
+        for k, w in post.distribution().items():
+            estimate[k] = estimate.get(k, 0.0) + w / 3
+    assert set(estimate) <= set(posterior)
+    assert 0.5 * sum(abs(estimate.get(k, 0.0) - p) for k, p in posterior.items()) < 0.05
+    ab = bpe_lm.encode("ab", bos=False)[0]
+    through_ab = sum(p for k, p in posterior.items() if ab in k)
+    assert through_ab > 0.05 if kind == "a-runs" else through_ab == 0  # "ab" adds an "a": excluded
