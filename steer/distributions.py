@@ -155,7 +155,7 @@ class NextToken(Distribution):
     @property
     def zero_reason(self) -> str:
         return (f"no next token after {self.context.text[-40:]!r} is allowed and keeps the tokenization "
-                f"canonical{_healing_note(self.context)}")
+                f"canonical{_restriction_note(self.context)}")
 
     def _mask(self) -> torch.Tensor | None:
         from .masks import resolve
@@ -190,7 +190,7 @@ class NextToken(Distribution):
         else:
             log_z = _log_mass(logprobs, mask)
         if log_z == NEG_INF:
-            raise SteerError(f"no token is allowed here{_healing_note(ctx)} "
+            raise SteerError(f"no token is allowed here{_restriction_note(ctx)} "
                              "(use observe/condition to reject instead of sample)")
         tilt = self._tilt()
         if tilt is not None:  # propose from p·exp(φ) within the mask; the weight gains E_p[exp φ]
@@ -231,7 +231,7 @@ def base_mask(context: LMContext) -> torch.Tensor | None:
     return base(context)
 
 
-def _healing_note(context: LMContext) -> str:
+def _restriction_note(context: LMContext) -> str:
     """What else restricted the next token, for error messages: healing and a token budget."""
     notes = []
     if context.heal:
@@ -264,7 +264,7 @@ class TokenInMask(Distribution):
     @property
     def zero_reason(self) -> str:
         spec = self.mask_spec if not isinstance(self.mask_spec, torch.Tensor) else "the mask"
-        return f"no next token satisfies {spec!r} after {self.context.text[-40:]!r}{_healing_note(self.context)}"
+        return f"no next token satisfies {spec!r} after {self.context.text[-40:]!r}{_restriction_note(self.context)}"
 
     async def _log_mass(self) -> float:
         from .checks import TokenCheck

@@ -204,7 +204,7 @@ class Words(_Cached):
 
     def _build(self, t: TokenTable, open_word: str) -> np.ndarray:
         ok = self._token_static(t).copy()
-        by_lead, by_letters = _lead_maps(t)
+        by_lead, by_letters = lead_maps(t)
         # Words this token completes (letters then a break) or extends (letters only), judged by the
         # word they make with the open word; only a few candidate strings can matter.
         completing = [w[len(open_word):] for w in self.words if w.startswith(open_word) and len(w) > len(open_word)]
@@ -226,9 +226,9 @@ class Words(_Cached):
         return _with_eos(ok, t, self.allow_eos and (not open_word or self._ok_word(open_word)))
 
 
-def _lead_maps(t: TokenTable) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+def lead_maps(t: TokenTable) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
     """Lower-cased leading letters of tokens that break after them; lower-cased letter-only tokens."""
-    cache = t.__dict__.get("_lead_maps")
+    cache = t.__dict__.get("lead_maps")
     if cache is None:
         by_lead: dict[str, list[int]] = {}
         by_letters: dict[str, list[int]] = {}
@@ -236,7 +236,7 @@ def _lead_maps(t: TokenTable) -> tuple[dict[str, list[int]], dict[str, list[int]
         for i in np.flatnonzero(t.text & (t.lead > 0)):
             key = strings[i][: t.lead[i]].lower()
             (by_lead if t.breaks[i] else by_letters).setdefault(key, []).append(int(i))
-        cache = t.__dict__["_lead_maps"] = (by_lead, by_letters)
+        cache = t.__dict__["lead_maps"] = (by_lead, by_letters)
     return cache
 
 

@@ -20,11 +20,11 @@ The tables take some seconds per tokenizer and are cached on disk next to the to
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import weakref
-from collections import OrderedDict
 from functools import cached_property
 
 import numpy as np
@@ -105,6 +105,12 @@ def _merge_trees(pieces: dict[str, int], merges: list[tuple[str, str]], size: in
     return rank, alone, left, right
 
 
+def _grouped(key: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The order that sorts `key` (values 0..n-1), and where each value's run starts in that order."""
+    order = np.argsort(key, kind="stable")
+    return order, np.searchsorted(key[order], np.arange(n + 1))
+
+
 def _flat(side: str, spines: list[list[tuple[int, int]]]) -> dict[str, np.ndarray]:
     """Spines as flat arrays: owner token, node, rank consuming the node, rank creating it (-1: a
     character), and per token the start of its entries."""
@@ -133,8 +139,9 @@ class Canonical:
         n = vocab.size
         tokenizer = vocab.tokenizer
         self.bpe = _bpe_model(tokenizer) if tokenizer is not None else None
-        self._after: OrderedDict[int, torch.Tensor] = OrderedDict()
-        self._before: OrderedDict[int, np.ndarray] = OrderedDict()
+        # Per instance, so that a vocabulary's tables go with it.
+        self.after = functools.lru_cache(maxsize=512)(self._after)
+        self.before = functools.lru_cache(maxsize=512)(self._before)
         self.exempt = vocab.special.copy()  # not judged: special tokens, EOS
         self.exempt[list(vocab.eos_ids)] = True
         self._added_splits: dict[str, list[str]] = {}  # an added token's head -> the rests that finish it
@@ -156,8 +163,11 @@ class Canonical:
                 for k in range(1, len(content)):
                     self._added_splits.setdefault(content[:k], []).append(content[k:])
         self._longest_head = max(map(len, self._added_splits), default=0)
-        self._by_left = self._csr(arrays["merge_left"], arrays["merge_right"], arrays["merge_rank"])
-        self._by_right = self._csr(arrays["merge_right"], arrays["merge_left"], arrays["merge_rank"])
+        self._merges = {}  # per side of a boundary: merges grouped by the operand on that side
+        for side, mine, theirs in (("right", "merge_left", "merge_right"), ("left", "merge_right", "merge_left")):
+            order, ptr = _grouped(arrays[mine], n)
+            self._merges[side] = ptr, arrays[theirs][order], arrays["merge_rank"][order]
+        self._by_node = {side: _grouped(arrays[f"{side}_node"], n) for side in ("left", "right")}
 
     @classmethod
     def of(cls, vocab: Vocabulary) -> Canonical:
@@ -196,21 +206,17 @@ class Canonical:
                 "merge_left": m[:, 0].astype(np.int32), "merge_right": m[:, 1].astype(np.int32),
                 "merge_rank": m[:, 2].astype(np.int32)}
 
-    def _csr(self, key: np.ndarray, other: np.ndarray, rank: np.ndarray):
-        order = np.argsort(key, kind="stable")
-        ptr = np.searchsorted(key[order], np.arange(self.vocab.size + 1))
-        return ptr, other[order], rank[order]
-
-    def _conflicts(self, token: int, side: str, index, other: str) -> np.ndarray:
+    def _conflicts(self, token: int, side: str) -> np.ndarray:
         """Tokens on the other side of `token` (whose `side` spine meets them) that some boundary merge
         would join to it: a merge of a node of each spine, ranked after both nodes exist and before
         either is consumed inside its own token."""
         a = self.arrays
+        other = "left" if side == "right" else "right"
         lo, hi = a[f"{side}_ptr"][token], a[f"{side}_ptr"][token + 1]
         nodes, consumed, created = (a[f"{side}_{k}"][lo:hi] for k in ("node", "consumed", "created"))
-        by_node, node_ptr = self._entries_by_node(other)
+        by_node, node_ptr = self._by_node[other]
         o_tok, o_consumed, o_created = (a[f"{other}_{k}"] for k in ("tok", "consumed", "created"))
-        ptr, partner, prank = index
+        ptr, partner, prank = self._merges[side]
         bad = np.zeros(self.vocab.size, dtype=bool)
         for node, used, made in zip(nodes, consumed, created):
             p_lo, p_hi = ptr[node], ptr[node + 1]
@@ -236,26 +242,13 @@ class Canonical:
             bad[o_tok[entries[hit]]] = True
         return bad
 
-    def _entries_by_node(self, side: str) -> tuple[np.ndarray, np.ndarray]:
-        """The entries of one side's flat spines, sorted by node, with a pointer per node."""
-        cache = self.__dict__.setdefault("_by_node", {})
-        if side not in cache:
-            node = self.arrays[f"{side}_node"]
-            order = np.argsort(node, kind="stable")
-            cache[side] = order, np.searchsorted(node[order], np.arange(self.vocab.size + 1))
-        return cache[side]
-
-    # -- queries --------------------------------------------------------------------------------------
-    def after(self, prev: int) -> torch.Tensor:
+    # -- queries (`after` and `before` are these, cached per token) ------------------------------------
+    def _after(self, prev: int) -> torch.Tensor:
         """Bool mask over the vocabulary: tokens that may follow `prev` in a canonical sequence (`prev`
         itself is not judged: a prompt may hold any tokens)."""
-        mask = self._after.get(prev)
-        if mask is not None:
-            self._after.move_to_end(prev)
-            return mask
         ok = self.alone.copy()
         if self.arrays is not None and not self.exempt[prev]:
-            ok &= ~self._conflicts(prev, "right", self._by_left, "left")
+            ok &= ~self._conflicts(prev, "right")
             s = self.vocab.strings[prev]
             from ..tokens import TokenTable
 
@@ -264,29 +257,18 @@ class Canonical:
                 for rest in self._added_splits.get(s[-k:], ()):
                     ok[table.starting_with(rest)] = False
         ok |= self.exempt
-        mask = torch.from_numpy(ok)
-        self._after[prev] = mask
-        if len(self._after) > 512:
-            self._after.popitem(last=False)
-        return mask
+        return torch.from_numpy(ok)
 
-    def before(self, nxt: int) -> np.ndarray:
+    def _before(self, nxt: int) -> np.ndarray:
         """Bool array over the vocabulary: tokens after which `nxt` keeps the sequence canonical."""
-        ok = self._before.get(nxt)
-        if ok is not None:
-            self._before.move_to_end(nxt)
-            return ok
         ok = self.alone.copy() if self.alone[nxt] else np.zeros(self.vocab.size, dtype=bool)
         if self.arrays is not None and self.alone[nxt] and not self.exempt[nxt]:
-            ok &= ~self._conflicts(nxt, "left", self._by_right, "right")
+            ok &= ~self._conflicts(nxt, "left")
             s = self.vocab.strings[nxt]
             for head, rests in self._added_splits.items():
                 if any(s.startswith(rest) for rest in rests):
                     ok[self._ending_with(head)] = False
             ok |= self.exempt
-        self._before[nxt] = ok
-        if len(self._before) > 512:
-            self._before.popitem(last=False)
         return ok
 
     def pair(self, a: int, b: int) -> bool:
@@ -316,7 +298,6 @@ class Canonical:
 
         h = hashlib.sha256(f"canonical{_FORMAT}".encode())
         h.update("\x00".join(self.vocab.strings).encode("utf-8", "surrogatepass"))
-        h.update(json.dumps(self.bpe["merges"][:1000] + [len(self.bpe["merges"])]).encode())
         h.update(hashlib.sha256("\n".join(" ".join(m) for m in self.bpe["merges"]).encode(
             "utf-8", "surrogatepass")).digest())
         return cache_dir() / "tokens" / f"canonical-{h.hexdigest()[:32]}.npz"

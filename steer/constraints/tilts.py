@@ -27,7 +27,6 @@ import torch
 from ..errors import SteerError
 
 _LETTERS = re.compile(r"[^\W\d_]+")
-_OPEN_WORD = re.compile(r"[^\W\d_]+\Z")
 
 
 class Tilt:
@@ -120,7 +119,7 @@ class TokenBonus(Tilt):
                 dense = self.bonus.double()
             else:
                 dense = torch.zeros(vocab.size, dtype=torch.float64)
-                by_text: dict[str, list[int]] = {}
+                by_text: dict[str, list[int]] = {}  # every token, special ones too (TokenTable's is text only)
                 for i, s in enumerate(vocab.strings):
                     by_text.setdefault(s, []).append(i)
                 for key, value in self.bonus.items():
@@ -186,13 +185,12 @@ class WordBonus(Tilt):
         return self._static[table.vocab]
 
     def values(self, context) -> torch.Tensor:
-        from ..masks import _lead_maps, healed_view
+        from ..masks import healed_view, lead_maps, open_word_length
         from ..tokens import TokenTable
 
         view = healed_view(context) if getattr(context, "heal", "") else context
         vocab, text = view.lm.vocab, view.text
-        m = _OPEN_WORD.search(text)
-        open_word = m.group().lower() if m else ""
+        open_word = text[len(text) - open_word_length(text):].lower()
         cache = self._by_state.setdefault(vocab, {})
         phi = cache.get(open_word)
         if phi is None:
@@ -203,7 +201,7 @@ class WordBonus(Tilt):
             closes = b * (open_word in self.words) - paid  # what closing the open word changes
             letters_only = t.text & ~t.breaks & (t.lead > 0)
             phi = np.where(letters_only, -paid, closes + b * (inner + trail))
-            by_lead, by_letters = _lead_maps(t)
+            by_lead, by_letters = lead_maps(t)
             leads = t.text & t.breaks & (t.lead > 0)
             phi[leads] = -paid + b * (inner[leads] + trail[leads])
             for p in self.prefixes:  # tokens that extend the open word into a listed prefix
