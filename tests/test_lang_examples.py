@@ -25,7 +25,7 @@ def run(name, lm, **options):
 def test_every_example_is_tested():
     tested = {"short_words", "infilling", "prompt_intersection", "date_format", "required_words",
               "soft_preference", "phone_number", "json_object", "arithmetic", "lipogram", "banned_words",
-              "reward_guided", "retrieval_qa"}
+              "reward_guided", "retrieval_qa", "positive_review"}
     assert {p.stem for p in EXAMPLES.glob("*.steer")} == tested
 
 
@@ -203,3 +203,24 @@ def test_look_ahead_proposal_with_the_trained_reward_model(gemma, gemma_reward_d
     assert torch.allclose(logq[top], torch.log_softmax(lp + tilt, 0)[top], atol=1e-3)
     assert got[0] == pytest.approx(torch.log_softmax(lp + tilt, 0)[gemma.encode(" Take", bos=False)[0]].item(),
                                    abs=1e-3)
+
+
+def test_positive_review_weights_are_the_tilted_mass(gemma):
+    """Under IS each step adds log sum_x p(x) exp(phi(x)) over the canonical, healed tokens (relative to
+    the healing set on the first step), phi being the word tilt's values (checked against its plain-text
+    potential in test_tilts); the texts prefer the listed words."""
+    import steer
+
+    script, _, live = run("positive_review", gemma, method="is", particles=3, inputs={"max_tokens": 5})
+    values = script.input_values()
+    tilt = steer.tilts.prefer_words(values["good"], values["bonus"])
+    for p, _ in live:
+        generated = p.env["c"].generated
+        expected, ctx = 0.0, gemma.context(values["prompt"], end="\n")
+        for lp, base, heal_set, t in _steps(gemma, values["prompt"], generated):
+            phi = tilt.values(ctx)
+            allowed = base if heal_set is None else base & heal_set
+            tilted = torch.logsumexp(lp.double()[allowed] + phi[allowed], 0).item()
+            expected += tilted - (torch.logsumexp(lp[heal_set], 0).item() if heal_set is not None else 0.0)
+            ctx.extend([t])
+        assert p.weight == pytest.approx(expected, abs=2e-3)
