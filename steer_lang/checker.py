@@ -264,9 +264,13 @@ class _Checker:
                 elif option.name == "end":
                     if not (accepts("str", ot) or accepts("list", ot)):
                         self.error(option.value, f"`end` must be a string or a list of strings, got {ot}")
+                    elif isinstance(option.value, ast.Const) and option.value.value == "":
+                        self.error(option.value, "`end` strings must not be empty")
                 elif option.name == "max_tokens":
                     if not accepts("int", ot):
                         self.error(option.value, f"`max_tokens` must be an integer, got {ot}")
+                    elif isinstance(option.value, ast.Const) and option.value.value < 1:
+                        self.error(option.value, f"`max_tokens` must be at least 1, got {option.value.value}")
                 elif not accepts("bool", ot):
                     self.error(option.value, f"`{option.name}` must be true or false, got {ot}")
             if self._effect(s, scope, "context"):

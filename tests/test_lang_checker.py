@@ -81,6 +81,10 @@ def one_error(source):
     ("model default\nmodel default\n", 4, 1, "at most one `model`"),
     ('context d = "x", healing = false\n', 3, 18, "unknown context option 'healing'"),
     ('context d = "x", heal = 3\n', 3, 25, "`heal` must be true or false"),
+    ('context d = "x", max_tokens = 0\n', 3, 31, "`max_tokens` must be at least 1"),
+    ('context d = "x", end = ""\n', 3, 24, "`end` strings must not be empty"),
+    ('context d = "x", end = 3\n', 3, 24, "`end` must be a string or a list of strings"),
+    ('context d = "x"\nsample next(d) where prefer_words(["good"], "x")\n', 4, 45, "must be float, got str"),
     # retrievers
     ('x = retrieve("wiki", prompt)\n', 3, 14, "must be retriever, got str"),
     ('retriever wiki = "idx"\nwiki = 3\n', 4, 1, "cannot assign to retriever 'wiki'"),
