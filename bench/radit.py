@@ -31,7 +31,7 @@ from retrieval.embedders import SentenceEmbedder, load_embedder
 from retrieval.index import VectorIndex
 from retrieval.llm_embedder import LLMEmbedder
 from retrieval.retriever import Retriever, build_retriever
-from steer.models import default_model_path
+from steer.lm import default_model_path
 from train.common import TrainOptions
 from train.llara import PassagePair, train_llara
 from train.radit import (

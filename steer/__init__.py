@@ -13,9 +13,8 @@ from .distributions import (
 )
 from .errors import ModelLoadError, ParticlesDiedError, SteerError
 from .generate import Generate
-from .lm import HFLanguageModel, LanguageModel, LMContext, Token, Vocabulary
+from .lm import HFLanguageModel, LanguageModel, LMContext, Token, Vocabulary, load_model, tiny_model
 from .mixture import MixtureContext
-from .models import load_model, tiny_model
 from .program import Program, SubProgram, program
 from .smc import Posterior, StepRecord, importance_sampling, run, smc, smc_steer
 from .words import NextWord

@@ -96,7 +96,7 @@ def print_posterior(posterior, as_json: bool, out=None) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     from .generate import Generate
-    from .models import load_model
+    from .lm import load_model
     from .smc import run
 
     lm = load_model(args.model)

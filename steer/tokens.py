@@ -121,7 +121,7 @@ class TokenTable:
 
     # -- disk cache -----------------------------------------------------------------------------------
     def _path(self):
-        from .models import cache_dir
+        from .lm import cache_dir
 
         h = hashlib.sha256(f"{_FORMAT}".encode())
         h.update("\x00".join(self.vocab.strings).encode("utf-8", "surrogatepass"))

@@ -38,7 +38,7 @@ def _run(args: argparse.Namespace) -> int:
     inputs = dict(args.inputs)
     if len(inputs) != len(args.inputs):
         raise SteerError("an input is given twice with --set")
-    from steer.models import load_model
+    from steer.lm import load_model
 
     values = script.input_values(inputs)
     # Check the settings before the (slow) model load, so a bad flag fails at once.

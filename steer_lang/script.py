@@ -139,7 +139,7 @@ class Script:
     def run(self, lm: LanguageModel | None = None, *, inputs: dict[str, Any] | None = None,
             progress: bool = False, record_particles: bool = False, **overrides: Any) -> Posterior:
         """Run with the file's sampler settings, `overrides` (particles=, method=, seed=, ...) winning."""
-        from steer.models import load_model
+        from steer.lm import load_model
 
         values = self.input_values(inputs)
         s = self.settings(values, **overrides)

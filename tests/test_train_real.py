@@ -58,7 +58,7 @@ def test_reward_model_and_strength_on_gemma(tmp_path, gemma_reward_dir):
 
 
 def test_the_default_model_as_its_own_judge():
-    from steer.models import default_model_path
+    from steer.lm import default_model_path
     from steer.potentials import JudgeModel
 
     judge = JudgeModel(default_model_path())

@@ -52,7 +52,7 @@ class TrainOptions:
 
 def model_dir(path: str | None) -> Path:
     """The model directory to train from (the converted default model when `path` is None)."""
-    from steer.models import default_model_path
+    from steer.lm import default_model_path
 
     directory = default_model_path() if path is None else Path(path)
     if not (directory / "config.json").exists():

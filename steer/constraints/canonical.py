@@ -294,7 +294,7 @@ class Canonical:
 
     # -- disk cache -----------------------------------------------------------------------------------
     def _path(self):
-        from ..models import cache_dir
+        from ..lm import cache_dir
 
         h = hashlib.sha256(f"canonical{_FORMAT}".encode())
         h.update("\x00".join(self.vocab.strings).encode("utf-8", "surrogatepass"))

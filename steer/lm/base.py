@@ -1,24 +1,11 @@
-"""Language-model backend: batched next-token log-probabilities over one shared KV cache.
-
-`LanguageModel` is the small interface the SMC core relies on; `HFLanguageModel` implements it for any
-transformers causal LM.  All contexts of a model live as rows of a single transformers cache.  Every
-batched round (`advance`) lays the rows out afresh:
-
-* a row is kept for every live context, keyed by (source row, tokens not yet encoded); contexts with the
-  same key share one row, so N particles with the same prompt encode it once, and identical particles
-  after resampling are computed once;
-* rows are gathered with the cache's own `reorder_cache` (as beam search does), so resampled copies
-  start from their parent's keys and values;
-* new tokens are left-padded into one chunk, padding is masked out of attention and positions are
-  counted per row, so each context costs the tokens it adds, never a re-encoding of its past;
-* the LM head runs only on each row's last position (and on every position of rows being scored).
-"""
+"""The model side's interface: `LanguageModel` (requests in, log-probabilities out), `LMContext` (the
+token sequence a particle extends), `Token` and `Vocabulary`.  Backends (`hf`, `vllm`) implement
+`LanguageModel.advance`; constraints only ever see a `Vocabulary`."""
 
 from __future__ import annotations
 
 import itertools
 import re
-import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,15 +14,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .errors import SteerError
-from .randomness import categorical
-from .scheduler import LogprobsRequest
+from ..errors import SteerError
+from ..scheduler import LogprobsRequest
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 
-_DRAWS = 8  # tokens pre-drawn per context in each batched round
+DRAWS = 8  # tokens pre-drawn per context in each batched round
 _CONTROL = re.compile(r"image|audio|video|multimodal|^<unused\d+>$")
 
 
@@ -300,19 +286,19 @@ class LMContext:
     def next_token(self, mask: object = None, tilt: object = None):
         """The LM's next-token distribution here, optionally restricted to `mask` and renormalised, and
         tilted by `tilt` (a soft preference: sampled from p·exp(tilt), the weight gains its mass)."""
-        from .distributions import NextToken
+        from ..distributions import NextToken
 
         return NextToken(self, mask, tilt)
 
     def allowed(self, mask: object):
         """A Bernoulli over "the next token is in `mask`"; observing True restricts the next token."""
-        from .distributions import TokenInMask
+        from ..distributions import TokenInMask
 
         return TokenInMask(self, mask)
 
     def continuation(self):
         """The distribution of a string continuing this context; observe it to force and score text."""
-        from .distributions import Continuation
+        from ..distributions import Continuation
 
         return Continuation(self)
 
@@ -325,162 +311,3 @@ class LMContext:
         new.draw = None  # a pre-drawn sample is used by one context only
         memo[id(self)] = new
         return new
-
-
-@dataclass
-class _Slot:
-    """Where a context lives in the shared cache: its row in layout `layout`, `cached` tokens encoded."""
-
-    layout: int
-    row: int
-    cached: int
-
-
-class HFLanguageModel(LanguageModel):
-    """A transformers causal LM served through one batched, reorderable KV cache (see module docs)."""
-
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        *,
-        name: str | None = None,
-        vocab: Vocabulary | None = None,
-    ):
-        from transformers import DynamicCache
-
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.name = name or getattr(model.config, "name_or_path", "") or type(model).__name__
-        self.vocab = vocab or Vocabulary.from_tokenizer(tokenizer, model.config.vocab_size)
-        self.max_length = int(getattr(model.config, "max_position_embeddings", 1 << 30))
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.device = next(model.parameters()).device
-        self._decoder = model.get_decoder()
-        self._head = model.get_output_embeddings()
-        self._softcap = getattr(model.config, "final_logit_softcapping", None)
-        self._make_cache = lambda: DynamicCache(config=model.config)
-        self._cache = None
-        self._mask: torch.Tensor | None = None  # [rows, columns] which cache columns hold real tokens
-        self._layout = 0
-        self._resident: weakref.WeakValueDictionary[int, LMContext] = weakref.WeakValueDictionary()
-        self.forward_calls = 0  # batched forward passes served, for tests and benchmarks
-
-    def decode(self, ids: Sequence[int]) -> str:
-        eos = self.vocab.eos_ids
-        return self.tokenizer.decode([i for i in ids if i not in eos], skip_special_tokens=False)
-
-    def encode(self, text: str, *, bos: bool = True) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if bos and self.vocab.bos_id is not None:
-            ids = [self.vocab.bos_id, *ids]
-        return ids
-
-    def release(self, context: LMContext) -> None:
-        context.backend_state = None
-        self._resident.pop(context.serial, None)
-        if not self._resident:  # nobody holds a row: free the keys and values now
-            self.reset()
-
-    def reset(self) -> None:
-        """Drop the whole cache (every context will be re-encoded on its next use)."""
-        self._cache = self._mask = None
-        self._layout += 1
-        self._resident.clear()
-
-    def _slot(self, context: LMContext) -> _Slot | None:
-        slot = context.backend_state
-        return slot if isinstance(slot, _Slot) and slot.layout == self._layout else None
-
-    @torch.inference_mode()
-    def advance(self, requests: Sequence[LogprobsRequest]) -> None:
-        requested = {r.context.serial: r for r in requests}
-        live = [r.context for r in requests]
-        live += [c for s, c in sorted(self._resident.items()) if s not in requested and self._slot(c)]
-
-        # One row per distinct (source row, tokens to encode).
-        keys: dict[tuple, int] = {}
-        rows_of: list[int] = []
-        sources: list[int | None] = []
-        chunks: list[list[int]] = []
-        cached_after: list[int] = []
-        asked = [c.serial in requested for c in live]
-        for context, is_asked in zip(live, asked):
-            slot = self._slot(context)
-            source, cached = (slot.row, slot.cached) if slot else (None, 0)
-            # Contexts nobody asked about keep their row as it is; their new tokens wait for a request.
-            new_tokens = context.tokens[cached:] if is_asked else []
-            cached_after.append(cached + len(new_tokens))
-            key = (source, tuple(new_tokens))
-            if key not in keys:
-                keys[key] = len(sources)
-                sources.append(source)
-                chunks.append(new_tokens)
-            rows_of.append(keys[key])
-
-        scored_rows = {row for row, c, a in zip(rows_of, live, asked) if a and requested[c.serial].score}
-        hidden = self._forward(sources, chunks)  # [rows, chunk, hidden]
-        self._layout += 1
-        self.forward_calls += 1
-
-        # Log-probs at each row's last position (only rows someone asked for), in float32.
-        asked_rows = [row for row, a in zip(rows_of, asked) if a]
-        wanted = sorted(set(asked_rows))
-        position = {row: i for i, row in enumerate(wanted)}
-        logprobs = self._logprobs(hidden[wanted, -1])
-        multiplicity = np.bincount(asked_rows, minlength=len(sources))
-        # A few draws per context: a masked next token takes the first that falls in its mask (exact
-        # rejection sampling), which saves a full inverse-CDF pass over the vocabulary most of the time.
-        draws = categorical(logprobs.exp(), int(multiplicity.max()) * _DRAWS).tolist()
-        used = dict.fromkeys(wanted, 0)
-        width = hidden.shape[1]
-        row_scores = {}
-        for row in scored_rows:
-            n = len(chunks[row])
-            lp = self._logprobs(hidden[row, width - n:width - 1])
-            row_scores[row] = lp.gather(1, torch.tensor(chunks[row][1:])[:, None])[:, 0].tolist()
-
-        for context, row, cached, is_asked in zip(live, rows_of, cached_after, asked):
-            context.backend_state = _Slot(self._layout, row, cached)
-            self._resident[context.serial] = context
-            if is_asked:
-                context.logprobs = logprobs[position[row]]
-                context.draw = draws[position[row]][used[row] * _DRAWS:(used[row] + 1) * _DRAWS]
-                used[row] += 1
-                context.pending_scores = row_scores.get(row)
-
-    def _forward(self, sources: list[int | None], chunks: list[list[int]]) -> torch.Tensor:
-        """Lay out the cache rows `sources` (None: a fresh row), append `chunks`, return hidden states."""
-        width = max(len(c) for c in chunks)
-        n_rows = len(sources)
-        index = torch.tensor([0 if s is None else s for s in sources])
-        fresh = torch.tensor([s is None for s in sources])
-        if self._cache is None or fresh.all():
-            self._cache, past = self._make_cache(), torch.zeros(n_rows, 0, dtype=torch.long)
-        else:
-            if not torch.equal(index, torch.arange(self._mask.shape[0])):
-                self._cache.reorder_cache(index)
-            past = self._mask[index].masked_fill(fresh[:, None], 0)
-        input_ids = torch.full((n_rows, width), self.pad_id, dtype=torch.long)
-        chunk_mask = torch.zeros(n_rows, width, dtype=torch.long)
-        for i, chunk in enumerate(chunks):
-            if chunk:
-                input_ids[i, width - len(chunk):] = torch.tensor(chunk)
-                chunk_mask[i, width - len(chunk):] = 1
-        self._mask = torch.cat([past, chunk_mask], dim=1)
-        # Each token's position counts only the real tokens before it in its own row.
-        positions = (self._mask.cumsum(1) - 1).clamp(min=0)[:, -width:]
-        out = self._decoder(
-            input_ids=input_ids.to(self.device),
-            attention_mask=self._mask.to(self.device),
-            position_ids=positions.to(self.device),
-            cache=self._cache,
-            use_cache=True,
-        )
-        return out.last_hidden_state
-
-    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self._head(hidden).float()
-        if self._softcap:
-            logits = torch.tanh(logits / self._softcap) * self._softcap
-        return torch.log_softmax(logits, dim=-1).cpu()

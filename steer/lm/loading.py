@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelLoadError
-from .lm import HFLanguageModel
+from ..errors import ModelLoadError
+from .hf import HFLanguageModel
 
 log = logging.getLogger(__name__)
 
