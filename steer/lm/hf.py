@@ -1,7 +1,7 @@
 """The transformers backend: batched next-token log-probabilities over one shared KV cache.
 
-`HFLanguageModel` implements `LanguageModel` for any transformers causal LM.  All contexts
-of a model live as rows of a single transformers cache.  Every batched round (`advance`) lays the rows out afresh:
+`HFLanguageModel` implements `LanguageModel` for any transformers causal LM.  All contexts of a model
+live as rows of a single transformers cache.  Every batched round (`advance`) lays the rows out afresh:
 
 * a row is kept for every live context, keyed by (source row, tokens not yet encoded); contexts with the
   same key share one row, so N particles with the same prompt encode it once, and identical particles
@@ -15,6 +15,7 @@ of a model live as rows of a single transformers cache.  Every batched round (`a
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,6 +65,9 @@ class HFLanguageModel(LanguageModel):
         self._head = model.get_output_embeddings()
         self._softcap = getattr(model.config, "final_logit_softcapping", None)
         self._make_cache = lambda: DynamicCache(config=model.config)
+        # transformers 5.20 renamed the decoder's `past_key_values` to `cache`; vLLM's pins need the older.
+        self._cache_argument = "cache" if "cache" in inspect.signature(self._decoder.forward).parameters \
+            else "past_key_values"
         self._cache = None
         self._mask: torch.Tensor | None = None  # [rows, columns] which cache columns hold real tokens
         self._layout = 0
@@ -178,7 +182,7 @@ class HFLanguageModel(LanguageModel):
             input_ids=input_ids.to(self.device),
             attention_mask=self._mask.to(self.device),
             position_ids=positions.to(self.device),
-            cache=self._cache,
+            **{self._cache_argument: self._cache},
             use_cache=True,
         )
         return out.last_hidden_state

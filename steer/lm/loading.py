@@ -13,10 +13,12 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..errors import ModelLoadError
+from .base import LanguageModel
 from .hf import HFLanguageModel
 
 log = logging.getLogger(__name__)
@@ -68,27 +70,49 @@ def _convert_default_model(target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_model(path: str | os.PathLike | None = None, *, device: str = "cpu",
-               dtype: torch.dtype = torch.float32) -> HFLanguageModel:
-    """Load a causal LM for steering: the default Gemma 3 270M when `path` is None, else a local HF
-    checkpoint directory (config, safetensors weights, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+BACKENDS = ("hf", "vllm")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-    hf_logging.disable_progress_bar()  # loading takes seconds; its per-tensor bar is noise
+
+def load_model(path: str | os.PathLike | None = None, *, backend: str = "hf", device: str = "cpu",
+               dtype: str | torch.dtype | None = None, **engine_options: Any) -> LanguageModel:
+    """Load a causal LM for steering: the default Gemma 3 270M when `path` is None, else a local HF
+    checkpoint directory (config, safetensors weights, tokenizer).
+
+    `backend`: "hf" (transformers, float32 unless `dtype` says otherwise) or "vllm" (a vLLM engine,
+    bfloat16 unless `dtype` says otherwise; `engine_options` such as `tensor_parallel_size` go to
+    `vllm.LLM`).  `dtype`: "float32", "bfloat16" or "float16" (or a torch dtype)."""
+    if backend not in BACKENDS:
+        raise ModelLoadError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
     directory = default_model_path() if path is None else Path(path)
     if not directory.is_dir():
         raise ModelLoadError(f"model directory not found: {directory}")
     if not (directory / "config.json").exists():
         raise ModelLoadError(f"not a Hugging Face model directory (no config.json): {directory}")
+    name = str(path or DEFAULT_MODEL)
+    if backend == "vllm":
+        from .vllm import VLLMLanguageModel
+
+        dtype_name = next(k for k, v in DTYPES.items() if v == (dtype or torch.bfloat16))
+        return VLLMLanguageModel(directory, dtype=dtype_name, name=name, **engine_options)
+    if engine_options:
+        raise ModelLoadError(f"engine options ({', '.join(engine_options)}) are for the vllm backend")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # loading takes seconds; its per-tensor bar is noise
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True,
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32, local_files_only=True,
                                                      use_safetensors=True)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load a causal LM from {directory}: {str(e).splitlines()[0]}") from e
     model.to(device)
-    return HFLanguageModel(model, tokenizer, name=str(path or DEFAULT_MODEL))
+    return HFLanguageModel(model, tokenizer, name=name)
 
 
 _TINY_SPECIALS = ["<eos>", "<bos>"]
