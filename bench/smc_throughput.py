@@ -1,23 +1,30 @@
-"""SMC throughput against transformers' own batched sampling, on the default model.
+"""SMC throughput against the engines' own batched sampling, on the default model.
 
-Runs, in one process and interleaved, HF `model.generate` (batch N, pure sampling) and steer's SMC with
-N particles on the same prompt and length, and prints particle-tokens/s of each, their ratio, the peak
-resident-memory growth of each, and how the cost of late SMC steps compares with early ones.
+Runs, in one process and interleaved: transformers' `model.generate` (batch N, pure sampling) in float32
+and bfloat16, vLLM's own `generate` (with `--backend vllm`), and steer's SMC with N particles on the
+chosen backend and dtype: resampling at every step, and at ESS < N/2.  Prints particle-tokens/s of each,
+ratios, the peak resident-memory growth, and how the cost of late SMC steps compares with early ones.
 
-    python bench/smc_throughput.py [--particles 16] [--tokens 64] [--repeats 2]
+    python bench/smc_throughput.py [--backend hf|vllm] [--dtype float32|bfloat16] [--particles 16] [--tokens 64]
+
+Every run uses all cores (vLLM on a CPU would otherwise drop the whole process to one thread).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import threading
-import time
+import os
 
-import torch
+os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
 
-import steer
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+import steer  # noqa: E402
 
 
 class Unconstrained(steer.Program):
@@ -64,6 +71,9 @@ def measure(fn):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="steer's dtype (default: float32 on hf, bfloat16 on vllm)")
     parser.add_argument("--particles", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
@@ -71,29 +81,37 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
-    lm = steer.load_model(args.model)
     n, t = args.particles, args.tokens
-    enc = lm.tokenizer([args.prompt] * n, return_tensors="pt")
+    hf = {"float32": steer.load_model(args.model), "bfloat16": steer.load_model(args.model, dtype="bfloat16")}
+    dtype = args.dtype or ("bfloat16" if args.backend == "vllm" else "float32")
+    lm = hf[dtype] if args.backend == "hf" else steer.load_model(args.model, backend="vllm", dtype=dtype)
+    enc = hf["float32"].tokenizer([args.prompt] * n, return_tensors="pt")
 
-    def hf_generate():
-        with torch.inference_mode():
-            return lm.model.generate(**enc, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                                     max_new_tokens=t, min_new_tokens=t)
+    def hf_generate(model):
+        def go():
+            with torch.inference_mode():
+                return model.model.generate(**enc, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                                            max_new_tokens=t, min_new_tokens=t)
+        return go
 
-    def smc_plain():
-        return steer.smc(Unconstrained(lm, args.prompt, t), particles=n, seed=1)
+    def smc(ess):
+        return lambda: steer.smc(Unconstrained(lm, args.prompt, t, penalty=0.5), particles=n, seed=1,
+                                 ess_threshold=ess)
 
-    def smc_resampling():
-        return steer.smc(Unconstrained(lm, args.prompt, t, penalty=0.5), particles=n, seed=1,
-                         ess_threshold=1.0)
-
-    runs = {"hf generate": hf_generate, "steer smc": smc_plain, "steer smc, resample every step": smc_resampling}
-    # (after resampling, copies that draw the same token share one cache row and are computed once)
+    steer_name = f"steer smc {args.backend} {dtype}"
+    runs = {"hf generate float32": hf_generate(hf["float32"]), "hf generate bfloat16": hf_generate(hf["bfloat16"])}
+    if args.backend == "vllm":
+        prompt_ids = enc["input_ids"][0].tolist()
+        runs["vllm generate"] = lambda: lm.generate([prompt_ids] * n, t, seed=1)
+    runs[f"{steer_name}, resample every step"] = smc(1.0)
+    runs[f"{steer_name}, resample at ESS < N/2"] = smc(0.5)
+    # (the soft potential makes weights differ, so resampling really reorders the particles)
     times = {k: [] for k in runs}
     memory = {k: 0 for k in runs}
     flat = []
-    resamples = 0
-    hf_generate()  # warm-up
+    resamples = {k: 0 for k in runs}
+    for fn in runs.values():  # warm-up: first calls compile and allocate
+        fn()
     for _ in range(args.repeats):
         for name, fn in runs.items():
             seconds, grown, result = measure(fn)
@@ -103,22 +121,28 @@ def main() -> None:
                 steps = [r.seconds for r in result.trace]
                 early, late = statistics.median(steps[1:9]), statistics.median(steps[-8:])
                 flat.append(late / early)
-                resamples = max(resamples, sum(r.resampled for r in result.trace))
+                resamples[name] = max(resamples[name], sum(r.resampled for r in result.trace))
 
     rate = {k: n * t / min(v) for k, v in times.items()}
-    base = rate["hf generate"]
-    print(f"\nN={n} particles, {t} new tokens, model {lm.name}, best of {args.repeats}")
-    print(f"{'':34s} {'particle-tok/s':>14s} {'vs generate':>12s} {'peak RSS +MiB':>14s}")
+    base = rate["hf generate float32"]
+    engine = rate.get("vllm generate", rate[f"hf generate {dtype}"])
+    print(f"\nN={n} particles, {t} new tokens, model {lm.name}, best of {args.repeats}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'':48s} {'particle-tok/s':>14s} {'vs hf fp32':>11s} {'vs engine':>10s} {'peak RSS +MiB':>14s}")
     for name in runs:
-        print(f"{name:34s} {rate[name]:14.1f} {rate[name] / base:11.2f}x {memory[name] / 2**20:14.0f}")
+        print(f"{name:48s} {rate[name]:14.1f} {rate[name] / base:10.2f}x {rate[name] / engine:9.2f}x "
+              f"{memory[name] / 2**20:14.0f}")
     print(f"SMC step cost, last 8 steps / steps 2-9 (median over runs): {statistics.median(flat):.2f}")
-    print(f"resampling events in the resample-every-step run: {resamples}")
+    print("resampling events: " + ", ".join(f"{k.split(', ')[-1]}: {v}" for k, v in resamples.items() if v))
+    every, half = f"{steer_name}, resample every step", f"{steer_name}, resample at ESS < N/2"
     print(json.dumps({
-        "bench": "smc_throughput", "particles": n, "tokens": t,
-        "generate_tok_s": round(base, 2), "smc_tok_s": round(rate["steer smc"], 2),
-        "smc_resampling_tok_s": round(rate["steer smc, resample every step"], 2),
-        "ratio": round(rate["steer smc"] / base, 3),
-        "ratio_resampling": round(rate["steer smc, resample every step"] / base, 3),
+        "bench": "smc_throughput", "backend": args.backend, "dtype": dtype, "particles": n, "tokens": t,
+        "threads": torch.get_num_threads(),
+        "tok_s": {k: round(v, 2) for k, v in rate.items()},
+        "smc_over_hf_fp32_generate": round(rate[every] / base, 3),
+        "smc_ess_half_over_hf_fp32_generate": round(rate[half] / base, 3),
+        "smc_over_engine_generate": round(rate[every] / engine, 3),
+        "smc_ess_half_over_engine_generate": round(rate[half] / engine, 3),
         "step_cost_late_over_early": round(statistics.median(flat), 3),
         "peak_rss_mib": {k: round(v / 2**20) for k, v in memory.items()},
     }))

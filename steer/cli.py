@@ -37,6 +37,7 @@ def positive(name: str) -> Callable[[str], int]:
 def add_sampler_options(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:
     """Flags shared by every command that runs a sampler (None where a file may give the value)."""
     from .resampling import SCHEMES
+    from .lm.loading import BACKENDS, DTYPES
     from .smc import METHODS
 
     d = (lambda v: v) if defaults else (lambda v: None)
@@ -47,6 +48,10 @@ def add_sampler_options(parser: argparse.ArgumentParser, *, defaults: bool = Tru
     parser.add_argument("--beam", type=positive("--beam"), default=d(3), help="children per particle (smc-steer)")
     parser.add_argument("--seed", type=int, default=d(0))
     parser.add_argument("--model", default=None, help="local HF model directory (default: Gemma 3 270M)")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="hf: transformers (default); vllm: a vLLM engine (needs vLLM installed)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="weights and activations (default: float32 on hf, bfloat16 on vllm)")
     parser.add_argument("--json", action="store_true", help="one JSON object per particle, then a summary")
     parser.add_argument("--progress", action="store_true", help="show a progress bar")
     parser.add_argument("--trace", metavar="FILE.html", default=None,
@@ -99,7 +104,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .lm import load_model
     from .smc import run
 
-    lm = load_model(args.model)
+    lm = load_model(args.model, backend=args.backend or "hf", dtype=args.dtype)
     program = Generate(lm, args.prompt, max_tokens=args.max_tokens, stop=args.stop)
     posterior = run(program, args.method, **sampler_options(args))
     print_posterior(posterior, args.json)

@@ -292,14 +292,38 @@ class VLLMLanguageModel(LanguageModel):
             dropped, self._dropped[:] = list(self._dropped), []
             self.engine.abort_request(dropped, internal=True)
 
+    def close(self) -> None:
+        """Shut the engine down and free its memory, so that another can start in this process."""
+        import gc
+
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        if not hasattr(self, "engine"):
+            return
+        self.engine.engine_core.shutdown()
+        del self.llm, self.engine
+        destroy_model_parallel()
+        destroy_distributed_environment()
+        gc.collect()
+
     # -- vLLM's own sampling, for comparisons --------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int, *, seed: int | None = None) -> list[list[int]]:
-        """Pure ancestral sampling by the engine itself (temperature 1, no top-k/p): token ids per prompt."""
+        """Pure ancestral sampling by the engine itself (temperature 1, no top-k/p): token ids per prompt.
+
+        Runs beside steer's open sessions (`LLM.generate` would wait for those to finish)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                                detokenize=False, seed=seed)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
-                                    use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outputs]
+        self._abort_dropped()
+        names = []
+        for i, prompt in enumerate(prompts):
+            params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, temperature=1.0, top_k=0,
+                                    top_p=1.0, detokenize=False, seed=None if seed is None else seed + i)
+            names.append(f"steer-generate-{next(self._serial)}")
+            self.engine.add_request(names[-1], TokensPrompt(prompt_token_ids=list(prompt)), params)
+        done: dict[str, list[int]] = {}
+        while len(done) < len(names):
+            for output in self.engine.step():
+                if output.finished and output.request_id in names:
+                    done[output.request_id] = list(output.outputs[0].token_ids)
+        return [done[name] for name in names]
