@@ -219,8 +219,17 @@ class Input(Node):
 
 
 @dataclass(eq=False)
+class ModelOption(Node):
+    """`backend = "vllm"` or `dtype = "bfloat16"` after a model declaration."""
+
+    name: str
+    value: str
+
+
+@dataclass(eq=False)
 class ModelDecl(Node):
     path: str | None  # None: the default model
+    options: list[ModelOption] = field(default_factory=list)
 
 
 @dataclass(eq=False)

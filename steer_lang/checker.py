@@ -78,6 +78,8 @@ class _Checker:
             self._input(node)
         for node in m.resources:
             self._resource(node)
+        for node in m.models[:1]:
+            self._model(node)
         for node in m.samplers[:1]:
             self._sampler(node)
         seen: set[str] = set()
@@ -98,6 +100,21 @@ class _Checker:
             self.error(node, f"{what} '{name}' would hide the constant '{name}'; choose another name")
             return False
         return True
+
+    def _model(self, node: ast.ModelDecl) -> None:
+        from steer.lm.loading import BACKENDS, DTYPES
+
+        choices = {"backend": BACKENDS, "dtype": tuple(DTYPES)}
+        seen: set[str] = set()
+        for option in node.options:
+            if option.name not in choices:
+                self.error(option, f"unknown model option '{option.name}'; choose one of {', '.join(choices)}")
+            elif option.name in seen:
+                self.error(option, f"model option '{option.name}' is given twice")
+            elif option.value not in choices[option.name]:
+                self.error(option, f"{option.name} must be one of {', '.join(choices[option.name])}, "
+                                   f"got {option.value!r}")
+            seen.add(option.name)
 
     def _input(self, node: ast.Input) -> None:
         if node.name in self.inputs:

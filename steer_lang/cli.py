@@ -38,13 +38,11 @@ def _run(args: argparse.Namespace) -> int:
     inputs = dict(args.inputs)
     if len(inputs) != len(args.inputs):
         raise SteerError("an input is given twice with --set")
-    from steer.lm import load_model
-
     values = script.input_values(inputs)
     # Check the settings before the (slow) model load, so a bad flag fails at once.
     script.settings(values, method=args.method, particles=args.particles, ess=args.ess,
                     resampling=args.resampling, seed=args.seed, beam=args.beam, max_tokens=args.max_tokens)
-    lm = load_model(args.model if args.model is not None else script.model_path())
+    lm = script.load_model(path=args.model, backend=args.backend, dtype=args.dtype)
     posterior = script.run(lm, inputs=values, progress=args.progress, record_particles=args.trace is not None,
                            method=args.method, particles=args.particles, ess=args.ess,
                            resampling=args.resampling, seed=args.seed, beam=args.beam,

@@ -114,9 +114,13 @@ class _ToAST(Transformer):
         return ast.Input(*_pos(name), str(name), str(type_) if type_ is not None else None, default)
 
     def model_decl(self, meta, c):
-        (value,) = c
+        value, *options = c
         path = None if value.type == "DEFAULT" else self._string(value)
-        return ast.ModelDecl(*_pos(meta), path)
+        return ast.ModelDecl(*_pos(meta), path, options)
+
+    def model_option(self, meta, c):
+        name, value = c
+        return ast.ModelOption(*_pos(name), str(name), self._string(value))
 
     def resource_decl(self, meta, c):
         kind, name, path = c[0], c[1], c[3]  # "!" keeps the keyword, and so "=" and the newline too

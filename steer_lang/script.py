@@ -113,6 +113,18 @@ class Script:
         path = Path(self.module.models[0].path).expanduser()
         return path if path.is_absolute() else self.base_dir / path
 
+    def model_options(self) -> dict[str, str]:
+        """The `backend` and `dtype` the file's model declaration asks for (checked already)."""
+        return {o.name: o.value for o in self.module.models[0].options} if self.module.models else {}
+
+    def load_model(self, **overrides: Any) -> LanguageModel:
+        """The file's model with its options; `overrides` (path=, backend=, dtype=) that are not None win."""
+        from steer.lm import load_model
+
+        options: dict[str, Any] = {"path": self.model_path(), **self.model_options()}
+        options.update({k: v for k, v in overrides.items() if v is not None})
+        return load_model(options.pop("path"), **options)
+
     def resources(self) -> dict[str, Any]:
         """The reward models and retrievers the file declares, loaded once (paths are relative to the file)."""
         if getattr(self, "_resources", None) is None:
@@ -139,12 +151,10 @@ class Script:
     def run(self, lm: LanguageModel | None = None, *, inputs: dict[str, Any] | None = None,
             progress: bool = False, record_particles: bool = False, **overrides: Any) -> Posterior:
         """Run with the file's sampler settings, `overrides` (particles=, method=, seed=, ...) winning."""
-        from steer.lm import load_model
-
         values = self.input_values(inputs)
         s = self.settings(values, **overrides)
         if lm is None:
-            lm = load_model(self.model_path())
+            lm = self.load_model()
         options: dict[str, Any] = {"particles": s["particles"], "seed": s["seed"], "progress": progress,
                                    "record_particles": record_particles}
         if s["method"] == "smc":

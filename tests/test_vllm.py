@@ -176,7 +176,7 @@ def test_tiny_model_posterior_and_log_ml_match_enumeration(engines, tiny_pair):
 
         def z_hat(seed):
             try:
-                return math.exp(steer.smc(NoDoubleB(vllm_lm), particles=8, seed=seed).log_ml)
+                return math.exp(steer.smc(NoDoubleB(vllm_lm), particles=64, seed=seed).log_ml)
             except steer.ParticlesDiedError:
                 return 0.0
 
