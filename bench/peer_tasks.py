@@ -21,21 +21,6 @@ import time  # noqa: E402
 import steer  # noqa: E402
 
 
-class Task(steer.Program):
-    def __init__(self, lm, prompt, max_tokens, mask=None):
-        super().__init__()
-        self.ctx = lm.context(prompt)
-        self.max_tokens, self.mask = max_tokens, mask
-
-    async def step(self):
-        token = await self.sample(self.ctx.next_token(self.mask))
-        if token.is_eos or len(self.ctx.generated) >= self.max_tokens:
-            self.finish()
-
-    def result(self):
-        return self.ctx.text
-
-
 TASKS = {
     "hard": dict(prompt="My favorite writing style is", particles=10, tokens=20, mask=lambda: steer.masks.word_length(max=5)),
     "unconstrained": dict(prompt="The history of the city begins", particles=8, tokens=128, mask=lambda: None),
@@ -53,15 +38,15 @@ def main() -> None:
         lm = steer.load_model(backend=backend, dtype=dtype)
         for name, task in TASKS.items():
             def run(seed):
-                return steer.smc(Task(lm, task["prompt"], task["tokens"], task["mask"]()), particles=task["particles"],
-                                 seed=seed)
+                return steer.smc(steer.Generate(lm, task["prompt"], task["tokens"], mask=task["mask"]()),
+                                 particles=task["particles"], seed=seed)
             run(0)
             best, posterior = float("inf"), None
             for seed in range(1, args.repeats + 1):
                 start = time.perf_counter()
                 posterior = run(seed)
                 best = min(best, time.perf_counter() - start)
-            tokens = sum(len(p.ctx.generated) for p in posterior.particles)
+            tokens = sum(len(p.context.generated) for p in posterior.particles)
             ok = all(len(w) <= 5 for t in posterior.distribution() for w in re.findall(r"[^\W\d_]+", t)) \
                 if name == "hard" else True
             rows.append({"config": config, "task": name, "seconds": round(best, 2),

@@ -32,18 +32,6 @@ import steer.distributions  # noqa: E402
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-class ShortWords(steer.Program):
-    def __init__(self, lm, prompt, max_tokens):
-        super().__init__()
-        self.ctx = lm.context(prompt)
-        self.max_tokens = max_tokens
-
-    async def step(self):
-        token = await self.sample(self.ctx.next_token(steer.masks.word_length(max=5)))
-        if token.is_eos or len(self.ctx.generated) >= self.max_tokens:
-            self.finish()
-
-
 class Timers:
     """Wall time spent inside wrapped callables, by component; nested time is not counted twice."""
 
@@ -125,7 +113,8 @@ def model_shape(path) -> dict[str, int]:
 def profile(config: str, args) -> dict:
     backend, dtype = config.split(":")
     lm = steer.load_model(args.model, backend=backend, dtype=dtype)
-    program = lambda: ShortWords(lm, "My favorite writing style is", args.tokens)  # noqa: E731
+    program = lambda: steer.Generate(lm, "My favorite writing style is", args.tokens,  # noqa: E731
+                                     mask=steer.masks.word_length(max=5))
     steer.smc(program(), particles=args.particles, seed=0)  # warm-up
     timers = Timers()
     undo = instrument(lm, timers)

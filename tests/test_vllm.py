@@ -102,30 +102,18 @@ def test_scored_extension_matches_transformers(engines):
     assert scores["hf"] < -1.0  # a real score, not an empty sum
 
 
-class ShortWords(steer.Program):
+def short_words(lm):
     """The peer task `hard`: every word at most five letters."""
-
-    def __init__(self, lm, prompt, max_tokens):
-        super().__init__()
-        self.ctx = lm.context(prompt)
-        self.max_tokens = max_tokens
-
-    async def step(self):
-        token = await self.sample(self.ctx.next_token(steer.masks.word_length(max=5)))
-        if token.is_eos or len(self.ctx.generated) >= self.max_tokens:
-            self.finish()
-
-    def result(self):
-        return self.ctx.text
+    return steer.Generate(lm, "My favorite writing style is", 10, mask=steer.masks.word_length(max=5))
 
 
 def test_constrained_smc_runs_on_vllm_with_the_same_weights_as_transformers(engines):
     vllm_lm, hf_lm = engines
-    posterior = steer.smc(ShortWords(vllm_lm, "My favorite writing style is", 10), particles=6, seed=0)
+    posterior = steer.smc(short_words(vllm_lm), particles=6, seed=0)
     for text in posterior.distribution():
         assert all(len(word) <= 5 for word in re.findall(r"[^\W\d_]+", text)), text  # words: runs of letters
     # the weight of each particle is the same number under the other backend, within the tolerance
-    reference = steer.smc(ShortWords(hf_lm, "My favorite writing style is", 10), particles=6, seed=0)
+    reference = steer.smc(short_words(hf_lm), particles=6, seed=0)
     assert abs(posterior.log_ml - reference.log_ml) < 0.05
 
 
