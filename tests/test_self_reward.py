@@ -112,7 +112,13 @@ def test_bad_seed_data_names_the_file_and_line(tmp_path):
         load_seed_data(seed)
 
 
-def test_loop_stops_on_unparseable_judgments_keeps_its_files_and_resumes(tiny_long_dir, tmp_path):
+def test_loop_stops_on_unparseable_judgments_keeps_its_files_and_resumes(tiny_long_dir, tmp_path, monkeypatch):
+    import train.dpo
+
+    started = []  # the model each DPO stage starts from (and takes as its reference)
+    real_dpo = train.dpo.train_dpo
+    monkeypatch.setattr(train.dpo, "train_dpo", lambda data, opts, **kw: started.append(opts.model) or
+                        real_dpo(data, opts, **kw))
     seed = make_seed_dir(tmp_path / "seed")
     options = TrainOptions(model=str(tiny_long_dir), out=str(tmp_path / "run"), max_steps=2, batch_size=4,
                            max_length=4096, progress=False, save_steps=1, eval_fraction=0.2)
@@ -144,6 +150,7 @@ def test_loop_stops_on_unparseable_judgments_keeps_its_files_and_resumes(tiny_lo
     assert all(p["chosen"] == c["candidates"][1] and p["rejected"] == c["candidates"][0]
                for p, c in zip(pairs, candidates))
     assert (stage / "model").is_dir() and json.loads((stage / "metrics.json").read_text())["trainer"] == "dpo"
+    assert started == [str(tmp_path / "run" / "m1" / "model")]  # M2 = DPO(M1), never DPO(M0)
     two = result["iterations"]["2"]
     assert two["aift"]["pairs"] == len(pairs) and two["head_to_head"]["against"] == "M1"
     assert 0 <= two["head_to_head"]["win_rate"] <= 1

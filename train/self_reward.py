@@ -224,14 +224,15 @@ def self_reward(seed_dir: str | Path, options: TrainOptions, config: SelfRewardC
     state = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     iterations: dict[str, Any] = state.get("iterations", {})
 
-    def train_stage(name: str, fn, data) -> Path:
+    def train_stage(name: str, fn, data, start: Path) -> Path:
+        """Train stage `name` starting from the model `start` (which DPO also takes as its reference)."""
         stage = out / name
         model = stage / "model"
         if (stage / "metrics.json").exists() and model.is_dir():
             return model
         from .common import last_checkpoint
 
-        opts = replace(options, out=str(stage), resume=last_checkpoint(stage) is not None)
+        opts = replace(options, model=str(start), out=str(stage), resume=last_checkpoint(stage) is not None)
         fn(data, opts)
         return model
 
@@ -239,7 +240,7 @@ def self_reward(seed_dir: str | Path, options: TrainOptions, config: SelfRewardC
     for name, examples in (("ift", seeds.ift), ("eft", seeds.eft)):
         _stage(out / "m1" / f"{name}.jsonl", lambda examples=examples: [
             {"prompt": e.prompt, "completion": e.completion, "source": e.source} for e in examples])
-    models[1] = train_stage("m1", train_sft, seeds.ift + seeds.eft)
+    models[1] = train_stage("m1", train_sft, seeds.ift + seeds.eft, base)
     for t in range(1, config.iterations + 1):
         stage = out / f"m{t}"
         if t > 1:
@@ -253,8 +254,9 @@ def self_reward(seed_dir: str | Path, options: TrainOptions, config: SelfRewardC
                 raise JudgeFailed(f"{stage}: every prompt's candidates tied or went unscored, so there are no "
                                   "preference pairs to train on; stopping here (the files made are kept)")
             pairs_file = stage / "pairs.jsonl"
+            # M_t = DPO(M_{t-1}) with M_{t-1} as the reference, as the paper chains them.
             models[t] = train_stage(f"m{t}", lambda data, opts: train_dpo(data, opts, **(dpo_options or {})),
-                                    pairs_file)
+                                    pairs_file, models[t - 1])
             iterations.setdefault(str(t), {})["aift"] = aift
         record = iterations.setdefault(str(t), {})
         if "judge" not in record:
