@@ -108,6 +108,18 @@ def test_near_duplicates_keep_the_first_copy_only():
     assert sorted(result.order.tolist()) == list(range(20))
 
 
+def test_a_cluster_of_copies_larger_than_k_keeps_only_its_earliest():
+    rng = np.random.default_rng(1)
+    others = normalise(rng.standard_normal((30, 16)))
+    original = normalise(rng.standard_normal((1, 16)))
+    copies = normalise(original + 0.001 * rng.standard_normal((12, 16)))  # 12 near-copies, k = 4
+    vectors = np.concatenate([others[:5], copies, others[5:]])  # the copies are rows 5..16
+    sims, rows = self_knn(vectors, 4)
+    keep = near_duplicates(sims, rows, 0.99)
+    assert keep[5] and not keep[6:17].any()  # the earliest copy survives, none of the others
+    assert keep[:5].all() and keep[17:].all()
+
+
 def test_reference_variant_is_a_permutation_and_respects_its_cluster_cap_before_merging():
     vectors, _ = clusters([50, 50, 50], spread=0.6)
     _sims, rows = self_knn(vectors, 5)

@@ -55,18 +55,24 @@ class Graph:
 
 
 def near_duplicates(sims: np.ndarray, rows: np.ndarray, threshold: float) -> np.ndarray:
-    """A keep-mask: documents are taken in corpus order, and a kept document removes every kNN
-    neighbour at cosine ≥ `threshold` that is still kept. So of each near-duplicate pair found by
-    the kNN search, at most one document survives, and the earliest copy is the one kept."""
-    keep = np.ones(len(sims), dtype=bool)
+    """A keep-mask: near-duplicates (kNN neighbours at cosine >= `threshold`) are linked, and of each
+    connected group of linked documents only the earliest is kept, however large the group is (a
+    cluster of copies larger than k is linked through the copies' own lists)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(sims)
+    keep = np.ones(n, dtype=bool)
     if threshold > 1:
         return keep
     close = (sims >= threshold) & (rows >= 0)
-    for i in np.flatnonzero(close.any(axis=1)):
-        if keep[i]:
-            keep[rows[i][close[i]]] = False
-            keep[i] = True  # an exact self-duplicate row never removes the document itself
-    return keep
+    src = np.repeat(np.arange(n), rows.shape[1])[close.ravel()]
+    dst = rows.ravel()[close.ravel()]
+    graph = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    first = np.full(component.max() + 1, n)
+    np.minimum.at(first, component, np.arange(n))
+    return first[component] == np.arange(n)
 
 
 def knn_graph(sims: np.ndarray, rows: np.ndarray, keep: np.ndarray | None = None) -> Graph:
