@@ -9,6 +9,7 @@ faster (`bench/dpo.py`).  It reuses TRL's own chunked kernel and output type.
 
 from __future__ import annotations
 
+import inspect
 import types
 from typing import Any
 
@@ -27,27 +28,43 @@ def completion_only_head(target: Any, outputs: tuple[str, ...]) -> None:
     from trl.kernels import ChunkedLogProbFunction
     from trl.trainer.utils import FusedCausalLMOutput
 
+    from trl.kernels.chunked_logprob import _use_triton
+
     model = getattr(target, "model", target) if not isinstance(target, torch.nn.Module) else target
     if isinstance(model, PeftModel):
         model = model.get_base_model()
+    if _use_triton(next(model.parameters()).device):
+        return  # TRL's own head already projects only labelled positions there
 
     fallback = model.forward  # TRL's patched forward: used for every call without fused_lm_head
-    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    # The temperature, logit scale and soft-capping TRL's head read from the model's config (its closure),
+    # so that this head computes exactly what TRL's would.
+    settings = inspect.getclosurevars(getattr(fallback, "__func__", fallback)).nonlocals
+    temperature = settings.get("temperature", 1.0)
+    logit_scale = settings.get("logit_scale", 1.0)
+    softcap = settings.get("final_logit_softcapping",
+                           getattr(model.config.get_text_config(), "final_logit_softcapping", None))
 
-    def forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
+                **kwargs):
         if not fused_lm_head:
-            return fallback(*args, labels=labels, **kwargs)
+            return fallback(*args, labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
+                            **kwargs)
         kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
-        labels = labels[:, 1:].to(hidden.device)
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        if shift_labels is None:
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        labels = labels.to(hidden.device)
         mask = labels != -100
         head = self.get_output_embeddings()
-        per_token = ChunkedLogProbFunction.apply(hidden[mask], head.weight, head.bias, labels[mask], 1.0, 32768,
-                                                 softcap, 1.0, outputs)
+        per_token = ChunkedLogProbFunction.apply(hidden[mask], head.weight, head.bias, labels[mask], temperature,
+                                                 32768, softcap, logit_scale, outputs)
         # masked_scatter keeps an all-masked batch connected to the graph (a differentiable zero).
         log_probs, entropy, log_sum_sq, mean_logits, is_top1 = (
             None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token)
-        loss = -log_probs.sum() / mask.sum().clamp(min=1)
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
         return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq,
                                    mean_logits=mean_logits, is_top1=is_top1, label_mask=mask)
 
