@@ -82,3 +82,25 @@ def test_self_reward_with_missing_seed_files_is_a_user_error(tiny_text_dir, tmp_
     code, _, err = run(["train", "self-reward", "--model", str(tiny_text_dir), "--seed-data", str(tmp_path / "seed"),
                         "--out", str(tmp_path / "run"), "--no-progress"], capsys)
     assert code == 2 and "the seed data needs oasst2_quality_scored.jsonl.gz" in err and "Traceback" not in err
+
+
+def test_lora_adapts_every_linear_layer_whatever_the_architecture_calls_them():
+    import torch
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import steer
+    from train.common import TrainOptions, lora_config
+
+    def adapted(model, options):
+        return {n.rsplit(".", 1)[-1] for n, m in get_peft_model(model, lora_config(options)).named_modules()
+                if isinstance(m, LoraLayer)}
+
+    gemma = steer.tiny_model("ab", hidden=32).model
+    linear = {n.rsplit(".", 1)[-1] for n, m in gemma.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert adapted(gemma, TrainOptions(lora=True)) == linear - {"lm_head"}  # every linear layer but the head
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=20, n_positions=16))
+    assert adapted(gpt2, TrainOptions(lora=True, lora_dropout=0.1, lora_alpha=8)) == {"c_attn", "c_proj", "c_fc"}
+    named = TrainOptions(lora=True, lora_targets="q_proj, v_proj")
+    assert adapted(steer.tiny_model("ab", hidden=32).model, named) == {"q_proj", "v_proj"}

@@ -42,6 +42,11 @@ def _run_flags(parser: argparse.ArgumentParser, lr: float, data: bool = True) ->
     parser.add_argument("--max-length", type=positive("--max-length"), default=256, help="tokens per sequence")
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of every weight")
     parser.add_argument("--lora-r", type=positive("--lora-r"), default=16)
+    parser.add_argument("--lora-alpha", type=positive("--lora-alpha"), default=None, help="LoRA scale (default: 2 x r)")
+    parser.add_argument("--lora-dropout", type=_fraction("--lora-dropout"), default=0.0)
+    parser.add_argument("--lora-targets", default="all-linear",
+                        help='modules to adapt: "all-linear" (every linear layer but the head) or names, '
+                             'comma-separated (e.g. q_proj,v_proj)')
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-steps", type=positive("--save-steps"), default=50, help="checkpoint every K steps")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -56,7 +61,9 @@ def _run_flags(parser: argparse.ArgumentParser, lr: float, data: bool = True) ->
 def _options(args: argparse.Namespace) -> TrainOptions:
     return TrainOptions(model=args.model, out=args.out, epochs=args.epochs, max_steps=args.max_steps,
                         batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.lr,
-                        max_length=args.max_length, lora=args.lora, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
+                        max_length=args.max_length, lora=args.lora, lora_r=args.lora_r,
+                        lora_alpha=args.lora_alpha or 2 * args.lora_r, lora_dropout=args.lora_dropout,
+                        lora_targets=args.lora_targets,
                         seed=args.seed, save_steps=args.save_steps, eval_fraction=args.eval_fraction,
                         eval_steps=args.eval_steps, limit=args.limit, resume=args.resume, bf16=args.bf16,
                         progress=not args.no_progress)

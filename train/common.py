@@ -36,6 +36,8 @@ class TrainOptions:
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"  # peft's "all-linear", or module names separated by commas
     seed: int = 0
     save_steps: int = 50
     eval_fraction: float = 0.1
@@ -77,13 +79,19 @@ def load_causal_lm(directory: Path):
 
 
 def lora_config(options: TrainOptions, task_type: str = "CAUSAL_LM"):
-    """LoRA on every linear projection of the attention and MLP blocks."""
+    """LoRA on every linear layer but the output head (peft's "all-linear", whatever the architecture
+    names its layers), or on the modules `options.lora_targets` names."""
     if not options.lora:
         return None
     from peft import LoraConfig
 
-    return LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=0.0, task_type=task_type,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    targets = options.lora_targets
+    if targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+        if not targets:
+            raise SteerError("--lora-targets names no module")
+    return LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
+                      task_type=task_type, target_modules=targets)
 
 
 def trainer_arguments(options: TrainOptions, has_eval: bool) -> dict[str, Any]:
