@@ -37,7 +37,13 @@ def test_sft_with_lora_on_gemma(tmp_path):
 
     metrics = train_sft(DATA / "self_instruct_seed.jsonl", options(tmp_path / "sft"))
     assert metrics["examples"]["train"] == 6 and metrics["train"]["steps"] == 2
-    assert metrics["eval"]["eval_loss"] < metrics["eval_before"]["eval_loss"] + 0.5
+    assert math.isfinite(metrics["eval"]["eval_loss"]) and metrics["eval"]["eval_loss"] != metrics["eval_before"]["eval_loss"]
+    # a trainer that learns: the loss on one batch, trained on again and again, goes down
+    same_batch = train_sft(DATA / "self_instruct_seed.jsonl",
+                           options(tmp_path / "sft-one-batch", limit=2, eval_fraction=0.0, max_steps=4,
+                                   learning_rate=1e-3, save_steps=1000))
+    losses = [row["loss"] for row in same_batch["log"] if "loss" in row]
+    assert len(losses) == 4 and losses[-1] < 0.9 * losses[0], losses
     assert json.loads((tmp_path / "sft" / "metrics.json").read_text())["trainer"] == "sft"
 
 
@@ -46,7 +52,9 @@ def test_reward_model_and_strength_on_gemma(tmp_path, gemma_reward_dir):
     from train.strength import preference_strength
 
     path, metrics = gemma_reward_dir
-    assert 0.0 <= metrics["eval"]["eval_accuracy"] <= 1.0 and metrics["train"]["steps"] == 2
+    held_out = metrics["pairs"]["eval"]
+    assert metrics["train"]["steps"] == 2 and held_out >= 2  # accuracy above chance: test_train_reward
+    assert abs(metrics["eval"]["eval_accuracy"] * held_out - round(metrics["eval"]["eval_accuracy"] * held_out)) < 1e-6
     judge = RewardModel(path)
     assert len(set(judge.rewards(["Say hi"] * 2, ["Hello!", "Go away."]))) == 2
     strength = preference_strength(DATA / "hh_rlhf_harmless.jsonl.gz",
