@@ -130,6 +130,24 @@ def test_killed_run_resumes_to_the_same_result(tiny_text_dir, arithmetic_pairs, 
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["eval"]["eval_loss"] == resumed["eval"]["eval_loss"]
 
 
+def test_a_checkpoint_cut_short_while_being_written_is_skipped_on_resume(tiny_text_dir, arithmetic_pairs, tmp_path):
+    whole = train_dpo(arithmetic_pairs, options(tmp_path, tiny_text_dir, out=str(tmp_path / "a"), max_steps=6,
+                                                 save_steps=1))
+    interrupted = options(tmp_path, tiny_text_dir, out=str(tmp_path / "b"), max_steps=6, save_steps=1)
+    with pytest.raises(KeyboardInterrupt):
+        train_dpo(arithmetic_pairs, interrupted, callbacks=[_Crash(4)])
+    # as a kill while checkpoint-3 was written leaves it: the weights are there, the trainer state is not
+    newest = tmp_path / "b" / "checkpoint-3"
+    for name in ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (newest / name).unlink(missing_ok=True)
+    assert (tmp_path / "b" / "checkpoint-2" / "trainer_state.json").exists()
+    interrupted.resume = True
+    resumed = train_dpo(arithmetic_pairs, interrupted)  # from checkpoint-2, saying so
+    assert resumed["train"]["steps"] == 6
+    for key in ("eval_loss", "eval_rewards/margins"):
+        assert resumed["eval"][key] == pytest.approx(whole["eval"][key], abs=1e-6)
+
+
 def test_a_new_run_refuses_to_overwrite_checkpoints(tiny_text_dir, arithmetic_pairs, tmp_path):
     from steer.errors import SteerError
 

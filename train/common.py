@@ -112,10 +112,27 @@ def trainer_arguments(options: TrainOptions, has_eval: bool) -> dict[str, Any]:
 
 
 def last_checkpoint(out: str | Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete checkpoint in `out`, or None.
+
+    The Trainer writes `trainer_state.json` last, so a checkpoint without a readable one was being
+    written when the run was stopped: it is removed (with a warning) and the one before it is used."""
+    import re
+    import shutil
 
     out = Path(out)
-    return get_last_checkpoint(str(out)) if out.is_dir() else None
+    if not out.is_dir():
+        return None
+    steps = sorted((int(m.group(1)), d) for d in out.iterdir()
+                   if d.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", d.name)))
+    for _, directory in reversed(steps):
+        try:
+            json.loads((directory / "trainer_state.json").read_text())
+            return str(directory)
+        except (OSError, ValueError):
+            log.warning("removing %s: it was being written when the run stopped (no complete trainer_state.json)",
+                        directory)
+            shutil.rmtree(directory, ignore_errors=True)
+    return None
 
 
 def resume_from(options: TrainOptions) -> str | None:
