@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from steer.files import atomic_path, atomic_write_text
+
 from .embedders import RetrievalError
 
 KINDS = ("auto", "flat", "ivf", "hnsw")
@@ -113,8 +115,9 @@ class VectorIndex:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        faiss.write_index(self.index, str(directory / INDEX_FILE))
-        (directory / META_FILE).write_text(json.dumps({**asdict(self.meta), "count": len(self)}, indent=2))
+        with atomic_path(directory / INDEX_FILE) as temporary:
+            faiss.write_index(self.index, str(temporary))
+        atomic_write_text(directory / META_FILE, json.dumps({**asdict(self.meta), "count": len(self)}, indent=2))
         return directory
 
     @classmethod

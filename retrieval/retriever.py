@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from steer.files import atomic_open
+
 from .corpus import Document, embed_documents, load_documents
 from .embedders import MINILM, Embedder, RetrievalError, load_embedder
 from .index import VectorIndex
@@ -97,7 +99,7 @@ def build_retriever(docs: str | Path, out: str | Path, embedder: Embedder | None
     index = VectorIndex.build(np.asarray(vectors), kind=kind, embedder=embedder.name, progress=progress,
                               **index_options)
     index.save(out)
-    with open(out / DOCUMENTS, "w", encoding="utf-8") as f:
+    with atomic_open(out / DOCUMENTS) as f:
         for d in documents:
             row = {k: v for k, v in asdict(d).items() if v is not None}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

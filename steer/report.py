@@ -98,6 +98,8 @@ def render_html(posterior: Posterior, title: str = "steer run") -> str:
 
 def write_html(posterior: Posterior, path: str | Path, title: str = "steer run") -> Path:
     """Write a self-contained HTML report of `posterior` (run with record_particles=True to see texts)."""
+    from .files import atomic_write_text
+
     path = Path(path)
-    path.write_text(render_html(posterior, title), encoding="utf-8")
+    atomic_write_text(path, render_html(posterior, title))  # a failed write keeps an earlier report whole
     return path

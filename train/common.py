@@ -194,9 +194,10 @@ def finite(value: Any) -> Any:
 
 
 def write_metrics(out: str | Path, metrics: dict[str, Any]) -> Path:
+    from steer.files import atomic_write_text
+
     path = Path(out) / "metrics.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(finite(metrics), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(finite(metrics), indent=2) + "\n")
     return path
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from steer.files import atomic_open, atomic_write_text
+
 from retrieval.corpus import (
     Document,
     cached_embeddings,
@@ -316,7 +318,7 @@ def order_corpus(docs: str | Path, out: str | Path, *, k: int = 10, window: int 
     body = window - (bos is not None)
     spans = window_spans(lengths, body)
     shuffle = np.random.default_rng(seed).permutation(len(windows))
-    with open(out / "order.jsonl", "w", encoding="utf-8") as f:
+    with atomic_open(out / "order.jsonl") as f:
         f.writelines(json.dumps({"position": p, "id": d.id, "title": d.title}, ensure_ascii=False) + "\n"
                      for p, d in enumerate(ordered))
     window_rows = [{"input_ids": windows[w], "documents": [ordered[i].id for i in spans[w]]} for w in shuffle]
@@ -324,7 +326,7 @@ def order_corpus(docs: str | Path, out: str | Path, *, k: int = 10, window: int 
     stats = _stats(documents, vectors, result, lengths, spans, body, leftover, k, dedup, variant, seed)
     stats["window"], stats["bos"] = window, bos is not None
     stats = finite(stats)  # a one-document corpus has no adjacent pairs: null, not NaN
-    (out / "stats.json").write_text(json.dumps(stats, indent=2))
+    atomic_write_text(out / "stats.json", json.dumps(stats, indent=2))
     return stats
 
 
@@ -346,7 +348,7 @@ def _default_tokenizer():
 
 def _write_windows(out: Path, rows: list[dict], output_format: str) -> None:
     if output_format == "jsonl":
-        with open(out / "windows.jsonl", "w", encoding="utf-8") as f:
+        with atomic_open(out / "windows.jsonl") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     elif output_format == "arrow":
         from datasets import Dataset

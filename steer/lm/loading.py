@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelLoadError
+from ..files import remove_stale
 from .base import LanguageModel
 from .hf import HFLanguageModel
 
@@ -58,8 +59,10 @@ def _convert_default_model(target: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale(target.parent, ".convert-"):  # left by conversions that were killed
+        log.info("removed %s, left by an interrupted conversion", stale)
     # Write next to the target and rename, so an interrupted conversion never leaves half a model.
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".convert-{os.getpid()}-", dir=target.parent))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
