@@ -21,14 +21,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER, f"{self.prog}: error: {message}\n")
 
 
-def positive(name: str) -> Callable[[str], int]:
+def positive(name: str, least: int = 1) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}")
+        if not least <= value < 2**63:
+            raise argparse.ArgumentTypeError(f"{name} must be at least {least} and below 2**63, got {value}")
+        return value
+
+    return parse
+
+
+def unit_interval(name: str) -> Callable[[str], float]:
+    """A number in (0, 1], checked when the flags are read (before any model loads)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not 0 < value <= 1:
+            raise argparse.ArgumentTypeError(f"{name} must be in (0, 1], got {value}")
         return value
 
     return parse
@@ -44,9 +58,9 @@ def add_sampler_options(parser: argparse.ArgumentParser, *, defaults: bool = Tru
     parser.add_argument("--particles", "-n", type=positive("--particles"), default=d(16))
     parser.add_argument("--method", choices=METHODS, default=d("smc"))
     parser.add_argument("--resampling", choices=sorted(SCHEMES), default=d("systematic"))
-    parser.add_argument("--ess", type=float, default=d(0.5), help="resample when ESS < ess * N (smc)")
+    parser.add_argument("--ess", type=unit_interval("--ess"), default=d(0.5), help="resample when ESS < ess * N (smc)")
     parser.add_argument("--beam", type=positive("--beam"), default=d(3), help="children per particle (smc-steer)")
-    parser.add_argument("--seed", type=int, default=d(0))
+    parser.add_argument("--seed", type=positive("--seed", least=0), default=d(0))
     parser.add_argument("--model", default=None, help="local HF model directory (default: Gemma 3 270M)")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="hf: transformers (default); vllm: a vLLM engine (needs vLLM installed)")

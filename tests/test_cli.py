@@ -33,6 +33,11 @@ def test_generate_stop_string(tiny_dir, capsys):
     (["--prompt", "a" * 100], "the model's context"),
     (["--prompt", "a" * 50, "-t", "30"], "exceeds the model's context"),
     (["--method", "mcmc"], "invalid choice"),
+    (["--seed", "-5"], "--seed must be at least 0"),
+    (["--ess", "2"], "--ess must be in (0, 1]"),
+    (["--particles", str(10**23)], "below 2**63"),
+    (["--backend", "tgi"], "invalid choice"),
+    (["--dtype", "int4"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_dir, capsys, args, message):
     argv = ["generate", "--model", str(tiny_dir), "--prompt", "ab", *args]
