@@ -73,7 +73,7 @@ def test_run_text_output_and_trace(tiny_dir, write, tmp_path, capsys):
     (["--set", "n=three"], GOOD, "input 'n' is int, got 'three'"),
     (["--set", "n"], GOOD, "--set needs NAME=VALUE"),
     (["--particles", "0"], GOOD, "--particles must be at least 1"),
-    (["--ess", "3"], GOOD, "ess must lie between 0 and 1"),
+    (["--ess", "3"], GOOD, "--ess must be in (0, 1]"),
     (["--model", "/no/such/model"], GOOD, "model directory not found"),
     ([], "input need: str\n", "input 'need' has no default; give it with --set need=VALUE"),
 ])
