@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,23 @@ class DataError(SteerError):
     cli_prefix = ""
 
 
+def _lines(f, path: Path) -> Iterator[str]:
+    """The lines of a binary file as text; a line that is not UTF-8 or a cut-off gzip stream is the
+    data's fault, reported with its line number."""
+    number = 0
+    while True:
+        try:
+            raw = f.readline()
+        except (EOFError, OSError, zlib.error) as e:
+            raise DataError(f"{path}:{number + 1}: the compressed file is cut off or damaged ({e})") from None
+        if not raw:
+            return
+        number += 1
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{number}: not UTF-8 text (byte {e.start + 1} of the line)") from None
+
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, row) for every non-blank line of a .jsonl or .jsonl.gz file."""
@@ -25,8 +43,8 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise DataError(f"{path}: no such data file")
     opener = gzip.open if path.suffix == ".gz" else open
     seen = False
-    with opener(path, "rt", encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with opener(path, "rb") as f:
+        for number, line in enumerate(_lines(f, path), 1):
             if not line.strip():
                 continue
             try:

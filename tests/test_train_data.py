@@ -117,3 +117,19 @@ def test_hh_pairs_with_an_empty_final_reply_are_skipped_and_reported(tmp_path, c
     pairs = load_pairs(write(tmp_path, "".join(json.dumps(r) + "\n" for r in rows)))
     assert [p.chosen for p in pairs] == ["d"]
     assert "skipped 1 dialogue pair(s) whose final reply is empty (lines 1)" in caplog.text
+
+
+def test_non_utf8_and_cut_off_gzip_data_are_named_by_file_and_line(tmp_path):
+    import gzip
+
+    from steer.jsonl import DataError, read_jsonl
+
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin\.jsonl:2: not UTF-8 text"):
+        list(read_jsonl(latin))
+    data = gzip.compress(b"".join(b'{"prompt": "row %d"}\n' % i for i in range(2000)))
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cut\.jsonl\.gz:\d+: the compressed file is cut off or damaged"):
+        list(read_jsonl(cut))
