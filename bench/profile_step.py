@@ -28,8 +28,7 @@ import torch  # noqa: E402
 
 import steer  # noqa: E402
 import steer.distributions  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from steer.lm.loading import DTYPES  # noqa: E402
 
 
 class Timers:

@@ -126,6 +126,22 @@ class LanguageModel(ABC):
         return self
 
 
+class TokenizerLanguageModel(LanguageModel):
+    """A backend whose text goes through a transformers tokenizer (`self.tokenizer`), as both of ours do."""
+
+    tokenizer: PreTrainedTokenizerBase
+
+    def encode(self, text: str, *, bos: bool = True) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if bos and self.vocab.bos_id is not None:
+            ids = [self.vocab.bos_id, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        eos = self.vocab.eos_ids
+        return self.tokenizer.decode([i for i in ids if i not in eos], skip_special_tokens=False)
+
+
 class LMContext:
     """A token sequence under a language model: the state a particle extends token by token.
 

@@ -26,7 +26,7 @@ import torch
 
 from ..randomness import categorical
 from ..scheduler import LogprobsRequest
-from .base import DRAWS, LanguageModel, LMContext, Vocabulary
+from .base import DRAWS, LMContext, TokenizerLanguageModel, Vocabulary
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -41,7 +41,7 @@ class _Slot:
     cached: int
 
 
-class HFLanguageModel(LanguageModel):
+class HFLanguageModel(TokenizerLanguageModel):
     """A transformers causal LM served through one batched, reorderable KV cache (see module docs)."""
 
     def __init__(
@@ -73,16 +73,6 @@ class HFLanguageModel(LanguageModel):
         self._layout = 0
         self._resident: weakref.WeakValueDictionary[int, LMContext] = weakref.WeakValueDictionary()
         self.forward_calls = 0  # batched forward passes served, for tests and benchmarks
-
-    def decode(self, ids: Sequence[int]) -> str:
-        eos = self.vocab.eos_ids
-        return self.tokenizer.decode([i for i in ids if i not in eos], skip_special_tokens=False)
-
-    def encode(self, text: str, *, bos: bool = True) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if bos and self.vocab.bos_id is not None:
-            ids = [self.vocab.bos_id, *ids]
-        return ids
 
     def release(self, context: LMContext) -> None:
         context.backend_state = None

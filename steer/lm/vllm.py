@@ -35,7 +35,7 @@ import torch
 from ..errors import ModelLoadError, SteerError
 from ..randomness import categorical
 from ..scheduler import LogprobsRequest
-from .base import DRAWS, LanguageModel, LMContext, Vocabulary
+from .base import DRAWS, LMContext, TokenizerLanguageModel, Vocabulary
 
 # Log-probabilities read off the logits, by request key.  The logits processor runs in the worker;
 # with one device that is this process, with tensor parallelism rank 0's (fetched by `_take`).
@@ -117,7 +117,7 @@ class _Session:
         weakref.finalize(self, _abort_later, dropped, self.engine_id)
 
 
-class VLLMLanguageModel(LanguageModel):
+class VLLMLanguageModel(TokenizerLanguageModel):
     """A causal LM served by a vLLM engine (see the module docs).  `engine_options` go to `vllm.LLM`."""
 
     def __init__(self, path: str | os.PathLike, *, dtype: str = "bfloat16", max_model_len: int = 4096,
@@ -149,16 +149,6 @@ class VLLMLanguageModel(LanguageModel):
         self.forward_calls = 0  # engine steps taken, for tests and benchmarks
 
     # -- the LanguageModel interface ---------------------------------------------------------------
-    def encode(self, text: str, *, bos: bool = True) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if bos and self.vocab.bos_id is not None:
-            ids = [self.vocab.bos_id, *ids]
-        return ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        eos = self.vocab.eos_ids
-        return self.tokenizer.decode([i for i in ids if i not in eos], skip_special_tokens=False)
-
     def release(self, context: LMContext) -> None:
         context.backend_state = None  # its session is aborted once no copy holds it either
 
