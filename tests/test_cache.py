@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+import steer
 from exact import next_logprobs
 from steer.scheduler import run_batched
 
@@ -77,3 +78,18 @@ def test_scored_extension_equals_sum_of_next_token_logprobs(tiny_lm):
 def test_gemma_cache_matches_full_forward(gemma):
     contexts = exercise(gemma, ["The capital of France is", "Once upon a time", "1 2 3"], steps=3)
     assert len(contexts) == 3 + 3 + 1  # each round copies one context more; one fresh context joins
+
+
+@pytest.mark.slow
+def test_gemma_in_bfloat16_stays_close_to_float32(gemma):
+    """--dtype bfloat16 on the transformers backend: the likely next tokens keep their float32
+    log-probabilities within 0.3 nats, and log-softmax stays in float32."""
+    bf16 = steer.load_model(dtype="bfloat16")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    prompts = ["The capital of France is", "Once upon a time"]
+    pairs = [(bf16.context(p, heal=False), gemma.context(p, heal=False)) for p in prompts]
+    run_batched([refresh(c) for pair in pairs for c in pair])
+    for low, full in pairs:
+        assert low.logprobs.dtype == torch.float32
+        likely = full.logprobs > -4.6  # p > 1%
+        assert (low.logprobs[likely] - full.logprobs[likely]).abs().max() < 0.3
