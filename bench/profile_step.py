@@ -34,9 +34,10 @@ from steer.lm.loading import DTYPES  # noqa: E402
 class Timers:
     """Wall time spent inside wrapped callables, by component; nested time is not counted twice."""
 
-    def __init__(self):
+    def __init__(self, sync=lambda: None):
         self.seconds = defaultdict(float)
         self._stack: list[list[float]] = []
+        self.sync = sync  # on a GPU, wait for queued kernels so that time lands on the part that queued them
 
     def wrap(self, owner, name, component):
         original = getattr(owner, name)
@@ -47,6 +48,7 @@ class Timers:
             try:
                 return original(*args, **kwargs)
             finally:
+                self.sync()
                 elapsed = time.perf_counter() - start
                 inner = self._stack.pop()[0]
                 self.seconds[component] += elapsed - inner
@@ -80,19 +82,24 @@ def instrument(lm, timers):
     return lambda: [u() for u in undo]
 
 
-def hardware(dtype: torch.dtype, vocab: int, hidden: int, n: int) -> dict[str, float]:
+def hardware(dtype: torch.dtype, vocab: int, hidden: int, n: int, device: str = "cpu") -> dict[str, float]:
     """Measured memory bandwidth (GB/s) and matmul throughput (GFLOP/s) at the LM head's shape."""
-    x = torch.ones(2**27, dtype=torch.float32)  # 512 MiB, well past the caches
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    x = torch.ones(2**27, dtype=torch.float32, device=device)  # 512 MiB, well past the caches
     x.sum()
+    sync()
     start = time.perf_counter()
     for _ in range(5):
         x.sum()
+    sync()
     bandwidth = 5 * x.numel() * 4 / (time.perf_counter() - start) / 1e9
-    a, w = torch.randn(n, hidden, dtype=dtype), torch.randn(hidden, vocab, dtype=dtype)
+    a, w = torch.randn(n, hidden, dtype=dtype, device=device), torch.randn(hidden, vocab, dtype=dtype, device=device)
     a @ w
+    sync()
     start = time.perf_counter()
     for _ in range(5):
         a @ w
+    sync()
     flops = 5 * 2 * n * hidden * vocab / (time.perf_counter() - start) / 1e9
     return {"bandwidth_gb_s": bandwidth, "matmul_gflop_s": flops}
 
@@ -111,11 +118,13 @@ def model_shape(path) -> dict[str, int]:
 
 def profile(config: str, args) -> dict:
     backend, dtype = config.split(":")
-    lm = steer.load_model(args.model, backend=backend, dtype=dtype)
+    device = None if backend == "vllm" else args.device or steer.lm.loading.default_device()
+    lm = steer.load_model(args.model, backend=backend, dtype=dtype, device=device)
     program = lambda: steer.Generate(lm, "My favorite writing style is", args.tokens,  # noqa: E731
                                      mask=steer.masks.word_length(max=5))
     steer.smc(program(), particles=args.particles, seed=0)  # warm-up
-    timers = Timers()
+    on_gpu = device is not None and device.startswith("cuda")
+    timers = Timers(torch.cuda.synchronize if on_gpu else lambda: None)
     undo = instrument(lm, timers)
     try:
         start = time.perf_counter()
@@ -127,13 +136,15 @@ def profile(config: str, args) -> dict:
     parts = {k: v / steps for k, v in timers.seconds.items()}
     parts["Python bookkeeping"] = total / steps - sum(parts.values())
     shape = model_shape(args.model or steer.lm.default_model_path())
-    hw = hardware(DTYPES[dtype], shape["vocab"], shape["hidden"], args.particles)
+    hw = hardware(DTYPES[dtype], shape["vocab"], shape["hidden"], args.particles, device or "cpu")
     bytes_per_step = (shape["body"] + shape["head"]) * DTYPES[dtype].itemsize
     flops_per_step = 2 * (shape["body"] + shape["head"]) * args.particles
     limit = max(bytes_per_step / (hw["bandwidth_gb_s"] * 1e9), flops_per_step / (hw["matmul_gflop_s"] * 1e9))
     if backend == "vllm":
         del lm
-    return {"config": config, "step_ms": 1000 * total / steps, "parts_ms": {k: 1000 * v for k, v in parts.items()},
+    where = torch.cuda.get_device_name(device) if on_gpu else f"{torch.get_num_threads()} CPU threads"
+    return {"config": config, "device": where, "step_ms": 1000 * total / steps,
+            "parts_ms": {k: 1000 * v for k, v in parts.items()},
             "limit_ms": 1000 * limit, "weight_mb": bytes_per_step / 1e6, "gflop": flops_per_step / 1e9, **hw}
 
 
@@ -144,12 +155,12 @@ def main() -> None:
     parser.add_argument("--particles", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--device", default=None, help="transformers' device (default: cuda when visible)")
     args = parser.parse_args()
     results = [profile(c, args) for c in args.configs]
-    print(f"\nN={args.particles} particles, {args.tokens} tokens, every word <= 5 letters; "
-          f"{torch.get_num_threads()} threads; ms per SMC step")
+    print(f"\nN={args.particles} particles, {args.tokens} tokens, every word <= 5 letters; ms per SMC step")
     for r in results:
-        print(f"\n{r['config']}: {r['step_ms']:.1f} ms/step; hardware limit {r['limit_ms']:.1f} ms "
+        print(f"\n{r['config']} on {r['device']}: {r['step_ms']:.1f} ms/step; hardware limit {r['limit_ms']:.1f} ms "
               f"({r['weight_mb']:.0f} MB of weights at {r['bandwidth_gb_s']:.1f} GB/s, {r['gflop']:.1f} GFLOP at "
               f"{r['matmul_gflop_s']:.0f} GFLOP/s); step / limit = {r['step_ms'] / r['limit_ms']:.2f}")
         for name, ms in sorted(r["parts_ms"].items(), key=lambda kv: -kv[1]):

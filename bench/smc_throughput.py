@@ -79,10 +79,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--prompt", default="The history of the city begins")
     parser.add_argument("--model", default=None)
+    parser.add_argument("--device", default=None, help="transformers' device (default: cuda when visible)")
     args = parser.parse_args()
     torch.manual_seed(0)
     n, t = args.particles, args.tokens
-    hf = {"float32": steer.load_model(args.model), "bfloat16": steer.load_model(args.model, dtype="bfloat16")}
+    hf = {d: steer.load_model(args.model, dtype=d, device=args.device) for d in ("float32", "bfloat16")}
     dtype = args.dtype or ("bfloat16" if args.backend == "vllm" else "float32")
     lm = hf[dtype] if args.backend == "hf" else steer.load_model(args.model, backend="vllm", dtype=dtype)
     enc = hf["float32"].tokenizer([args.prompt] * n, return_tensors="pt")
@@ -90,8 +91,8 @@ def main() -> None:
     def hf_generate(model):
         def go():
             with torch.inference_mode():
-                return model.model.generate(**enc, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                                            max_new_tokens=t, min_new_tokens=t)
+                return model.model.generate(**enc.to(model.device), do_sample=True, top_k=0, top_p=1.0,
+                                            temperature=1.0, max_new_tokens=t, min_new_tokens=t).cpu()
         return go
 
     def smc(ess):
@@ -126,8 +127,10 @@ def main() -> None:
     rate = {k: n * t / min(v) for k, v in times.items()}
     base = rate["hf generate float32"]
     engine = rate.get("vllm generate", rate[f"hf generate {dtype}"])
-    print(f"\nN={n} particles, {t} new tokens, model {lm.name}, best of {args.repeats}, "
-          f"{torch.get_num_threads()} threads")
+    device = getattr(hf["float32"], "device", "cpu")
+    where = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else \
+        f"{torch.get_num_threads()} CPU threads"
+    print(f"\nN={n} particles, {t} new tokens, model {lm.name}, best of {args.repeats}, {where}")
     print(f"{'':48s} {'particle-tok/s':>14s} {'vs hf fp32':>11s} {'vs engine':>10s} {'peak RSS +MiB':>14s}")
     for name in runs:
         print(f"{name:48s} {rate[name]:14.1f} {rate[name] / base:10.2f}x {rate[name] / engine:9.2f}x "
@@ -137,7 +140,7 @@ def main() -> None:
     every, half = f"{steer_name}, resample every step", f"{steer_name}, resample at ESS < N/2"
     print(json.dumps({
         "bench": "smc_throughput", "backend": args.backend, "dtype": dtype, "particles": n, "tokens": t,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "device": where,
         "tok_s": {k: round(v, 2) for k, v in rate.items()},
         "smc_over_hf_fp32_generate": round(rate[every] / base, 3),
         "smc_ess_half_over_hf_fp32_generate": round(rate[half] / base, 3),

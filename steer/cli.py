@@ -66,6 +66,9 @@ def add_sampler_options(parser: argparse.ArgumentParser, *, defaults: bool = Tru
                         help="hf: transformers (default); vllm: a vLLM engine (needs vLLM installed)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="weights and activations (default: float32 on hf, bfloat16 on vllm)")
+    parser.add_argument("--device", default=None,
+                        help="where the hf backend runs: cpu, cuda, cuda:1 ... (default: $STEER_DEVICE, "
+                             "else cuda when a GPU is visible, else cpu)")
     parser.add_argument("--json", action="store_true", help="one JSON object per particle, then a summary")
     parser.add_argument("--progress", action="store_true", help="show a progress bar")
     parser.add_argument("--trace", metavar="FILE.html", default=None,
@@ -118,7 +121,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .lm import load_model
     from .smc import run
 
-    lm = load_model(args.model, backend=args.backend or "hf", dtype=args.dtype)
+    lm = load_model(args.model, backend=args.backend or "hf", dtype=args.dtype, device=args.device)
     program = Generate(lm, args.prompt, max_tokens=args.max_tokens, stop=args.stop)
     posterior = run(program, args.method, **sampler_options(args))
     print_posterior(posterior, args.json)

@@ -153,8 +153,10 @@ def _after(context: Any, token_id: int) -> str:
     return context.text + new
 
 
-def _load(directory: Path, auto_class: str):
+def _load(directory: Path, auto_class: str, device: str | None):
     import transformers
+
+    from .lm.loading import default_device
 
     if not (directory / "config.json").exists():
         raise ModelLoadError(f"not a model directory (no config.json): {directory}")
@@ -162,7 +164,8 @@ def _load(directory: Path, auto_class: str):
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
         model = getattr(transformers, auto_class).from_pretrained(
             directory, local_files_only=True, use_safetensors=True, dtype=torch.float32).eval()
-    except (OSError, ValueError) as e:
+        model.to(device or default_device())
+    except (OSError, ValueError, RuntimeError) as e:
         raise ModelLoadError(f"cannot load {directory}: {str(e).splitlines()[0]}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -174,10 +177,10 @@ class RewardModel(ScoringModel):
     r(instruction, response) on the text laid out in steer's instruction template."""
 
     def __init__(self, path: str | os.PathLike, *, temperature: float = 1.0, max_length: int = 512,
-                 batch_size: int = 16, cache_size: int = 4096):
+                 batch_size: int = 16, cache_size: int = 4096, device: str | None = None):
         super().__init__(temperature=temperature, batch_size=batch_size, cache_size=cache_size)
         self.path = Path(path)
-        self.tokenizer, self.model = _load(self.path, "AutoModelForSequenceClassification")
+        self.tokenizer, self.model = _load(self.path, "AutoModelForSequenceClassification", device)
         if self.model.config.num_labels != 1:
             raise ModelLoadError(f"{self.path} has {self.model.config.num_labels} outputs; a reward model has one")
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -188,7 +191,7 @@ class RewardModel(ScoringModel):
         texts = [format_prompt(i) + r + self.tokenizer.eos_token for i, r in pairs]
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length)
         with torch.no_grad():
-            return self.model(**batch).logits[:, 0].tolist()
+            return self.model(**batch.to(self.model.device)).logits[:, 0].tolist()
 
 
 class JudgeModel(ScoringModel):
@@ -199,10 +202,10 @@ class JudgeModel(ScoringModel):
     deterministic, and costs one batched forward pass per step."""
 
     def __init__(self, path: str | os.PathLike, *, temperature: float = 1.0, batch_size: int = 8,
-                 cache_size: int = 4096):
+                 cache_size: int = 4096, device: str | None = None):
         super().__init__(temperature=temperature, batch_size=batch_size, cache_size=cache_size)
         self.path = Path(path)
-        self.tokenizer, self.model = _load(self.path, "AutoModelForCausalLM")
+        self.tokenizer, self.model = _load(self.path, "AutoModelForCausalLM", device)
         self.tokenizer.padding_side = "left"
         digits = [self.tokenizer(str(k), add_special_tokens=False)["input_ids"] for k in range(6)]
         if any(len(d) != 1 for d in digits):
@@ -214,9 +217,10 @@ class JudgeModel(ScoringModel):
         batch = self.tokenizer(texts, return_tensors="pt", padding=True)
         # Left padding: positions count real tokens only, so a text scores the same in any batch.
         positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        device = self.model.device
         with torch.no_grad():
-            logits = self.model(**batch, position_ids=positions).logits[:, -1]
-        probs = torch.softmax(logits[:, self.digits].double(), -1)
+            logits = self.model(**batch.to(device), position_ids=positions.to(device)).logits[:, -1]
+        probs = torch.softmax(logits[:, self.digits].double().cpu(), -1)
         return (probs * torch.arange(6, dtype=torch.float64)).sum(-1).tolist()
 
 

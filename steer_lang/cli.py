@@ -42,7 +42,7 @@ def _run(args: argparse.Namespace) -> int:
     # Check the settings before the (slow) model load, so a bad flag fails at once.
     script.settings(values, method=args.method, particles=args.particles, ess=args.ess,
                     resampling=args.resampling, seed=args.seed, beam=args.beam, max_tokens=args.max_tokens)
-    lm = script.load_model(path=args.model, backend=args.backend, dtype=args.dtype)
+    lm = script.load_model(path=args.model, backend=args.backend, dtype=args.dtype, device=args.device)
     posterior = script.run(lm, inputs=values, progress=args.progress, record_particles=args.trace is not None,
                            method=args.method, particles=args.particles, ess=args.ess,
                            resampling=args.resampling, seed=args.seed, beam=args.beam,

@@ -118,7 +118,7 @@ class Script:
         return {o.name: o.value for o in self.module.models[0].options} if self.module.models else {}
 
     def load_model(self, **overrides: Any) -> LanguageModel:
-        """The file's model with its options; `overrides` (path=, backend=, dtype=) that are not None win."""
+        """The file's model with its options; `overrides` (path=, backend=, dtype=, device=) that are not None win."""
         from steer.lm import load_model
 
         options: dict[str, Any] = {"path": self.model_path(), **self.model_options()}

@@ -8,8 +8,8 @@ import torch
 def next_logprobs(lm, tokens: list[int]) -> torch.Tensor:
     """log p(next | tokens) from one plain full-sequence forward pass (no cache)."""
     with torch.no_grad():
-        logits = lm.model(torch.tensor([tokens])).logits[0, -1].float()
-    return torch.log_softmax(logits, -1)
+        logits = lm.model(torch.tensor([tokens], device=lm.device)).logits[0, -1].float()
+    return torch.log_softmax(logits, -1).cpu()
 
 
 def complete_sequences(lm, prompt: list[int], max_tokens: int, special: bool = False):

@@ -66,7 +66,8 @@ def test_healing_on_gemma_reaches_the_natural_token(gemma):
     ids = gemma.encode("Call me at ")
     assert gemma.vocab.strings[ids[-1]] == " "
     with torch.no_grad():
-        logp = torch.log_softmax(gemma.model(torch.tensor([ids[:-1]])).logits[0, -1].float(), -1)
+        logits = gemma.model(torch.tensor([ids[:-1]], device=gemma.device)).logits[0, -1].float()
+    logp = torch.log_softmax(logits, -1).cpu()
     strings, special = gemma.vocab.strings, gemma.vocab.special
     ctx = gemma.context("Call me at ")
     allowed = (steer.masks.resolve(phone, ctx) & steer.masks.base_mask(ctx)).nonzero().flatten().tolist()

@@ -51,6 +51,13 @@ def _convert_default_model(target: Path) -> None:
     log.info("converting the default model (Gemma 3 270M) to %s; this happens once", target)
     gguf = Path(package.assemble())
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    kind = type(tokenizer.backend_tokenizer.model).__name__
+    if kind != "BPE":  # transformers 5.17 and older rebuild Gemma 3's BPE tokenizer from GGUF as Unigram
+        import transformers
+
+        raise ModelLoadError(f"transformers {transformers.__version__} turns the default model's BPE tokenizer into "
+                             f"a {kind} tokenizer, which splits text differently from the model's training; "
+                             "install transformers 5.18 or newer")
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = quantized.config
     if hasattr(config, "quantization_config"):
@@ -77,14 +84,21 @@ BACKENDS = ("hf", "vllm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(path: str | os.PathLike | None = None, *, backend: str = "hf", device: str = "cpu",
+def default_device() -> str:
+    """`$STEER_DEVICE` if set, else "cuda" when a GPU is visible, else "cpu": a script written on a laptop
+    runs on the GPU server unchanged, and the variable pins the choice where it must not move."""
+    return os.environ.get("STEER_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(path: str | os.PathLike | None = None, *, backend: str = "hf", device: str | None = None,
                dtype: str | torch.dtype | None = None, **engine_options: Any) -> LanguageModel:
     """Load a causal LM for steering: the default Gemma 3 270M when `path` is None, else a local HF
     checkpoint directory (config, safetensors weights, tokenizer).
 
     `backend`: "hf" (transformers, float32 unless `dtype` says otherwise) or "vllm" (a vLLM engine,
     bfloat16 unless `dtype` says otherwise; `engine_options` such as `tensor_parallel_size` go to
-    `vllm.LLM`).  `dtype`: "float32", "bfloat16" or "float16" (or a torch dtype)."""
+    `vllm.LLM`).  `dtype`: "float32", "bfloat16" or "float16" (or a torch dtype).  `device` (transformers
+    backend only; vLLM runs where its build runs): "cpu", "cuda", "cuda:1", ... (default: `default_device()`)."""
     if backend not in BACKENDS:
         raise ModelLoadError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if isinstance(dtype, str):
@@ -100,6 +114,8 @@ def load_model(path: str | os.PathLike | None = None, *, backend: str = "hf", de
     if backend == "vllm":
         from .vllm import VLLMLanguageModel
 
+        if device is not None:
+            raise ModelLoadError("the vllm backend runs on the device its vLLM build targets; drop `device`")
         dtype_name = next(k for k, v in DTYPES.items() if v == (dtype or torch.bfloat16))
         return VLLMLanguageModel(directory, dtype=dtype_name, name=name, **engine_options)
     if engine_options:
@@ -114,7 +130,11 @@ def load_model(path: str | os.PathLike | None = None, *, backend: str = "hf", de
                                                      use_safetensors=True)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load a causal LM from {directory}: {str(e).splitlines()[0]}") from e
-    model.to(device)
+    device = device or default_device()
+    try:
+        model.to(device)
+    except (RuntimeError, AssertionError) as e:  # no such device, or torch built without it
+        raise ModelLoadError(f"cannot place the model on {device!r}: {str(e).splitlines()[0]}") from e
     return HFLanguageModel(model, tokenizer, name=name)
 
 
@@ -147,12 +167,12 @@ def tiny_tokenizer(alphabet: str = "ab ", merges: Sequence[tuple[str, str]] = ()
 
 def tiny_model(alphabet: str = "ab ", *, seed: int = 0, hidden: int = 32, layers: int = 2,
                max_length: int = 256, temperature: float = 1.0,
-               merges: Sequence[tuple[str, str]] = ()) -> HFLanguageModel:
+               merges: Sequence[tuple[str, str]] = (), device: str | None = None) -> HFLanguageModel:
     """A randomly initialised Gemma-3-architecture model over a tiny character vocabulary, built in
     process in milliseconds: small enough to enumerate every sequence in tests.
 
     `temperature` scales the output weights (values below 1 give a peakier, more structured model);
-    `merges` makes the tokenizer a small BPE (see `tiny_tokenizer`).
+    `merges` makes the tokenizer a small BPE (see `tiny_tokenizer`); `device` as in `load_model`.
     """
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -170,4 +190,4 @@ def tiny_model(alphabet: str = "ab ", *, seed: int = 0, hidden: int = 32, layers
         for p in model.parameters():
             p.normal_(0.0, 0.5 / temperature if p.dim() > 1 else 0.1)
     model.generation_config.pad_token_id = 0
-    return HFLanguageModel(model, tokenizer, name="tiny")
+    return HFLanguageModel(model.to(device or default_device()), tokenizer, name="tiny")
