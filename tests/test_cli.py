@@ -38,6 +38,8 @@ def test_generate_stop_string(tiny_dir, capsys):
     (["--particles", str(10**23)], "below 2**63"),
     (["--backend", "tgi"], "invalid choice"),
     (["--dtype", "int4"], "invalid choice"),
+    (["--device", "gpu0"], "cannot place the model on 'gpu0'"),
+    (["--backend", "vllm", "--device", "cuda"], "drop `device`"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_dir, capsys, args, message):
     argv = ["generate", "--model", str(tiny_dir), "--prompt", "ab", *args]
