@@ -100,7 +100,7 @@ def main() -> None:
     retrieval = {"MiniLM": evaluate(minilm, corpus, query_sets)}
     retrieval["LLM (base)"] = evaluate(LLMEmbedder.load(default_model_path()), corpus, query_sets)
 
-    pairs = [PassagePair(a.text, b.text) for a, b in itertools.pairwise(others) if a.title == b.title]
+    pairs = [PassagePair(a.text, b.text, a.title) for a, b in itertools.pairwise(others) if a.title == b.title]
     llara = train_llara(pairs[:args.llara_pairs], TrainOptions(
         out=str(work / "llara"), max_steps=args.llara_steps, batch_size=4, learning_rate=1e-4, max_length=96,
         lora=True, eval_fraction=0.05, save_steps=10_000, seed=args.seed))
@@ -125,9 +125,11 @@ def main() -> None:
         print(f"{name:<28}{cells}")
     print(f"LLaRA: {llara['train']['steps']} steps on {min(len(pairs), args.llara_pairs)} pairs, eval loss "
           f"{llara['eval_before']['eval_loss']:.3f} -> {llara['eval']['eval_loss']:.3f}")
-    print(f"LSR: {len(train_q)} questions, loss {rft['lsr_loss_before']:.3f} -> {rft['lsr_loss_after']:.3f}; "
-          f"LSR's best chunk ranked first {rft['lsr_best_ranked_first_before']:.2f} -> "
-          f"{rft['lsr_best_ranked_first_after']:.2f}")
+    held = rft["questions"]
+    print(f"LSR on {held['eval']} held-out questions (trained on {held['train']}): loss "
+          f"{rft['before']['eval']['lsr_loss']:.3f} -> {rft['after']['eval']['lsr_loss']:.3f}; the LM's best chunk "
+          f"ranked first {rft['before']['eval']['lm_best_ranked_first']:.2f} -> "
+          f"{rft['after']['eval']['lm_best_ranked_first']:.2f}")
     print(f"\nQA exact match on {len(test_q)} held-out cloze questions (LM-ft on {len(train_q)}, 2 chunks each)")
     print(f"{'model':<8}{'no retrieval':>14}{'top-1 retrieved':>17}")
     for name, row in qa.items():
@@ -135,7 +137,7 @@ def main() -> None:
     minutes = (time.perf_counter() - started) / 60
     print(f"({minutes:.1f} min)")
     print(json.dumps({"retrieval": retrieval, "llara": {k: llara[k] for k in ("eval_before", "eval")},
-                      "lsr": {k: rft[k] for k in rft if k.startswith("lsr_")},
+                      "lsr": {k: rft[k] for k in ("questions", "before", "after")},
                       "qa": {m: {k: {x: v[x] for x in ("exact_match", "contains", "n")} for k, v in row.items()}
                              for m, row in qa.items()},
                       "minutes": round(minutes, 1)}))

@@ -73,6 +73,22 @@ def test_passage_pairs_from_consecutive_paragraphs_and_bad_rows(tmp_path):
         load_passage_pairs(write_jsonl(tmp_path / "one.jsonl", [{"id": "1-0", "text": "a"}]))
 
 
+def test_pairs_know_their_article_and_eval_articles_are_never_trained_on(tiny_text_dir, tmp_path):
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"id": f"{a}-{p}", "text": f"article {a} paragraph {p}"}
+                                                for a in range(6) for p in range(4)])
+    pairs = load_passage_pairs(docs)
+    assert [p.article for p in pairs[:4]] == ["0", "0", "0", "1"]
+    # rows without an article: pairs that share a text belong together (a chain a->b->c, and x->y)
+    loose = load_passage_pairs(write_jsonl(tmp_path / "loose.jsonl", [
+        {"passage": "a", "next": "b"}, {"passage": "x", "next": "y"}, {"passage": "b", "next": "c"}]))
+    assert loose[0].article == loose[2].article != loose[1].article
+    options = TrainOptions(model=str(tiny_text_dir), out=str(tmp_path / "run"), max_steps=1, batch_size=2,
+                           max_length=16, eval_fraction=0.3, save_steps=100, progress=False)
+    metrics = train_llara(docs, options)
+    # 6 articles x 3 pairs: a 30% share is 5.4 pairs, so two whole articles (6 pairs) are held out
+    assert metrics["pairs"] == {"train": 12, "eval": 6} and metrics["articles"] == {"train": 4, "eval": 2}
+
+
 def test_training_lowers_the_loss_and_gives_an_embedder(tiny_text_dir, tmp_path):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [
         {"passage": f"cats and kittens {i}", "next": f"dogs bark {i}"} for i in range(12)])

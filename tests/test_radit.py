@@ -76,7 +76,10 @@ def test_rft_changes_only_the_query_encoder(wiki_index, wiki_docs, tiny_text_dir
     metrics = train_radit_retriever(questions, wiki_index, tmp_path / "rft", lm=str(tiny_text_dir), k=3,
                                     epochs=3, batch_size=4, learning_rate=1e-4, progress=False)
     assert files_digest(wiki_index) == index_before and files_digest(tiny_text_dir) == lm_before
-    assert metrics["lsr_loss_after"] < metrics["lsr_loss_before"]
+    before, after, held = metrics["before"], metrics["after"], metrics["questions"]
+    assert after["train"]["lsr_loss"] < before["train"]["lsr_loss"]
+    assert held["eval"] == round(0.2 * len(questions)) and held["train"] + held["eval"] == len(questions)
+    assert set(after["eval"]) == {"lsr_loss", "lm_best_ranked_first"}
     dual = load_embedder(str(tmp_path / "rft"))
     assert isinstance(dual, DualEmbedder) and dual.name == minilm.name
     texts = ["Anarchism is a political philosophy.", questions[0].question]
@@ -123,6 +126,9 @@ def test_radit_lm_cli_trains_on_retrieved_prompts(wiki_index, wiki_docs, tiny_lo
     assert summary["steps"] == 2
     metrics = json.loads((tmp_path / "lmft" / "metrics.json").read_text())
     assert metrics["questions"] == 6 and metrics["examples"]["train"] + metrics["examples"]["eval"] == 12
+    # 10% of 12 examples is one, but a question's two chunks are held out together (a split by example
+    # would train on the other chunk of the eval question)
+    assert metrics["examples"]["eval"] == 2
 
 
 def test_exact_match_reads_the_first_line_of_greedy_answers(tiny_long_dir, wiki_index, minilm):
@@ -155,7 +161,8 @@ def test_both_radit_stages_on_the_default_model(wiki_index, wiki_docs, tmp_path,
     assert main(["train", "radit-retriever", "--data", str(qa), "--index", str(wiki_index), "--out",
                  str(tmp_path / "lsr"), "--k", "2", "--epochs", "1", "--no-progress"]) == 0
     lsr = json.loads(capsys.readouterr().out)
-    assert np.isfinite(lsr["lsr_loss_before"]) and 0 <= lsr["lsr_best_ranked_first_after"] <= 1
+    assert lsr["questions"] == {"train": 3, "eval": 1}  # one question held out, reported on its own
+    assert np.isfinite(lsr["after"]["eval"]["lsr_loss"]) and lsr["after"]["eval"]["lm_best_ranked_first"] in (0, 1)
     assert isinstance(load_embedder(str(tmp_path / "lsr")), DualEmbedder)
     assert main(["train", "radit-lm", "--data", str(qa), "--index", str(wiki_index), "--out", str(tmp_path / "lmft"),
                  "--lora", "--max-steps", "1", "--batch-size", "1", "--k", "1", "--max-length", "384",

@@ -111,6 +111,17 @@ def test_held_out_split_is_seeded_and_disjoint():
     assert len(evaluation) == 10 and sorted(train + evaluation) == rows
 
 
+def test_held_out_keeps_each_group_on_one_side():
+    rows = [(g, i) for g in range(12) for i in range(g % 4 + 1)]  # groups of 1 to 4 rows
+    for seed in range(5):
+        train, evaluation = held_out(rows, 0.25, seed=seed, group=lambda r: r[0])
+        assert not {g for g, _ in train} & {g for g, _ in evaluation}
+        assert sorted(train + evaluation) == sorted(rows)
+        assert 0.25 * len(rows) <= len(evaluation) < 0.25 * len(rows) + 4
+    one_group = [(0, i) for i in range(6)]
+    assert held_out(one_group, 0.5, seed=0, group=lambda r: r[0]) == (one_group, [])  # nothing to hold out
+
+
 def test_hh_pairs_with_an_empty_final_reply_are_skipped_and_reported(tmp_path, caplog):
     rows = [{"chosen": "\n\nHuman: a?\n\nAssistant: ", "rejected": "\n\nHuman: a?\n\nAssistant: b"},
             {"chosen": "\n\nHuman: c?\n\nAssistant: d", "rejected": "\n\nHuman: c?\n\nAssistant: e"}]

@@ -158,9 +158,9 @@ def _radit_retriever(args: argparse.Namespace) -> int:
 
     metrics = train_radit_retriever(args.data, args.index, args.out, lm=args.model, k=args.k, tau=args.tau,
                                     epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
-                                    limit=args.limit, seed=args.seed, progress=not args.no_progress)
-    print(json.dumps({"out": args.out, **{k: metrics[k] for k in (
-        "lsr_loss_before", "lsr_loss_after", "lsr_best_ranked_first_before", "lsr_best_ranked_first_after")}}))
+                                    limit=args.limit, eval_fraction=args.eval_fraction, seed=args.seed,
+                                    progress=not args.no_progress)
+    print(json.dumps({"out": args.out, **{k: metrics[k] for k in ("questions", "before", "after")}}))
     return 0
 
 
@@ -267,6 +267,8 @@ def add_commands(commands) -> None:
     radit_r.add_argument("--batch-size", type=positive("--batch-size"), default=8)
     radit_r.add_argument("--lr", type=float, default=2e-5)
     radit_r.add_argument("--limit", type=positive("--limit"), default=None)
+    radit_r.add_argument("--eval-fraction", type=_fraction("--eval-fraction"), default=0.2,
+                         help="share of the questions held out for the reported LSR figures")
     radit_r.add_argument("--seed", type=int, default=0)
     radit_r.add_argument("--no-progress", action="store_true")
     radit_r.set_defaults(handler=_radit_retriever)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from steer.jsonl import DataError, read_jsonl
 from steer.template import TEMPLATE, format_prompt  # noqa: F401 - re-exported for trainers
@@ -120,6 +122,7 @@ class Example:
     prompt: str
     completion: str
     source: str
+    group: str | None = None  # rows of one group stay on one side of the train / eval split
 
     def as_row(self) -> dict[str, str]:
         return {"prompt": self.prompt, "completion": self.completion}
@@ -157,14 +160,30 @@ def load_examples(path: str | Path, limit: int | None = None) -> list[Example]:
     return examples
 
 
-def held_out(rows: list, fraction: float, seed: int) -> tuple[list, list]:
-    """A seeded (train, eval) split; the eval part has at least one row when there are two or more."""
+def held_out(rows: list, fraction: float, seed: int,
+             group: Callable[[Any], Hashable | None] | None = None) -> tuple[list, list]:
+    """A seeded (train, eval) split; the eval part has at least one row when there are two or more.
+
+    With `group`, rows with the same key land on the same side (whole groups are drawn for eval until
+    they hold `fraction` of the rows), so that evaluation never sees a near-copy of a training row:
+    another pair from the same article, another chunk of the same question.  A key of None is a group
+    of its own."""
     if not 0 <= fraction < 1:
         raise DataError(f"the held-out fraction must be in [0, 1), got {fraction}")
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(fraction * len(rows))) if fraction > 0 and len(rows) > 1 else 0
-    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
+    keys = [None if group is None else group(row) for row in rows]
+    members: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        members.setdefault(("row", i) if key is None else ("group", key), []).append(i)
+    groups = list(members.values())
+    random.Random(seed).shuffle(groups)
+    n_eval = max(1, round(fraction * len(rows))) if fraction > 0 and len(groups) > 1 else 0
+    evaluation: list[int] = []
+    for g in groups[:-1]:  # the last group always trains
+        if len(evaluation) >= n_eval:
+            break
+        evaluation.extend(g)
+    chosen = set(evaluation)
+    return [rows[i] for g in groups for i in g if i not in chosen], [rows[i] for i in evaluation]
 
 
 def fit_length(rows: list, tokenizer, max_length: int, fields: tuple[str, ...],

@@ -16,7 +16,7 @@ tokens gets new ones (and the embedding matrix is resized and trained).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +63,34 @@ def bag_of_words_loss(logits: torch.Tensor, bags: list[list[int]]) -> torch.Tens
 class PassagePair:
     passage: str
     next: str
+    article: str = ""  # pairs of one article stay on one side of the train / eval split
+
+
+def _link_shared_texts(pairs: list[PassagePair]) -> None:
+    """Give pairs without an article one made of the texts they share: (p1, p2) and (p2, p3) hold the
+    same paragraph, so they must not be split between training and evaluation."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    loose = [i for i, p in enumerate(pairs) if not p.article]
+    texts: dict[str, int] = {}
+    rows, cols = [], []
+    for n, i in enumerate(loose):
+        for text in (pairs[i].passage, pairs[i].next):
+            rows.append(n)
+            cols.append(len(loose) + texts.setdefault(text, len(texts)))
+    size = len(loose) + len(texts)
+    graph = coo_matrix(([1] * len(rows), (rows, cols)), shape=(size, size))
+    _, component = connected_components(graph, directed=False)
+    for n, i in enumerate(loose):
+        pairs[i].article = f"shared-text-{component[n]}"
 
 
 def load_passage_pairs(path: str | Path, limit: int | None = None) -> list[PassagePair]:
-    """(passage, next passage) pairs: rows with `passage` and `next`, or a document file whose ids are
-    "article-paragraph" (the vendored Wikipedia): consecutive paragraphs of one article pair up."""
+    """(passage, next passage) pairs: rows with `passage` and `next` (and optionally `article`), or a
+    document file whose ids are "article-paragraph" (the vendored Wikipedia): consecutive paragraphs of
+    one article pair up.  Each pair knows its article (rows without one: the pairs it shares a text
+    with), so that the held-out pairs come from articles never trained on."""
     pairs: list[PassagePair] = []
     previous: tuple[str, int, str] | None = None
     for number, row in read_jsonl(path):
@@ -75,7 +98,10 @@ def load_passage_pairs(path: str | Path, limit: int | None = None) -> list[Passa
             for name in ("passage", "next"):
                 if not isinstance(row.get(name), str) or not row[name].strip():
                     raise DataError(f"{path}:{number}: field {name!r} must be a non-empty string")
-            pairs.append(PassagePair(row["passage"], row["next"]))
+            article = row.get("article", "")
+            if not isinstance(article, (str, int)):
+                raise DataError(f"{path}:{number}: field 'article' must be a string")
+            pairs.append(PassagePair(row["passage"], row["next"], str(article)))
         else:
             text, doc_id = row.get("text"), str(row.get("id", ""))
             if not isinstance(text, str) or not text.strip():
@@ -86,12 +112,13 @@ def load_passage_pairs(path: str | Path, limit: int | None = None) -> list[Passa
                 raise DataError(f"{path}:{number}: id {doc_id!r} is not 'article-paragraph'; "
                                 "give 'passage' and 'next' fields instead")
             if previous and previous[0] == article and previous[1] + 1 == int(paragraph):
-                pairs.append(PassagePair(previous[2], text))
+                pairs.append(PassagePair(previous[2], text, article))
             previous = (article, int(paragraph), text)
         if limit is not None and len(pairs) >= limit:
             break
     if not pairs:
         raise DataError(f"{path}: no passage / next-passage pairs")
+    _link_shared_texts(pairs)
     return pairs
 
 
@@ -147,8 +174,12 @@ def train_llara(data: str | Path | list[PassagePair], options: TrainOptions, *,
 
     quiet_transformers()
     checkpoint = resume_from(options)
-    pairs = load_passage_pairs(data, options.limit) if isinstance(data, (str, Path)) else list(data)
-    train, evaluation = held_out(pairs, options.eval_fraction, options.seed)
+    if isinstance(data, (str, Path)):
+        pairs = load_passage_pairs(data, options.limit)
+    else:
+        pairs = [replace(p) for p in data]  # copies: the caller's pairs are not relabelled
+        _link_shared_texts(pairs)
+    train, evaluation = held_out(pairs, options.eval_fraction, options.seed, group=lambda p: p.article)
     directory = model_dir(options.model)
     tokenizer = load_tokenizer(directory)
     fmt, added = default_format(tokenizer, options.max_length)
@@ -171,7 +202,9 @@ def train_llara(data: str | Path | list[PassagePair], options: TrainOptions, *,
     )
     quiet_trainer(trainer, options)
     metrics = {"trainer": "llara", "data": str(data) if isinstance(data, (str, Path)) else f"{len(pairs)} pairs",
-               "pairs": {"train": len(train), "eval": len(evaluation)}, "format": asdict(fmt),
+               "pairs": {"train": len(train), "eval": len(evaluation)},
+               "articles": {"train": len({p.article for p in train}), "eval": len({p.article for p in evaluation})},
+               "format": asdict(fmt),
                "settings": options.as_dict()}
     metrics.update(run_and_save(trainer, tokenizer, options, checkpoint, bool(evaluation)))
     fmt.save(metrics["model"])

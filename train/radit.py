@@ -42,7 +42,7 @@ from .common import (
     model_dir,
     write_metrics,
 )
-from .data import Example
+from .data import Example, held_out
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,8 @@ def lm_examples(questions: list[QA], retriever: Retriever, k: int = 2) -> list[E
     examples = []
     for q in questions:
         for hit in retriever.search(q.question, k):
-            examples.append(Example(format_prompt(background_prompt([hit.text], q.question)), q.answer, "radit"))
+            examples.append(Example(format_prompt(background_prompt([hit.text], q.question)), q.answer, "radit",
+                                    group=q.question))  # a question's chunks stay on one side of the split
     return examples
 
 
@@ -108,7 +109,8 @@ def train_radit_lm(data: str | Path | list[QA], index: str | Path, options: Trai
     questions = load_qa(data, options.limit) if isinstance(data, (str, Path)) else list(data)
     examples = lm_examples(questions, Retriever.load(index), k)
     metrics = train_sft(examples, options)
-    metrics.update({"trainer": "radit-lm", "questions": len(questions), "chunks_per_question": k})
+    metrics.update({"trainer": "radit-lm", "questions": len(questions), "chunks_per_question": k,
+                    "split": "by question: every chunk of an eval question is held out"})
     write_metrics(options.out, metrics)
     return metrics
 
@@ -156,11 +158,19 @@ QUERY_ENCODER, DUAL = "query_encoder", "dual.json"
 def train_radit_retriever(data: str | Path | list[QA], index: str | Path, out: str | Path, *,
                           lm: str | None = None, k: int = 4, tau: float = 0.1, epochs: int = 2,
                           batch_size: int = 8, learning_rate: float = 2e-5, limit: int | None = None,
-                          seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                          eval_fraction: float = 0.2, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """R-ft: train a copy of the index's query encoder on LSR targets from `lm`; writes `out/` as an
     embedder directory (`dual.json` + `query_encoder/`) that `Retriever.load(index, load_embedder(out))`
-    uses, with the index's passage vectors unchanged."""
+    uses, with the index's passage vectors unchanged.
+
+    `eval_fraction` of the questions (whole source passages) are held out: the LSR loss and how often the
+    LM's preferred chunk is ranked first are reported on them, before and after, as well as on the
+    training questions.  Each question's k candidates are retrieved once, with the original encoder:
+    the passage index stays frozen (only the query tower learns, as in RA-DIT), and re-retrieving would
+    mean scoring every new candidate with the LM again."""
     questions = load_qa(data, limit) if isinstance(data, (str, Path)) else list(data)
+    train_q, eval_q = held_out(list(range(len(questions))), eval_fraction, seed,
+                               group=lambda i: questions[i].source or questions[i].question)
     retriever = Retriever.load(index)
     if retriever.index.meta.embedder != MINILM:
         raise RetrievalError("R-ft trains a sentence-transformers query encoder: build the index with MiniLM")
@@ -189,17 +199,21 @@ def train_radit_retriever(data: str | Path | list[QA], index: str | Path, out: s
         query = torch.nn.functional.normalize(encoder(features)["sentence_embedding"], dim=-1)
         return torch.einsum("bd,bkd->bk", query, passages[candidates[idx]])
 
-    def evaluate() -> tuple[float, float]:
-        """LSR loss over all questions, and how often the retriever ranks LSR's best chunk first."""
+    def evaluate(idx: list[int]) -> dict[str, float]:
+        """LSR loss over questions `idx`, and how often the retriever ranks the LM's best chunk first."""
+        if not idx:
+            return {}
         with torch.no_grad():
-            sims = torch.cat([batch_sims(list(range(s, min(s + 64, len(texts))))) for s in range(0, len(texts), 64)])
-        return lsr_loss(sims, lm_scores, tau).item(), float((sims.argmax(-1) == lm_scores.argmax(-1)).float().mean())
+            sims = torch.cat([batch_sims(idx[s:s + 64]) for s in range(0, len(idx), 64)])
+        scores = lm_scores[idx]
+        return {"lsr_loss": lsr_loss(sims, scores, tau).item(),
+                "lm_best_ranked_first": float((sims.argmax(-1) == scores.argmax(-1)).float().mean())}
 
-    before, agreement_before = evaluate()
+    before = {"train": evaluate(train_q), "eval": evaluate(eval_q)}
     history = []
     rng = random.Random(seed)
     for epoch in range(epochs):
-        order = list(range(len(texts)))
+        order = list(train_q)
         rng.shuffle(order)
         for start in tqdm(range(0, len(order), batch_size), desc=f"R-ft epoch {epoch + 1}", disable=not progress):
             idx = order[start:start + batch_size]
@@ -208,16 +222,16 @@ def train_radit_retriever(data: str | Path | list[QA], index: str | Path, out: s
             loss.backward()
             optimizer.step()
             history.append(loss.item())
-    after, agreement_after = evaluate()
+    after = {"train": evaluate(train_q), "eval": evaluate(eval_q)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     encoder.eval()
     encoder.save(str(out / QUERY_ENCODER))
     (out / DUAL).write_text(json.dumps({"passage_embedder": MINILM, "query_encoder": QUERY_ENCODER, "tau": tau}))
-    metrics = {"trainer": "radit-retriever", "questions": len(questions), "k": k, "tau": tau, "epochs": epochs,
-               "lsr_loss_before": before, "lsr_loss_after": after, "steps": len(history), "log": history,
-               "lsr_best_ranked_first_before": agreement_before, "lsr_best_ranked_first_after": agreement_after,
-               "lm": str(directory)}
+    metrics = {"trainer": "radit-retriever", "questions": {"train": len(train_q), "eval": len(eval_q)}, "k": k,
+               "tau": tau, "epochs": epochs, "before": before, "after": after, "steps": len(history),
+               "log": history, "lm": str(directory),
+               "candidates": "top-k of the original query encoder, retrieved once (the passage index is frozen)"}
     write_metrics(out, metrics)
     return metrics
 

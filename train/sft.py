@@ -41,7 +41,7 @@ def train_sft(data: str | Path | list[Example], options: TrainOptions, *,
     directory = model_dir(options.model)
     tokenizer = load_tokenizer(directory)
     examples, truncated = fit_length(examples, tokenizer, options.max_length, ("completion",))
-    train, evaluation = held_out(examples, options.eval_fraction, options.seed)
+    train, evaluation = held_out(examples, options.eval_fraction, options.seed, group=lambda e: e.group)
     if truncated:
         log.warning("%d of %d examples are longer than --max-length %d: their completions are truncated",
                     truncated, len(examples), options.max_length)
