@@ -13,7 +13,7 @@ from steer.cli import main
 from steer.jsonl import DataError
 from train.common import TrainOptions, load_tokenizer, model_dir
 from train.icp import pack
-from train.pretrain import load_windows, pretrain
+from train.pretrain import load_windows, perplexity, pretrain
 
 
 def write_windows(path, windows):
@@ -34,8 +34,9 @@ def direct_loss(model_path, windows):
     """Mean next-token cross-entropy of the saved model, computed here without the Trainer."""
     from transformers import AutoModelForCausalLM
 
-    vocabulary = json.loads((model_path / "vocabulary.json").read_text())["token_ids"]
-    ids = torch.tensor(np.searchsorted(vocabulary, np.asarray(windows)))
+    saved = json.loads((model_path / "vocabulary.json").read_text())
+    position = {t: i for i, t in enumerate(saved["token_ids"])}
+    ids = torch.tensor([[position.get(t, saved["unk"]) for t in w] for w in windows])
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     with torch.no_grad():
         logits = model(ids).logits[:, :-1]
@@ -55,6 +56,24 @@ def test_small_model_from_scratch_learns_and_reports_true_perplexity(wiki_window
     assert direct_loss(tmp_path / "run/model", windows) == pytest.approx(metrics["eval"]["eval_loss"], abs=1e-4)
     saved = json.loads((tmp_path / "run/metrics.json").read_text())
     assert saved["windows"] == {"train": 12, "eval": 12, "length": 64}
+
+
+def test_the_vocabulary_comes_from_training_windows_only(wiki_windows, tmp_path):
+    windows = load_windows(wiki_windows)
+    train, held = windows[:8], windows[8:]
+    unseen = {t for w in held for t in w} - {t for w in train for t in w}
+    assert unseen  # the held-out windows hold tokens training never saw
+    options = TrainOptions(out=str(tmp_path / "run"), max_steps=4, batch_size=4, learning_rate=3e-3,
+                           save_steps=100, progress=False)
+    metrics = pretrain(write_windows(tmp_path / "train.jsonl", train), options, config="tiny",
+                       eval_data=write_windows(tmp_path / "held.jsonl", held))
+    saved = json.loads((tmp_path / "run/model/vocabulary.json").read_text())
+    assert not unseen & set(saved["token_ids"]) and saved["unk"] == len(saved["token_ids"])
+    count = sum(t in unseen for w in held for t in w)
+    assert metrics["eval_unknown_tokens"]["count"] == count
+    assert metrics["eval_unknown_tokens"]["share"] == pytest.approx(count / (len(held) * 64))
+    assert direct_loss(tmp_path / "run/model", held) == pytest.approx(metrics["eval"]["eval_loss"], abs=1e-4)
+    assert perplexity(tmp_path / "run/model", held) == pytest.approx(metrics["eval"]["perplexity"], rel=1e-4)
 
 
 def test_continued_pretraining_of_a_model_directory(tiny_text_dir, tmp_path, capsys):

@@ -4,9 +4,10 @@ config trained from scratch.
 
 A model from scratch has no use for the 262k-entry vocabulary of the default tokenizer: its output
 layer alone would cost more than the rest of a few-million-parameter model. So `--config` models get
-a vocabulary of only the token ids that occur in the data (recorded in `vocabulary.json` beside the
-model, with the tokenizer); the windows are re-numbered into it. Perplexities are over the same
-tokens either way.
+a vocabulary of only the token ids that occur in the *training* windows, plus one UNK row for every
+other token (recorded in `vocabulary.json` beside the model, with the tokenizer); the windows are
+re-numbered into it.  Evaluation windows never shape the vocabulary: their unseen tokens become UNK,
+and the metrics say how many there were, since a perplexity over UNK is not one over the real tokens.
 """
 
 from __future__ import annotations
@@ -96,14 +97,21 @@ def small_model(name: str, vocab_size: int, window: int, tokenizer, seed: int):
 
 
 def data_vocabulary(windows: list[list[int]], tokenizer) -> np.ndarray:
-    """The sorted token ids that occur in `windows`, plus the tokenizer's special tokens."""
+    """The sorted token ids that occur in `windows` (the training windows only), plus the tokenizer's
+    special tokens.  The model has one more row, `len(vocabulary)`, for every other token (UNK)."""
     seen = np.unique(np.concatenate([np.asarray(w) for w in windows]))
     specials = [t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id) if t is not None]
     return np.union1d(seen, specials)
 
 
-def renumber(windows: list[list[int]], vocabulary: np.ndarray) -> list[list[int]]:
-    return np.searchsorted(vocabulary, np.asarray(windows)).tolist()
+def renumber(windows: list[list[int]], vocabulary: np.ndarray) -> tuple[list[list[int]], int]:
+    """`windows` in the data vocabulary's numbering, and how many tokens became UNK (`len(vocabulary)`)."""
+    ids = np.asarray(windows)
+    if ids.size == 0:
+        return [], 0
+    position = np.searchsorted(vocabulary, ids).clip(max=len(vocabulary) - 1)
+    known = vocabulary[position] == ids
+    return np.where(known, position, len(vocabulary)).tolist(), int((~known).sum())
 
 
 def pretrain(data: str | Path, options: TrainOptions, *, config: str | None = None,
@@ -128,9 +136,10 @@ def pretrain(data: str | Path, options: TrainOptions, *, config: str | None = No
         model = load_causal_lm(model_dir(options.model))
         vocabulary = None
     else:
-        vocabulary = data_vocabulary(train + evaluation, tokenizer)
-        train, evaluation = renumber(train, vocabulary), renumber(evaluation, vocabulary) if evaluation else []
-        model = small_model(config, len(vocabulary), window, tokenizer, options.seed)
+        vocabulary = data_vocabulary(train, tokenizer)
+        train, _ = renumber(train, vocabulary)
+        evaluation, unknown = renumber(evaluation, vocabulary)
+        model = small_model(config, len(vocabulary) + 1, window, tokenizer, options.seed)  # + the UNK row
     if options.lora:
         from peft import get_peft_model
 
@@ -147,6 +156,9 @@ def pretrain(data: str | Path, options: TrainOptions, *, config: str | None = No
         "trainer": "pretrain", "data": str(data), "config": config,
         "windows": {"train": len(train), "eval": len(evaluation), "length": window},
         "tokens": {"train": len(train) * window, "vocabulary": len(vocabulary) if vocabulary is not None else None},
+        **({"eval_unknown_tokens": {"count": unknown, "share": unknown / max(1, len(evaluation) * window),
+                                    "note": "eval tokens never seen in training are scored as one UNK token"}}
+           if vocabulary is not None and evaluation else {}),
         "parameters": sum(p.numel() for p in model.parameters()),
         "settings": options.as_dict(),
     }
@@ -155,14 +167,16 @@ def pretrain(data: str | Path, options: TrainOptions, *, config: str | None = No
         if metrics.get(key):
             metrics[key]["perplexity"] = math.exp(metrics[key]["eval_loss"])
     if vocabulary is not None:
-        (Path(metrics["model"]) / VOCABULARY).write_text(json.dumps({"token_ids": vocabulary.tolist()}))
+        (Path(metrics["model"]) / VOCABULARY).write_text(json.dumps({"token_ids": vocabulary.tolist(),
+                                                                     "unk": len(vocabulary)}))
     write_metrics(options.out, metrics)
     return metrics
 
 
 def perplexity(model_path: str | Path, windows: list[list[int]], batch_size: int = 4) -> float:
     """exp(mean next-token loss) of a saved model over `windows` (renumbered into its data
-    vocabulary when it has one): the held-out number `pretrain` reports, for any set of windows."""
+    vocabulary when it has one, unseen tokens as UNK): the held-out number `pretrain` reports, for any
+    set of windows."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -170,9 +184,10 @@ def perplexity(model_path: str | Path, windows: list[list[int]], batch_size: int
     ids = np.asarray(windows)
     if (model_path / VOCABULARY).is_file():
         vocabulary = np.asarray(json.loads((model_path / VOCABULARY).read_text())["token_ids"])
-        if not np.isin(ids, vocabulary).all():
-            raise DataError(f"{model_path}: the windows hold tokens outside the model's data vocabulary")
-        ids = np.searchsorted(vocabulary, ids)
+        renumbered, unknown = renumber(ids, vocabulary)
+        if unknown:
+            log.info("%d of %d tokens are outside the training vocabulary: scored as UNK", unknown, ids.size)
+        ids = np.asarray(renumbered)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, local_files_only=True).eval()
     total, count = 0.0, 0
     with torch.no_grad():
