@@ -80,8 +80,8 @@ def main() -> None:
     held_natural, _ = pack(tokens([d.id for d in held_docs]), eos, args.window, bos)
     shuffled = [held_docs[i].id for i in rng.permutation(len(held_docs))]
     held_random, _ = pack(tokens(shuffled), eos, args.window, bos)
-    # Both held-out sets are evaluated during training (their unseen tokens count as UNK; both arms share
-    # one training vocabulary, so the comparison is fair).
+    # Both held-out sets are evaluated during training (their unseen tokens count as UNK; both arms train on the same
+    # documents, so their vocabularies match and the comparison is fair).
     eval_both = write_windows(out / "eval_windows.jsonl", held_natural + held_random)
 
     results = {}

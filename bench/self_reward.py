@@ -31,7 +31,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per response")
     parser.add_argument("--judge-tokens", type=int, default=32, help="new tokens per judgment")
     parser.add_argument("--held-out", type=int, default=8)
-    parser.add_argument("--questions", type=int, default=8)
+    parser.add_argument("--questions", type=int, default=80, help="MT-Bench first turns for win rates")
+    parser.add_argument("--judge", default=None,
+                        help="head-to-head judge, e.g. a reward model from `steer train reward` (none: no win rates)")
     parser.add_argument("--seed-limit", type=int, default=24, help="seed prompts for IFT/EFT")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
@@ -41,7 +43,7 @@ def main() -> None:
     config = SelfRewardConfig(iterations=args.iterations, prompts_per_iter=args.prompts_per_iter,
                               candidates=args.candidates, judgments=args.judgments, max_new_tokens=args.tokens,
                               judge_tokens=args.judge_tokens, held_out=args.held_out, questions=args.questions,
-                              seed_limit=args.seed_limit)
+                              seed_limit=args.seed_limit, judge=args.judge)
     if not args.resume and Path(args.out).exists() and any(Path(args.out).iterdir()):
         raise SystemExit(f"{args.out} is not empty: pass --resume or another --out")
     started = time.perf_counter()

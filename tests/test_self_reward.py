@@ -4,8 +4,10 @@ self-instruction filtering, seed data, and the loop's bookkeeping, failure and r
 import gzip
 import json
 
+import numpy as np
 import pytest
 
+from steer.potentials import load_potential
 from train.common import TrainOptions
 from train.data import DataError
 from train.judge import (
@@ -122,8 +124,11 @@ def test_loop_stops_on_unparseable_judgments_keeps_its_files_and_resumes(tiny_lo
     seed = make_seed_dir(tmp_path / "seed")
     options = TrainOptions(model=str(tiny_long_dir), out=str(tmp_path / "run"), max_steps=2, batch_size=4,
                            max_length=4096, progress=False, save_steps=1, eval_fraction=0.2)
+    from conftest import save_tiny_text_model
+
+    judge_dir = save_tiny_text_model(tmp_path / "judge", seed=9, max_length=4096)  # neither M0 nor any M_t
     config = SelfRewardConfig(iterations=2, prompts_per_iter=3, candidates=2, judgments=2, max_new_tokens=6,
-                              judge_tokens=6, held_out=2, questions=2)
+                              judge_tokens=6, held_out=2, questions=2, judge=str(judge_dir))
     # A random tiny model never writes "Score: N": the loop stops with a clear message, files kept.
     with pytest.raises(JudgeFailed, match=r"none of the \d+ judgments had a parseable 'Score: N'"):
         self_reward(seed, options, config)
@@ -154,11 +159,30 @@ def test_loop_stops_on_unparseable_judgments_keeps_its_files_and_resumes(tiny_lo
     two = result["iterations"]["2"]
     assert two["aift"]["pairs"] == len(pairs) and two["head_to_head"]["against"] == "M1"
     h2h = two["head_to_head"]
-    assert h2h["wins"] + h2h["losses"] + h2h["ties"] >= 1  # questions really judged
-    assert h2h["win_rate"] == (h2h["wins"] + h2h["ties"] / 2) / (h2h["wins"] + h2h["losses"] + h2h["ties"])
+    assert h2h["judge"] == str(judge_dir) and h2h["questions"] == 2
+    # the win rate again, from the stored answers and the judge's expected scores computed here
+    rows = [json.loads(line) for line in (stage / "head_to_head.jsonl").read_text().splitlines()]
+    judge = load_potential(judge_dir)
+    new, old = (judge.rewards([r["question"] for r in rows], [r[m] for r in rows]) for m in ("M2", "M1"))
+    outcomes = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(new, old)]
+    assert h2h["win_rate"] == pytest.approx(sum(outcomes) / 2)
+    assert (h2h["wins"], h2h["losses"], h2h["ties"]) == (outcomes.count(1.0), outcomes.count(0.0), outcomes.count(0.5))
+    assert h2h["ci95"][0] <= h2h["win_rate"] <= h2h["ci95"][1]
     assert result["generation"]["tokens"] > 0
     assert "| M2 |" in (tmp_path / "run" / "report.md").read_text()
     assert (tmp_path / "run" / "report.png").exists()
+
+
+def test_intervals_match_the_normal_approximation_and_degenerate_cases():
+    from train.intervals import mean_ci95
+
+    rng = np.random.default_rng(0)
+    outcomes = rng.choice([0.0, 0.5, 1.0], size=80).tolist()
+    low, high = mean_ci95(outcomes, seed=1)
+    mean, se = np.mean(outcomes), np.std(outcomes) / np.sqrt(80)
+    assert low < mean < high
+    assert abs(low - (mean - 1.96 * se)) < 0.03 and abs(high - (mean + 1.96 * se)) < 0.03
+    assert mean_ci95([1.0] * 10) == [1.0, 1.0] and mean_ci95([1.0]) is None
 
 
 # -- the judge as a steering potential --------------------------------------------------------------

@@ -117,7 +117,8 @@ def _self_reward(args: argparse.Namespace) -> int:
     config = SelfRewardConfig(iterations=args.iterations, prompts_per_iter=args.prompts_per_iter,
                               candidates=args.candidates, judgments=args.judgments,
                               max_new_tokens=args.max_new_tokens, judge_tokens=args.judge_tokens,
-                              held_out=args.held_out, questions=args.questions, seed_limit=args.seed_limit)
+                              held_out=args.held_out, questions=args.questions, seed_limit=args.seed_limit,
+                              judge=args.judge)
     options = _options(argparse.Namespace(**{**vars(args), "data": None}))
     metrics = self_reward(args.seed_data, options, config, dpo_options={"beta": args.beta})
     print(json.dumps({"out": args.out, "iterations": metrics["iterations"],
@@ -237,7 +238,10 @@ def add_commands(commands) -> None:
     loop.add_argument("--judge-tokens", type=positive("--judge-tokens"), default=48, help="per judgment")
     loop.add_argument("--held-out", type=positive("--held-out"), default=16,
                       help="human-scored prompts for judge agreement")
-    loop.add_argument("--questions", type=positive("--questions"), default=16, help="questions for win rates")
+    loop.add_argument("--questions", type=positive("--questions"), default=80, help="questions for win rates")
+    loop.add_argument("--judge", default=None,
+                      help="head-to-head judge: a reward model directory (steer train reward) or a causal LM "
+                           "that is none of the models compared (without it, no win rates)")
     loop.add_argument("--seed-limit", type=positive("--seed-limit"), default=None,
                       help="training prompts taken from the seed data")
     loop.add_argument("--beta", type=float, default=0.1, help="DPO beta")

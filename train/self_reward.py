@@ -6,8 +6,11 @@ prompt (several judgments averaged), and M_{t+1} = DPO(M_t, pairs of highest- vs
 candidates, ties dropped).
 
 Each model M_t is measured as the paper does: its judge's agreement with held-out human scores
-(pairwise accuracy, exact match) and its head-to-head win rate against M_{t-1} on held-out questions,
-judged by the fixed M1 judge so that no model grades itself.
+(pairwise accuracy, exact match) and its head-to-head win rate against M_{t-1} on held-out questions
+(all 80 MT-Bench first turns by default). The head-to-head judge is given (`config.judge`): a reward
+model from `steer train reward`, or a causal LM that is neither of the two models compared, so that
+no model grades its own answers; without one, win rates are not measured. Rates come with 95%
+bootstrap intervals.
 
 Every stage writes its files as it finishes (prompts, candidates, judgments, pairs, model, metrics),
 so a rerun with `resume=True` continues where the last one stopped.
@@ -24,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from steer.errors import SteerError
+from steer.potentials import ScoringModel
 
 from .common import TrainOptions, model_dir, write_metrics
 from .data import format_prompt
 from .generation import GenerationStats, Generator
+from .intervals import mean_ci95
 from .judge import judge_instruction, preference_pair, verdict
 from .seed_data import RatedPrompt, load_seed_data
 from .self_instruct import clean_task, deduplicate, few_shot_prompt
@@ -47,7 +52,8 @@ class SelfRewardConfig:
     judge_tokens: int = 48  # EFT rationales are short: the score comes within a few dozen tokens
     few_shot: int = 6
     held_out: int = 16  # prompts with human scores, for judge agreement
-    questions: int = 16  # held-out questions, for win rates
+    questions: int = 80  # held-out questions, for win rates (MT-Bench has 80 first turns)
+    judge: str | None = None  # head-to-head judge: a reward model or causal LM that is neither model compared
     seed_limit: int | None = None  # training prompts taken from the seed data
     generation_batch: int = 16
 
@@ -140,7 +146,8 @@ def judge_agreement(generator: Generator, rated: list[RatedPrompt], config: Self
     different human scores, and exact match of the rounded score."""
     items = [(r.prompt, response) for r in rated for response, _ in r.responses]
     judged = judge(generator, items, config, seed, desc="judge agreement")
-    correct = pairs = exact = scored = 0
+    exact = scored = 0
+    agreement: list[float] = []  # per human-ordered pair: 1 if the judge orders it the same way
     k = 0
     for r in rated:
         model_scores = [judged[k + i]["score"] for i in range(len(r.responses))]
@@ -154,12 +161,12 @@ def judge_agreement(generator: Generator, rated: list[RatedPrompt], config: Self
             for j in range(i + 1, len(human)):
                 if human[i] == human[j]:
                     continue
-                pairs += 1
                 a, b = model_scores[i], model_scores[j]
-                if a is not None and b is not None and (a - b) * (human[i] - human[j]) > 0:
-                    correct += 1
+                agreement.append(float(a is not None and b is not None and (a - b) * (human[i] - human[j]) > 0))
     unparseable = sum(s is None for row in judged for s in row["scores"])
-    return {"pairwise_accuracy": correct / pairs if pairs else None, "human_pairs": pairs,
+    pairs = len(agreement)
+    return {"pairwise_accuracy": sum(agreement) / pairs if pairs else None, "ci95": mean_ci95(agreement, seed),
+            "human_pairs": pairs,
             "exact_match": exact / scored if scored else None, "scored": scored,
             "unparseable": unparseable, "judgments": sum(len(row["scores"]) for row in judged)}
 
@@ -172,21 +179,16 @@ def answers(directory: Path, questions: list[str], config: SelfRewardConfig, sta
     return out
 
 
-def win_rate(judge_generator: Generator, questions: list[str], new: list[str], old: list[str],
-             config: SelfRewardConfig, seed: int) -> dict[str, Any]:
-    """Head to head on held-out questions, judged by a fixed judge: wins + ties / 2 over questions."""
-    judged = judge(judge_generator, [*zip(questions, new), *zip(questions, old)], config, seed, desc="head to head")
+def win_rate(judge: ScoringModel, questions: list[str], new: list[str], old: list[str],
+             seed: int = 0) -> dict[str, Any]:
+    """Head to head on held-out questions, scored by a judge that is neither model: wins + ties / 2 over
+    questions, with a 95% bootstrap interval over questions."""
     n = len(questions)
-    wins = losses = ties = 0
-    for a, b in zip(judged[:n], judged[n:]):
-        sa, sb = a["score"], b["score"]
-        if sa is None or sb is None or sa == sb:
-            ties += 1
-        elif sa > sb:
-            wins += 1
-        else:
-            losses += 1
-    return {"win_rate": (wins + ties / 2) / n if n else None, "wins": wins, "losses": losses, "ties": ties}
+    scores = judge.rewards([*questions, *questions], [*new, *old])
+    outcomes = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(scores[:n], scores[n:])]
+    return {"win_rate": sum(outcomes) / n if n else None, "ci95": mean_ci95(outcomes, seed),
+            "wins": outcomes.count(1.0), "losses": outcomes.count(0.0), "ties": outcomes.count(0.5),
+            "questions": n}
 
 
 def _add(total: GenerationStats, part: GenerationStats) -> None:
@@ -218,6 +220,13 @@ def self_reward(seed_dir: str | Path, options: TrainOptions, config: SelfRewardC
     seeds = load_seed_data(seed_dir, held_out=config.held_out, seed=options.seed, limit=config.seed_limit)
     questions = seeds.questions[:config.questions]
     base = model_dir(options.model)
+    head_to_head_judge = None
+    if config.judge is not None:
+        from steer.potentials import load_potential
+
+        head_to_head_judge = load_potential(config.judge)  # a reward model, or a causal LM as judge
+    else:
+        log.warning("no --judge: win rates are not measured (a model must not grade its own answers)")
     models = {0: base}
     stats = GenerationStats()
     metrics_path = out / "metrics.json"
@@ -265,16 +274,13 @@ def self_reward(seed_dir: str | Path, options: TrainOptions, config: SelfRewardC
             _add(stats, generator.stats)
             _free(generator)
             _save(metrics_path, iterations, config, options, stats)
-        if "head_to_head" not in record:
+        if "head_to_head" not in record and head_to_head_judge is not None:
             new = answers(models[t], questions, config, stats)
             old = answers(models[t - 1], questions, config, stats)
-            fixed_judge = Generator(models[1], batch_size=config.generation_batch, progress=options.progress)
-            record["head_to_head"] = {"against": f"M{t - 1}", "judge": "M1",
-                                      **win_rate(fixed_judge, questions, new, old, config, options.seed + 9)}
+            record["head_to_head"] = {"against": f"M{t - 1}", "judge": config.judge,
+                                      **win_rate(head_to_head_judge, questions, new, old, options.seed + 9)}
             _write_jsonl(stage / "head_to_head.jsonl", [{"question": q, f"M{t}": a, f"M{t - 1}": b}
                                                         for q, a, b in zip(questions, new, old)])
-            _add(stats, fixed_judge.stats)
-            _free(fixed_judge)
         _save(metrics_path, iterations, config, options, stats)
     report(out, iterations)
     return json.loads(metrics_path.read_text())
@@ -294,19 +300,22 @@ def _save(path: Path, iterations: dict, config: SelfRewardConfig, options: Train
 
 def report(out: Path, iterations: dict[str, Any]) -> Path:
     """A markdown table and a plot of the per-iteration measurements."""
-    rows = ["| model | judge pairwise acc. | judge exact match | unparseable | pairs | win rate vs previous (M1 judge) |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| model | judge pairwise acc. [95% CI] | judge exact match | unparseable | pairs | "
+            "win rate vs previous [95% CI] |", "|---|---|---|---|---|---|"]
 
     def fmt(x):
         return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+    def with_ci(value, ci):
+        return fmt(value) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
     ts = sorted(iterations, key=int)
     for t in ts:
         r = iterations[t]
         j, h, a = r.get("judge", {}), r.get("head_to_head", {}), r.get("aift", {})
-        rows.append(f"| M{t} | {fmt(j.get('pairwise_accuracy'))} | {fmt(j.get('exact_match'))} | "
+        rows.append(f"| M{t} | {with_ci(j.get('pairwise_accuracy'), j.get('ci95'))} | {fmt(j.get('exact_match'))} | "
                     f"{j.get('unparseable', '-')}/{j.get('judgments', '-')} | {a.get('pairs', '-')} | "
-                    f"{fmt(h.get('win_rate'))} vs {h.get('against', '-')} |")
+                    f"{with_ci(h.get('win_rate'), h.get('ci95'))} vs {h.get('against', '-')} |")
     (out / "report.md").write_text("# Self-rewarding training\n\n" + "\n".join(rows) + "\n")
     import matplotlib
 
