@@ -69,10 +69,18 @@ def _options(args: argparse.Namespace) -> TrainOptions:
                         progress=not args.no_progress)
 
 
+def _print_json(value) -> None:
+    """One JSON line on stdout, from the main process only (a multi-process run prints it once)."""
+    from .common import is_main_process
+
+    if is_main_process():
+        print(json.dumps(value))
+
+
 def _summary(metrics: dict, keys: tuple[str, ...]) -> None:
     evaluation = metrics.get("eval") or {}
     shown = {k: evaluation[k] for k in keys if k in evaluation}
-    print(json.dumps({"out": metrics.get("model"), "steps": metrics.get("train", {}).get("steps"), **shown}))
+    _print_json({"out": metrics.get("model"), "steps": metrics.get("train", {}).get("steps"), **shown})
 
 
 def _sft(args: argparse.Namespace) -> int:
@@ -106,8 +114,8 @@ def _strength(args: argparse.Namespace) -> int:
 
     metrics = preference_strength(args.data, _options(args), models=args.models, train_fraction=args.train_fraction,
                                   band=args.band, deciles=args.deciles)
-    print(json.dumps({"out": args.out, "pairs": metrics["pairs"], "categories": metrics["categories"],
-                      "band": metrics["band"]}))
+    _print_json({"out": args.out, "pairs": metrics["pairs"], "categories": metrics["categories"],
+                 "band": metrics["band"]})
     return 0
 
 
@@ -121,8 +129,8 @@ def _self_reward(args: argparse.Namespace) -> int:
                               judge=args.judge)
     options = _options(argparse.Namespace(**{**vars(args), "data": None}))
     metrics = self_reward(args.seed_data, options, config, dpo_options={"beta": args.beta})
-    print(json.dumps({"out": args.out, "iterations": metrics["iterations"],
-                      "tokens_per_second": metrics["generation"]["tokens_per_second"]}))
+    _print_json({"out": args.out, "iterations": metrics["iterations"],
+                 "tokens_per_second": metrics["generation"]["tokens_per_second"]})
     return 0
 
 
@@ -130,9 +138,9 @@ def _pretrain(args: argparse.Namespace) -> int:
     from .pretrain import pretrain
 
     metrics = pretrain(args.data, _options(args), config=args.config, eval_data=args.eval_data)
-    print(json.dumps({"out": metrics["model"], "steps": metrics["train"]["steps"],
-                      "perplexity_before": (metrics.get("eval_before") or {}).get("perplexity"),
-                      "perplexity": (metrics.get("eval") or {}).get("perplexity")}))
+    _print_json({"out": metrics["model"], "steps": metrics["train"]["steps"],
+                 "perplexity_before": (metrics.get("eval_before") or {}).get("perplexity"),
+                 "perplexity": (metrics.get("eval") or {}).get("perplexity")})
     return 0
 
 
@@ -140,9 +148,9 @@ def _llara(args: argparse.Namespace) -> int:
     from .llara import train_llara
 
     metrics = train_llara(args.data, _options(args))
-    print(json.dumps({"out": metrics["model"], "steps": metrics["train"]["steps"],
-                      "eval_loss_before": (metrics.get("eval_before") or {}).get("eval_loss"),
-                      "eval_loss": (metrics.get("eval") or {}).get("eval_loss")}))
+    _print_json({"out": metrics["model"], "steps": metrics["train"]["steps"],
+                 "eval_loss_before": (metrics.get("eval_before") or {}).get("eval_loss"),
+                 "eval_loss": (metrics.get("eval") or {}).get("eval_loss")})
     return 0
 
 
@@ -161,7 +169,7 @@ def _radit_retriever(args: argparse.Namespace) -> int:
                                     epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
                                     limit=args.limit, eval_fraction=args.eval_fraction, seed=args.seed,
                                     progress=not args.no_progress)
-    print(json.dumps({"out": args.out, **{k: metrics[k] for k in ("questions", "before", "after")}}))
+    _print_json({"out": args.out, **{k: metrics[k] for k in ("questions", "before", "after")}})
     return 0
 
 
@@ -178,7 +186,7 @@ def _icp_order(args: argparse.Namespace) -> int:
                          output_format=args.format, seed=args.seed, limit=args.limit, batch_size=args.batch_size,
                          progress=not args.no_progress)
     shown = ("documents", "duplicates_removed", "ordered", "windows", "tokens", "adjacent_cosine", "topics")
-    print(json.dumps({"out": args.out, **{k: stats[k] for k in shown if k in stats}}))
+    _print_json({"out": args.out, **{k: stats[k] for k in shown if k in stats}})
     return 0
 
 

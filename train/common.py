@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,18 @@ def lora_config(options: TrainOptions, task_type: str = "CAUSAL_LM"):
                       task_type=task_type, target_modules=targets)
 
 
+def is_main_process() -> bool:
+    """True in a plain run and in rank 0 of a multi-process one (`accelerate launch`, torchrun): the one
+    process that writes models, metrics and reports and prints summaries, so each is written once."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def wait_for_everyone() -> None:
+    """A barrier between the processes of a distributed run (nothing to wait for otherwise)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def trainer_arguments(options: TrainOptions, has_eval: bool) -> dict[str, Any]:
     """Keyword arguments for any TRL config class (they all extend transformers' TrainingArguments)."""
     evaluate_during = has_eval and options.eval_steps > 0
@@ -108,6 +121,7 @@ def trainer_arguments(options: TrainOptions, has_eval: bool) -> dict[str, Any]:
         bf16=options.bf16, fp16=False, activation_checkpointing=False,
         use_cpu=not torch.cuda.is_available(), report_to="none", disable_tqdm=not options.progress,
         dataloader_num_workers=0, max_length=options.max_length,
+        ddp_find_unused_parameters=False,  # every trainer here uses all its parameters; the search costs a pass
     )
 
 
@@ -129,9 +143,10 @@ def last_checkpoint(out: str | Path) -> str | None:
             json.loads((directory / "trainer_state.json").read_text())
             return str(directory)
         except (OSError, ValueError):
-            log.warning("removing %s: it was being written when the run stopped (no complete trainer_state.json)",
-                        directory)
-            shutil.rmtree(directory, ignore_errors=True)
+            if is_main_process():  # the other processes skip it just the same
+                log.warning("removing %s: it was being written when the run stopped (no complete "
+                            "trainer_state.json)", directory)
+                shutil.rmtree(directory, ignore_errors=True)
     return None
 
 
@@ -177,8 +192,12 @@ def run_and_save(trainer, tokenizer, options: TrainOptions, checkpoint: str | No
     result = trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - started
     after = trainer.evaluate() if has_eval else None
-    final = save_final(trainer, tokenizer, options.out, options.lora)
-    return {"train": {"steps": result.global_step, "loss": result.training_loss, "seconds": seconds},
+    final = Path(options.out) / "model"
+    if trainer.is_world_process_zero():
+        save_final(trainer, tokenizer, options.out, options.lora)
+    wait_for_everyone()
+    return {"train": {"steps": result.global_step, "loss": result.training_loss, "seconds": seconds,
+                      "processes": trainer.args.world_size},
             "eval_before": before, "eval": after, "log": train_log(trainer), "model": str(final)}
 
 
@@ -197,7 +216,8 @@ def write_metrics(out: str | Path, metrics: dict[str, Any]) -> Path:
     from steer.files import atomic_write_text
 
     path = Path(out) / "metrics.json"
-    atomic_write_text(path, json.dumps(finite(metrics), indent=2) + "\n")
+    if is_main_process():
+        atomic_write_text(path, json.dumps(finite(metrics), indent=2) + "\n")
     return path
 
 

@@ -33,6 +33,7 @@ from steer.jsonl import DataError, read_jsonl
 
 from .common import (
     TrainOptions,
+    is_main_process,
     load_causal_lm,
     load_tokenizer,
     lora_config,
@@ -207,6 +208,7 @@ def train_llara(data: str | Path | list[PassagePair], options: TrainOptions, *,
                "format": asdict(fmt),
                "settings": options.as_dict()}
     metrics.update(run_and_save(trainer, tokenizer, options, checkpoint, bool(evaluation)))
-    fmt.save(metrics["model"])
+    if is_main_process():
+        fmt.save(metrics["model"])
     write_metrics(options.out, metrics)
     return metrics

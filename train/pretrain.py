@@ -24,6 +24,7 @@ from steer.jsonl import DataError, read_jsonl
 
 from .common import (
     TrainOptions,
+    is_main_process,
     load_causal_lm,
     load_tokenizer,
     lora_config,
@@ -166,7 +167,7 @@ def pretrain(data: str | Path, options: TrainOptions, *, config: str | None = No
     for key in ("eval_before", "eval"):
         if metrics.get(key):
             metrics[key]["perplexity"] = math.exp(metrics[key]["eval_loss"])
-    if vocabulary is not None:
+    if vocabulary is not None and is_main_process():
         (Path(metrics["model"]) / VOCABULARY).write_text(json.dumps({"token_ids": vocabulary.tolist(),
                                                                      "unk": len(vocabulary)}))
     write_metrics(options.out, metrics)

@@ -31,6 +31,7 @@ from .common import (
     resume_from,
     train_log,
     trainer_arguments,
+    wait_for_everyone,
     write_metrics,
 )
 from .data import DataError, Pair, fit_length, held_out, load_pairs
@@ -182,7 +183,10 @@ def train_reward(data: str | Path, options: TrainOptions, *, label_smoothing: fl
                                                 adaptive_margin=adaptive_margin)
     trainer, fit = fit_reward_model(train, evaluation, options, margins=margins, label_smoothing=label_smoothing,
                                     callbacks=callbacks, resume=checkpoint)
-    final = save_reward_model(trainer, tokenizer, Path(options.out), options.lora)
+    final = Path(options.out) / "model"
+    if trainer.is_world_process_zero():
+        save_reward_model(trainer, tokenizer, Path(options.out), options.lora)
+    wait_for_everyone()
     metrics = {
         "trainer": "reward", "data": str(data),
         "pairs": {"train": len(train), "eval": len(evaluation), "too_long": too_long, "flipped": flipped},
