@@ -14,8 +14,10 @@ Patterns beyond regular languages (look-around, back-references) cannot be autom
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import time
 import weakref
 from typing import Any
 
@@ -65,6 +67,37 @@ def _codepoints(vocab: Vocabulary):
     return _matrices[vocab]
 
 
+AUTOMATON_SECONDS = 5.0  # a pattern whose automaton takes longer to build is refused
+
+
+class _TooLarge(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _bounded_construction(seconds: float):
+    """interegular builds automata by crawling states (`interegular.fsm.crawl`); a pattern such as
+    `.*a.{30}` has 2**30 of them.  Within this block every crawl stops with `_TooLarge` once `seconds`
+    have passed, so building an automaton is bounded in time, and with it in memory."""
+    import interegular.fsm as fsm
+
+    original, deadline = fsm.crawl, time.monotonic() + seconds
+
+    def crawl(alphabet, initial, final, follow):
+        def bounded(state, transition):
+            if time.monotonic() > deadline:
+                raise _TooLarge
+            return follow(state, transition)
+
+        return original(alphabet, initial, final, bounded)
+
+    fsm.crawl = crawl
+    try:
+        yield
+    finally:
+        fsm.crawl = original
+
+
 class _Automaton:
     """A regular expression's DFA, with a dead state and the states from which a match is reachable."""
 
@@ -73,7 +106,13 @@ class _Automaton:
         from interegular.fsm import anything_else
 
         try:
-            fsm = interegular.parse_pattern(_without_anchors(pattern)).to_fsm()
+            with _bounded_construction(AUTOMATON_SECONDS):
+                fsm = interegular.parse_pattern(_without_anchors(pattern)).to_fsm()
+        except _TooLarge:
+            raise SteerError(
+                f"regex({pattern!r}) is too large for a token automaton (not built within "
+                f"{AUTOMATON_SECONDS:g} s); partial_regex(...) checks it by rejection sampling instead"
+            ) from None
         except Exception as e:  # noqa: BLE001 - interegular raises several types for what it cannot handle
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SteerError(

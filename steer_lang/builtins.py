@@ -7,7 +7,9 @@ Python, which is what makes the language a sandbox.
 
 from __future__ import annotations
 
+import contextvars
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +27,41 @@ from steer.masks import TokenConstraint
 from steer.potentials import ScoringModel
 
 MAX_LENGTH = 1_000_000  # longest string or list a program may build
+MAX_SIZE = 10_000_000  # characters and items of a value in all, nested lists included
+MAX_CALL_DEPTH = 50  # helper functions calling helpers
+COMPILED_LITERALS = ("regex", "partial_regex", "json_schema", "grammar")  # `steer check` compiles literal ones
 REGEX_TIMEOUT = 1.0  # seconds; a pathological pattern is an error, not a hang
 REQUIRED = object()
+# The wall-clock deadline of the run in progress (time.monotonic()), or None: slow built-ins stop at it.
+DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("steer_deadline", default=None)
+
+
+def size_of(value: Any, seen: dict[int, int] | None = None) -> int:
+    """Characters plus items of a value, nested lists counted in full (so `[s] * n` weighs n copies of s,
+    which is what printing, joining or comparing it would cost), in time linear in the distinct lists."""
+    if isinstance(value, (str, Token)):
+        return len(text(value))
+    if not isinstance(value, list):
+        return 1
+    seen = {} if seen is None else seen
+    if id(value) not in seen:
+        seen[id(value)] = len(value) + sum(size_of(v, seen) for v in value)
+    return seen[id(value)]
+
+
+def check_size(size: int) -> None:
+    """Refuse a value before it is built: the limit holds for memory, and for the time of any later
+    operation over the value."""
+    if size > MAX_SIZE:
+        raise BuiltinError(f"the result would hold {size:,} characters and items in all; the limit is {MAX_SIZE:,}")
+
+
+def regex_seconds() -> float:
+    """The time a regular-expression match may take: REGEX_TIMEOUT, or what is left of the run's budget."""
+    deadline = DEADLINE.get()
+    if deadline is None:
+        return REGEX_TIMEOUT
+    return max(0.0, min(REGEX_TIMEOUT, deadline - time.monotonic()))
 
 # Types the checker knows.  "text" accepts a string or a token; "number" an int, float or bool.
 TYPES = ("str", "int", "float", "bool", "list", "token", "context", "mask", "reward_model", "retriever")
@@ -104,9 +139,12 @@ def _regex(pattern: str, s: str, full: bool) -> bool:
     except regex.error as e:
         raise BuiltinError(f"bad regular expression {pattern!r}: {e}") from None
     try:
-        match = (compiled.fullmatch if full else compiled.search)(s, timeout=REGEX_TIMEOUT)
+        seconds = regex_seconds()
+        match = (compiled.fullmatch if full else compiled.search)(s, timeout=seconds)
     except TimeoutError:
-        raise BuiltinError(f"regular expression {pattern!r} took over {REGEX_TIMEOUT}s") from None
+        if seconds < REGEX_TIMEOUT:
+            raise BuiltinError(f"the run's time limit ran out while matching {pattern!r}") from None
+        raise BuiltinError(f"regular expression {pattern!r} took over {seconds:.3g}s") from None
     return match is not None
 
 
@@ -171,10 +209,15 @@ def _sum(items: list):
 
 
 def _join(items: list, sep: str = "") -> str:
+    seen: dict[int, int] = {}
+    if sum(size_of(x, seen) for x in items) + len(text(sep)) * max(0, len(items) - 1) > MAX_LENGTH:
+        raise BuiltinError(f"the joined text would be longer than {MAX_LENGTH:,} characters")
     return _sized(text(sep).join(text(x) if isinstance(x, (str, Token)) else _to_str(x) for x in items))
 
 
 def _to_str(x: Any) -> str:
+    if isinstance(x, list) and size_of(x) > MAX_LENGTH:  # the text is at least as long: refuse before building
+        raise BuiltinError(f"the text of this list would be longer than {MAX_LENGTH:,} characters")
     if isinstance(x, bool):
         return "true" if x else "false"
     if isinstance(x, (str, Token)):

@@ -15,8 +15,10 @@ from steer.resampling import SCHEMES
 from . import ast
 from .builtins import (
     BUILTINS,
+    COMPILED_LITERALS,
     CONSTANTS,
     FORBIDDEN,
+    MAX_CALL_DEPTH,
     METHOD_ALIASES,
     REQUIRED,
     SETTINGS,
@@ -89,6 +91,8 @@ class _Checker:
             seen.add(f.name)
             self._function(f)
         self._recursion()
+        if not any("recursion" in e.message for e in self.errors):
+            self._call_depth()
         scope = _Scope(dict(self.inputs), set(self.inputs))
         self._block(m.body, scope)
         for node in m.results[:1]:
@@ -177,6 +181,28 @@ class _Checker:
         self._block(f.body, scope)
         if not any(isinstance(s, ast.Return) for s in _walk(f.body)):
             self.error(f, f"function '{f.name}' never returns a value (add `return ...`)")
+
+    def _call_depth(self) -> None:
+        """Helper calls may nest MAX_CALL_DEPTH deep at run time: a longer chain is reported at the
+        function that starts it (one error per chain, not per link)."""
+        depth: dict[str, int] = {}
+        for root in self.calls:  # iteratively: a chain of thousands of helpers must not overflow here
+            stack = [(root, False)]
+            while stack:
+                name, expanded = stack.pop()
+                if name in depth:
+                    continue
+                callees = self.calls.get(name, set())
+                if expanded:
+                    depth[name] = 1 + max((depth.get(c, 0) for c in callees), default=0)
+                else:
+                    stack.append((name, True))
+                    stack.extend((c, False) for c in callees if c not in depth)
+        callees = {c for called in self.calls.values() for c in called}
+        for name in self.calls:
+            if depth[name] > MAX_CALL_DEPTH and name not in callees:
+                self.error(self.functions[name], f"calling '{name}' nests {depth[name]} helper calls; "
+                                                 f"the limit is {MAX_CALL_DEPTH}")
 
     def _recursion(self) -> None:
         reported: set[str] = set()
@@ -490,6 +516,17 @@ class _Checker:
             actual = self._type_quiet(bound[p.name], scope)
             if not accepts(p.type, actual):
                 self.error(bound[p.name], f"argument '{p.name}' of {builtin.name}() must be {p.type}, got {actual}")
+        if builtin.name in COMPILED_LITERALS and all(isinstance(v, ast.Const) for v in bound.values()):
+            self._compile_literal(call, builtin, bound)
+
+    def _compile_literal(self, call: ast.Call, builtin, bound: dict[str, ast.Expr]) -> None:
+        """A regex, grammar or JSON schema written as a literal is compiled now, as the run would (no
+        model is needed), so `steer check` finds what `steer run` would refuse."""
+        values = [bound[p.name].value if p.name in bound else p.default for p in builtin.params]
+        try:
+            builtin.impl(*values)
+        except Exception as e:  # noqa: BLE001 - BuiltinError or SteerError: the message is the user's
+            self.error(call, f"{builtin.name}(): {e}")
 
     def _type_quiet(self, e: ast.Expr, scope: _Scope) -> str:
         """The type of an already-checked expression, without reporting its errors a second time."""

@@ -8,6 +8,7 @@ import sys
 from steer.cli import add_sampler_options, positive, print_posterior
 from steer.errors import SteerError
 
+from .interpreter import TIME_LIMIT
 from .script import Script
 
 
@@ -26,6 +27,11 @@ def add_commands(commands) -> None:
     run.add_argument("--max-tokens", "-t", type=positive("--max-tokens"), default=None,
                      help="most tokens a particle samples (overrides the file)")
     add_sampler_options(run, defaults=False)  # unset flags leave the file's settings in force
+    run.add_argument("--time-limit", type=positive("--time-limit", least=0), default=int(TIME_LIMIT),
+                     metavar="SECONDS", help=f"wall-clock budget of the run (default {TIME_LIMIT:g}; 0: none)")
+    run.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                     help="also allow reward_model / retriever / model paths under DIR (repeatable); "
+                          "otherwise they must stay inside the program's folder")
     run.set_defaults(handler=_run)
 
     check = commands.add_parser("check", help="parse and check a .steer program without running it")
@@ -34,7 +40,7 @@ def add_commands(commands) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    script = Script.from_file(args.file)
+    script = Script.from_file(args.file, allow_paths=args.allow_path)
     inputs = dict(args.inputs)
     if len(inputs) != len(args.inputs):
         raise SteerError("an input is given twice with --set")
@@ -44,6 +50,7 @@ def _run(args: argparse.Namespace) -> int:
                     resampling=args.resampling, seed=args.seed, beam=args.beam, max_tokens=args.max_tokens)
     lm = script.load_model(path=args.model, backend=args.backend, dtype=args.dtype, device=args.device)
     posterior = script.run(lm, inputs=values, progress=args.progress, record_particles=args.trace is not None,
+                           time_limit=args.time_limit or None,
                            method=args.method, particles=args.particles, ess=args.ess,
                            resampling=args.resampling, seed=args.seed, beam=args.beam,
                            max_tokens=args.max_tokens)

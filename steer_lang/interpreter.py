@@ -6,13 +6,15 @@ program up to the next sampled token and the statements that follow it (observat
 twists), stopping just before the token after; so every particle moves one token per step.
 
 Sandbox limits hold at run time too: loop bounds, a cap on statements executed, on tokens sampled,
-and on the size of strings and lists.
+on the depth of helper calls, on the size of strings and lists (checked before a value is built, so
+memory stays bounded), and a wall-clock budget for the whole run that slow built-ins respect too.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+import time
 from typing import Any
 
 from steer.checks import TokenCheck
@@ -28,10 +30,14 @@ from steer.words import NextWord
 from . import ast
 from .builtins import (
     BUILTINS,
+    DEADLINE,
+    MAX_CALL_DEPTH,
     MAX_LENGTH,
     REQUIRED,
     BuiltinError,
     accepts,
+    check_size,
+    size_of,
     text,
     type_of,
 )
@@ -39,6 +45,7 @@ from .errors import Diagnostic, LangError, ProgramError
 
 MAX_STATEMENTS = 1_000_000  # per particle and run
 MAX_INT = 2**63
+TIME_LIMIT = 600.0  # seconds of wall-clock time per run, unless the caller gives another
 
 
 class _Return(Exception):
@@ -69,10 +76,13 @@ class _Frame:
 class Code:
     """What all particles of one run share: the checked module, the model, the limits."""
 
-    def __init__(self, module: ast.Module, lm: LanguageModel, max_tokens: int):
+    def __init__(self, module: ast.Module, lm: LanguageModel, max_tokens: int,
+                 time_limit: float | None = TIME_LIMIT):
         self.module = module
         self.lm = lm
         self.max_tokens = max_tokens
+        self.time_limit = time_limit
+        self.deadline = None if time_limit is None else time.monotonic() + time_limit
         self.functions = {f.name: f for f in module.functions}
         self.constraints: dict[tuple, Any] = {}
 
@@ -96,9 +106,11 @@ class ScriptProgram(Program):
         self.value: Any = None
         self._has_value = False
         self._model_values: dict[int, float] = {}  # model calls awaited for the statement being run
+        self._depth = 0  # helper calls in progress
 
     # -- stepping ----------------------------------------------------------------------------------
     async def step(self) -> None:
+        DEADLINE.set(self.code.deadline)
         try:
             await self._run_until_next_token()
         except ProgramError as e:
@@ -157,6 +169,9 @@ class ScriptProgram(Program):
         if self.statements > MAX_STATEMENTS:
             raise ProgramError(node, f"the program ran more than {MAX_STATEMENTS:,} statements; "
                                      "lower a loop bound")
+        if self.code.deadline is not None and time.monotonic() > self.code.deadline:
+            raise ProgramError(node, f"the run passed its time limit of {self.code.time_limit:g} s "
+                                     "(--time-limit sets another)")
 
     def _next_iteration(self, frame: _Frame) -> None:
         loop = frame.loop
@@ -355,7 +370,10 @@ class ScriptProgram(Program):
                 return self.code.lm.token(next(iter(self.code.lm.vocab.eos_ids)))
             raise ProgramError(e, f"'{e.id}' has no value here (it is assigned only on some paths)")
         if isinstance(e, ast.ListExpr):
-            return [self._eval(item, env) for item in e.items]
+            items = [self._eval(item, env) for item in e.items]
+            seen: dict[int, int] = {}
+            _check_size(len(items) + sum(size_of(v, seen) for v in items), e)
+            return items
         if isinstance(e, ast.Unary):
             v = self._eval(e.operand, env)
             if e.op == "not":
@@ -427,10 +445,15 @@ class ScriptProgram(Program):
             f = self.code.functions[e.func]
             local = {name: self.env[name] for name in self._input_names()}
             local.update(zip(f.params, args))
+            if self._depth >= MAX_CALL_DEPTH:
+                raise ProgramError(e, f"helper calls nest more than {MAX_CALL_DEPTH} deep")
+            self._depth += 1
             try:
                 self._run_function(f.body, local)
             except _Return as r:
                 return r.value
+            finally:
+                self._depth -= 1
             raise ProgramError(e, f"function '{e.func}' ended without returning a value")
         builtin = BUILTINS.get(e.func)
         if builtin is None or builtin.kind == "distribution":
@@ -448,7 +471,10 @@ class ScriptProgram(Program):
 
     def _apply(self, builtin, values: list, e: ast.Call) -> Any:
         try:
-            return builtin.impl(*values)
+            result = builtin.impl(*values)
+            if isinstance(result, list):
+                check_size(size_of(result))
+            return result
         except BuiltinError as err:
             raise ProgramError(e, f"{builtin.name}(): {err}") from None
         except SteerError as err:
@@ -577,6 +603,12 @@ def _binary(op: str, a: Any, b: Any, node: ast.Node) -> Any:
         n, seq = (b, a) if ta in ("str", "list") else (a, b)
         if n * len(seq) > MAX_LENGTH:
             raise ProgramError(node, f"result would hold {n * len(seq):,} items; the limit is {MAX_LENGTH:,}")
+        _check_size(max(n, 0) * size_of(seq), node)
+    if op == "+" and ta in ("str", "list"):
+        if len(a) + len(b) > MAX_LENGTH:
+            raise ProgramError(node, f"result would hold {len(a) + len(b):,} items; the limit is {MAX_LENGTH:,}")
+        seen: dict[int, int] = {}
+        _check_size(size_of(a, seen) + size_of(b, seen), node)
     try:
         result = _ARITHMETIC[op](a, b)
     except ZeroDivisionError:
@@ -588,6 +620,13 @@ def _binary(op: str, a: Any, b: Any, node: ast.Node) -> Any:
     if isinstance(result, int) and abs(result) >= MAX_INT:
         raise ProgramError(node, "integer too large (beyond 2**63)")
     return result
+
+
+def _check_size(size: int, node: ast.Node) -> None:
+    try:
+        check_size(size)
+    except BuiltinError as e:
+        raise ProgramError(node, str(e)) from None
 
 
 def _equal(a: Any, b: Any) -> bool:

@@ -7,6 +7,7 @@ hand-written Python programs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from . import ast
 from .builtins import METHOD_ALIASES, SETTINGS, type_of
 from .checker import check, setting_problem
 from .errors import LangError
-from .interpreter import Code, ScriptProgram
+from .interpreter import TIME_LIMIT, Code, ScriptProgram
 from .parser import parse
 
 DEFAULTS = {"method": "smc", "particles": 16, "ess": 0.5, "resampling": "systematic", "seed": 0, "beam": 3,
@@ -37,10 +38,13 @@ class InputSpec:
 class Script:
     """A parsed and checked program.  Build with `Script.from_file(path)` or `Script.from_source(text)`."""
 
-    def __init__(self, module: ast.Module, base_dir: Path | None = None):
+    def __init__(self, module: ast.Module, base_dir: Path | None = None,
+                 allow_paths: Sequence[str | Path] = ()):
         check(module)
         self.module = module
         self.base_dir = base_dir or Path.cwd()
+        # Model, reward-model and index paths must stay inside these folders (symlinks resolved).
+        self.allowed = [self.base_dir.resolve(), *(Path(p).expanduser().resolve() for p in allow_paths)]
         self.inputs: dict[str, InputSpec] = {}
         values: dict[str, Any] = {}
         for node in module.inputs:
@@ -50,17 +54,20 @@ class Script:
             self.inputs[node.name] = InputSpec(node.name, node.type or type_of(default), default)
 
     @classmethod
-    def from_source(cls, source: str, filename: str = "<string>") -> Script:
-        return cls(parse(source, filename))
+    def from_source(cls, source: str, filename: str = "<string>", *, base_dir: Path | None = None,
+                    allow_paths: Sequence[str | Path] = ()) -> Script:
+        return cls(parse(source, filename), base_dir=base_dir, allow_paths=allow_paths)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Script:
+    def from_file(cls, path: str | Path, *, allow_paths: Sequence[str | Path] = ()) -> Script:
+        """The program in `path`; the files it names resolve relative to its folder and must stay in it
+        (or in one of `allow_paths`)."""
         path = Path(path)
         try:
             source = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise SteerError(f"cannot read {path}: {e}") from None
-        return cls(parse(source, str(path)), base_dir=path.parent)
+        return cls(parse(source, str(path)), base_dir=path.parent, allow_paths=allow_paths)
 
     # -- inputs, settings, model -------------------------------------------------------------------
     def input_values(self, given: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -110,8 +117,17 @@ class Script:
         """The model the file names (relative to the file), or None for the default model."""
         if not self.module.models or self.module.models[0].path is None:
             return None
-        path = Path(self.module.models[0].path).expanduser()
-        return path if path.is_absolute() else self.base_dir / path
+        return self._confined(self.module.models[0], self.module.models[0].path)
+
+    def _confined(self, node: ast.Node, written: str) -> Path:
+        """`written` relative to the program's folder, symlinks resolved; refused (at the declaration)
+        when it leaves the allowed folders, so a program cannot reach files it was not given."""
+        path = Path(written).expanduser()
+        path = (path if path.is_absolute() else self.base_dir / path).resolve()
+        if not any(path.is_relative_to(root) for root in self.allowed):
+            raise self._fail(node, f"{written!r} is outside the program's folder ({self.allowed[0]}); "
+                                   "move it there, or allow its folder with --allow-path DIR")
+        return path
 
     def model_options(self) -> dict[str, str]:
         """The `backend` and `dtype` the file's model declaration asks for (checked already)."""
@@ -121,8 +137,9 @@ class Script:
         """The file's model with its options; `overrides` (path=, backend=, dtype=, device=) that are not None win."""
         from steer.lm import load_model
 
-        options: dict[str, Any] = {"path": self.model_path(), **self.model_options()}
-        options.update({k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        options: dict[str, Any] = {"path": given.get("path") or self.model_path(), **self.model_options()}
+        options.update(given)
         return load_model(options.pop("path"), **options)
 
     def resources(self) -> dict[str, Any]:
@@ -135,22 +152,24 @@ class Script:
             loaders = {"reward_model": load_potential, "retriever": Retriever.load}
             loaded = {}
             for node in self.module.resources:
-                path = Path(node.path).expanduser()
-                loaded[node.name] = loaders[node.kind](path if path.is_absolute() else self.base_dir / path)
+                loaded[node.name] = loaders[node.kind](self._confined(node, node.path))
             self._resources = loaded
         return self._resources
 
     # -- running -----------------------------------------------------------------------------------
     def program(self, lm: LanguageModel, inputs: dict[str, Any] | None = None,
-                max_tokens: int | None = None) -> ScriptProgram:
-        """The program as a `steer.Program` (one particle; the samplers copy it)."""
+                max_tokens: int | None = None, time_limit: float | None = TIME_LIMIT) -> ScriptProgram:
+        """The program as a `steer.Program` (one particle; the samplers copy it).  `time_limit`: seconds
+        of wall-clock time from now that the run may take (None: no limit)."""
         values = self.input_values(inputs)
         limit = max_tokens if max_tokens is not None else self.settings(values)["max_tokens"]
-        return ScriptProgram(Code(self.module, lm, limit), {**values, **self.resources()})
+        return ScriptProgram(Code(self.module, lm, limit, time_limit), {**values, **self.resources()})
 
     def run(self, lm: LanguageModel | None = None, *, inputs: dict[str, Any] | None = None,
-            progress: bool = False, record_particles: bool = False, **overrides: Any) -> Posterior:
-        """Run with the file's sampler settings, `overrides` (particles=, method=, seed=, ...) winning."""
+            progress: bool = False, record_particles: bool = False, time_limit: float | None = TIME_LIMIT,
+            **overrides: Any) -> Posterior:
+        """Run with the file's sampler settings, `overrides` (particles=, method=, seed=, ...) winning;
+        the run stops with a `file:line:col` error once it has taken `time_limit` seconds."""
         values = self.input_values(inputs)
         s = self.settings(values, **overrides)
         if lm is None:
@@ -161,7 +180,7 @@ class Script:
             options.update(ess_threshold=s["ess"], resampling=s["resampling"])
         elif s["method"] == "smc-steer":
             options.update(beam=s["beam"])
-        return run(self.program(lm, values, s["max_tokens"]), s["method"], **options)
+        return run(self.program(lm, values, s["max_tokens"], time_limit), s["method"], **options)
 
     # -- helpers -----------------------------------------------------------------------------------
     def _evaluate(self, expr: ast.Expr, inputs: dict[str, Any]) -> Any:

@@ -143,7 +143,7 @@ def test_reward_guided(gemma, gemma_reward_dir):
     source = (EXAMPLES / "reward_guided.steer").read_text().replace('"../runs/rm/model"', f'"{path}"')
     source = source.replace('"\\n\\nResponse:\\n"\n', '"\\n\\nResponse:\\n", heal=false\n')
     assert "heal=false" in source
-    script = Script.from_source(source, "reward_guided.steer")
+    script = Script.from_source(source, "reward_guided.steer", allow_paths=[path])
     post = script.run(gemma, seed=0, particles=3, method="is", inputs={"max_tokens": 4})
     values = script.input_values()
     judge = RewardModel(path)
@@ -162,7 +162,7 @@ def test_retrieval_qa_puts_the_retrieved_passages_in_front_of_the_question(gemma
 
     shutil.copy(EXAMPLES / "retrieval_qa.steer", tmp_path)
     (tmp_path / "wiki-index").symlink_to(wiki_index)
-    script = Script.from_file(tmp_path / "retrieval_qa.steer")
+    script = Script.from_file(tmp_path / "retrieval_qa.steer", allow_paths=[wiki_index])  # a link out
     post = script.run(gemma, seed=0, particles=2, inputs={"max_tokens": 6})
     assert math.isfinite(post.log_ml)
     values = script.input_values()

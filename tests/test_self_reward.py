@@ -225,7 +225,7 @@ repeat {steps}:
         stop
 score reward(judge, "say", text(c)) / {temperature}
 """
-    script = Script.from_source(source, "judge.steer")
+    script = Script.from_source(source, "judge.steer", allow_paths=[tiny_long_dir])
     judge = script.resources()["judge"]
     eos = next(iter(tiny_lm.vocab.eos_ids))
     target = {}

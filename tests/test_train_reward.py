@@ -211,7 +211,7 @@ def test_steer_file_reward_potential_targets_lm_times_exp_reward(tiny_lm, tiny_r
     from steer_lang.script import Script
 
     source = STEER_PROGRAM.format(path=tiny_reward_dir, temperature=TEMPERATURE, T=T)
-    script = Script.from_source(source, "reward.steer")
+    script = Script.from_source(source, "reward.steer", allow_paths=[tiny_reward_dir])
     exact, log_z = exact_reward_target(tiny_lm, script.resources()["judge"])
     estimate, log_mls = {}, []
     for seed in range(3):
