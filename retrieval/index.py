@@ -127,10 +127,20 @@ class VectorIndex:
         directory = Path(directory)
         if not (directory / INDEX_FILE).is_file() or not (directory / META_FILE).is_file():
             raise RetrievalError(f"{directory}: not an index directory (no {INDEX_FILE} and {META_FILE})")
-        stored = json.loads((directory / META_FILE).read_text())
-        stored.pop("count", None)
-        meta = IndexMeta(**stored)
-        index = faiss.read_index(str(directory / INDEX_FILE))
+        try:
+            stored = json.loads((directory / META_FILE).read_text())
+            count = stored.pop("count", None)
+            meta = IndexMeta(**stored)
+        except (ValueError, TypeError) as e:
+            raise RetrievalError(f"{directory / META_FILE}: not an index description ({e})") from None
+        try:
+            index = faiss.read_index(str(directory / INDEX_FILE))
+        except RuntimeError as e:  # faiss reports a truncated or foreign file this way
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
+            raise RetrievalError(f"{directory / INDEX_FILE}: not a readable faiss index (corrupt or cut off: "
+                                 f"{reason}); rebuild it with `steer index build`") from None
+        if index.d != meta.dim or (count is not None and index.ntotal != count):
+            raise RetrievalError(f"{directory / INDEX_FILE} does not match {META_FILE}: rebuild the index")
         if meta.nprobe:
             index.nprobe = meta.nprobe
         if meta.ef_search:

@@ -116,6 +116,31 @@ def print_posterior(posterior, as_json: bool, out=None) -> None:
           f"resampled = {s['resampled']}   {s['seconds']:.1f}s", file=out)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def refuse_oversized(lm, args: argparse.Namespace, tokens: int) -> None:
+    """Stop before sampling when the particles cannot fit in memory (at least `tokens` tokens each),
+    instead of swapping for minutes and being killed."""
+    contexts = args.particles * (args.beam if args.method == "smc-steer" else 1)
+    each = lm.particle_bytes(tokens)
+    available = available_memory()
+    if available is not None and contexts * each > available:
+        raise SteerError(f"{contexts:,} particles of {tokens:,} tokens need at least "
+                         f"{contexts * each / 2**30:,.1f} GiB ({each / 2**20:.1f} MiB each: log-probabilities over "
+                         f"{lm.vocab.size:,} tokens, keys and values) but {available / 2**30:.1f} GiB is "
+                         "available; use fewer particles")
+
+
 def _generate(args: argparse.Namespace) -> int:
     from .generate import Generate
     from .lm import load_model
@@ -123,6 +148,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     lm = load_model(args.model, backend=args.backend or "hf", dtype=args.dtype, device=args.device)
     program = Generate(lm, args.prompt, max_tokens=args.max_tokens, stop=args.stop)
+    refuse_oversized(lm, args, len(program.context.tokens) + args.max_tokens)
     posterior = run(program, args.method, **sampler_options(args))
     print_posterior(posterior, args.json)
     if args.trace:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from steer.cli import add_sampler_options, positive, print_posterior
+from steer.cli import add_sampler_options, positive, print_posterior, refuse_oversized
 from steer.errors import SteerError
 
 from .interpreter import TIME_LIMIT
@@ -49,6 +49,9 @@ def _run(args: argparse.Namespace) -> int:
     script.settings(values, method=args.method, particles=args.particles, ess=args.ess,
                     resampling=args.resampling, seed=args.seed, beam=args.beam, max_tokens=args.max_tokens)
     lm = script.load_model(path=args.model, backend=args.backend, dtype=args.dtype, device=args.device)
+    settings = script.settings(values, method=args.method, particles=args.particles, beam=args.beam,
+                               max_tokens=args.max_tokens)
+    refuse_oversized(lm, argparse.Namespace(**settings), settings["max_tokens"])
     posterior = script.run(lm, inputs=values, progress=args.progress, record_particles=args.trace is not None,
                            time_limit=args.time_limit or None,
                            method=args.method, particles=args.particles, ess=args.ess,

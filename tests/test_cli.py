@@ -39,6 +39,7 @@ def test_generate_stop_string(tiny_dir, capsys):
     (["--backend", "tgi"], "invalid choice"),
     (["--dtype", "int4"], "invalid choice"),
     (["--device", "gpu0"], "cannot place the model on 'gpu0'"),
+    (["--particles", str(10**11)], "GiB is available; use fewer particles"),  # refused before sampling
     (["--backend", "vllm", "--device", "cuda"], "drop `device`"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_dir, capsys, args, message):

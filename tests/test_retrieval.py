@@ -169,6 +169,16 @@ def test_index_cli_builds_and_searches(wiki_docs, tmp_path, capsys):
     assert main(["index", "search", str(out), "an anarchist political philosophy", "-k", "3", "--json"]) == 0
     hits = [json.loads(line, parse_constant=_refuse) for line in capsys.readouterr().out.splitlines()]  # strict
     assert [h["rank"] for h in hits] == [1, 2, 3] and hits[0]["title"] == "Anarchism"
+    # a cut-off index file, then one from elsewhere: one-line user errors (exit 2), never a faiss traceback
+    index_file = out / "index.faiss"
+    whole = index_file.read_bytes()
+    index_file.write_bytes(whole[:len(whole) // 2])
+    assert main(["index", "search", str(out), "anarchism"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "index.faiss: not a readable faiss index (corrupt or cut off" in err and len(err.splitlines()) == 1
+    index_file.write_bytes(b"not an index at all")
+    assert main(["index", "search", str(out), "anarchism"]) == 2
+    assert "not a readable faiss index" in capsys.readouterr().err
 
 
 def test_index_cli_user_errors_exit_2(tmp_path, capsys):

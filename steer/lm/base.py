@@ -122,6 +122,13 @@ class LanguageModel(ABC):
     def release(self, context: LMContext) -> None:
         """Forget the cache state held for `context` (it will be re-encoded if used again)."""
 
+    kv_bytes_per_token: int = 0  # keys and values one context keeps per token (0: the engine manages them)
+
+    def particle_bytes(self, tokens: int) -> int:
+        """Memory one particle of `tokens` tokens (prompt included) needs at most: its float32 next-token
+        log-probabilities and their mask over the vocabulary, and its keys and values."""
+        return self.vocab.size * 9 + self.kv_bytes_per_token * tokens
+
     def __deepcopy__(self, memo):  # particles are deep-copied; the model they use is shared
         return self
 

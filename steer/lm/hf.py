@@ -68,6 +68,10 @@ class HFLanguageModel(TokenizerLanguageModel):
         # transformers 5.20 renamed the decoder's `past_key_values` to `cache`; vLLM's pins need the older.
         self._cache_argument = "cache" if "cache" in inspect.signature(self._decoder.forward).parameters \
             else "past_key_values"
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.kv_bytes_per_token = 2 * config.num_hidden_layers * heads * head_dim * model.dtype.itemsize
         self._cache = None
         self._mask: torch.Tensor | None = None  # [rows, columns] which cache columns hold real tokens
         self._layout = 0
