@@ -111,11 +111,17 @@ def test_a_plain_model_without_reserved_tokens_cannot_embed(tiny_text_dir):
 
 @pytest.mark.slow
 def test_llara_lora_step_on_the_default_model(wiki_docs, tmp_path, capsys):
-    assert main(["train", "llara", "--data", str(wiki_docs), "--out", str(tmp_path / "run"), "--lora",
-                 "--max-steps", "2", "--batch-size", "2", "--max-length", "48", "--limit", "6",
+    rows = [json.loads(line) for line in wiki_docs.read_text().splitlines()]
+    articles = sorted({r["id"].rpartition("-")[0] for r in rows})[:2]
+    docs = write_jsonl(tmp_path / "docs.jsonl", [r for a in articles for r in rows
+                                                 if r["id"] in (f"{a}-0", f"{a}-1", f"{a}-2")])
+    assert main(["train", "llara", "--data", str(docs), "--out", str(tmp_path / "run"), "--lora",
+                 "--max-steps", "2", "--batch-size", "2", "--max-length", "48",
                  "--eval-fraction", "0.34", "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["steps"] == 2 and np.isfinite(summary["eval_loss"])
+    assert summary["steps"] == 2 and np.isfinite(summary["eval_loss"])  # one whole article held out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["articles"] == {"train": 1, "eval": 1} and metrics["pairs"] == {"train": 2, "eval": 2}
     embedder = LLMEmbedder.load(tmp_path / "run" / "model")
     assert embedder.dim == 640 and embedder.fmt.ebar_slots[0] == "<unused8>"
     vectors = embedder.embed_passages(["Anarchism is a political philosophy.", "The sun is a star."])

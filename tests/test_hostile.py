@@ -1,0 +1,68 @@
+"""Hostile programs, run as a user would (`steer run FILE.steer` in a process of its own): each ends
+within its budget with exit 2 and a `file:line:col` message, and its peak memory stays bounded."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+PEAK_RSS_MB = 1500  # the interpreter with torch and transformers loaded takes about 400 MB of it
+SECONDS = 30  # start-up included; the run's own --time-limit is 5 s
+
+BIG = 's = "a" * 999999\n'
+CASES = {
+    "str of a list of a million long strings": (BIG + "l = [s] * 999999\nj = str(l)\n", "2:9",
+                                                "999,999,000,000 characters and items"),
+    "nested lists doubling": (BIG + "l = [s, s]\nrepeat 40:\n    l = [l, l]\nj = str(l)\n", "5:5",
+                              "longer than 1,000,000 characters"),
+    "join of a million long strings": (BIG + 'j = join([s] * 999999, "")\n', "2:10", "characters and items"),
+    "membership in a huge list": (BIG + "l = [s] * 9\nu = s + \"b\"\nrepeat 100000:\n    x = u in l\n", "5:5",
+                                  "time limit"),
+    "catastrophic backtracking in a loop": ('n = 0\nrepeat 1000:\n    if matches("a" * 4000 + "b", "(a+)+$"):\n'
+                                            '        n += 1\n', "3:8", "time limit"),
+    "an automaton with 2**30 states": ('context c = "a"\nt = sample next(c) where regex("(.*a.{30})")\n', "2:26",
+                                       "too large for a token automaton"),
+    "a repeat of repeats": ('context c = "a"\nt = sample next(c) where regex("(a{1,1000}b){1,1000}")\n', "2:26",
+                            "too large for a token automaton"),
+    "rounding infinity": ('x = round(exp(1000.0))\n', "1:11", "exp"),
+    "a reward model outside the folder": ('reward_model judge = "../../../etc"\nx = 1\n', "1:14",
+                                          "outside the program's folder"),
+    "an index by absolute path": ('retriever wiki = "/etc"\nx = 1\n', "1:11", "outside the program's folder"),
+}
+
+
+def run_measured(args: list[str]) -> tuple[int, str, float, float]:
+    """(exit code, stderr, seconds, peak RSS in MB) of one process."""
+    started = time.monotonic()
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    _, status, usage = os.wait4(process.pid, 0)
+    stderr = process.stderr.read()
+    process.stderr.close()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, stderr, time.monotonic() - started, usage.ru_maxrss / 1024
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_program_ends_with_exit_2_in_bounded_time_and_memory(name, tiny_dir, tmp_path):
+    source, where, message = CASES[name]
+    program = tmp_path / "prog" / "hostile.steer"
+    program.parent.mkdir()
+    program.write_text(source)
+    code, stderr, seconds, peak_mb = run_measured(
+        [sys.executable, "-m", "steer.cli", "run", str(program), "--model", str(tiny_dir), "-n", "1",
+         "--time-limit", "5"])
+    assert code == 2, stderr[-2000:]
+    assert f"hostile.steer:{where}: " in stderr and message in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert seconds < SECONDS and peak_mb < PEAK_RSS_MB, (seconds, peak_mb)
+
+
+def test_absurd_sizes_are_refused_before_anything_runs(tiny_dir, tmp_path):
+    program = tmp_path / "p.steer"
+    program.write_text("input n = 3\nresult n\n")
+    code, stderr, seconds, _ = run_measured([sys.executable, "-m", "steer.cli", "run", str(program), "--model",
+                                             str(tiny_dir), "--set", "n=" + "9" * 30])
+    assert code == 2 and "2**63" in stderr and seconds < SECONDS, stderr
