@@ -17,10 +17,10 @@ from steer.lm import LanguageModel
 from steer.smc import Posterior, run
 
 from . import ast
-from .builtins import METHOD_ALIASES, SETTINGS, type_of
+from .builtins import MAX_SIZE, METHOD_ALIASES, SETTINGS, size_of, type_of
 from .checker import check, setting_problem
 from .errors import LangError
-from .interpreter import TIME_LIMIT, Code, ScriptProgram
+from .interpreter import MAX_INT, TIME_LIMIT, Code, ScriptProgram
 from .parser import parse
 
 DEFAULTS = {"method": "smc", "particles": 16, "ess": 0.5, "resampling": "systematic", "seed": 0, "beam": 3,
@@ -197,7 +197,20 @@ class Script:
 
 
 def _coerce(spec: InputSpec, value: Any) -> Any:
-    """An input value of the declared type; strings (from the command line) are parsed."""
+    """An input value of the declared type, within the language's limits; strings (from the command
+    line) are parsed."""
+    value = _parsed(spec, value)
+    seen: dict[int, int] = {}
+    for item in [value, *(value if isinstance(value, list) else [])]:
+        if isinstance(item, int) and not isinstance(item, bool) and not -MAX_INT < item < MAX_INT:
+            raise SteerError(f"input {spec.name!r}: integers must lie within ±2**63, got {item}")
+        if isinstance(item, (str, list)) and size_of(item, seen) > MAX_SIZE:
+            raise SteerError(f"input {spec.name!r} is too large ({size_of(item, seen):,} characters and items; "
+                             f"the limit is {MAX_SIZE:,})")
+    return value
+
+
+def _parsed(spec: InputSpec, value: Any) -> Any:
     if not isinstance(value, str) or spec.type == "str":
         if spec.type not in ("any", type_of(value)) and not (spec.type == "float" and type_of(value) == "int"):
             raise SteerError(f"input {spec.name!r} is {spec.type}, got {type_of(value)}")
