@@ -42,6 +42,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
         kwargs.setdefault("encoding", "utf-8")
     with atomic_path(path) as temporary, open(temporary, mode, **kwargs) as f:
         yield f
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename, so even a power cut leaves a whole file
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
@@ -158,8 +159,10 @@ def resume_from(options: TrainOptions) -> str | None:
     """
     found = last_checkpoint(options.out)
     if options.resume:
-        if found is None:
-            raise SteerError(f"--resume: no checkpoint-* directory in {options.out}")
+        if found is None:  # killed before its first complete checkpoint: nothing to lose by starting over
+            log.warning("--resume: no complete checkpoint in %s yet, so training starts from the beginning",
+                        options.out)
+            return None
         log.warning("resuming from %s", found)
         return found
     if found is not None:
@@ -189,7 +192,17 @@ def run_and_save(trainer, tokenizer, options: TrainOptions, checkpoint: str | No
 
     before = trainer.evaluate() if has_eval and checkpoint is None else None
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    finished = _finished_state(checkpoint)
+    if finished is not None:
+        # Killed after its last step was saved: transformers would take one step past max_steps when
+        # resuming from there, so load that checkpoint instead and go on to evaluation and saving.
+        trainer._load_from_checkpoint(checkpoint)
+        trainer.state = finished
+        losses = [entry["loss"] for entry in finished.log_history if "loss" in entry]
+        result = SimpleNamespace(global_step=finished.global_step,
+                                 training_loss=sum(losses) / len(losses) if losses else float("nan"))
+    else:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - started
     after = trainer.evaluate() if has_eval else None
     final = Path(options.out) / "model"
@@ -199,6 +212,16 @@ def run_and_save(trainer, tokenizer, options: TrainOptions, checkpoint: str | No
     return {"train": {"steps": result.global_step, "loss": result.training_loss, "seconds": seconds,
                       "processes": trainer.args.world_size},
             "eval_before": before, "eval": after, "log": train_log(trainer), "model": str(final)}
+
+
+def _finished_state(checkpoint: str | None):
+    """The TrainerState of `checkpoint` if its run had taken all its steps, else None."""
+    if checkpoint is None:
+        return None
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    return state if state.max_steps and state.global_step >= state.max_steps else None
 
 
 def finite(value: Any) -> Any:
