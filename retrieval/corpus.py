@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from steer.files import atomic_path, atomic_write_text
 from steer.jsonl import DataError, read_jsonl
 
 from .embedders import Embedder
@@ -68,15 +69,19 @@ def embed_documents(embedder: Embedder, texts: list[str], out: str | Path | None
     if ids is None or len(ids) != n:
         raise ValueError("embeddings written to disk need one id per text")
     path = Path(out) / EMBEDDINGS
-    path.parent.mkdir(parents=True, exist_ok=True)
-    matrix = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, embedder.dim))
-    with tqdm(total=n, desc="embedding", unit="doc", disable=not progress) as bar:
-        for start in range(0, n, chunk):
-            matrix[start:start + chunk] = embedder.embed_passages(texts[start:start + chunk], batch_size=batch_size)
-            bar.update(min(chunk, n - start))
-    matrix.flush()
-    Path(out, IDS).write_text(json.dumps(ids))
-    Path(out, EMBEDDER).write_text(json.dumps({"name": embedder.name, "dim": embedder.dim}))
+    # The matrix is filled under a temporary name and renamed last, after its ids: a run killed on
+    # the way leaves the previous embeddings whole (or none), never a half-filled matrix.
+    with atomic_path(path) as temporary:
+        matrix = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=(n, embedder.dim))
+        with tqdm(total=n, desc="embedding", unit="doc", disable=not progress) as bar:
+            for start in range(0, n, chunk):
+                matrix[start:start + chunk] = embedder.embed_passages(texts[start:start + chunk],
+                                                                      batch_size=batch_size)
+                bar.update(min(chunk, n - start))
+        matrix.flush()
+        del matrix
+        atomic_write_text(Path(out, IDS), json.dumps(ids))
+        atomic_write_text(Path(out, EMBEDDER), json.dumps({"name": embedder.name, "dim": embedder.dim}))
     return np.load(path, mmap_mode="r")
 
 

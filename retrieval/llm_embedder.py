@@ -37,7 +37,9 @@ class LlaraFormat:
     max_tokens: int = 256  # of the passage; the instruction and slots always fit after it
 
     def save(self, directory: str | Path) -> None:
-        Path(directory, FORMAT_FILE).write_text(json.dumps(asdict(self), indent=2))
+        from steer.files import atomic_write_text
+
+        atomic_write_text(Path(directory, FORMAT_FILE), json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, directory: str | Path) -> LlaraFormat:

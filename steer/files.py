@@ -75,3 +75,10 @@ def remove_stale(directory: str | os.PathLike, prefix: str = TEMPORARY, suffix: 
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed
+
+
+def save_figure(figure: Any, path: str | os.PathLike, **options: Any) -> None:
+    """`figure.savefig(path)` through `atomic_path` (the format comes from the target's suffix)."""
+    path = Path(path)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format=path.suffix.lstrip(".") or None, **options)

@@ -57,3 +57,11 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield number, row
     if not seen:
         raise DataError(f"{path}: the file has no rows")
+
+
+def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """One JSON object per line, written whole or not at all (see `steer.files`)."""
+    from .files import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return Path(path)

@@ -80,12 +80,12 @@ def test_training_killed_mid_checkpoint_and_at_random_resumes_to_the_same_result
 
 def test_a_report_killed_while_written_is_the_old_one_and_the_next_write_cleans_up(tmp_path):
     target = tmp_path / "trace.html"
-    writer = f"""
+    writer = """
 import sys
 from steer.files import atomic_write_text
 body = "<p>" + "x" * 5_000_000 + "</p>"
 for i in range(10_000):
-    atomic_write_text(sys.argv[1], f"<html>{{i}}{{body}}</html>")
+    atomic_write_text(sys.argv[1], f"<html>{i}{body}</html>")
 """
     process = start(["-c", writer, str(target)])
     killed = kill_when(process, lambda: any(p.name.startswith(TEMPORARY) for p in tmp_path.iterdir())

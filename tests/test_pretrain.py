@@ -4,7 +4,6 @@ pretraining of a model directory, perplexity checked against a direct computatio
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from conftest import wikipedia_rows

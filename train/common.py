@@ -12,8 +12,8 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch

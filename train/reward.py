@@ -9,7 +9,6 @@ smoothing), label flipping and adaptive margins computed from a preference-stren
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from dataclasses import replace
@@ -216,6 +215,3 @@ def score_pairs(model, tokenizer, pairs: list[Pair], max_length: int, batch_size
     return torch.cat(diffs).cpu()
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from steer.errors import SteerError
+from steer.files import atomic_write_text, save_figure
+from steer.jsonl import write_jsonl
 from steer.potentials import ScoringModel
 
 from .common import TrainOptions, model_dir, write_metrics
@@ -62,12 +64,6 @@ class JudgeFailed(SteerError):
     """A model produced no parseable judgment; the loop stops and keeps what it made."""
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.rename(path)  # a stage's file exists only once it is complete
-
 
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -78,7 +74,7 @@ def _stage(path: Path, make) -> list[dict]:
     if path.exists():
         return _read_jsonl(path)
     rows = make()
-    _write_jsonl(path, rows)
+    write_jsonl(path, rows)
     return rows
 
 
@@ -134,7 +130,7 @@ def aift_pairs(generator: Generator, prompts: list[str], stage: Path, config: Se
             ties += 1
             continue
         pairs.append({"prompt": row["prompt"], "chosen": pair[0], "rejected": pair[1]})
-    _write_jsonl(stage / "pairs.jsonl", pairs)
+    write_jsonl(stage / "pairs.jsonl", pairs)
     stats = {"prompts": len(prompts), "candidates": len(items), "judgments": total, "unparseable": unparseable,
              "pairs": len(pairs), "dropped_ties_or_unscored": ties}
     return pairs, stats
@@ -279,7 +275,7 @@ def self_reward(seed_dir: str | Path, options: TrainOptions, config: SelfRewardC
             old = answers(models[t - 1], questions, config, stats)
             record["head_to_head"] = {"against": f"M{t - 1}", "judge": config.judge,
                                       **win_rate(head_to_head_judge, questions, new, old, options.seed + 9)}
-            _write_jsonl(stage / "head_to_head.jsonl", [{"question": q, f"M{t}": a, f"M{t - 1}": b}
+            write_jsonl(stage / "head_to_head.jsonl", [{"question": q, f"M{t}": a, f"M{t - 1}": b}
                                                         for q, a, b in zip(questions, new, old)])
         _save(metrics_path, iterations, config, options, stats)
     report(out, iterations)
@@ -300,8 +296,9 @@ def _save(path: Path, iterations: dict, config: SelfRewardConfig, options: Train
 
 def report(out: Path, iterations: dict[str, Any]) -> Path:
     """A markdown table and a plot of the per-iteration measurements."""
-    rows = ["| model | judge pairwise acc. [95% CI] | judge exact match | unparseable | pairs | "
-            "win rate vs previous [95% CI] |", "|---|---|---|---|---|---|"]
+    header = ("| model | judge pairwise acc. [95% CI] | judge exact match | unparseable | pairs | "
+              "win rate vs previous [95% CI] |")
+    rows = [header, "|---|---|---|---|---|---|"]
 
     def fmt(x):
         return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
@@ -316,7 +313,7 @@ def report(out: Path, iterations: dict[str, Any]) -> Path:
         rows.append(f"| M{t} | {with_ci(j.get('pairwise_accuracy'), j.get('ci95'))} | {fmt(j.get('exact_match'))} | "
                     f"{j.get('unparseable', '-')}/{j.get('judgments', '-')} | {a.get('pairs', '-')} | "
                     f"{with_ci(h.get('win_rate'), h.get('ci95'))} vs {h.get('against', '-')} |")
-    (out / "report.md").write_text("# Self-rewarding training\n\n" + "\n".join(rows) + "\n")
+    atomic_write_text(out / "report.md", "# Self-rewarding training\n\n" + "\n".join(rows) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -333,6 +330,6 @@ def report(out: Path, iterations: dict[str, Any]) -> Path:
     ax.set_ylim(0, 1)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "report.png", dpi=120)
+    save_figure(fig, out / "report.png", dpi=120)
     plt.close(fig)
     return out / "report.md"

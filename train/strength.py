@@ -24,16 +24,19 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from steer.errors import SteerError
+from steer.files import atomic_write_text, save_figure
+from steer.jsonl import write_jsonl
 
 from .common import (
     TrainOptions,
+    last_checkpoint,
     load_tokenizer,
     model_dir,
     quiet_transformers,
     write_metrics,
 )
 from .data import Pair, fit_length, held_out, load_pairs
-from .reward import fit_reward_model, pair_id, score_pairs, write_jsonl
+from .reward import fit_reward_model, pair_id, score_pairs
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +53,14 @@ def _member(pairs: list[Pair], options: TrainOptions, index: int, train_fraction
         return json.loads(saved.read_text())
     rng = random.Random(options.seed * 1000 + index)
     seen = sorted(rng.sample(range(len(pairs)), max(1, round(train_fraction * len(pairs)))))
-    opts = replace(options, out=str(out), seed=options.seed + index, resume=False, eval_fraction=0.0)
+    # a member killed half-way continues from its own last checkpoint
+    opts = replace(options, out=str(out), seed=options.seed + index, resume=last_checkpoint(out) is not None,
+                   eval_fraction=0.0)
     trainer, fit = fit_reward_model([pairs[i] for i in seen], [], opts)
     tokenizer = load_tokenizer(model_dir(options.model))
     diffs = score_pairs(trainer.model, tokenizer, pairs, options.max_length)
     result = {"seen": seen, "diffs": diffs.tolist(), "train": fit}
-    out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(result))
+    atomic_write_text(saved, json.dumps(result))
     return result
 
 
@@ -86,7 +90,8 @@ def decile_accuracy(pairs: list[Pair], means: np.ndarray, validation: list[Pair]
     rows = []
     for g, indices in enumerate(tqdm(np.array_split(order, groups), desc="decile models",
                                      disable=not options.progress)):
-        opts = replace(options, out=str(Path(options.out) / "deciles" / f"{g}"), resume=False, eval_fraction=0.0)
+        out = Path(options.out) / "deciles" / f"{g}"
+        opts = replace(options, out=str(out), resume=last_checkpoint(out) is not None, eval_fraction=0.0)
         trainer, _ = fit_reward_model([pairs[i] for i in indices], [], opts)
         tokenizer = load_tokenizer(model_dir(options.model))
         accuracy = float((score_pairs(trainer.model, tokenizer, validation, options.max_length) > 0).float().mean())
@@ -109,7 +114,7 @@ def plot_histogram(means: np.ndarray, band: float, path: Path) -> Path:
     ax.set_ylabel("pairs")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -141,7 +146,7 @@ def preference_strength(data: str | Path, options: TrainOptions, *, models: int 
         lines += ["", "| decile (weakest first) | pairs | mean strength | validation accuracy |", "|---|---|---|---|"]
         lines += [f"| {r['decile']} | {r['pairs']} | {r['mean_strength']:.3f} | {r['validation_accuracy']:.3f} |"
                   for r in table]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     metrics = {"trainer": "strength", "data": str(data), "pairs": len(scored), "models": models,
                "train_fraction": train_fraction, "band": band, "categories": counts_by,
                "mean_strength": float(means.mean()), "mean_std": float(stds.mean()),
