@@ -18,18 +18,24 @@ class DataError(SteerError):
     cli_prefix = ""
 
 
+MAX_LINE_BYTES = 4 << 20  # a row longer than this is refused before anything parses or tokenises it
+
+
 def _lines(f, path: Path) -> Iterator[str]:
-    """The lines of a binary file as text; a line that is not UTF-8 or a cut-off gzip stream is the
-    data's fault, reported with its line number."""
+    """The lines of a binary file as text; a line that is not UTF-8, longer than MAX_LINE_BYTES, or a
+    cut-off gzip stream is the data's fault, reported with its line number."""
     number = 0
     while True:
         try:
-            raw = f.readline()
+            raw = f.readline(MAX_LINE_BYTES + 1)
         except (EOFError, OSError, zlib.error) as e:
             raise DataError(f"{path}:{number + 1}: the compressed file is cut off or damaged ({e})") from None
         if not raw:
             return
         number += 1
+        if len(raw) > MAX_LINE_BYTES:
+            raise DataError(f"{path}:{number}: the line is longer than {MAX_LINE_BYTES >> 20} MiB; "
+                            "no training row or document needs that much")
         try:
             yield raw.decode("utf-8")
         except UnicodeDecodeError as e:

@@ -155,11 +155,20 @@ def _words(s: str) -> list[str]:
 def _number(kind: type) -> Callable:
     def convert(x):
         try:
-            return kind(text(x))
+            value = kind(text(x))
         except (ValueError, OverflowError, TypeError):
             raise BuiltinError(f"cannot convert {text(x)!r} to {kind.__name__}") from None
+        if kind is float and not math.isfinite(value):  # the language has no infinities or NaN
+            raise BuiltinError(f"cannot convert {text(x)!r} to a finite float")
+        return value
 
     return convert
+
+
+def _round(x: float) -> int:
+    if not math.isfinite(x) or abs(x) >= 2**63:
+        raise BuiltinError(f"cannot round {x!r} to an integer (within ±2**63)")
+    return round(x)
 
 
 def _extreme(pick: Callable) -> Callable:
@@ -324,7 +333,7 @@ _BUILTINS = [
     _b("abs", [("x", "number")], "any", abs, "absolute value"),
     _b("min", [("a", "any"), ("b", "any", None)], "any", _extreme(min), "smaller of a and b, or least of a list"),
     _b("max", [("a", "any"), ("b", "any", None)], "any", _extreme(max), "larger of a and b, or largest of a list"),
-    _b("round", [("x", "number")], "int", lambda x: round(x), "nearest integer"),
+    _b("round", [("x", "number")], "int", _round, "nearest integer"),
     _b("log", [("x", "number")], "float", _math(math.log, "log"), "natural logarithm"),
     _b("exp", [("x", "number")], "float", _math(math.exp, "exp"), "e to the power x"),
     _b("sum", [("items", "list")], "any", _sum, "sum of a list of numbers"),

@@ -37,6 +37,8 @@ def test_refused_before_running(source, message):
     ("x = range(100000000)\n", "the limit is 1,000,000"),
     ("x = 2\nrepeat 10:\n    x = x * x\n", "integer too large"),
     ("x = 10.0\nrepeat 12:\n    x = exp(x)\n", "exp"),
+    ('x = round(float("inf"))\n', "cannot convert 'inf' to a finite float"),
+    ("x = round(1e300)\n", "cannot round 1e+300 to an integer"),
 ])
 def test_limits_hold_at_run_time(tiny_lm, source, message):
     assert message in refused(source, tiny_lm)

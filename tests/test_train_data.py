@@ -144,3 +144,9 @@ def test_non_utf8_and_cut_off_gzip_data_are_named_by_file_and_line(tmp_path):
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match=r"cut\.jsonl\.gz:\d+: the compressed file is cut off or damaged"):
         list(read_jsonl(cut))
+    huge = tmp_path / "huge.jsonl"  # refused as it is read, before any tokenizer sees 20 MB of text
+    huge.write_text('{"prompt": "a"}\n{"prompt": "' + "x" * 20_000_000 + '"}\n')
+    rows = read_jsonl(huge)
+    assert next(rows)[0] == 1
+    with pytest.raises(DataError, match=r"huge\.jsonl:2: the line is longer than 4 MiB"):
+        next(rows)
