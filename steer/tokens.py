@@ -10,7 +10,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
-import os
 import re
 import weakref
 from functools import cached_property
@@ -152,10 +151,10 @@ def load_arrays(path, fields: tuple[str, ...], what: str) -> dict[str, np.ndarra
 
 def save_arrays(path, arrays: dict[str, np.ndarray], what: str) -> None:
     """Write arrays next to `path` and rename, so readers never see half a file."""
+    from .files import atomic_open
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(staging, **arrays)
-        os.replace(staging, path)
+        with atomic_open(path, "wb") as f:
+            np.savez(f, **arrays)
     except OSError as e:  # a read-only cache only costs time
         log.warning("could not cache the %s at %s: %s", what, path, e)
