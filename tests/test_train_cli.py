@@ -65,10 +65,13 @@ def test_bad_data_is_one_clear_line_and_exit_2(content, message, tiny_text_dir, 
     assert len(err.strip().splitlines()) == 1
 
 
-def test_resume_without_a_checkpoint_is_a_user_error(tiny_text_dir, arithmetic_pairs, tmp_path, capsys):
-    code, _, err = run(["train", "reward", *common(tiny_text_dir, tmp_path / "none", arithmetic_pairs), "--resume"],
-                       capsys)
-    assert code == 2 and "no checkpoint" in err
+def test_resume_without_a_checkpoint_starts_over_and_says_so(tiny_text_dir, arithmetic_pairs, tmp_path, capsys,
+                                                            caplog):
+    # (a run killed before its first checkpoint is complete has nothing to resume from)
+    code, _, _ = run(["train", "reward", *common(tiny_text_dir, tmp_path / "none", arithmetic_pairs), "--resume"],
+                     capsys)
+    assert code == 0 and "no complete checkpoint" in caplog.text and "starts from the beginning" in caplog.text
+    assert (tmp_path / "none" / "model" / "model.safetensors").is_file()
 
 
 def test_flip_without_strength_is_a_user_error(tiny_text_dir, arithmetic_pairs, tmp_path, capsys):
