@@ -125,8 +125,8 @@ class Script:
         path = Path(written).expanduser()
         path = (path if path.is_absolute() else self.base_dir / path).resolve()
         if not any(path.is_relative_to(root) for root in self.allowed):
-            raise self._fail(node, f"{written!r} is outside the program's folder ({self.allowed[0]}); "
-                                   "move it there, or allow its folder with --allow-path DIR (allow_paths=[...] in Python)")
+            raise self._fail(node, f"{written!r} is outside the program's folder ({self.allowed[0]}); move it "
+                                   "there, or allow its folder with --allow-path DIR (allow_paths=[...] in Python)")
         return path
 
     def model_options(self) -> dict[str, str]:
