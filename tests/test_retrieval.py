@@ -191,3 +191,31 @@ def test_index_cli_user_errors_exit_2(tmp_path, capsys):
 
 def _refuse(name):
     raise ValueError(f"not JSON: {name}")
+
+
+def test_embedding_and_search_split_over_workers_give_the_single_machine_result(wiki_docs, minilm, tmp_path):
+    """How a corpus too large for one machine is handled, on small shards: each worker embeds its part
+    (`embed_documents` to its own folder), each part gets its own faiss index, and faiss's own
+    IndexShards searches them as one, with the parts' ids offset so they stay global."""
+    import faiss
+
+    from retrieval.corpus import embed_documents, load_embeddings, load_documents
+
+    documents = load_documents(wiki_docs)
+    parts = [documents[:20], documents[20:]]
+    for k, part in enumerate(parts):  # one worker each
+        embed_documents(minilm, [d.text for d in part], tmp_path / f"part{k}", ids=[d.id for d in part],
+                        progress=False)
+    loaded = [load_embeddings(tmp_path / f"part{k}") for k in range(2)]
+    whole = embed_documents(minilm, [d.text for d in documents], progress=False)
+    np.testing.assert_allclose(np.concatenate([v for v, _ in loaded]), whole, atol=1e-5)
+
+    shards = faiss.IndexShards(whole.shape[1], True, True)  # threaded, successive ids
+    for vectors, _ in loaded:
+        shard = faiss.IndexFlatIP(whole.shape[1])
+        shard.add(np.ascontiguousarray(vectors))
+        shards.add_shard(shard)
+    queries = minilm.embed_queries(["an anarchist political philosophy", "the albedo of a surface"])
+    _, sharded = shards.search(queries, 5)
+    _, single = VectorIndex.build(whole, kind="flat").search(queries, 5)
+    assert (sharded == single).all()
