@@ -60,3 +60,23 @@ def test_two_processes_match_one_write_once_and_resume(tiny_text_dir, arithmetic
     again = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert again["eval"]["eval_loss"] == pytest.approx(two["eval"]["eval_loss"], abs=1e-5)
     assert (tmp_path / "two" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("trainer", ["sft", "reward", "pretrain"])
+def test_the_other_trainers_run_in_two_processes(trainer, tiny_text_dir, arithmetic_pairs, tmp_path):
+    rows = [json.loads(line) for line in arithmetic_pairs.read_text().splitlines()]
+    data = arithmetic_pairs
+    if trainer == "sft":
+        data = tmp_path / "sft.jsonl"
+        data.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["chosen"]}) + "\n"
+                                for r in rows))
+    elif trainer == "pretrain":
+        data = tmp_path / "windows.jsonl"
+        data.write_text("".join(json.dumps({"input_ids": [1, *range(2, 17)]}) + "\n" for _ in range(16)))
+    run = launch(["train", trainer, "--data", str(data), "--model", str(tiny_text_dir), "--out", str(tmp_path / "run"),
+                  "--max-steps", "2", "--batch-size", "2", "--max-length", "64", "--no-progress"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len([line for line in run.stdout.splitlines() if line.startswith("{")]) == 1
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["train"]["processes"] == 2 and metrics["train"]["steps"] == 2
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()

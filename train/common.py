@@ -192,17 +192,7 @@ def run_and_save(trainer, tokenizer, options: TrainOptions, checkpoint: str | No
 
     before = trainer.evaluate() if has_eval and checkpoint is None else None
     started = time.perf_counter()
-    finished = _finished_state(checkpoint)
-    if finished is not None:
-        # Killed after its last step was saved: transformers would take one step past max_steps when
-        # resuming from there, so load that checkpoint instead and go on to evaluation and saving.
-        trainer._load_from_checkpoint(checkpoint)
-        trainer.state = finished
-        losses = [entry["loss"] for entry in finished.log_history if "loss" in entry]
-        result = SimpleNamespace(global_step=finished.global_step,
-                                 training_loss=sum(losses) / len(losses) if losses else float("nan"))
-    else:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+    result = train_from(trainer, checkpoint)
     seconds = time.perf_counter() - started
     after = trainer.evaluate() if has_eval else None
     final = Path(options.out) / "model"
@@ -212,6 +202,20 @@ def run_and_save(trainer, tokenizer, options: TrainOptions, checkpoint: str | No
     return {"train": {"steps": result.global_step, "loss": result.training_loss, "seconds": seconds,
                       "processes": trainer.args.world_size},
             "eval_before": before, "eval": after, "log": train_log(trainer), "model": str(final)}
+
+
+def train_from(trainer, checkpoint: str | None):
+    """`trainer.train(resume_from_checkpoint=checkpoint)`, except for a run killed after its last step
+    was saved: transformers would take one step past max_steps when resuming from there, so that
+    checkpoint is loaded instead and the caller goes on to evaluation and saving."""
+    finished = _finished_state(checkpoint)
+    if finished is None:
+        return trainer.train(resume_from_checkpoint=checkpoint)
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = finished
+    losses = [entry["loss"] for entry in finished.log_history if "loss" in entry]
+    return SimpleNamespace(global_step=finished.global_step,
+                           training_loss=sum(losses) / len(losses) if losses else float("nan"))
 
 
 def _finished_state(checkpoint: str | None):

@@ -28,6 +28,7 @@ from .common import (
     quiet_trainer,
     quiet_transformers,
     resume_from,
+    train_from,
     train_log,
     trainer_arguments,
     wait_for_everyone,
@@ -156,8 +157,9 @@ def fit_reward_model(train: list[Pair], evaluation: list[Pair], options: TrainOp
     trainer = build_reward_trainer(train, evaluation, options, margins=margins, label_smoothing=label_smoothing,
                                    callbacks=callbacks, tokenizer=tokenizer)
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
-    metrics = {"steps": result.global_step, "loss": result.training_loss, "seconds": time.perf_counter() - started}
+    result = train_from(trainer, resume)
+    metrics = {"steps": result.global_step, "loss": result.training_loss, "seconds": time.perf_counter() - started,
+               "processes": trainer.args.world_size}
     if evaluation:
         metrics["eval"] = trainer.evaluate()
     return trainer, metrics
