@@ -128,10 +128,10 @@ def available_memory() -> int | None:
     return None
 
 
-def refuse_oversized(lm, args: argparse.Namespace, tokens: int) -> None:
-    """Stop before sampling when the particles cannot fit in memory (at least `tokens` tokens each),
-    instead of swapping for minutes and being killed."""
-    contexts = args.particles * (args.beam if args.method == "smc-steer" else 1)
+def refuse_oversized(lm, particles: int, method: str, beam: int, tokens: int) -> None:
+    """Stop before sampling when the particles cannot fit in memory (at least `tokens` tokens each; with
+    smc-steer, `beam` children each), instead of swapping for minutes and being killed."""
+    contexts = particles * (beam if method == "smc-steer" else 1)
     each = lm.particle_bytes(tokens)
     available = available_memory()
     if available is not None and contexts * each > available:
@@ -148,7 +148,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     lm = load_model(args.model, backend=args.backend or "hf", dtype=args.dtype, device=args.device)
     program = Generate(lm, args.prompt, max_tokens=args.max_tokens, stop=args.stop)
-    refuse_oversized(lm, args, len(program.context.tokens) + args.max_tokens)
+    refuse_oversized(lm, args.particles, args.method, args.beam, len(program.context.tokens) + args.max_tokens)
     posterior = run(program, args.method, **sampler_options(args))
     print_posterior(posterior, args.json)
     if args.trace:

@@ -156,7 +156,7 @@ def _after(context: Any, token_id: int) -> str:
 def _load(directory: Path, auto_class: str, device: str | None):
     import transformers
 
-    from .lm.loading import default_device
+    from .lm.loading import place
 
     if not (directory / "config.json").exists():
         raise ModelLoadError(f"not a model directory (no config.json): {directory}")
@@ -164,9 +164,9 @@ def _load(directory: Path, auto_class: str, device: str | None):
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
         model = getattr(transformers, auto_class).from_pretrained(
             directory, local_files_only=True, use_safetensors=True, dtype=torch.float32).eval()
-        model.to(device or default_device())
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load {directory}: {str(e).splitlines()[0]}") from e
+    model = place(model, device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, model

@@ -221,18 +221,22 @@ def _join(items: list, sep: str = "") -> str:
     seen: dict[int, int] = {}
     if sum(size_of(x, seen) for x in items) + len(text(sep)) * max(0, len(items) - 1) > MAX_LENGTH:
         raise BuiltinError(f"the joined text would be longer than {MAX_LENGTH:,} characters")
-    return _sized(text(sep).join(text(x) if isinstance(x, (str, Token)) else _to_str(x) for x in items))
+    return _sized(text(sep).join(text(x) if isinstance(x, (str, Token)) else _text_of(x) for x in items))
 
 
 def _to_str(x: Any) -> str:
     if isinstance(x, list) and size_of(x) > MAX_LENGTH:  # the text is at least as long: refuse before building
         raise BuiltinError(f"the text of this list would be longer than {MAX_LENGTH:,} characters")
+    return _text_of(x)
+
+
+def _text_of(x: Any) -> str:
     if isinstance(x, bool):
         return "true" if x else "false"
     if isinstance(x, (str, Token)):
         return text(x)
     if isinstance(x, list):
-        return "[" + ", ".join(repr(text(v)) if isinstance(v, (str, Token)) else _to_str(v) for v in x) + "]"
+        return "[" + ", ".join(repr(text(v)) if isinstance(v, (str, Token)) else _text_of(v) for v in x) + "]"
     if isinstance(x, LMContext):
         return x.text
     return str(x)

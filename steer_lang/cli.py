@@ -46,12 +46,10 @@ def _run(args: argparse.Namespace) -> int:
         raise SteerError("an input is given twice with --set")
     values = script.input_values(inputs)
     # Check the settings before the (slow) model load, so a bad flag fails at once.
-    script.settings(values, method=args.method, particles=args.particles, ess=args.ess,
-                    resampling=args.resampling, seed=args.seed, beam=args.beam, max_tokens=args.max_tokens)
+    s = script.settings(values, method=args.method, particles=args.particles, ess=args.ess,
+                        resampling=args.resampling, seed=args.seed, beam=args.beam, max_tokens=args.max_tokens)
     lm = script.load_model(path=args.model, backend=args.backend, dtype=args.dtype, device=args.device)
-    settings = script.settings(values, method=args.method, particles=args.particles, beam=args.beam,
-                               max_tokens=args.max_tokens)
-    refuse_oversized(lm, argparse.Namespace(**settings), settings["max_tokens"])
+    refuse_oversized(lm, s["particles"], s["method"], s["beam"], s["max_tokens"])
     posterior = script.run(lm, inputs=values, progress=args.progress, record_particles=args.trace is not None,
                            time_limit=args.time_limit or None,
                            method=args.method, particles=args.particles, ess=args.ess,

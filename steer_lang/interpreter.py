@@ -615,8 +615,6 @@ def _binary(op: str, a: Any, b: Any, node: ast.Node) -> Any:
         raise ProgramError(node, "division by zero") from None
     except OverflowError:
         raise ProgramError(node, "number too large") from None
-    if isinstance(result, (str, list)) and len(result) > MAX_LENGTH:
-        raise ProgramError(node, f"result would hold {len(result):,} items; the limit is {MAX_LENGTH:,}")
     if isinstance(result, int) and abs(result) >= MAX_INT:
         raise ProgramError(node, "integer too large (beyond 2**63)")
     return result

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from steer.files import atomic_write_text
 from steer.jsonl import DataError, read_jsonl
 
 from .common import (
@@ -168,8 +169,8 @@ def pretrain(data: str | Path, options: TrainOptions, *, config: str | None = No
         if metrics.get(key):
             metrics[key]["perplexity"] = math.exp(metrics[key]["eval_loss"])
     if vocabulary is not None and is_main_process():
-        (Path(metrics["model"]) / VOCABULARY).write_text(json.dumps({"token_ids": vocabulary.tolist(),
-                                                                     "unk": len(vocabulary)}))
+        atomic_write_text(Path(metrics["model"]) / VOCABULARY,
+                          json.dumps({"token_ids": vocabulary.tolist(), "unk": len(vocabulary)}))
     write_metrics(options.out, metrics)
     return metrics
 

@@ -90,6 +90,16 @@ def default_device() -> str:
     return os.environ.get("STEER_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def place(model: torch.nn.Module, device: str | None) -> torch.nn.Module:
+    """`model` moved to `device` (None: `default_device()`); a device that does not exist, or that
+    torch was built without, is a `ModelLoadError` naming it."""
+    device = device or default_device()
+    try:
+        return model.to(device)
+    except (RuntimeError, AssertionError) as e:
+        raise ModelLoadError(f"cannot place the model on {device!r}: {str(e).splitlines()[0]}") from e
+
+
 def load_model(path: str | os.PathLike | None = None, *, backend: str = "hf", device: str | None = None,
                dtype: str | torch.dtype | None = None, **engine_options: Any) -> LanguageModel:
     """Load a causal LM for steering: the default Gemma 3 270M when `path` is None, else a local HF
@@ -130,12 +140,7 @@ def load_model(path: str | os.PathLike | None = None, *, backend: str = "hf", de
                                                      use_safetensors=True)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load a causal LM from {directory}: {str(e).splitlines()[0]}") from e
-    device = device or default_device()
-    try:
-        model.to(device)
-    except (RuntimeError, AssertionError) as e:  # no such device, or torch built without it
-        raise ModelLoadError(f"cannot place the model on {device!r}: {str(e).splitlines()[0]}") from e
-    return HFLanguageModel(model, tokenizer, name=name)
+    return HFLanguageModel(place(model, device), tokenizer, name=name)
 
 
 _TINY_SPECIALS = ["<eos>", "<bos>"]
@@ -190,4 +195,4 @@ def tiny_model(alphabet: str = "ab ", *, seed: int = 0, hidden: int = 32, layers
         for p in model.parameters():
             p.normal_(0.0, 0.5 / temperature if p.dim() > 1 else 0.1)
     model.generation_config.pad_token_id = 0
-    return HFLanguageModel(model.to(device or default_device()), tokenizer, name="tiny")
+    return HFLanguageModel(place(model, device), tokenizer, name="tiny")
