@@ -157,14 +157,15 @@ class NextToken(Distribution):
         return (f"no next token after {self.context.text[-40:]!r} is allowed and keeps the tokenization "
                 f"canonical{_restriction_note(self.context)}")
 
-    def _mask(self) -> torch.Tensor | None:
+    def _mask(self, base: Any = ...) -> torch.Tensor | None:
+        """The restriction on the next token; `base`: the context's base mask, when known already."""
         from .masks import resolve
 
         ctx = self.context
         if self.mask_spec is None and ctx.mask is not None and ctx.mask_log_mass is not None:
             return ctx.mask  # observed as allowed just before: it holds the base restriction already
         mask = resolve(self.mask_spec, ctx)
-        for extra in (ctx.mask, base_mask(ctx)):
+        for extra in (ctx.mask, base_mask(ctx) if base is ... else base):
             if extra is not None:
                 mask = extra if mask is None else mask & extra
         return mask
@@ -174,21 +175,28 @@ class NextToken(Distribution):
         the prompt's text.  While healing is pending that is relative to the tokens that reproduce the
         backed-off text, so the weight (and log_ml) is about the continuation of the prompt, not the
         probability of the prompt's own last token."""
+        return self._side_from(logprobs, _log_mass(logprobs, base_mask(self.context)))
+
+    def _side_from(self, logprobs: torch.Tensor, base_log_mass: float) -> float:
+        """The side weight given the base mask's log mass (computed once per sample)."""
         from .masks import healing_mask
 
-        log_mass = _log_mass(logprobs, base_mask(self.context))
         heal = healing_mask(self.context)
-        return log_mass if heal is None or log_mass == NEG_INF else log_mass - _log_mass(logprobs, heal)
+        if heal is None or base_log_mass == NEG_INF:
+            return base_log_mass
+        return base_log_mass - _log_mass(logprobs, heal)
 
     async def sample(self) -> tuple[Token, float]:
         ctx = self.context
         logprobs = await ctx.next_logprobs()
-        mask = self._mask()
-        self.side_log_weight = self._base_log_mass(logprobs)
+        base = base_mask(ctx)
+        mask = self._mask(base)
+        base_log_mass = _log_mass(logprobs, base)
+        self.side_log_weight = self._side_from(logprobs, base_log_mass)
         if mask is ctx.mask and ctx.mask_log_mass is not None:  # observed just before: mass known
             log_z = ctx.mask_log_mass
-        else:
-            log_z = _log_mass(logprobs, mask)
+        else:  # with no constraint the mask is the base mask itself, whose mass is known
+            log_z = base_log_mass if mask is base else _log_mass(logprobs, mask)
         if log_z == NEG_INF:
             raise SteerError(f"no token is allowed here{_restriction_note(ctx)} "
                              "(use observe/condition to reject instead of sample)")

@@ -43,8 +43,8 @@ class _Weighted:
         if proposal is None:
             value, _ = await dist.sample()
             side = getattr(dist, "side_log_weight", 0.0)  # what the target conditions every token on
-            if side:
-                self._particle()._add(side, getattr(dist, "zero_reason", "no next token is possible here"))
+            if side:  # the reason is spelled out only if the particle dies (it decodes the text)
+                self._particle()._add(side, lambda: getattr(dist, "zero_reason", "no next token is possible here"))
         else:
             value, log_q = await proposal.sample()
             log_p = await dist.log_prob(value)
@@ -55,8 +55,8 @@ class _Weighted:
     async def observe(self, dist: Distribution, value: Any) -> float:
         """Condition on `dist` having produced `value`; returns log p(value)."""
         log_p = await dist.log_prob(value)
-        reason = getattr(dist, "zero_reason", None) or f"observed value {value!r} has zero probability"
-        self._particle()._add(log_p, reason)
+        self._particle()._add(log_p, lambda: getattr(dist, "zero_reason", None)
+                              or f"observed value {value!r} has zero probability")
         dist.commit(value)
         return log_p
 
@@ -111,12 +111,13 @@ class Program(_Weighted):
     def _particle(self) -> Program:
         return self
 
-    def _add(self, log_weight: float, reason: str) -> None:
+    def _add(self, log_weight: float, reason: str | Callable[[], str]) -> None:
+        """Add to the log weight; `reason` (or what it returns) is kept if the particle dies."""
         if math.isnan(log_weight):
             raise ValueError("a weight update was NaN")
         self.weight += log_weight
         if self.weight == NEG_INF:
-            self.death_reason = self.death_reason or reason
+            self.death_reason = self.death_reason or (reason if isinstance(reason, str) else reason())
             self.finished = True
             raise _Killed
 

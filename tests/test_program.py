@@ -91,6 +91,23 @@ def test_condition_kills_and_all_dead_population_is_a_clear_error():
         steer.smc(Impossible(), particles=4, seed=0)
 
 
+def test_a_zero_probability_observation_names_its_text_and_value(tiny_lm):
+    """The reason a particle died is spelled out only when it dies, and then from the state it died in."""
+    class Masked(steer.Program):
+        def __init__(self):
+            super().__init__()
+            self.ctx = tiny_lm.context("ab", heal=False)
+
+        async def step(self):
+            await self.sample(self.ctx.next_token())
+            await self.observe(self.ctx.next_token([2]), 3)
+            self.finish()
+
+    particle = run_step(Masked())
+    assert particle.weight == -math.inf and particle.finished
+    assert particle.death_reason.startswith("no next token after ") and particle.ctx.text[-1:] in particle.death_reason
+
+
 class Coin(steer.SubProgram):
     def __init__(self, p):
         self.p = p

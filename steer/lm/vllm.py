@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +40,8 @@ from .base import DRAWS, LMContext, TokenizerLanguageModel, Vocabulary
 
 # Log-probabilities read off the logits, by request key.  The logits processor runs in the worker;
 # with one device that is this process, with tensor parallelism rank 0's (fetched by `_take`).
-_CAPTURED: dict[int, torch.Tensor] = {}
+_CAPTURED: dict[int, tuple[torch.Tensor, int]] = {}  # key -> (block of a step's rows, row)
+_CPU_BLOCK_SIZE = 32  # tokens per cache block on a CPU (see VLLMLanguageModel)
 _STALL_LIMIT = 10_000  # engine steps without any output before a round is declared stuck
 
 
@@ -82,21 +84,32 @@ def _capture_class():
                     self.keys[b] = key_a
 
         def apply(self, logits: torch.Tensor) -> torch.Tensor:
-            rows = [row for row in self.keys if row < logits.shape[0]]
+            rows = sorted(row for row in self.keys if row < logits.shape[0])
             if rows:
-                logprobs = torch.log_softmax(logits[rows].float(), dim=-1)
+                # Usually every row of the batch is steer's: no gather copy then.
+                picked = logits if len(rows) == logits.shape[0] else logits[rows]
+                block = torch.log_softmax(picked, dim=-1, dtype=torch.float32)
                 for i, row in enumerate(rows):
-                    _CAPTURED[self.keys[row]] = logprobs[i]
+                    _CAPTURED[self.keys[row]] = (block, i)
             return logits
 
     return _Capture
 
 
-def _take(worker: Any = None) -> dict[int, torch.Tensor]:
+def _take(worker: Any = None) -> dict[int, tuple[torch.Tensor, int]]:
     """Hand over (and forget) the captured rows; run on each worker through `collective_rpc`."""
     taken = dict(_CAPTURED)
     _CAPTURED.clear()
     return taken
+
+
+def _draw_rows(rows: list[tuple[torch.Tensor, int]], n: int) -> torch.Tensor:
+    """`n` draws from each of the log-probability `rows`, given as (block, row).  When they all come
+    from one block (the usual round), it is exponentiated whole instead of copied row by row."""
+    block = rows[0][0]
+    if all(b is block for b, _ in rows):
+        return categorical(block.exp(), n)[[i for _, i in rows]]
+    return categorical(torch.stack([b[i] for b, i in rows]).exp(), n)
 
 
 def _abort_later(dropped: list[str], engine_id: list[str]) -> None:
@@ -113,6 +126,8 @@ class _Session:
         self.engine_id: list[str] = []  # the engine's own id for it, once submitted
         self.tokens: list[int] = []
         self.logprobs: torch.Tensor | None = None
+        self.row: tuple[torch.Tensor, int] | None = None  # where `logprobs` lies: (captured block, row)
+        self.first: Any = None  # the engine request of its first chunk, the template of later ones
         self.round = -1
         weakref.finalize(self, _abort_later, dropped, self.engine_id)
 
@@ -137,6 +152,13 @@ class VLLMLanguageModel(TokenizerLanguageModel):
         self.vocab = Vocabulary.from_tokenizer(self.tokenizer, config.vocab_size)
         self.name = name or str(path)
         limit = getattr(config, "max_position_embeddings", None) or max_model_len
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            # vLLM's CPU default of 128-token blocks would leave prefix caching nothing to share below
+            # 128 tokens, so every resampled copy that diverges would re-encode its whole text; 32 is
+            # the smallest size the CPU kernels are tuned for.
+            engine_options.setdefault("block_size", _CPU_BLOCK_SIZE)
         self.llm = LLM(model=str(directory), tokenizer=str(directory), dtype=dtype,
                        max_model_len=min(max_model_len, limit), seed=seed, enable_prefix_caching=True,
                        logits_processors=[_capture_class()], **engine_options)
@@ -176,14 +198,15 @@ class VLLMLanguageModel(TokenizerLanguageModel):
         outputs = self._run(set(waiting) | {f"steer-{key}" for key, _ in scoring})
         captured = self._collect()
         for session in waiting.values():
-            session.logprobs = self._full_width(captured[session.key])
+            session.row = captured[session.key]
+            session.logprobs = session.row[0][session.row[1]]
 
         # Draws for every context in one pass: a row per distinct token list, DRAWS per context.
-        rows = [session.logprobs for session, _ in served] + [self._full_width(captured[k]) for k, _ in scoring]
+        rows = [session.row for session, _ in served] + [captured[k] for k, _ in scoring]
         if not rows:
             return
         most = max([len(contexts) for _, contexts in served] + [1])
-        draws = categorical(torch.stack(rows).exp(), most * DRAWS).tolist()
+        draws = _draw_rows(rows, most * DRAWS).tolist()
         for (session, contexts), row in zip(served, draws):
             for i, context in enumerate(contexts):
                 context.backend_state = session
@@ -191,7 +214,7 @@ class VLLMLanguageModel(TokenizerLanguageModel):
                 context.draw = row[i * DRAWS:(i + 1) * DRAWS]
                 context.pending_scores = None
         for i, ((key, n_scored), context) in enumerate(scoring.items(), start=len(served)):
-            context.logprobs = rows[i]
+            context.logprobs = rows[i][0][rows[i][1]]
             context.draw = draws[i][:DRAWS]
             prompt_logprobs = outputs[f"steer-{key}"].prompt_logprobs
             tokens = context.tokens
@@ -215,23 +238,28 @@ class VLLMLanguageModel(TokenizerLanguageModel):
 
     def _submit(self, session: _Session, tokens: list[int]) -> None:
         """Open `session` with `tokens`, or append to it the tokens it does not hold yet."""
+        import msgspec
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        new = tokens[len(session.tokens):]
-        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
-                                extra_args={"steer": session.key})
-        processor = self.engine.input_processor
         # The engine keeps the token list it is given: hand it a copy, never a context's own list.
-        request = processor.process_inputs(session.engine_id[0] if session.engine_id else session.name,
-                                           TokensPrompt(prompt_token_ids=list(new)), params,
-                                           supported_tasks=self._tasks, resumable=True)
-        if not session.engine_id:
+        new = list(tokens[len(session.tokens):])
+        if session.first is None:
+            params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
+                                    extra_args={"steer": session.key})
+            processor = self.engine.input_processor
+            request = processor.process_inputs(session.name, TokensPrompt(prompt_token_ids=new), params,
+                                               supported_tasks=self._tasks, resumable=True)
             processor.assign_request_id(request)
             session.engine_id.append(request.request_id)
+            session.first = request
             # Only the first chunk is announced to the output side: in this process it shares the
             # token lists with the scheduler, and a second announcement would append them twice.
             self.engine.output_processor.add_request(request, None, None, 0)
+        else:
+            # A later chunk differs from the first, already validated one only in its tokens: copying
+            # it skips the input processor's validation and parameter cloning, most of a submission.
+            request = msgspec.structs.replace(session.first, prompt_token_ids=new, arrival_time=time.time())
         self.engine.engine_core.add_request(request)
         session.tokens = list(tokens)
 
@@ -267,15 +295,25 @@ class VLLMLanguageModel(TokenizerLanguageModel):
                                  "particles (raise VLLM_CPU_KVCACHE_SPACE or gpu_memory_utilization)")
         return outputs
 
-    def _collect(self) -> dict[int, torch.Tensor]:
+    def _collect(self) -> dict[int, tuple[torch.Tensor, int]]:
+        """The rows captured since the last call, as (block, row), blocks as wide as the vocabulary."""
         if self.engine.vllm_config.parallel_config.world_size == 1:
-            return _take()
-        return self.llm.collective_rpc(_take)[0]
+            taken = _take()
+        else:
+            taken = self.llm.collective_rpc(_take)[0]
+        widened: dict[int, torch.Tensor] = {}
+        for key, (block, i) in taken.items():
+            if id(block) not in widened:
+                widened[id(block)] = self._full_width(block)
+            taken[key] = (widened[id(block)], i)
+        return taken
 
-    def _full_width(self, logprobs: torch.Tensor) -> torch.Tensor:
-        """The engine's rows cover the model's vocabulary; pad to the tokenizer's with -inf."""
-        missing = self.vocab.size - logprobs.shape[0]
-        return logprobs if missing <= 0 else torch.cat([logprobs, logprobs.new_full((missing,), float("-inf"))])
+    def _full_width(self, block: torch.Tensor) -> torch.Tensor:
+        """The engine's rows cover the model's vocabulary; pad them to the tokenizer's with -inf."""
+        missing = self.vocab.size - block.shape[-1]
+        if missing <= 0:
+            return block
+        return torch.cat([block, block.new_full((*block.shape[:-1], missing), float("-inf"))], dim=-1)
 
     def _abort_dropped(self) -> None:
         if self._dropped:
