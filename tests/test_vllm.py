@@ -87,6 +87,41 @@ def test_identical_copies_are_served_once_and_dead_sessions_are_freed(engines):
     assert not scheduler.requests
 
 
+def test_a_diverged_copy_reencodes_only_what_its_parent_holds_in_a_partial_block(engines):
+    """Prefix caching gives a new session its parent's full cache blocks, so a resampled copy that
+    took another token costs at most a block's worth of tokens, not its whole text."""
+    vllm_lm, _ = engines
+    block = vllm_lm.engine.vllm_config.cache_config.block_size
+    if vllm_lm.engine.vllm_config.device_config.device_type == "cpu":
+        assert block == 32  # steer's CPU default: vLLM's own 128 would share nothing below 128 tokens
+    parent = vllm_lm.context("The history of the city begins with a small fishing village on the shore "
+                             "of a wide river, where traders from the north and the south met every "
+                             "spring to exchange salt, grain and wool for the fish of the river", heal=False)
+    assert len(parent.tokens) > block + 8
+    run_batched([refresh(parent)])
+    child = copy.deepcopy(parent)
+    first, second = parent.logprobs.topk(2).indices.tolist()
+    parent.extend([first])
+    child.extend([second])
+    scheduler = vllm_lm.engine.engine_core.engine_core.scheduler
+    schedule, scheduled = scheduler.schedule, []
+
+    def counting(*args, **kwargs):
+        output = schedule(*args, **kwargs)
+        scheduled.append(output.total_num_scheduled_tokens)
+        return output
+
+    scheduler.schedule = counting
+    try:
+        run_batched([refresh(parent), refresh(child)])
+    finally:
+        del scheduler.schedule
+    assert parent.backend_state is not child.backend_state
+    # the parent appends one token; the copy encodes what lies past the last full block, and its token
+    assert sum(scheduled) <= 1 + len(child.tokens) % block + block
+    assert sum(scheduled) < len(child.tokens)
+
+
 def test_scored_extension_matches_transformers(engines):
     vllm_lm, hf_lm = engines
     tokens = hf_lm.encode(" rose over the hills", bos=False)
