@@ -78,6 +78,7 @@ def instrument(lm, timers):
 
         undo += [timers.wrap(lm.engine, "step", "engine step (forward + LM head)"),
                  timers.wrap(vl.torch, "log_softmax", "log-softmax"),
+                 timers.wrap(vl, "_draw_rows", "sampling"),
                  timers.wrap(vl, "categorical", "sampling")]
     return lambda: [u() for u in undo]
 
