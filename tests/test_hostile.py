@@ -21,7 +21,7 @@ CASES = {
     "membership in a huge list": (BIG + 'l = [s] * 9\nu = "a" * 999998 + "b"\nrepeat 100000:\n    x = u in l\n',
                                   "5:5", "time limit"),
     "catastrophic backtracking in a loop": ('n = 0\nrepeat 1000:\n    if matches("a" * 4000 + "b", "(a+)+$"):\n'
-                                            '        n += 1\n', "3:8", "time limit"),
+                                            '        n += 1\n', ("3:8", "3:5"), "time limit"),  # in the match or at the next check
     "an automaton with 2**30 states": ('context c = "a"\nt = sample next(c) where regex("(.*a.{30})")\n', "2:26",
                                        "too large for a token automaton"),
     "a repeat of repeats": ('context c = "a"\nt = sample next(c) where regex("(a{1,1000}b){1,1000}")\n', "2:26",
@@ -67,7 +67,8 @@ def test_hostile_program_ends_with_exit_2_in_bounded_time_and_memory(name, tiny_
         [sys.executable, "-m", "steer.cli", "run", str(program), "--model", str(tiny_dir), "-n", "1",
          "--time-limit", "5"])
     assert code == 2, stderr[-2000:]
-    assert f"hostile.steer:{where}: " in stderr and message in stderr, stderr[-2000:]
+    places = (where,) if isinstance(where, str) else where  # the budget may run out in either place
+    assert any(f"hostile.steer:{place}: " in stderr for place in places) and message in stderr, stderr[-2000:]
     assert "Traceback" not in stderr
     assert seconds < SECONDS and peak_mb < PEAK_RSS_MB, (seconds, peak_mb)
 
