@@ -199,7 +199,7 @@ def test_embedding_and_search_split_over_workers_give_the_single_machine_result(
     IndexShards searches them as one, with the parts' ids offset so they stay global."""
     import faiss
 
-    from retrieval.corpus import embed_documents, load_embeddings, load_documents
+    from retrieval.corpus import embed_documents, load_documents, load_embeddings
 
     documents = load_documents(wiki_docs)
     parts = [documents[:20], documents[20:]]
