@@ -63,6 +63,7 @@ class PartialRegex(TokenCheck):
         except regex.error as e:
             raise SteerError(f"invalid regular expression {pattern!r}: {e}") from None
         self.pattern, self.timeout = pattern, timeout
+        self.approximation = regular_approximation(pattern)
 
     def __repr__(self) -> str:
         return f"partial_regex({self.pattern!r})"
@@ -72,6 +73,132 @@ class PartialRegex(TokenCheck):
 
     def _complete(self, text: str) -> bool:
         return self.compiled.fullmatch(text, timeout=self.timeout) is not None
+
+
+_ANY = "(?s:.*)"
+_LOOK = ("(?=", "(?!", "(?<=", "(?<!")
+_FLAGS = regex.compile(r"\(\?([a-zA-Z^-]*)([:)])")
+
+
+def regular_part(pattern: str) -> str:
+    """A regular expression (llguidance's syntax) whose language contains `pattern`'s: look-around and
+    word boundaries are dropped, back-references and recursion match any text, atomic groups and
+    possessive quantifiers become plain ones, conditionals become alternatives.  Its mask proposes the
+    candidates that AWRS then checks exactly."""
+    out, i, n = [], 0, len(pattern)
+
+    def group_end(at: int) -> int:  # the index after the ")" closing the group opened at `at`
+        depth, j = 0, at
+        while j < n:
+            c = pattern[j]
+            if c == "\\":
+                j += 2
+                continue
+            if c == "[":
+                j = class_end(j)
+                continue
+            depth += c == "("
+            depth -= c == ")"
+            j += 1
+            if depth == 0:
+                return j
+        return n
+
+    def class_end(at: int) -> int:  # the index after the "]" closing the class opened at `at`
+        j = at + 1
+        if j < n and pattern[j] == "^":
+            j += 1
+        if j < n and pattern[j] == "]":
+            j += 1
+        while j < n and pattern[j] != "]":
+            if pattern[j] == "\\":
+                j += 2
+            elif pattern[j] == "[":
+                j = class_end(j)
+            else:
+                j += 1
+        return min(j + 1, n)
+
+    while i < n:
+        c = pattern[i]
+        if c == "\\" and i + 1 < n:
+            nxt = pattern[i + 1]
+            if nxt.isdigit() and nxt != "0":  # a back-reference
+                j = i + 1
+                while j < n and pattern[j].isdigit():
+                    j += 1
+                out.append(_ANY)
+                i = j
+            elif nxt in "gk" and i + 2 < n and pattern[i + 2] in "<{":
+                j = pattern.find(">" if pattern[i + 2] == "<" else "}", i)
+                out.append(_ANY)
+                i = n if j < 0 else j + 1
+            elif nxt in "bBAZzGm":  # boundaries and anchors
+                i += 2
+            elif nxt == "X":
+                out.append("(?s:.)")
+                i += 2
+            elif nxt in "pPxNu" and i + 2 < n and pattern[i + 2] == "{":
+                j = pattern.find("}", i)
+                out.append(pattern[i:n if j < 0 else j + 1])
+                i = n if j < 0 else j + 1
+            else:
+                out.append(pattern[i:i + 2])
+                i += 2
+        elif c == "[":
+            j = class_end(i)
+            out.append(pattern[i:j])
+            i = j
+        elif c == "(":
+            rest = pattern[i:]
+            if rest.startswith(_LOOK) or rest.startswith("(?#"):
+                i = group_end(i)
+            elif rest.startswith("(?>"):
+                out.append("(?:")
+                i += 3
+            elif rest.startswith("(?("):  # a conditional: either branch
+                i = pattern.find(")", i + 3) + 1 or n
+                out.append("(?:")
+            elif rest.startswith("(?P=") or regex.match(r"\(\?(R|[0-9]+|&\w+|P>\w+)\)", rest):
+                i = group_end(i)
+                out.append(_ANY)
+            elif rest.startswith("(?P<") or rest.startswith("(?<"):
+                out.append("(")  # named groups: names do not matter here
+                i = pattern.find(">", i) + 1 or n
+            else:
+                flags = _FLAGS.match(rest)
+                if flags:
+                    kept = "".join(f for f in flags.group(1) if f in "imsx-")
+                    if flags.group(2) == ":":
+                        out.append(f"(?{kept}:" if kept.strip("-") else "(?:")
+                    elif kept.strip("-"):
+                        out.append(f"(?{kept})")
+                    i += flags.end()
+                else:
+                    out.append("(")
+                    i += 1
+        elif c in "^$":
+            i += 1
+        elif c in "*+?}" and i + 1 < n and pattern[i + 1] == "+":  # possessive: a plain quantifier
+            out.append(c)
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def regular_approximation(pattern: str):
+    """An llguidance regex constraint containing `pattern`'s language, or None where none compiles."""
+    from .constraints import engine
+
+    part = regular_part(pattern)
+    for candidate in (part, regex.sub(r"\\[pP]\{[^}]*\}|\\[pP][A-Z]", r"(?s:.)", part)):
+        try:
+            return engine.regex(candidate)
+        except SteerError:
+            continue
+    return None
 
 
 class Grammar(TokenCheck):
@@ -174,14 +301,22 @@ def partial_regex(pattern: str, timeout: float = 1.0) -> PartialRegex:
     return PartialRegex(pattern, timeout=timeout)
 
 
-def grammar(text: str, start: str = "start") -> Grammar:
-    """The text is a sentence of the Lark grammar `text`."""
+def lark_grammar(text: str, start: str = "start") -> Grammar:
+    """The text is a sentence of the Lark grammar `text` in Lark's own dialect (LALR), checked token by
+    token with AWRS; `grammar(...)` compiles llguidance's Lark dialect to masks instead."""
     return Grammar(text, start=start)
 
 
-def json_grammar() -> Grammar:
+def grammar(text: str, start: str = "start"):
+    """The text is a sentence of the Lark grammar `text` (llguidance's dialect: masks, no checks)."""
+    from .constraints import engine
+
+    return engine.grammar(text, start=start)
+
+
+def json_grammar():
     """The text is one JSON value (any JSON; use `steer.patterns.json_schema` to fix its shape)."""
-    return Grammar(JSON_GRAMMAR)
+    return grammar(JSON_GRAMMAR)
 
 
 # -- adaptive weighted rejection sampling -----------------------------------------------------------

@@ -315,7 +315,21 @@ class TokenInMask(Distribution):
             return not vocab.special[i] and check.allows(text + s)
 
         logprobs = await ctx.next_logprobs()
-        token, log_w, _ = awrs(logprobs, _given(ctx), accepts, first=ctx.draw[0] if ctx.draw else None)
+        given = _given(ctx)
+        shift = 0.0
+        approximation = getattr(check, "approximation", None)
+        if approximation is not None:  # candidates come only from a regular over-approximation's mask
+            wide = approximation.allowed_in(ctx)
+            narrowed = wide if given is None else given & wide
+            # P(A | given) = P(A | given & wide) * P(wide | given), since A lies within `wide`
+            shift = _log_mass(logprobs, narrowed) - _log_mass(logprobs, given)
+            if shift == NEG_INF:
+                self._resolved = torch.zeros(vocab.size, dtype=torch.bool)
+                self._allowed, self._new_log_mass, ctx.draw = self._resolved, NEG_INF, None
+                return NEG_INF
+            given = narrowed
+        token, log_w, _ = awrs(logprobs, given, accepts, first=ctx.draw[0] if ctx.draw else None)
+        log_w += shift
         # The accepted token is an exact sample of the LM within the constraint: keep it as the draw
         # that the next-token sample takes (its restriction is that single token).
         ctx.draw = None if token is None else [token]

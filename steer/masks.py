@@ -43,6 +43,12 @@ class TokenConstraint:
     def mask(self, context: LMContext) -> torch.Tensor:
         raise NotImplementedError
 
+    stateful = False  # keeps per-context state (a grammar matcher): judges the context itself, not views
+
+    def allowed_in(self, context: LMContext) -> torch.Tensor:
+        """The mask in a real context: generated text only, healing and end strings accounted for."""
+        return constraint_mask(self, context)
+
     def __and__(self, other: TokenConstraint) -> TokenConstraint:
         if not isinstance(other, TokenConstraint):
             return NotImplemented  # e.g. a tilt, which makes a mask-and-tilt pair
@@ -62,6 +68,15 @@ class Combined(TokenConstraint):
 
     def __init__(self, op: str, *parts: TokenConstraint):
         self.op, self.parts = op, parts
+        self.stateful = any(part.stateful for part in parts)
+
+    def allowed_in(self, context: LMContext) -> torch.Tensor:
+        if not self.stateful:
+            return constraint_mask(self, context)
+        masks = [part.allowed_in(context) for part in self.parts]  # a stateful part judges itself
+        if self.op == "not":
+            return ~masks[0]
+        return masks[0] & masks[1] if self.op == "and" else masks[0] | masks[1]
 
     def mask(self, context: LMContext) -> torch.Tensor:
         masks = [part.mask(context) for part in self.parts]
@@ -679,7 +694,7 @@ def resolve(spec: Any, context: LMContext) -> torch.Tensor | None:
     if spec is None:
         return None
     if isinstance(spec, TokenConstraint):
-        return constraint_mask(spec, context)
+        return spec.allowed_in(context)
     from .checks import TokenCheck
 
     if isinstance(spec, TokenCheck):

@@ -1,4 +1,7 @@
-"""Regular-expression and JSON-schema constraints as token masks, from a token-level automaton.
+"""Regular expressions and JSON Schema as token masks.
+
+`regex`, `search` and `json_schema` are llguidance's (see `steer.constraints.engine`).  `automaton`
+is steer's own token-level automaton, kept for exact token budgets on small regular languages:
 
 `interegular` compiles a regular expression to a character automaton (DFA).  The token-level
 automaton is then computed here, vectorised: every token of the vocabulary is walked through the DFA
@@ -15,8 +18,6 @@ Patterns beyond regular languages (look-around, back-references) cannot be autom
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import time
 import weakref
 from typing import Any
@@ -27,6 +28,7 @@ import torch
 
 from .errors import SteerError
 from .lm import LMContext, Vocabulary
+from .constraints import engine
 from .masks import TokenConstraint
 from .tokens import TokenTable
 
@@ -67,7 +69,7 @@ def _codepoints(vocab: Vocabulary):
     return _matrices[vocab]
 
 
-AUTOMATON_SECONDS = 5.0  # a pattern whose automaton takes longer to build is refused
+AUTOMATON_SECONDS = 5.0  # a pattern whose automaton takes more CPU time to build is refused
 
 
 class _TooLarge(Exception):
@@ -81,11 +83,11 @@ def _bounded_construction(seconds: float):
     have passed, so building an automaton is bounded in time, and with it in memory."""
     import interegular.fsm as fsm
 
-    original, deadline = fsm.crawl, time.monotonic() + seconds
+    original, deadline = fsm.crawl, time.process_time() + seconds
 
     def crawl(alphabet, initial, final, follow):
         def bounded(state, transition):
-            if time.monotonic() > deadline:
+            if time.process_time() > deadline:
                 raise _TooLarge
             return follow(state, transition)
 
@@ -106,7 +108,7 @@ class _Automaton:
         from interegular.fsm import anything_else
 
         try:
-            with _bounded_construction(AUTOMATON_SECONDS):
+            with _bounded_construction(AUTOMATON_SECONDS):  # CPU seconds: the same on a loaded machine
                 fsm = interegular.parse_pattern(_without_anchors(pattern)).to_fsm()
         except _TooLarge:
             raise SteerError(
@@ -375,162 +377,13 @@ class Regex(TokenConstraint):
         return regex_module.fullmatch(self.pattern, text, flags=regex_module.ASCII) is not None
 
 
-def regex(pattern: str, allow_eos: bool = True) -> Regex:
-    """The generated text matches the regular expression `pattern` (a full match when it ends)."""
+def automaton(pattern: str, allow_eos: bool = True) -> Regex:
+    """The generated text matches `pattern` in full, through steer's own token automaton (Python
+    `regex` syntax without look-around; exact budgets).  `regex(...)` uses llguidance instead."""
     return Regex(pattern, allow_eos=allow_eos)
 
 
-# -- JSON schema ------------------------------------------------------------------------------------
-_SUPPORTED = {
-    "type", "properties", "required", "enum", "const", "items", "minItems", "maxItems", "minLength",
-    "maxLength", "additionalProperties", "title", "description", "$schema", "anyOf", "default",
-    "examples", "format", "pattern", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
-}
-_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
-MAX_DIGITS = 15  # an integer without bounds has at most this many digits (exact in every JSON reader)
-_UNBOUNDED_INTEGER = "(-)?(0|[1-9][0-9]*)"  # how outlines-core writes an integer
-_BOUNDED_NUMBER_PARTS = ((r"(\.[0-9]+)?", r"(\.[0-9]{1,15})?"), (r"([eE][+-][0-9]+)?", r"([eE][+-][0-9]{1,3})?"))
-_TYPES = {"object", "array", "string", "integer", "number", "boolean", "null"}
-
-
-def check_schema(schema: Any, path: str = "$") -> None:
-    """Refuse what the constraint cannot honour, naming the keyword and where it is."""
-    if not isinstance(schema, dict):
-        raise SteerError(f"JSON schema at {path} must be an object, got {type(schema).__name__}")
-    for key, value in schema.items():
-        if key not in _SUPPORTED:
-            raise SteerError(f"JSON schema keyword {key!r} at {path} is not supported "
-                             f"(supported: {', '.join(sorted(_SUPPORTED))})")
-        if key == "type":
-            kinds = value if isinstance(value, list) else [value]
-            bad = [k for k in kinds if k not in _TYPES]
-            if bad:
-                raise SteerError(f"JSON schema type {bad[0]!r} at {path} is unknown")
-        if key == "properties":
-            if not isinstance(value, dict):
-                raise SteerError(f"JSON schema 'properties' at {path} must be an object")
-            for name, sub in value.items():
-                check_schema(sub, f"{path}.{name}")
-        elif key == "items":
-            check_schema(value, f"{path}[]")
-        elif key == "anyOf":
-            for i, sub in enumerate(value):
-                check_schema(sub, f"{path}.{key}[{i}]")
-        elif key == "additionalProperties" and value not in (False, True) and not isinstance(value, dict):
-            raise SteerError(f"JSON schema 'additionalProperties' at {path} must be a boolean or a schema")
-        if key in _BOUNDS:
-            kinds = schema.get("type")
-            if kinds != "integer":
-                raise SteerError(f"JSON schema {key!r} at {path} is supported on integers only "
-                                 f'("type": "integer"), not on {kinds!r}')
-            if isinstance(value, bool) and key.startswith("exclusive"):
-                pass  # draft 4: a flag on minimum / maximum
-            elif isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-                raise SteerError(f"JSON schema {key!r} at {path} must be a number, got {value!r}")
-        if key == "required":
-            missing = [k for k in value if k not in schema.get("properties", {})]
-            if missing:
-                raise SteerError(f"JSON schema at {path} requires {missing[0]!r}, which it does not define")
-
-
-def json_schema(schema: dict | str, whitespace: str = r"[ ]?", allow_eos: bool = True) -> Regex:
-    """The generated text is a JSON document valid under `schema` (objects, typed values, enums,
-    arrays, nested objects).  Compiled to a regular expression, then to a token automaton."""
-    from outlines_core.json_schema import build_regex_from_schema
-
-    if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except json.JSONDecodeError as e:
-            raise SteerError(f"the JSON schema is not valid JSON: {e}") from None
-    check_schema(schema)
-    ranges: dict[str, str] = {}
-    schema = _bounded_integers(schema, ranges)
-    try:
-        pattern = build_regex_from_schema(json.dumps(schema), whitespace)
-    except (ValueError, TypeError) as e:
-        raise SteerError(f"cannot use this JSON schema: {e}") from None
-    # Integers cannot run on forever: at most MAX_DIGITS digits, and exact digit patterns for bounds.
-    pattern = pattern.replace(_UNBOUNDED_INTEGER, f"(-)?(0|[1-9][0-9]{{0,{MAX_DIGITS - 1}}})")
-    for unbounded, bounded in _BOUNDED_NUMBER_PARTS:  # fractions and exponents too
-        pattern = pattern.replace(unbounded, bounded)
-    for placeholder, digits in ranges.items():
-        pattern = pattern.replace(f'"{placeholder}"', digits)
-    return Regex(pattern, allow_eos=allow_eos)
-
-
-def _bounded_integers(schema: Any, ranges: dict[str, str]) -> Any:
-    """A copy of `schema` in which every bounded integer is a placeholder constant, whose quoted form in
-    the translated pattern is then replaced by the integer's digit pattern."""
-    if isinstance(schema, list):
-        return [_bounded_integers(s, ranges) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    if schema.get("type") == "integer" and any(k in schema for k in _BOUNDS):
-        lo, hi = schema.get("minimum"), schema.get("maximum")
-        ex_lo, ex_hi = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
-        lo = None if lo is None else math.ceil(lo) + (1 if ex_lo is True and lo == math.ceil(lo) else 0)
-        hi = None if hi is None else math.floor(hi) - (1 if ex_hi is True and hi == math.floor(hi) else 0)
-        if not isinstance(ex_lo, bool) and ex_lo is not None:
-            bound = math.floor(ex_lo) + 1
-            lo = bound if lo is None else max(lo, bound)
-        if not isinstance(ex_hi, bool) and ex_hi is not None:
-            bound = math.ceil(ex_hi) - 1
-            hi = bound if hi is None else min(hi, bound)
-        if lo is not None and hi is not None and lo > hi:
-            raise SteerError(f"JSON schema integer bounds leave no value ({lo} > {hi})")
-        placeholder = f"STEERINTEGER{len(ranges)}X"
-        ranges[placeholder] = integer_pattern(lo, hi)
-        return {"const": placeholder}
-    out = dict(schema)
-    if isinstance(schema.get("properties"), dict):
-        out["properties"] = {name: _bounded_integers(sub, ranges) for name, sub in schema["properties"].items()}
-    for key in ("items", "anyOf", "additionalProperties"):  # the other keys that hold schemas
-        if key in schema:
-            out[key] = _bounded_integers(schema[key], ranges)
-    return out
-
-
-def integer_pattern(lo: int | None, hi: int | None) -> str:
-    """A regular expression for exactly the JSON integers from `lo` to `hi` (None: at most MAX_DIGITS
-    digits on that side), without leading zeros or "-0"."""
-    limit = 10 ** MAX_DIGITS - 1
-    lo = -limit if lo is None else max(lo, -limit)
-    hi = limit if hi is None else min(hi, limit)
-    if lo > hi:
-        raise SteerError(f"no integer lies between {lo} and {hi}")
-    parts = []
-    if lo < 0:  # negative numbers: "-" then the magnitudes from max(1, -hi) to -lo
-        parts += ["-" + p for p in _naturals(max(1, -hi), -lo)]
-    if hi >= 0:
-        parts += _naturals(max(0, lo), hi)
-    return "(" + "|".join(parts) + ")"
-
-
-def _naturals(a: int, b: int) -> list[str]:
-    """Alternatives matching exactly the decimal numbers a..b (0 <= a <= b)."""
-    out = []
-    for digits in range(len(str(a)), len(str(b)) + 1):
-        lo = max(a, 10 ** (digits - 1) if digits > 1 else 0)
-        hi = min(b, 10 ** digits - 1)
-        if lo <= hi:
-            out += _same_length(str(lo), str(hi))
-    return out
-
-
-def _same_length(lo: str, hi: str) -> list[str]:
-    """Alternatives for the numbers lo..hi written with the same number of digits."""
-    if lo == hi:
-        return [lo]
-    i = next(k for k in range(len(lo)) if lo[k] != hi[k])
-    prefix, rest = lo[:i], len(lo) - i - 1
-    if lo[i + 1:] == "0" * rest and hi[i + 1:] == "9" * rest:
-        return [prefix + _digit_class(lo[i], hi[i]) + ("[0-9]" + f"{{{rest}}}" if rest else "")]
-    out = _same_length(lo, lo[: i + 1] + "9" * rest)
-    if int(hi[i]) - int(lo[i]) > 1:
-        out.append(prefix + _digit_class(str(int(lo[i]) + 1), str(int(hi[i]) - 1)) + "[0-9]" + f"{{{rest}}}")
-    return out + _same_length(hi[: i + 1] + "0" * rest, hi)
-
-
-def _digit_class(a: str, b: str) -> str:
-    return a if a == b else f"[{a}-{b}]"
+# The structured-output engine: regular expressions and JSON Schema on llguidance.
+regex = engine.regex
+search = engine.search
+json_schema = engine.json_schema

@@ -29,7 +29,7 @@ from steer.potentials import ScoringModel
 MAX_LENGTH = 1_000_000  # longest string or list a program may build
 MAX_SIZE = 10_000_000  # characters and items of a value in all, nested lists included
 MAX_CALL_DEPTH = 50  # helper functions calling helpers
-COMPILED_LITERALS = ("regex", "partial_regex", "json_schema", "grammar")  # `steer check` compiles literal ones
+COMPILED_LITERALS = ("regex", "search", "partial_regex", "json_schema", "grammar")  # `steer check` compiles literal ones
 REGEX_TIMEOUT = 1.0  # seconds; a pathological pattern is an error, not a hang
 REQUIRED = object()
 # The wall-clock deadline of the run in progress (time.monotonic()), or None: slow built-ins stop at it.
@@ -383,13 +383,17 @@ _BUILTINS = [
     _b("max_tokens", [("n", "int")], "mask", _constraint(masks.max_tokens), "only EOS after n tokens", "mask"),
     _b("end_of_text", [], "mask", _constraint(masks.end_of_text), "the end-of-text token only", "mask"),
     _b("regex", [("pattern", "str"), ("allow_eos", "bool", True)], "mask", _constraint(patterns.regex),
-       "the text matches the regular expression (a token automaton)", "mask"),
-    _b("json_schema", [("schema", "str")], "mask", _constraint(patterns.json_schema),
-       "the text is JSON valid under this JSON schema (given as JSON text)", "mask"),
+       "the text matches the regular expression in full (llguidance masks)", "mask"),
+    _b("search", [("pattern", "str"), ("allow_eos", "bool", True)], "mask", _constraint(patterns.search),
+       "the text contains a match of the regular expression (llguidance masks)", "mask"),
+    _b("json_schema", [("schema", "str"), ("lenient", "bool", False)], "mask",
+       _constraint(lambda schema, lenient=False: patterns.json_schema(schema, lenient=lenient)),
+       "the text is JSON valid under this JSON schema (given as JSON text); lenient: keywords the mask "
+       "cannot enforce are checked on the complete text", "mask"),
     _b("partial_regex", [("pattern", "str")], "mask", _constraint(checks.partial_regex),
        "the text matches the pattern, checked token by token (look-around, back-references)", "mask"),
     _b("grammar", [("text", "str"), ("start", "str", "start")], "mask", _constraint(checks.grammar),
-       "the text is a sentence of this Lark grammar (checked token by token)", "mask"),
+       "the text is a sentence of this Lark grammar (llguidance's Lark dialect, masks)", "mask"),
     _b("json_grammar", [], "mask", _constraint(checks.json_grammar), "the text is one JSON value", "mask"),
     # distributions (only after `sample` or `observe ... from`)
     _b("next", [("c", "context")], "token", None, "the LM's next token in c", "distribution"),

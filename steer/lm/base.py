@@ -204,6 +204,10 @@ class LMContext:
         self.mask_log_mass: float | None = None
         self.serial = next(self._serials)
         self.backend_state: object = None  # owned by the model backend
+        # per-constraint state (a grammar matcher), keyed by the constraint.  A state's `owner` is the
+        # serial of the context that may move it; copying a context clears it, so the original and the
+        # copies share the state until one moves, which forks it first (copy-on-write)
+        self.constraint_states: dict[object, Any] = {}
 
     # -- state ----------------------------------------------------------------------------------------
     @property
@@ -330,6 +334,9 @@ class LMContext:
         new = LMContext.__new__(LMContext)
         new.__dict__.update(self.__dict__)
         new.tokens = list(self.tokens)
+        for state in self.constraint_states.values():
+            state.owner = None
+        new.constraint_states = dict(self.constraint_states)
         new.serial = next(self._serials)
         new.draw = None  # a pre-drawn sample is used by one context only
         memo[id(self)] = new

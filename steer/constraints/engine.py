@@ -1,0 +1,482 @@
+"""Regular expressions, Lark grammars and JSON Schema on llguidance.
+
+llguidance (the Rust engine behind Guidance, and an option in vLLM, SGLang and llama.cpp) compiles a
+regex, a Lark grammar or a JSON schema into a matcher that owns its parse state: it computes the
+allowed-token bitmask over the whole vocabulary in microseconds, consumes a token and rolls back.
+Each particle keeps its own matcher state in its context (`LMContext.constraint_states`); a copy made
+by resampling shares its parent's state until one of them moves, and is then deep-copied
+(copy-on-write), so resampled-away particles never cost a copy.
+
+On top of the engine's mask, steer keeps what makes the posterior exact and the proposals useful:
+the base restriction (healing, canonical pairs, no control tokens) is intersected with it, a short
+look-ahead drops tokens after which no canonical continuation exists, the token before the budget's
+last may only be one after which the text can end, and an optional final check (`jsonschema`) makes
+an approximating mask exact: end-of-text is allowed only on text the check accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import llguidance
+import llguidance.numpy as llnp
+import numpy as np
+import torch
+from llguidance import LLMatcher, LLTokenizer, TokenizerWrapper
+
+from ..errors import SteerError
+from ..lm.base import Vocabulary
+from ..masks import TokenConstraint, canonical_filter, ending_tokens
+from ..tokens import TokenTable
+from .canonical import Canonical
+
+LOOK_AHEAD = 48  # tokens checked one by one for a canonical continuation when at most this many are allowed
+DEPTH = 3  # and followed this many tokens deep while the choice stays that narrow
+BUDGET_CHECK = 4096  # the second-to-last token of a budget is checked one by one up to this many candidates
+# JSON is written as `json.dumps` writes it: fixed separators, no free white space (a model given
+# free white space can spend its whole budget on it).
+JSON_FORMAT = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False,
+               "json_allow_general_unicode_escapes": True}
+
+_tokenizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def ll_tokenizer(vocab: Vocabulary) -> LLTokenizer:
+    """llguidance's view of `vocab`'s tokenizer (built once per vocabulary, about a second for 262k
+    tokens): a fast Hugging Face tokenizer directly, any other tokenizer through its token strings."""
+    found = _tokenizers.get(vocab)
+    if found is None:
+        found = _tokenizers[vocab] = _build_tokenizer(vocab)
+    return found
+
+
+def _build_tokenizer(vocab: Vocabulary) -> LLTokenizer:
+    import llguidance.hf
+
+    eos = sorted(vocab.eos_ids)
+    tokenizer = vocab.tokenizer
+    if tokenizer is not None:
+        try:
+            return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab.size, eos_token=eos)
+        except ValueError:  # a decoder llguidance does not know (e.g. the tiny test tokenizers)
+            pass
+
+    class _Strings:  # llguidance's generic tokenizer protocol: token bytes and an encode function
+        eos_token_id = eos[0]
+        bos_token_id = vocab.bos_id
+        tokens = [s.encode("utf-8") for s in vocab.strings]
+        special_token_ids = [int(i) for i in np.flatnonzero(vocab.special)]
+
+        def __call__(self, data: bytes) -> list[int]:
+            text = data.decode("utf-8", errors="replace")
+            if tokenizer is not None:
+                return tokenizer.encode(text, add_special_tokens=False)
+            return _greedy(vocab, text)
+
+    return LLTokenizer(TokenizerWrapper(_Strings()), n_vocab=vocab.size, eos_token=eos)
+
+
+def _greedy(vocab: Vocabulary, text: str) -> list[int]:
+    """Longest-match tokenization, for a vocabulary without a tokenizer."""
+    by_string = {s: i for i, s in enumerate(vocab.strings) if s and not vocab.special[i]}
+    longest = max(map(len, by_string), default=1)
+    out, at = [], 0
+    while at < len(text):
+        for n in range(min(longest, len(text) - at), 0, -1):
+            if text[at:at + n] in by_string:
+                out.append(by_string[text[at:at + n]])
+                at += n
+                break
+        else:
+            raise SteerError(f"the vocabulary cannot write {text[at]!r}")
+    return out
+
+
+class MatcherState:
+    """One particle's position in a grammar: an llguidance matcher and how far it has read.
+
+    `owner` is the serial of the context that may move it; another context that finds it (a copy made
+    by resampling) forks it first.
+    """
+
+    __slots__ = ("matcher", "consumed", "owner", "_mask", "tokenizer")
+
+    def __init__(self, matcher: LLMatcher, tokenizer: LLTokenizer, owner: int):
+        self.matcher, self.tokenizer, self.owner = matcher, tokenizer, owner
+        self.consumed = 0  # generated tokens read so far
+        self._mask: tuple[int, np.ndarray] | None = None
+
+    def fork(self, owner: int) -> MatcherState:
+        new = MatcherState(self.matcher.deep_copy(), self.tokenizer, owner)
+        new.consumed, new._mask = self.consumed, self._mask
+        return new
+
+    def advance_token(self, token: int) -> bool:
+        self.consumed += 1
+        return self.matcher.consume_token(token)
+
+    def advance_text(self, text: str) -> bool:
+        """Read text that is not a whole token (the part of a healed first token after the prompt)."""
+        self.consumed += 1
+        ids = self.tokenizer.tokenize_str(text) if text else []
+        return all(self.matcher.consume_token(i) for i in ids)
+
+    def allowed(self) -> np.ndarray:
+        """Bool per token: the engine allows it next (end-of-text: the text may end here)."""
+        if self._mask is None or self._mask[0] != self.consumed:
+            self._mask = (self.consumed, bitmask(self.matcher, self.tokenizer.vocab_size))
+        return self._mask[1]
+
+    def accepts(self, text: str) -> bool:
+        """Whether `text` may follow, leaving a complete text (the matcher is left where it was)."""
+        ids = self.tokenizer.tokenize_str(text) if text else []
+        n = self.matcher.try_consume_tokens(ids)
+        ok = n == len(ids) and self.matcher.is_accepting()
+        if n:
+            self.matcher.rollback(n)
+        return ok
+
+    def can_follow(self, text: str) -> bool:
+        """Whether `text` may follow (a prefix of a complete text)."""
+        ids = self.tokenizer.tokenize_str(text) if text else []
+        return self.matcher.validate_tokens(ids) == len(ids)
+
+
+def bitmask(matcher: LLMatcher, size: int) -> np.ndarray:
+    """The matcher's allowed-token bitmask unpacked to one bool per token."""
+    words = llnp.allocate_token_bitmask(1, size)
+    llnp.fill_next_token_bitmask(matcher, words, 0)
+    return np.unpackbits(words[0].view(np.uint8), bitorder="little")[:size].view(bool)
+
+
+class Structured(TokenConstraint):
+    """A regex, Lark grammar or JSON schema compiled by llguidance, as a token constraint.
+
+    `final_check(text) -> bool`, when given, must also accept the complete text before it may end
+    (end-of-text is masked by it): that makes a mask that over-approximates exact.
+    """
+
+    stateful = True  # keeps per-context state: judged with the context, not through views
+
+    def __init__(self, grammar: str, describe: str, *, allow_eos: bool = True,
+                 final_check: Callable[[str], bool] | None = None,
+                 locate: Callable[[str], str] = lambda message: message):
+        self.grammar, self.describe, self.allow_eos, self.final_check = grammar, describe, allow_eos, final_check
+        error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
+        if error:
+            raise SteerError(f"{describe}: {locate(_first_line(messages[0]))}")
+        self.warnings = [locate(_first_line(m)) for m in messages]
+        self._start: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._healed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.key = object()  # this constraint's slot in a context's states
+
+    def __repr__(self) -> str:
+        return self.describe
+
+    def __deepcopy__(self, memo):  # an immutable spec shared by every particle
+        return self
+
+    # -- per-context state --------------------------------------------------------------------------
+    def matcher(self, vocab: Vocabulary) -> LLMatcher:
+        """A fresh matcher at the start of the text (compiled once per vocabulary)."""
+        start = self._start.get(vocab)
+        if start is None:
+            tokenizer = ll_tokenizer(vocab)
+            start = LLMatcher(tokenizer, self.grammar, log_level=0)
+            if start.is_error():
+                raise SteerError(f"{self.describe}: {_first_line(start.get_error())}")
+            self._start[vocab] = start
+        return start.deep_copy()
+
+    def state(self, context) -> MatcherState:
+        """`context`'s matcher state, moved up to its generated tokens (forked first if shared)."""
+        states = context.constraint_states
+        state = states.get(self.key)
+        vocab = context.lm.vocab
+        if state is None:
+            state = MatcherState(self.matcher(vocab), ll_tokenizer(vocab), context.serial)
+            states[self.key] = state
+        elif state.owner != context.serial:
+            state = states[self.key] = state.fork(context.serial)
+        generated = context.generated
+        while state.consumed < len(generated):
+            token = generated[state.consumed]
+            if state.consumed == 0 and context.healed:  # only the text after the backed-off prompt counts
+                state.advance_text(vocab.strings[token][len(context.healed):])
+            elif token in vocab.eos_ids or (context.end_at is not None and state.consumed == len(generated) - 1):
+                state.consumed += 1  # the end: nothing more to read
+            else:
+                state.advance_token(token)
+        return state
+
+    # -- the mask -----------------------------------------------------------------------------------
+    def mask(self, context) -> torch.Tensor:
+        return self.allowed_in(context)
+
+    def allowed_in(self, context) -> torch.Tensor:
+        """The tokens that keep the text a prefix of an allowed text; end-of-text (and a token that
+        writes an end string) only where the text before it is complete."""
+        vocab = context.lm.vocab
+        size = vocab.size
+        eos = list(vocab.eos_ids)
+        state = self.state(context)
+        if state.matcher.is_error():
+            return torch.zeros(size, dtype=torch.bool)
+        if context.ended:  # an end string was written: the text before it must be complete
+            ok = np.zeros(size, dtype=bool)
+            ok[eos] = self.allow_eos and self._complete(vocab, context.text)
+            return torch.from_numpy(ok)
+        if context.heal:
+            ok = self._healed_mask(context, state).copy()
+        else:
+            ok = state.allowed().copy()
+            ok[eos] = False
+        ok[eos] = self._may_end(state, context.text)
+        for ended, ids in ending_tokens(context).items():  # the text before an end string must be complete
+            extra = ended[len(context.text):] if len(ended) >= len(context.text) else None
+            good = extra is not None and state.accepts(extra) and self._final(ended)
+            ok[ids] = good
+        canon = canonical_filter(context)
+        left = context.tokens_left
+        if canon is not None or (left is not None and left == 2):
+            ok = self._look_ahead(context, state, ok, canon, left == 2)
+        return torch.from_numpy(ok)
+
+    def _may_end(self, state: MatcherState, text: str) -> bool:
+        return self.allow_eos and state.matcher.is_accepting() and self._final(text)
+
+    def _complete(self, vocab: Vocabulary, text: str) -> bool:
+        """Whether `text` is a complete text, read by a fresh matcher."""
+        m = self.matcher(vocab)
+        return m.consume_tokens(ll_tokenizer(vocab).tokenize_str(text)) and m.is_accepting() and self._final(text)
+
+    def _final(self, text: str) -> bool:
+        return self.final_check is None or self.final_check(text)
+
+    def _healed_mask(self, context, state: MatcherState) -> np.ndarray:
+        """While healing is pending: tokens that start with the backed-off prompt text, judged by the
+        text they add after it (computed once per prompt ending: every particle starts there)."""
+        vocab, pending = context.lm.vocab, context.heal
+        cache = self._healed.setdefault(vocab, {})
+        if pending not in cache:
+            ok = np.zeros(vocab.size, dtype=bool)
+            for i in TokenTable.of(vocab).starting_with(pending):
+                ok[i] = state.can_follow(vocab.strings[i][len(pending):])
+            cache[pending] = ok
+        return cache[pending]
+
+    def _look_ahead(self, context, state: MatcherState, ok: np.ndarray, canon: Canonical | None,
+                    last_but_one: bool) -> np.ndarray:
+        """Drop tokens that lead nowhere: when few tokens are allowed, those after which no allowed token
+        keeps the tokenization canonical; before the budget's last token, those after which the text
+        cannot end.  Dropping them changes no weight the target gives a complete text."""
+        vocab = context.lm.vocab
+        eos = np.zeros(vocab.size, dtype=bool)
+        eos[list(vocab.eos_ids)] = True
+        candidates = ok & ~eos & ~vocab.special
+        for ids in ending_tokens(context).values():
+            candidates[ids] = False  # judged already, as the end of the text
+        candidates = np.flatnonzero(candidates)
+        budget = last_but_one and len(candidates) <= BUDGET_CHECK
+        narrow = canon is not None and len(candidates) <= LOOK_AHEAD
+        if not (budget or narrow):
+            return ok
+        ok = ok.copy()
+        m, pending = state.matcher, context.heal
+        for x in candidates.tolist():
+            # what the matcher reads for x: while healing, the text x adds after the backed-off prompt
+            ids = state.tokenizer.tokenize_str(vocab.strings[x][len(pending):]) if pending else [x]
+            n = m.try_consume_tokens(ids)
+            if n < len(ids):
+                alive = False
+            elif budget:  # the last token must end the text: end-of-text, or a token writing an end string
+                alive = (m.is_accepting() and self._final(context.text + vocab.strings[x][len(pending):])) or \
+                    (bool(context.end) and bool(bitmask(m, vocab.size).any()))
+            else:
+                alive = self._lives(m, vocab, canon, x, DEPTH)
+            if n:
+                m.rollback(n)
+            ok[x] = alive
+        return ok
+
+    def _lives(self, m: LLMatcher, vocab: Vocabulary, canon: Canonical, last: int, depth: int) -> bool:
+        """Whether, after token `last`, some allowed token keeps the tokenization canonical (or the text
+        may end), following narrow choices `depth` tokens deep."""
+        if self.allow_eos and m.is_accepting():
+            return True
+        follow = bitmask(m, vocab.size) & canon.after(last).numpy() & ~vocab.special
+        follow[list(vocab.eos_ids)] = False
+        ys = np.flatnonzero(follow)
+        if not len(ys) or depth == 0 or len(ys) > LOOK_AHEAD:
+            return bool(len(ys))
+        for y in ys.tolist():
+            if m.consume_token(y):
+                alive = self._lives(m, vocab, canon, y, depth - 1)
+                m.rollback(1)
+                if alive:
+                    return True
+        return False
+
+    def done(self, context) -> bool:
+        """The text is complete and the grammar allows nothing more: a program can finish here."""
+        state = self.state(context)
+        return state.matcher.is_accepting() and not state.allowed()[~context.lm.vocab.special].any() \
+            and self._final(context.text)
+
+    def matches(self, text: str) -> bool:
+        """Whether `text` is a complete text (checked without a model, byte by byte)."""
+        m = LLMatcher(_byte_tokenizer(), self.grammar, log_level=0)
+        ok = m.consume_tokens(list(text.encode("utf-8"))) and m.is_accepting()
+        return bool(ok) and self._final(text)
+
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0] if message.strip() else "invalid"
+
+
+_BYTES: list[LLTokenizer] = []
+
+
+def _byte_tokenizer() -> LLTokenizer:
+    """A 256-token byte vocabulary (plus an end token): checks text without a model."""
+    if not _BYTES:
+        class _Bytes:
+            eos_token_id = 256
+            bos_token_id = None
+            tokens = [bytes([b]) for b in range(256)] + [b"\xff<eos>"]
+            special_token_ids = [256]
+
+            def __call__(self, data: bytes) -> list[int]:
+                return list(data)
+
+        _BYTES.append(LLTokenizer(TokenizerWrapper(_Bytes()), n_vocab=257, eos_token=256))
+    return _BYTES[0]
+
+
+# -- constructors -------------------------------------------------------------------------------------
+def regex(pattern: str, allow_eos: bool = True) -> Structured:
+    """The generated text matches `pattern` in full by the time it ends (Rust `regex` syntax: classes,
+    `\\p{..}`, repetition; a leading `^` and trailing `$` are implied)."""
+    body = _strip_anchors(pattern)
+    return Structured(LLMatcher.grammar_from_regex(body), f"regex({pattern!r})", allow_eos=allow_eos,
+                      locate=lambda m: m + " (look-around, back-references and atomic groups: use "
+                                           "partial_regex)")
+
+
+def search(pattern: str, allow_eos: bool = True) -> Structured:
+    """The generated text contains a match of `pattern` (what `re.search` finds)."""
+    return regex(f"(?s:.*)(?:{pattern})(?s:.*)", allow_eos)
+
+
+def _strip_anchors(pattern: str) -> str:
+    for head in ("^", "\\A"):
+        if pattern.startswith(head):
+            pattern = pattern[len(head):]
+    for tail in ("$", "\\z", "\\Z"):
+        if pattern.endswith(tail) and not pattern.endswith("\\" + tail):
+            pattern = pattern[: -len(tail)]
+    return pattern
+
+
+def grammar(text: str, start: str = "start", allow_eos: bool = True) -> Structured:
+    """The generated text is a sentence of a Lark grammar, in llguidance's Lark dialect (terminals are
+    Rust regular expressions; `%ignore`, `%import common` and regex / JSON-schema terminals work)."""
+    if start != "start":
+        text = f"start: {start}\n{text}"
+    return Structured(LLMatcher.grammar_from_lark(text), f"grammar({text[:40]!r}...)", allow_eos=allow_eos,
+                      locate=lambda m: f"Lark grammar {m}")
+
+
+def json_schema(schema: dict | str | bool, *, lenient: bool = False, allow_eos: bool = True) -> Structured:
+    """The generated text is a JSON document valid under `schema` (JSON Schema, drafts 4 to 2020-12),
+    written as `json.dumps` writes it.
+
+    The mask comes from llguidance's schema compiler.  A keyword it does not implement is an error
+    naming the keyword and where it is; with `lenient=True` the schema is compiled without it and the
+    complete text must also pass `jsonschema` validation before it may end, so the target is still
+    exactly "valid under the schema"."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise SteerError(f"the JSON schema is not valid JSON: {e}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise SteerError(f"a JSON schema is an object (or true / false), got {type(schema).__name__}")
+    check = schema_validator(schema)
+    options = dict(JSON_FORMAT, lenient=lenient)
+    try:
+        compiled = LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=options)
+    except ValueError as e:
+        raise SteerError(f"cannot use this JSON schema: {_first_line(str(e))}") from None
+    describe = f"json_schema({_short(schema)})"
+    constraint = Structured(compiled, describe, allow_eos=allow_eos, locate=lambda m: _locate(schema, m))
+    if lenient and constraint.warnings:
+        constraint.final_check = check
+    constraint.schema = schema
+    return constraint
+
+
+def schema_validator(schema: Any) -> Callable[[str], bool]:
+    """`text -> bool`: the text is one JSON document valid under `schema` (the `jsonschema` package)."""
+    import jsonschema
+
+    try:
+        cls = jsonschema.validators.validator_for(schema)
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        where = "$" + "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in e.path)
+        raise SteerError(f"invalid JSON schema at {where}: {e.message}") from None
+    validator = cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+    def valid(text: str) -> bool:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return False
+        try:
+            return validator.is_valid(value)
+        except (jsonschema.exceptions.RefResolutionError, RecursionError):  # unresolvable: not valid
+            return False
+
+    return valid
+
+
+def _short(schema: Any) -> str:
+    text = json.dumps(schema)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _locate(schema: Any, message: str) -> str:
+    """The engine's message with the JSON path of the keyword it names ("Unimplemented keys: [...]")."""
+    import re
+
+    found = re.search(r'Unimplemented keys: \["([^"]+)"', message) or re.search(r"Unknown format: (\S+)", message)
+    if not found:
+        return message
+    name = found.group(1)
+    key = name if "Unimplemented" in message else "format"
+    path = _find_key(schema, key, name if key == "format" else None, "$")
+    return f"{message} at {path} (lenient=True compiles without it and validates the result)" if path else message
+
+
+def _find_key(node: Any, key: str, value: Any, path: str) -> str | None:
+    if isinstance(node, dict):
+        if key in node and (value is None or node[key] == value):
+            return path
+        for k, v in node.items():
+            found = _find_key(v, key, value, f"{path}.{k}")
+            if found:
+                return found
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found = _find_key(v, key, value, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+__all__ = ["Structured", "MatcherState", "grammar", "json_schema", "regex", "search", "ll_tokenizer",
+           "schema_validator", "llguidance"]

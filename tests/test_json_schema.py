@@ -1,0 +1,75 @@
+"""JSON Schema on llguidance: the spec's semantics, checked model-free (byte by byte) against
+`jsonschema`, the reference validator."""
+
+import json
+
+import pytest
+
+from steer import SteerError
+from steer.constraints.engine import json_schema, schema_validator
+
+CASES = [
+    # (schema, instances): every instance is judged by the constraint and by jsonschema alike
+    ({"type": "object", "properties": {"a": {"type": "integer"}}},
+     [{"a": 1}, {"a": 1, "b": "x"}, {"b": True}, {"a": "1"}, {}]),  # additionalProperties defaults to allowed
+    ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}, "required": ["a", "b"]},
+     [{"a": 1, "b": "x"}, {"a": 1}, {"a": 1, "b": "x", "c": None}]),  # keys in the schema's order
+    ({"type": "string", "pattern": "[0-9]{2}"}, ["a12b", "12", "a1b2"]),  # pattern is a search
+    ({"type": "string", "pattern": "^pkg:"}, ["pkg:npm", "npm:pkg"]),  # half-anchored
+    ({"type": "string", "maxLength": 3}, ["\u00e9t\u00e9", "abcd", "ab"]),  # escapes count as one character
+    ({"type": "number", "minimum": 0.5, "maximum": 2}, [0.5, 2, 2.5, 0.25, 1]),
+    ({"type": "integer", "exclusiveMinimum": 3}, [3, 4, -1]),
+    ({"definitions": {"p": {"type": "integer"}}, "type": "array", "items": {"$ref": "#/definitions/p"}},
+     [[1, 2], [1, "a"], []]),
+    ({"oneOf": [{"type": "integer"}, {"type": "string"}]}, [1, "a", None]),
+    ({"allOf": [{"type": "object", "required": ["a"]}, {"type": "object", "required": ["b"]}]},
+     [{"a": 1, "b": 2}, {"a": 1}]),
+    ({"type": "object", "patternProperties": {"^x_": {"type": "integer"}}, "additionalProperties": False},
+     [{"x_a": 1}, {"x_a": "1"}, {"y": 1}]),
+    ({"$id": "http://example.com/s", "$comment": "annotations are ignored", "title": "T", "readonly": True,
+      "javaType": "x.Y", "type": "boolean"}, [True, 1]),
+    ({}, [1, "a", None, [1, {"a": []}], {"b": 1.5}]),  # any value
+]
+
+
+@pytest.mark.parametrize("schema,instances", CASES)
+def test_agrees_with_jsonschema(schema, instances):
+    constraint = json_schema(schema)
+    valid = schema_validator(schema)
+    for instance in instances:
+        text = json.dumps(instance)
+        assert constraint.matches(text) == valid(text), (schema, text)
+
+
+def test_numbers_cannot_run_on_forever():
+    # the generated text is json.dumps's: no spaces after it ends, nothing after the document
+    record = json_schema({"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"]})
+    assert record.matches('{"x": -0.5}')
+    assert not record.matches('{"x": -0.5} ')
+    assert not record.matches('{"x":-0.5}')  # json.dumps's separators
+
+
+def test_unsupported_keyword_names_it_and_its_path():
+    schema = {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}
+    with pytest.raises(SteerError, match=r"uniqueItems.*\$\.properties\.tags"):
+        json_schema(schema)
+
+
+def test_lenient_mode_checks_the_complete_text():
+    schema = {"type": "array", "items": {"type": "integer"}, "maxItems": 3, "uniqueItems": True}
+    lenient = json_schema(schema, lenient=True)
+    assert lenient.final_check is not None
+    assert lenient.matches("[1, 2, 3]")
+    assert not lenient.matches("[1, 1]")  # the mask allows it; the final check does not
+
+
+@pytest.mark.parametrize("schema,message", [
+    ('{"type": ', "not valid JSON"),
+    ({"type": "tuple"}, r"invalid JSON schema at \$"),
+    ({"properties": {"a": {"$ref": "#/definitions/missing"}}}, "does not exist"),
+    ([1, 2], "is an object"),
+])
+def test_bad_schemas_are_one_line_errors(schema, message):
+    with pytest.raises(SteerError, match=message) as e:
+        json_schema(schema)
+    assert "\n" not in str(e.value)
