@@ -122,10 +122,10 @@ def test_posterior_matches_the_exact_conditional(name):
     (lambda: regex_mask("[a-"), "invalid regular expression '[a-'"),
     (lambda: partial_regex("(?<=a"), "invalid regular expression"),
     (lambda: grammar("start: undefined_rule\n"), "invalid Lark grammar"),
-    (lambda: json_schema({"type": "object", "patternProperties": {}}),
-     "JSON schema keyword 'patternProperties' at $ is not supported"),
+    (lambda: json_schema({"type": "object", "properties": {"a": {"not": {}}}}),
+     'Unimplemented keys: ["not"] at $.properties.a'),
     (lambda: json_schema({"type": "object", "properties": {"a": {"type": "tuple"}}}),
-     "JSON schema type 'tuple' at $.a is unknown"),
+     "invalid JSON schema at $.properties.a.type"),
     (lambda: json_schema('{"type": '), "the JSON schema is not valid JSON"),
 ])
 def test_bad_constraints_are_one_line_errors(make, message):

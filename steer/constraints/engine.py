@@ -163,11 +163,12 @@ class Structured(TokenConstraint):
 
     def __init__(self, grammar: str, describe: str, *, allow_eos: bool = True,
                  final_check: Callable[[str], bool] | None = None,
-                 locate: Callable[[str], str] = lambda message: message):
+                 locate: Callable[[str], str] | None = None):
         self.grammar, self.describe, self.allow_eos, self.final_check = grammar, describe, allow_eos, final_check
+        locate = locate or (lambda message: f"{describe}: {message}")
         error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
         if error:
-            raise SteerError(f"{describe}: {locate(_first_line(messages[0]))}")
+            raise SteerError(locate(_detail(messages[0])))
         self.warnings = [locate(_first_line(m)) for m in messages]
         self._start: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._healed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -326,11 +327,30 @@ class Structured(TokenConstraint):
         return state.matcher.is_accepting() and not state.allowed()[~context.lm.vocab.special].any() \
             and self._final(context.text)
 
-    def matches(self, text: str) -> bool:
-        """Whether `text` is a complete text (checked without a model, byte by byte)."""
+    def allows(self, text: str, complete: bool = False) -> bool:
+        """Whether `text` is a prefix of an allowed text (with `complete`: an allowed text), checked
+        byte by byte without a model."""
         m = LLMatcher(_byte_tokenizer(), self.grammar, log_level=0)
-        ok = m.consume_tokens(list(text.encode("utf-8"))) and m.is_accepting()
-        return bool(ok) and self._final(text)
+        data = list(text.encode("utf-8"))
+        if m.validate_tokens(data) != len(data):
+            return False
+        if not complete:
+            return True
+        return m.consume_tokens(data) and m.is_accepting() and self._final(text)
+
+    def matches(self, text: str) -> bool:
+        """Whether `text` is a complete text."""
+        return self.allows(text, complete=True)
+
+
+def _detail(message: str) -> str:
+    """The informative line of an engine error ("error: unclosed group" rather than its position)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("error:"):
+            return line[len("error:"):].strip()
+    first = lines[0] if lines else "invalid"
+    return first.split(": ", 1)[1] if first.startswith("at ") and ": " in first else first
 
 
 def _first_line(message: str) -> str:
@@ -361,9 +381,14 @@ def regex(pattern: str, allow_eos: bool = True) -> Structured:
     """The generated text matches `pattern` in full by the time it ends (Rust `regex` syntax: classes,
     `\\p{..}`, repetition; a leading `^` and trailing `$` are implied)."""
     body = _strip_anchors(pattern)
+
+    def explain(message: str) -> str:
+        hint = " (partial_regex checks look-around, back-references and atomic groups)" \
+            if any(w in message for w in ("look", "backreference", "not supported", "unrecognized flag")) else ""
+        return f"invalid regular expression {pattern!r}: {message}{hint}"
+
     return Structured(LLMatcher.grammar_from_regex(body), f"regex({pattern!r})", allow_eos=allow_eos,
-                      locate=lambda m: m + " (look-around, back-references and atomic groups: use "
-                                           "partial_regex)")
+                      locate=explain)
 
 
 def search(pattern: str, allow_eos: bool = True) -> Structured:
@@ -387,7 +412,7 @@ def grammar(text: str, start: str = "start", allow_eos: bool = True) -> Structur
     if start != "start":
         text = f"start: {start}\n{text}"
     return Structured(LLMatcher.grammar_from_lark(text), f"grammar({text[:40]!r}...)", allow_eos=allow_eos,
-                      locate=lambda m: f"Lark grammar {m}")
+                      locate=lambda m: f"invalid Lark grammar: {m}")
 
 
 def json_schema(schema: dict | str | bool, *, lenient: bool = False, allow_eos: bool = True) -> Structured:
@@ -412,7 +437,8 @@ def json_schema(schema: dict | str | bool, *, lenient: bool = False, allow_eos: 
     except ValueError as e:
         raise SteerError(f"cannot use this JSON schema: {_first_line(str(e))}") from None
     describe = f"json_schema({_short(schema)})"
-    constraint = Structured(compiled, describe, allow_eos=allow_eos, locate=lambda m: _locate(schema, m))
+    constraint = Structured(compiled, describe, allow_eos=allow_eos,
+                            locate=lambda m: f"JSON schema: {_locate(schema, m)}")
     if lenient and constraint.warnings:
         constraint.final_check = check
     constraint.schema = schema
