@@ -481,14 +481,14 @@ def _base_mask(context: LMContext) -> torch.Tensor | None:
     if canon is not None:
         parts.append(canon.after(context.tokens[-1]))
     if not context.allow_special and t.vocab.special.any():
-        parts.append(torch.from_numpy(t.text | t.eos))
+        parts.append(_text_or_eos(t))
     mask = None
     for part in parts:
         if part is not None:
             mask = part if mask is None else mask & part
     _BASE_CACHE[key] = mask
     if mask is not None:
-        excluded = (~mask).nonzero().flatten()
+        excluded = torch.from_numpy(np.flatnonzero(~mask.numpy()))
         if len(excluded) < mask.numel() // 4:
             _EXCLUDED[id(mask)] = (mask, excluded)
     if len(_BASE_CACHE) > 256:
@@ -498,6 +498,14 @@ def _base_mask(context: LMContext) -> torch.Tensor | None:
 
 
 _EXCLUDED: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _text_or_eos(t: TokenTable) -> torch.Tensor:
+    """Tokens that stand for text, and end-of-text (computed once per vocabulary)."""
+    found = t.__dict__.get("_text_or_eos")
+    if found is None:
+        found = t.__dict__["_text_or_eos"] = torch.from_numpy(t.text | t.eos)
+    return found
 
 
 def excluded_ids(mask: torch.Tensor) -> torch.Tensor | None:

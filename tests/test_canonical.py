@@ -95,6 +95,7 @@ CONSTRAINTS = {
     "none": lambda: None,
     "mask": lambda: steer.masks.exclude_chars("b"),
     "regex": lambda: steer.patterns.regex(PATTERN),
+    "automaton": lambda: steer.patterns.automaton(PATTERN),
     "check": lambda: steer.checks.partial_regex(PATTERN),
 }
 INSIDE_TOKEN = {  # for the end string "b", which "ab" and " ab" write after some text
@@ -108,7 +109,7 @@ def allowed_text(kind, text, ended):
         return "b" not in text
     if kind == "no-a":
         return "a" not in text
-    if kind in ("regex", "check", "a-runs"):
+    if kind in ("regex", "automaton", "check", "a-runs"):
         pattern = A_RUNS if kind == "a-runs" else PATTERN
         return bool(re.fullmatch(pattern, text)) if ended else bool(re.fullmatch(pattern, text, partial=True))
     return True
@@ -226,10 +227,12 @@ class WithinBudget(Constrained):
         self.constraint = constraint
 
 
-@pytest.mark.parametrize("kind", ["none", "regex"])
+@pytest.mark.parametrize("kind", ["none", "regex", "automaton"])
 def test_a_token_budget_makes_every_text_end_within_it(bpe_lm, kind):
-    """`max_tokens=T`: texts end (EOS or the end string) within T tokens; the regex leaves out tokens
-    after which no full match fits; the posterior is the exact one over such texts."""
+    """`max_tokens=T`: texts end (EOS or the end string) within T tokens; the posterior is the exact one
+    over such texts.  The automaton leaves out every token after which no full match fits, so no
+    particle dies; llguidance's regex checks this only before the budget's last token, so a particle
+    may die there, and those that live have ended."""
     posterior, z = exact_until_end(bpe_lm, "b", kind)
     eos = next(iter(bpe_lm.vocab.eos_ids))
     ended = {k: p for k, p in posterior.items() if k[-1] == eos or " " in bpe_lm.decode(list(k))}
@@ -238,8 +241,8 @@ def test_a_token_budget_makes_every_text_end_within_it(bpe_lm, kind):
     estimate: dict = {}
     for seed in range(3):
         post = steer.smc(WithinBudget(bpe_lm, "b", CONSTRAINTS[kind]()), particles=1500, seed=seed)
-        for p in post.particles:
-            assert p.ctx.ended or p.ctx.generated[-1] == eos
+        for p, logw in zip(post.particles, post.log_weights):
+            assert p.ctx.ended or p.ctx.generated[-1] == eos or (kind == "regex" and logw == -np.inf)
         for k, w in post.distribution().items():
             estimate[k] = estimate.get(k, 0.0) + w / 3
     assert set(estimate) <= set(ended)

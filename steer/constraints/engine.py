@@ -124,11 +124,15 @@ class MatcherState:
         ids = self.tokenizer.tokenize_str(text) if text else []
         return all(self.matcher.consume_token(i) for i in ids)
 
+    def packed(self) -> np.ndarray:
+        """The engine's mask here, 32 tokens per word (computed once per position)."""
+        if self._mask is None or self._mask[0] != self.consumed:
+            self._mask = (self.consumed, packed(self.matcher, self.tokenizer.vocab_size))
+        return self._mask[1]
+
     def allowed(self) -> np.ndarray:
         """Bool per token: the engine allows it next (end-of-text: the text may end here)."""
-        if self._mask is None or self._mask[0] != self.consumed:
-            self._mask = (self.consumed, bitmask(self.matcher, self.tokenizer.vocab_size))
-        return self._mask[1]
+        return unpack(self.packed(), self.tokenizer.vocab_size)
 
     def accepts(self, text: str) -> bool:
         """Whether `text` may follow, leaving a complete text (the matcher is left where it was)."""
@@ -145,11 +149,31 @@ class MatcherState:
         return self.matcher.validate_tokens(ids) == len(ids)
 
 
-def bitmask(matcher: LLMatcher, size: int) -> np.ndarray:
-    """The matcher's allowed-token bitmask unpacked to one bool per token."""
+def packed(matcher: LLMatcher, size: int) -> np.ndarray:
+    """The matcher's allowed-token bitmask, 32 tokens per int32 word."""
     words = llnp.allocate_token_bitmask(1, size)
     llnp.fill_next_token_bitmask(matcher, words, 0)
-    return np.unpackbits(words[0].view(np.uint8), bitorder="little")[:size].view(bool)
+    return words[0]
+
+
+def unpack(words: np.ndarray, size: int) -> np.ndarray:
+    return np.unpackbits(words.view(np.uint8), bitorder="little")[:size].view(bool)
+
+
+def bitmask(matcher: LLMatcher, size: int) -> np.ndarray:
+    """The matcher's allowed-token bitmask unpacked to one bool per token."""
+    return unpack(packed(matcher, size), size)
+
+
+def few_ids(words: np.ndarray, limit: int) -> np.ndarray | None:
+    """The ids set in a packed mask when there are at most `limit` of them (None: more), without
+    touching the whole vocabulary."""
+    if int(np.bitwise_count(words.view(np.uint32)).sum()) > limit:
+        return None
+    nonzero = np.flatnonzero(words)
+    bits = np.unpackbits(words[nonzero].view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
+    rows, cols = np.nonzero(bits)
+    return nonzero[rows] * 32 + cols
 
 
 class Structured(TokenConstraint):
@@ -275,17 +299,21 @@ class Structured(TokenConstraint):
         keeps the tokenization canonical; before the budget's last token, those after which the text
         cannot end.  Dropping them changes no weight the target gives a complete text."""
         vocab = context.lm.vocab
-        eos = np.zeros(vocab.size, dtype=bool)
-        eos[list(vocab.eos_ids)] = True
-        candidates = ok & ~eos & ~vocab.special
-        for ids in ending_tokens(context).values():
-            candidates[ids] = False  # judged already, as the end of the text
-        candidates = np.flatnonzero(candidates)
+        eos = vocab.eos_ids
+        # when the engine allows many tokens, nothing is checked (and nothing over the vocabulary is done)
+        limit = BUDGET_CHECK if last_but_one else LOOK_AHEAD if canon is not None else -1
+        if limit < 0:
+            return ok
+        ids = np.flatnonzero(ok) if context.heal else few_ids(state.packed(), limit + len(eos) + 8)
+        if ids is None:
+            return ok
+        candidates = ids[ok[ids] & ~vocab.special[ids]]
+        for ending in ending_tokens(context).values():
+            candidates = np.setdiff1d(candidates, ending)  # judged already, as the end of the text
         budget = last_but_one and len(candidates) <= BUDGET_CHECK
         narrow = canon is not None and len(candidates) <= LOOK_AHEAD
         if not (budget or narrow):
             return ok
-        ok = ok.copy()
         m, pending = state.matcher, context.heal
         for x in candidates.tolist():
             # what the matcher reads for x: while healing, the text x adds after the backed-off prompt
@@ -295,7 +323,7 @@ class Structured(TokenConstraint):
                 alive = False
             elif budget:  # the last token must end the text: end-of-text, or a token writing an end string
                 alive = (m.is_accepting() and self._final(context.text + vocab.strings[x][len(pending):])) or \
-                    (bool(context.end) and bool(bitmask(m, vocab.size).any()))
+                    (bool(context.end) and bool(packed(m, vocab.size).any()))
             else:
                 alive = self._lives(m, vocab, canon, x, DEPTH)
             if n:
@@ -305,13 +333,15 @@ class Structured(TokenConstraint):
 
     def _lives(self, m: LLMatcher, vocab: Vocabulary, canon: Canonical, last: int, depth: int) -> bool:
         """Whether, after token `last`, some allowed token keeps the tokenization canonical (or the text
-        may end), following narrow choices `depth` tokens deep."""
+        may end), following narrow choices `depth` tokens deep.  Past a wide choice it says yes."""
         if self.allow_eos and m.is_accepting():
             return True
-        follow = bitmask(m, vocab.size) & canon.after(last).numpy() & ~vocab.special
-        follow[list(vocab.eos_ids)] = False
-        ys = np.flatnonzero(follow)
-        if not len(ys) or depth == 0 or len(ys) > LOOK_AHEAD:
+        ids = few_ids(packed(m, vocab.size), LOOK_AHEAD)
+        if ids is None:
+            return True
+        ids = ids[~vocab.special[ids]]
+        ys = ids[canon.after(last).numpy()[ids]] if len(ids) else ids
+        if not len(ys) or depth == 0:
             return bool(len(ys))
         for y in ys.tolist():
             if m.consume_token(y):

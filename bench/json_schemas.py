@@ -1,0 +1,199 @@
+"""JSON Schema structured output, measured the way JSONSchemaBench measures engines, beside llguidance.
+
+For each schema: compile it (time to first mask, TTFM), then walk every test instance, serialised as
+`json.dumps` writes it and tokenized by Gemma's tokenizer, through the mask that generation uses
+(`json_schema(...)`'s mask in a context, intersected with the base restriction: canonical
+tokenization, no control tokens), timing every mask (TBM).  A valid instance counts as accepted when
+every token and end-of-text are allowed; an invalid one as rejected when a token or end-of-text is
+refused.  A schema that the strict compiler refuses is compiled in lenient mode, where the final
+`jsonschema` check gates end-of-text.  llguidance alone runs the same walk on the same tokens.
+
+    python bench/json_schemas.py --data DIR [--limit N] [--suite]
+
+DIR holds MaskBench files (`{"schema", "tests": [{"valid", "data"}]}`), or with `--suite` the JSON
+Schema Test Suite's files (`[{"schema", "tests": [...]}]`, one file per keyword); the suite mode also
+prints how many tests pass per keyword file.  Prints a table and a final JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from llguidance import LLMatcher
+from tqdm import tqdm
+
+from steer import SteerError
+from steer.constraints import engine
+from steer.lm.base import LanguageModel, Vocabulary
+from steer.lm.loading import default_model_path
+from steer.masks import base_mask
+
+
+class TokenizerOnly(LanguageModel):
+    """The default model's vocabulary without its weights: masks need no forward pass."""
+
+    def __init__(self):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+        self.vocab = Vocabulary.from_tokenizer(self.tokenizer, size=262_144)
+        self.max_length, self.name = 1 << 20, "gemma-3-270m tokenizer"
+
+    def encode(self, text: str, *, bos: bool = True) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return [self.vocab.bos_id, *ids] if bos else ids
+
+    def advance(self, requests) -> None:
+        raise NotImplementedError("masks only")
+
+
+def cases(data: Path, suite: bool, limit: int | None):
+    """(name, group, schema, tests) per schema; `group` is the keyword file in suite mode."""
+    files = sorted(data.glob("*.json"))
+    out = []
+    for path in files:
+        loaded = json.loads(path.read_text())
+        if suite:
+            for i, case in enumerate(loaded):
+                out.append((f"{path.stem}[{i}]", path.stem, case["schema"], case["tests"]))
+        else:
+            out.append((path.stem, path.stem, loaded["schema"], loaded["tests"]))
+    return out[:limit] if limit else out
+
+
+def steer_walk(lm: TokenizerOnly, constraint, ids: list[int], times: list[float],
+               engine_times: list[float]) -> bool:
+    """Whether the mask generation uses allows every token of `ids` and then end-of-text (`times`: the
+    whole mask; `engine_times`: the constraint's part, before the base restriction)."""
+    ctx = lm.context([lm.vocab.bos_id], heal=False)
+    eos = next(iter(lm.vocab.eos_ids))
+    for token in [*ids, eos]:
+        start = time.perf_counter()
+        mask = constraint.allowed_in(ctx)
+        engine_times.append(time.perf_counter() - start)
+        base = base_mask(ctx)
+        if base is not None:
+            mask = mask & base
+        allowed = bool(mask[token])
+        times.append(time.perf_counter() - start)
+        if not allowed:
+            return False
+        if token != eos:
+            ctx.extend([token])
+    return True
+
+
+def llguidance_walk(tokenizer, grammar: str, ids: list[int], times: list[float]) -> bool:
+    matcher = LLMatcher(tokenizer, grammar, log_level=0)
+    eos = tokenizer.eos_token
+    for token in [*ids, eos]:
+        start = time.perf_counter()
+        allowed = bool(engine.bitmask(matcher, tokenizer.vocab_size)[token])
+        times.append(time.perf_counter() - start)
+        if not allowed:
+            return False
+        if token != eos:
+            matcher.consume_token(token)
+    return True
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--limit", type=int, default=None, help="the first N schemas only")
+    parser.add_argument("--suite", action="store_true", help="DIR is the JSON Schema Test Suite")
+    args = parser.parse_args()
+
+    lm = TokenizerOnly()
+    start = time.perf_counter()
+    tokenizer = engine.ll_tokenizer(lm.vocab)
+    tokenizer_s = time.perf_counter() - start
+    stats = {name: defaultdict(list) for name in ("steer", "llguidance")}
+    per_group: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    lenient_used = 0
+    all_cases = cases(args.data, args.suite, args.limit)
+    for name, group, schema, tests in tqdm(all_cases, desc="schemas"):
+        s, g = stats["steer"], stats["llguidance"]
+        s["schemas"].append(1)
+        # steer: strict, else lenient with the final check
+        start = time.perf_counter()
+        constraint = None
+        try:
+            constraint = engine.json_schema(schema)
+        except SteerError:
+            try:
+                constraint = engine.json_schema(schema, lenient=True)
+                lenient_used += 1
+            except SteerError:
+                pass
+        if constraint is not None:
+            ctx = lm.context([lm.vocab.bos_id], heal=False)
+            constraint.allowed_in(ctx)
+            s["ttfm"].append(time.perf_counter() - start)
+        s["compiled"].append(constraint is not None)
+        # llguidance alone, with the same JSON format
+        start = time.perf_counter()
+        grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=engine.JSON_FORMAT) \
+            if isinstance(schema, (dict, bool)) else None
+        ok = grammar is not None and not LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)[0]
+        if ok:
+            engine.bitmask(LLMatcher(tokenizer, grammar, log_level=0), tokenizer.vocab_size)
+            g["ttfm"].append(time.perf_counter() - start)
+        g["compiled"].append(ok)
+        for test in tests:
+            ids = lm.encode(json.dumps(test["data"]), bos=False)
+            key = "valid" if test["valid"] else "invalid"
+            if constraint is not None:
+                accepted = steer_walk(lm, constraint, ids, s["tbm"], s["engine_tbm"])
+                s[key].append(accepted == test["valid"])
+                per_group[group][0] += accepted == test["valid"]
+            per_group[group][1] += 1
+            if ok:
+                accepted = llguidance_walk(tokenizer, grammar, ids, g["tbm"])
+                g[key].append(accepted == test["valid"])
+
+    def summary(st, prefix: str = "") -> dict:
+        return {
+            f"{prefix}schemas": len(st["compiled"]),
+            f"{prefix}compiled_share": round(float(np.mean(st["compiled"])), 4) if st["compiled"] else 0.0,
+            f"{prefix}valid_accepted_share": round(float(np.mean(st["valid"])), 4) if st["valid"] else None,
+            f"{prefix}valid_tests": len(st["valid"]),
+            f"{prefix}invalid_rejected_share": round(float(np.mean(st["invalid"])), 4) if st["invalid"] else None,
+            f"{prefix}invalid_tests": len(st["invalid"]),
+            f"{prefix}tbm_p50_us": round(percentile(st["tbm"], 50) * 1e6, 1),
+            f"{prefix}tbm_p99_us": round(percentile(st["tbm"], 99) * 1e6, 1),
+            f"{prefix}ttfm_p50_ms": round(percentile(st["ttfm"], 50) * 1e3, 2),
+            f"{prefix}masks": len(st["tbm"]),
+            **({"engine_tbm_p50_us": round(percentile(st["engine_tbm"], 50) * 1e6, 1),
+                "engine_tbm_p99_us": round(percentile(st["engine_tbm"], 99) * 1e6, 1)} if not prefix else {}),
+        }
+
+    mine, theirs = summary(stats["steer"]), summary(stats["llguidance"], "llguidance_")
+    print(f"\n{'engine':<12}{'compiled':>10}{'valid acc.':>12}{'invalid rej.':>14}{'TBM p50 µs':>12}"
+          f"{'TBM p99 µs':>12}{'TTFM p50 ms':>13}")
+    for label, row, p in (("steer", mine, ""), ("llguidance", theirs, "llguidance_")):
+        print(f"{label:<12}{row[p + 'compiled_share']:>10}{row[p + 'valid_accepted_share']!s:>12}"
+              f"{row[p + 'invalid_rejected_share']!s:>14}{row[p + 'tbm_p50_us']:>12}{row[p + 'tbm_p99_us']:>12}"
+              f"{row[p + 'ttfm_p50_ms']:>13}")
+    print(f"(steer's constraint part alone, before the base restriction: TBM p50 {mine['engine_tbm_p50_us']} µs, "
+          f"p99 {mine['engine_tbm_p99_us']} µs; schemas compiled in lenient mode: {lenient_used}; "
+          f"llguidance tokenizer built in {tokenizer_s:.1f} s)")
+    if args.suite:
+        print(f"\n{'keyword file':<28}{'passed':>8}{'tests':>7}")
+        for group, (passed, total) in sorted(per_group.items()):
+            print(f"{group:<28}{passed:>8}{total:>7}")
+    print(json.dumps({**mine, **theirs, "lenient_schemas": lenient_used,
+                      "suite": {k: v for k, v in per_group.items()} if args.suite else None}))
+
+
+if __name__ == "__main__":
+    main()
