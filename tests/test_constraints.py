@@ -1,5 +1,6 @@
-"""Constraints against exact computations on tiny models: regex automata, partial regexes and Lark
-grammars (with AWRS) give the LM conditioned on the constraint, and AWRS's weight is unbiased."""
+"""Constraints against exact computations on tiny models: llguidance regexes, Lark grammars and JSON
+Schema (with a final check), partial regexes (AWRS over a regular over-approximation's mask) give the LM
+conditioned on the constraint, and AWRS's weight is unbiased."""
 
 import math
 
@@ -86,7 +87,7 @@ def exact(lm, prefix_ok, complete_ok):
 
 CASES = {
     # name: (alphabet, model seed, constraint factory, independent prefix check, independent completion check)
-    "regex automaton": ("ab ", 4, lambda: regex_mask(r"(ab|ba)+ ?"),
+    "regex (llguidance)": ("ab ", 4, lambda: regex_mask(r"(ab|ba)+ ?"),
                         lambda s: regex.fullmatch(r"(ab|ba)+ ?", s, partial=True) is not None,
                         lambda s: regex.fullmatch(r"(ab|ba)+ ?", s) is not None),
     "partial regex (back-reference)": ("ab ", 4, lambda: partial_regex(r"(a|b)\1+ ?"),
@@ -96,6 +97,11 @@ CASES = {
                                              "NUM: /[12]+/\n"),
                      lambda s: regex.fullmatch(r"[12]+([+*][12]+)*", s, partial=True) is not None,
                      lambda s: regex.fullmatch(r"[12]+([+*][12]+)*", s) is not None),
+    # llguidance does not implement "not": the mask allows every integer, the final check refuses these
+    "json schema, lenient final check": (
+        "12-", 3, lambda: json_schema({"type": "integer", "not": {"enum": [11, 12, 21]}}, lenient=True),
+        lambda s: regex.fullmatch(r"-?[12]+", s, partial=True) is not None,
+        lambda s: regex.fullmatch(r"-?[12]+", s) is not None and int(s) not in (11, 12, 21)),
 }
 
 

@@ -1,0 +1,106 @@
+"""The contract every llguidance constraint keeps, on a tiny BPE vocabulary: the allowed tokens agree
+with a decode-and-check reference along random walks (never more; fewer only where forced text has a
+longer token), copies made by resampling move independently, and end-of-text is allowed exactly on
+complete text."""
+
+import copy
+import random
+
+import pytest
+import regex
+
+import steer
+from steer.constraints import engine
+
+MERGES = [("a", "b"), ("{", '"'), ('"', ":"), (":", " "), ("1", "2")]
+ALPHABET = 'ab{}":, 12'
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return steer.tiny_model(ALPHABET, merges=MERGES, seed=0)
+
+
+CONSTRAINTS = {
+    "regex": lambda: engine.regex(r"(ab|ba)+( 12?)?"),
+    "search": lambda: engine.search(r"b{2}"),
+    "grammar": lambda: engine.grammar('start: "{" pair ("," " " pair)* "}"\npair: "\\"" KEY "\\"" ": " NUM\n'
+                                      "KEY: /[ab]+/\nNUM: /[12]+/\n"),
+    "json_schema": lambda: engine.json_schema({"type": "object", "properties": {"a": {"type": "integer"},
+                                                                                 "b": {"enum": ["ab", "ba"]}},
+                                               "required": ["a"], "additionalProperties": False}),
+}
+REFERENCE = {  # an independent check of complete texts
+    "regex": lambda s: regex.fullmatch(r"(ab|ba)+( 12?)?", s) is not None,
+    "search": lambda s: "bb" in s,
+}
+
+
+def reference_mask(lm, constraint, text):
+    eos = next(iter(lm.vocab.eos_ids))
+    out = []
+    for i, s in enumerate(lm.vocab.strings):
+        if i == eos:
+            out.append(constraint.allows(text, complete=True))
+        elif lm.vocab.special[i]:
+            out.append(False)
+        else:
+            out.append(constraint.allows(text + s))
+    return out
+
+
+@pytest.mark.parametrize("name", list(CONSTRAINTS))
+def test_allowed_tokens_agree_with_decode_and_check_on_random_walks(lm, name):
+    constraint = CONSTRAINTS[name]()
+    rng = random.Random(0)
+    for walk in range(4):
+        ctx = lm.context("", canonical=False)
+        for _ in range(8):
+            mask = constraint.allowed_in(ctx).tolist()
+            allowed = [i for i, ok in enumerate(mask) if ok]
+            reference = reference_mask(lm, constraint, ctx.text)
+            assert all(r or not m for m, r in zip(mask, reference)), (name, ctx.text)  # never more
+            # Where the grammar forces text, llguidance allows only the tokens that write the most of it
+            # ("{" is left out when '{"' is forced and is a token): never a canonical tokenization.
+            left_out = [lm.vocab.strings[i] for i, (m, r) in enumerate(zip(mask, reference)) if r and not m]
+            assert all(any(lm.vocab.strings[j].startswith(x) and lm.vocab.strings[j] != x for j in allowed)
+                       for x in left_out), (name, ctx.text, left_out)
+            eos = next(iter(lm.vocab.eos_ids))
+            if name in REFERENCE:  # end-of-text exactly on complete text
+                assert mask[eos] == REFERENCE[name](ctx.text)
+            text_tokens = [i for i in allowed if i != eos]
+            if not text_tokens:
+                break
+            ctx.extend([rng.choice(text_tokens)])
+
+
+@pytest.mark.parametrize("name", list(CONSTRAINTS))
+def test_copies_move_independently(lm, name):
+    constraint = CONSTRAINTS[name]()
+    eos = next(iter(lm.vocab.eos_ids))
+    ctx = lm.context("", canonical=False)
+    rng = random.Random(1)
+    for _ in range(2):
+        ctx.extend([rng.choice([i for i, ok in enumerate(constraint.allowed_in(ctx).tolist()) if ok and i != eos])])
+    before = constraint.allowed_in(ctx).tolist()
+    copies = [copy.deepcopy(ctx) for _ in range(3)]
+    options = [i for i, ok in enumerate(before) if ok and i != eos]
+    for k, c in enumerate(copies):
+        c.extend([options[k % len(options)]])
+        fresh = lm.context("", canonical=False)
+        fresh.extend(c.generated)
+        assert constraint.allowed_in(c).tolist() == constraint.allowed_in(fresh).tolist()
+    assert constraint.allowed_in(ctx).tolist() == before  # the original did not move
+    assert constraint.state(ctx) is not constraint.state(copies[0])
+
+
+def test_a_resampled_copy_shares_its_state_until_it_moves(lm):
+    constraint = CONSTRAINTS["regex"]()
+    ctx = lm.context("", canonical=False)
+    constraint.allowed_in(ctx)
+    twin = copy.deepcopy(ctx)
+    shared = ctx.constraint_states[constraint.key]
+    assert twin.constraint_states[constraint.key] is shared  # no copy until one of them moves
+    twin.extend([lm.vocab.strings.index("ab")])
+    constraint.allowed_in(twin)
+    assert twin.constraint_states[constraint.key] is not shared
