@@ -31,6 +31,7 @@ from steer import SteerError
 from steer.constraints import engine
 from steer.lm.base import LanguageModel, Vocabulary
 from steer.lm.loading import default_model_path
+from steer.maskops import both
 from steer.masks import base_mask
 
 
@@ -78,7 +79,7 @@ def steer_walk(lm: TokenizerOnly, constraint, ids: list[int], times: list[float]
         engine_times.append(time.perf_counter() - start)
         base = base_mask(ctx)
         if base is not None:
-            mask = mask & base
+            mask = both(mask, base)
         allowed = bool(mask[token])
         times.append(time.perf_counter() - start)
         if not allowed:

@@ -1,12 +1,14 @@
 """Regular expressions as users write them, on the default model: the text ends at a newline.
 
-Each pattern comes with a prompt that invites it.  SMC with N particles (default settings: token
+Each pattern comes with a prompt that invites it: 24 regular ones, then 36 that use Unicode properties,
+back-references, look-around, atomic groups, conditionals, multi-line anchors and word boundaries
+(`regex` where llguidance compiles the pattern, else `partial_regex`, as the docs advise).  SMC with N particles (default settings: token
 healing, canonical tokenization, `end="\\n"`), one run per pattern and seed; a particle is correct when
 its text (before the newline) fully matches the pattern.  Prints per pattern the weighted accuracy,
 the share of particles that ended (newline or end-of-text) within the token budget, log_ml and
 seconds, then a JSON line with the means.
 
-    python bench/regex_patterns.py [--particles 8] [--seeds 0] [--max-tokens 40] [--compare]
+    python bench/regex_patterns.py [--particles 8] [--seeds 0] [--max-tokens 100] [--only regular|other] [--compare]
 
 `--compare` also runs without canonical tokenization, side by side.
 """
@@ -22,7 +24,7 @@ import time
 import regex as re
 
 import steer
-from steer import patterns
+from steer import checks, patterns
 
 CASES = [  # (prompt, pattern)
     ("Date of the meeting (YYYY-MM-DD):", r" ?\d{4}-\d{2}-\d{2}"),
@@ -49,14 +51,65 @@ CASES = [  # (prompt, pattern)
     ("The ISBN of the book is", r" 978-\d-\d{3}-\d{5}-\d"),
     ("The product code is", r" [A-Z]{3}-\d{4}"),
     ("The URL of the site is", r" https?://[a-z0-9]{2,16}\.(com|org)(/[a-z]{1,10})?"),
+    # Unicode properties
+    ("The French word for summer is", r" \p{Ll}+"),
+    ("Her first name, capitalised:", r" \p{Lu}\p{Ll}{2,12}"),
+    ("The Greek letter for pi is", r" \p{Greek}"),
+    ("A German word with an umlaut:", r" \p{L}*[äöü]\p{L}*"),
+    ("The currency symbol of the euro is", r" \p{Sc}"),
+    ("The number twenty, in Spanish:", r" \p{L}+( \p{L}+)?"),
+    # back-references
+    ("A word said twice, like 'bye bye':", r" (\w+) \1"),
+    ("A word in an HTML bold tag:", r" <(b|i)>\w+</\1>"),
+    ("A three-letter palindrome:", r" (\w)\w\1"),
+    ("A word in single or double quotes:", r" (['\"])\w+\1"),
+    ("A date with the same separator twice:", r" \d{2}([-/.])\d{2}\1\d{4}"),
+    ("A word with a doubled letter, like 'letter':", r" \w*(\w)\1\w*"),
+    # look-around
+    ("A password with at least one digit:", r" (?=\w*\d)\w{6,12}"),
+    ("The price in dollars:", r" (?<=\s)\$\d+(\.\d\d)?"),
+    ("A word that does not start with 'the':", r" (?!the)[a-z]+"),
+    ("A number, not a percentage:", r" \d+(?!%)"),
+    ("A word that does not end in 'ing':", r" [a-z]+(?<!ing)"),
+    ("A capitalised word not starting with Q:", r" (?!Q)[A-Z][a-z]+"),
+    # atomic groups and possessive quantifiers
+    ("The order number is", r" (?>\d+)-[A-Z]"),
+    ("The code is", r" (?>[A-Z]+)\d{2}"),
+    ("The user ID is", r" \d++[a-z]"),
+    ("A hashtag:", r" #(?>\w+)"),
+    ("The amount:", r" (?>\d{1,3})(,\d{3})*"),
+    # conditionals
+    ("A phone number, with or without parentheses:", r" (\()?\d{3}(?(1)\)) \d{3}-\d{4}"),
+    ("A word, maybe in quotes:", r' (")?\w+(?(1)")'),
+    ("The code (a letter before means a letter after):", r" ([A-Z])?\d{3}(?(1)[A-Z])"),
+    ("A word, possibly in brackets:", r" (\[)?[a-z]+(?(1)\])"),
+    ("The loss, in parentheses if negative:", r" (\()?\d+(?(1)\))"),
+    # multi-line anchors
+    ("A line with one word:", r"(?m) \w+$"),
+    ("Two items on one line:", r"(?m) \w+, \w+$"),
+    ("A single word on its line:", r"(?m)^ \w+$"),
+    ("Answer yes or no:", r"(?m)^ (yes|no)$"),
+    # word boundaries
+    ("Two words:", r" \w+\b \b\w+"),
+    ("An adverb ending in 'ly':", r" \w+ly\b"),
+    ("Three words and a full stop:", r" \b\w+\b \b\w+\b \b\w+\b\."),
+    ("A word starting with 'un':", r" \bun\w+"),
 ]
+
+
+def constraint(pattern: str):
+    """As the docs say: `regex` where llguidance compiles it, else `partial_regex` (AWRS)."""
+    try:
+        return patterns.regex(pattern)
+    except steer.SteerError:
+        return checks.partial_regex(pattern)
 
 
 class UntilNewline(steer.Program):
     def __init__(self, lm, prompt, pattern, max_tokens, **options):
         super().__init__()
-        self.ctx = lm.context(prompt, end="\n", **options)
-        self.constraint = patterns.regex(pattern)
+        self.ctx = lm.context(prompt, end="\n", max_tokens=max_tokens, **options)
+        self.constraint = constraint(pattern)
         self.max_tokens = max_tokens
 
     async def step(self):
@@ -82,7 +135,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--particles", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--max-tokens", type=int, default=40)
+    parser.add_argument("--max-tokens", type=int, default=100, help="the token budget (context max_tokens)")
+    parser.add_argument("--only", choices=["regular", "other"], help="only the regular patterns, or only the others")
     parser.add_argument("--compare", action="store_true", help="also run with canonical=False")
     args = parser.parse_args()
     lm = steer.load_model()
@@ -93,7 +147,8 @@ def main() -> None:
     for label, options in configs.items():
         rows = []
         print(f"\n{label}\n{'pattern':<44} {'accuracy':>8} {'ended':>6} {'log_ml':>8} {'s':>6}  example")
-        for prompt, pattern in CASES:
+        cases = CASES if not args.only else [c for c in CASES if (args.only == "regular") == (c in CASES[:24])]
+        for prompt, pattern in cases:
             for seed in args.seeds:
                 r = run(lm, prompt, pattern, args.particles, seed, args.max_tokens, **options)
                 rows.append(r)
@@ -106,11 +161,12 @@ def main() -> None:
             "mean_log_ml": statistics.fmean(finite) if finite else None,
             "all_died": sum(1 for r in rows if not math.isfinite(r["log_ml"])),
             "seconds": sum(r["seconds"] for r in rows),
+            "median_seconds": statistics.median(r["seconds"] for r in rows),
         }
     print()
     for label, s in summary.items():
         print(label, s)
-    print(json.dumps({**summary["default"], "patterns": len(CASES), "particles": args.particles,
+    print(json.dumps({**summary["default"], "patterns": len(cases), "particles": args.particles,
                       "seeds": args.seeds, "configs": summary}))
 
 

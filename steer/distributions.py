@@ -18,6 +18,7 @@ import torch
 
 from .errors import SteerError
 from .lm import LMContext, Token
+from .maskops import both, negate
 from .randomness import categorical, streams
 
 NEG_INF = float("-inf")
@@ -167,7 +168,7 @@ class NextToken(Distribution):
         mask = resolve(self.mask_spec, ctx)
         for extra in (ctx.mask, base_mask(ctx) if base is ... else base):
             if extra is not None:
-                mask = extra if mask is None else mask & extra
+                mask = extra if mask is None else both(mask, extra)
         return mask
 
     def _base_log_mass(self, logprobs: torch.Tensor) -> float:
@@ -204,7 +205,7 @@ class NextToken(Distribution):
         if tilt is not None:  # propose from p·exp(φ) within the mask; the weight gains E_p[exp φ]
             scores = logprobs.double() + tilt
             if mask is not None:
-                scores = scores.masked_fill(~mask, NEG_INF)
+                scores = scores.masked_fill(negate(mask), NEG_INF)
             log_zt = torch.logsumexp(scores, 0).item()
             self.side_log_weight += log_zt - log_z
             ctx.draw = None
@@ -255,7 +256,7 @@ def _given(context: LMContext) -> torch.Tensor | None:
     base = base_mask(context)
     if base is None:
         return context.mask
-    return base if context.mask is None else context.mask & base
+    return base if context.mask is None else both(context.mask, base)
 
 
 class TokenInMask(Distribution):
@@ -290,7 +291,7 @@ class TokenInMask(Distribution):
         log_given = _log_mass(logprobs, given)
         if log_given == NEG_INF:
             return NEG_INF
-        self._allowed = self._resolved & given
+        self._allowed = both(self._resolved, given)
         self._new_log_mass = _log_mass(logprobs, self._allowed)
         return self._new_log_mass - log_given
 
@@ -320,7 +321,7 @@ class TokenInMask(Distribution):
         approximation = getattr(check, "approximation", None)
         if approximation is not None:  # candidates come only from a regular over-approximation's mask
             wide = approximation.allowed_in(ctx)
-            narrowed = wide if given is None else given & wide
+            narrowed = wide if given is None else both(given, wide)
             # P(A | given) = P(A | given & wide) * P(wide | given), since A lies within `wide`
             shift = _log_mass(logprobs, narrowed) - _log_mass(logprobs, given)
             if shift == NEG_INF:
@@ -367,7 +368,7 @@ class TokenInMask(Distribution):
             # what NextToken samples from and renormalises by.
             ctx.mask, ctx.mask_log_mass = self._allowed, self._new_log_mass
         else:
-            ctx.mask = ~self._resolved if ctx.mask is None else ctx.mask & ~self._resolved
+            ctx.mask = negate(self._resolved) if ctx.mask is None else both(ctx.mask, negate(self._resolved))
             ctx.mask_log_mass = None
 
 

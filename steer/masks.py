@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .errors import SteerError
+from .maskops import both, either, negate
 from .constraints.canonical import Canonical
 from .lm import LMContext, Vocabulary
 from .tokens import TokenTable, ascii_bits
@@ -74,20 +75,22 @@ class Combined(TokenConstraint):
         if not self.stateful:
             return constraint_mask(self, context)
         masks = [part.allowed_in(context) for part in self.parts]  # a stateful part judges itself
-        if self.op == "not":
-            return ~masks[0]
-        return masks[0] & masks[1] if self.op == "and" else masks[0] | masks[1]
+        return _combine(self.op, masks)
 
     def mask(self, context: LMContext) -> torch.Tensor:
         masks = [part.mask(context) for part in self.parts]
-        if self.op == "not":
-            return ~masks[0]
-        return masks[0] & masks[1] if self.op == "and" else masks[0] | masks[1]
+        return _combine(self.op, masks)
 
     def __repr__(self) -> str:
         if self.op == "not":
             return f"~{self.parts[0]!r}"
         return f"({self.parts[0]!r} {'&' if self.op == 'and' else '|'} {self.parts[1]!r})"
+
+
+def _combine(op: str, masks: list[torch.Tensor]) -> torch.Tensor:
+    if op == "not":
+        return negate(masks[0])
+    return both(masks[0], masks[1]) if op == "and" else either(masks[0], masks[1])
 
 
 class _Cached(TokenConstraint):
@@ -465,7 +468,7 @@ def base_mask(context: LMContext) -> torch.Tensor | None:
             last[ids] = True
         mask = torch.from_numpy(last)
         rest = _base_mask(context)
-        return mask if rest is None else mask & rest
+        return mask if rest is None else both(mask, rest)
     return _base_mask(context)
 
 
@@ -485,7 +488,7 @@ def _base_mask(context: LMContext) -> torch.Tensor | None:
     mask = None
     for part in parts:
         if part is not None:
-            mask = part if mask is None else mask & part
+            mask = part if mask is None else both(mask, part)
     _BASE_CACHE[key] = mask
     if mask is not None:
         excluded = torch.from_numpy(np.flatnonzero(~mask.numpy()))

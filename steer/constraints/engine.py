@@ -34,7 +34,8 @@ from ..tokens import TokenTable
 from .canonical import Canonical
 
 LOOK_AHEAD = 48  # tokens checked one by one for a canonical continuation when at most this many are allowed
-DEPTH = 3  # and followed this many tokens deep while the choice stays that narrow
+DEPTH = 3  # and followed this many tokens deep while at most NARROW tokens continue canonically
+NARROW = 2
 BUDGET_CHECK = 4096  # the second-to-last token of a budget is checked one by one up to this many candidates
 # JSON is written as `json.dumps` writes it: fixed separators, no free white space (a model given
 # free white space can spend its whole budget on it).
@@ -311,7 +312,8 @@ class Structured(TokenConstraint):
         for ending in ending_tokens(context).values():
             candidates = np.setdiff1d(candidates, ending)  # judged already, as the end of the text
         budget = last_but_one and len(candidates) <= BUDGET_CHECK
-        narrow = canon is not None and len(candidates) <= LOOK_AHEAD
+        # one candidate: leaving it out only kills the particle a step earlier, so it is not checked
+        narrow = canon is not None and 1 < len(candidates) <= LOOK_AHEAD
         if not (budget or narrow):
             return ok
         m, pending = state.matcher, context.heal
@@ -333,7 +335,7 @@ class Structured(TokenConstraint):
 
     def _lives(self, m: LLMatcher, vocab: Vocabulary, canon: Canonical, last: int, depth: int) -> bool:
         """Whether, after token `last`, some allowed token keeps the tokenization canonical (or the text
-        may end), following narrow choices `depth` tokens deep.  Past a wide choice it says yes."""
+        may end), following forced choices `depth` tokens deep.  Past a wide choice it says yes."""
         if self.allow_eos and m.is_accepting():
             return True
         ids = few_ids(packed(m, vocab.size), LOOK_AHEAD)
@@ -341,8 +343,8 @@ class Structured(TokenConstraint):
             return True
         ids = ids[~vocab.special[ids]]
         ys = ids[canon.after(last).numpy()[ids]] if len(ids) else ids
-        if not len(ys) or depth == 0:
-            return bool(len(ys))
+        if not len(ys) or depth == 0 or len(ys) > NARROW:
+            return bool(len(ys))  # past a real choice, one canonical continuation is enough
         for y in ys.tolist():
             if m.consume_token(y):
                 alive = self._lives(m, vocab, canon, y, depth - 1)
