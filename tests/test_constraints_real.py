@@ -38,16 +38,16 @@ def test_regex_phone_date_email(gemma, trailing, prompt, pattern, check):
 SCHEMAS = [
     {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer"},
                                       "team": {"enum": ["sales", "research", "support"]}},
-     "required": ["name", "age", "team"]},
+     "required": ["name", "age", "team"], "additionalProperties": False},
     {"type": "object", "properties": {"product": {"type": "string", "maxLength": 20},
                                       "price": {"type": "number"},
                                       "tags": {"type": "array", "items": {"enum": ["new", "sale", "eco"]},
                                                "maxItems": 2}},
-     "required": ["product", "price", "tags"]},
+     "required": ["product", "price", "tags"], "additionalProperties": False},
     {"type": "object", "properties": {"event": {"type": "object", "properties": {
         "title": {"type": "string", "maxLength": 20}, "city": {"type": "string", "maxLength": 16}},
-        "required": ["title", "city"]},
-        "online": {"type": "boolean"}}, "required": ["event", "online"]},
+        "required": ["title", "city"], "additionalProperties": False},
+        "online": {"type": "boolean"}}, "required": ["event", "online"], "additionalProperties": False},
 ]
 
 

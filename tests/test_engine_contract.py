@@ -104,3 +104,16 @@ def test_a_resampled_copy_shares_its_state_until_it_moves(lm):
     twin.extend([lm.vocab.strings.index("ab")])
     constraint.allowed_in(twin)
     assert twin.constraint_states[constraint.key] is not shared
+
+
+def test_a_particles_matcher_is_freed_with_it(lm):
+    import gc
+    import weakref
+
+    constraint = CONSTRAINTS["json_schema"]()
+    ctx = lm.context("", canonical=False)
+    constraint.allowed_in(ctx)
+    state = weakref.ref(constraint.state(ctx))
+    del ctx
+    gc.collect()
+    assert state() is None

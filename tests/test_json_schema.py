@@ -73,3 +73,24 @@ def test_bad_schemas_are_one_line_errors(schema, message):
     with pytest.raises(SteerError, match=message) as e:
         json_schema(schema)
     assert "\n" not in str(e.value)
+
+
+def test_any_key_order_accepts_every_order_and_checks_required_at_the_end():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b.c": {"type": "string"}},
+              "required": ["a", "b.c"], "additionalProperties": False}
+    strict, free = json_schema(schema), json_schema(schema, key_order="any")
+    assert strict.matches('{"a": 1, "b.c": "x"}') and not strict.matches('{"b.c": "x", "a": 1}')
+    assert free.matches('{"a": 1, "b.c": "x"}') and free.matches('{"b.c": "x", "a": 1}')
+    assert not free.matches('{"b.c": "x"}')  # required, at the final check
+    assert not free.matches('{"a": 1, "a": 2, "b.c": "x"}')  # a duplicate key
+    assert not free.matches('{"a": 1, "bxc": "x"}')  # the key is matched exactly, "." included
+    assert not free.allows('{"a": "1"')  # the values' schemas stay in the mask
+
+
+def test_integers_stay_in_the_interoperable_range():
+    record = json_schema({"type": "object", "properties": {"n": {"type": "integer"}}})
+    assert record.matches('{"n": 9007199254740991}') and record.matches('{"n": -9007199254740991}')
+    assert not record.matches('{"n": 9007199254740992}')
+    assert not record.allows('{"n": 12345678901234567')  # a 17th digit is refused at once
+    bounded = json_schema({"type": "integer", "minimum": 0})
+    assert bounded.matches("5") and not bounded.matches("-5") and not bounded.matches("9" * 17)

@@ -33,7 +33,7 @@ from ..masks import TokenConstraint, canonical_filter, ending_tokens
 from ..tokens import TokenTable
 from .canonical import Canonical
 
-LOOK_AHEAD = 48  # tokens checked one by one for a canonical continuation when at most this many are allowed
+LOOK_AHEAD = 16  # tokens checked one by one for a canonical continuation when at most this many are allowed
 DEPTH = 3  # and followed this many tokens deep while at most NARROW tokens continue canonically
 NARROW = 2
 BUDGET_CHECK = 4096  # the second-to-last token of a budget is checked one by one up to this many candidates
@@ -103,16 +103,17 @@ class MatcherState:
     by resampling) forks it first.
     """
 
-    __slots__ = ("matcher", "consumed", "owner", "_mask", "tokenizer")
+    __slots__ = ("matcher", "consumed", "owner", "_mask", "tokenizer", "result", "__weakref__")
 
     def __init__(self, matcher: LLMatcher, tokenizer: LLTokenizer, owner: int):
         self.matcher, self.tokenizer, self.owner = matcher, tokenizer, owner
         self.consumed = 0  # generated tokens read so far
         self._mask: tuple[int, np.ndarray] | None = None
+        self.result: tuple[tuple, torch.Tensor] | None = None  # the last full mask, with what it depends on
 
     def fork(self, owner: int) -> MatcherState:
         new = MatcherState(self.matcher.deep_copy(), self.tokenizer, owner)
-        new.consumed, new._mask = self.consumed, self._mask
+        new.consumed, new._mask, new.result = self.consumed, self._mask, self.result
         return new
 
     def advance_token(self, token: int) -> bool:
@@ -150,11 +151,23 @@ class MatcherState:
         return self.matcher.validate_tokens(ids) == len(ids)
 
 
-def packed(matcher: LLMatcher, size: int) -> np.ndarray:
-    """The matcher's allowed-token bitmask, 32 tokens per int32 word."""
-    words = llnp.allocate_token_bitmask(1, size)
+def packed(matcher: LLMatcher, size: int, into: np.ndarray | None = None) -> np.ndarray:
+    """The matcher's allowed-token bitmask, 32 tokens per int32 word (written `into` a scratch
+    buffer of shape (1, words) when given)."""
+    words = llnp.allocate_token_bitmask(1, size) if into is None else into
     llnp.fill_next_token_bitmask(matcher, words, 0)
     return words[0]
+
+
+_SCRATCH: dict[int, np.ndarray] = {}
+
+
+def scratch(size: int) -> np.ndarray:
+    """A reusable bitmask buffer for look-ahead masks that are read once and dropped."""
+    found = _SCRATCH.get(size)
+    if found is None:
+        found = _SCRATCH[size] = llnp.allocate_token_bitmask(1, size)
+    return found
 
 
 def unpack(words: np.ndarray, size: int) -> np.ndarray:
@@ -245,10 +258,21 @@ class Structured(TokenConstraint):
     def allowed_in(self, context) -> torch.Tensor:
         """The tokens that keep the text a prefix of an allowed text; end-of-text (and a token that
         writes an end string) only where the text before it is complete."""
+        state = self.state(context)
+        left = context.tokens_left
+        # copies made by resampling share the state, and with it this mask (computed once per step)
+        key = (state.consumed, context.tokens[-1], left == 2, context.heal, context.end, context.end_at,
+               context.canonical)
+        if state.result is not None and state.result[0] == key:
+            return state.result[1]
+        mask = self._allowed_in(context, state, left)
+        state.result = (key, mask)
+        return mask
+
+    def _allowed_in(self, context, state: MatcherState, left: int | None) -> torch.Tensor:
         vocab = context.lm.vocab
         size = vocab.size
         eos = list(vocab.eos_ids)
-        state = self.state(context)
         if state.matcher.is_error():
             return torch.zeros(size, dtype=torch.bool)
         if context.ended:  # an end string was written: the text before it must be complete
@@ -258,15 +282,13 @@ class Structured(TokenConstraint):
         if context.heal:
             ok = self._healed_mask(context, state).copy()
         else:
-            ok = state.allowed().copy()
-            ok[eos] = False
+            ok = state.allowed()  # a fresh array
         ok[eos] = self._may_end(state, context.text)
         for ended, ids in ending_tokens(context).items():  # the text before an end string must be complete
             extra = ended[len(context.text):] if len(ended) >= len(context.text) else None
             good = extra is not None and state.accepts(extra) and self._final(ended)
             ok[ids] = good
         canon = canonical_filter(context)
-        left = context.tokens_left
         if canon is not None or (left is not None and left == 2):
             ok = self._look_ahead(context, state, ok, canon, left == 2)
         return torch.from_numpy(ok)
@@ -325,7 +347,7 @@ class Structured(TokenConstraint):
                 alive = False
             elif budget:  # the last token must end the text: end-of-text, or a token writing an end string
                 alive = (m.is_accepting() and self._final(context.text + vocab.strings[x][len(pending):])) or \
-                    (bool(context.end) and bool(packed(m, vocab.size).any()))
+                    (bool(context.end) and bool(packed(m, vocab.size, scratch(vocab.size)).any()))
             else:
                 alive = self._lives(m, vocab, canon, x, DEPTH)
             if n:
@@ -338,7 +360,7 @@ class Structured(TokenConstraint):
         may end), following forced choices `depth` tokens deep.  Past a wide choice it says yes."""
         if self.allow_eos and m.is_accepting():
             return True
-        ids = few_ids(packed(m, vocab.size), LOOK_AHEAD)
+        ids = few_ids(packed(m, vocab.size, scratch(vocab.size)), LOOK_AHEAD)
         if ids is None:
             return True
         ids = ids[~vocab.special[ids]]
@@ -447,14 +469,24 @@ def grammar(text: str, start: str = "start", allow_eos: bool = True) -> Structur
                       locate=lambda m: f"invalid Lark grammar: {m}")
 
 
-def json_schema(schema: dict | str | bool, *, lenient: bool = False, allow_eos: bool = True) -> Structured:
+def json_schema(schema: dict | str | bool, *, lenient: bool = False, key_order: str = "schema",
+                allow_eos: bool = True) -> Structured:
     """The generated text is a JSON document valid under `schema` (JSON Schema, drafts 4 to 2020-12),
     written as `json.dumps` writes it.
 
     The mask comes from llguidance's schema compiler.  A keyword it does not implement is an error
     naming the keyword and where it is; with `lenient=True` the schema is compiled without it and the
     complete text must also pass `jsonschema` validation before it may end, so the target is still
-    exactly "valid under the schema"."""
+    exactly "valid under the schema".
+
+    Integers without bounds stay within +-(2**53 - 1), the range every JSON reader holds exactly
+    (RFC 8259, section 6), so that they cannot run on forever.
+
+    `key_order`: "schema" (llguidance's design: the keys of `properties` come in the schema's order,
+    so the mask also enforces `required`) or "any" (keys in any order; `required` and duplicate keys
+    are then left to the final check, so particles that close an object early die at the end)."""
+    if key_order not in ("schema", "any"):
+        raise SteerError(f'key_order is "schema" or "any", got {key_order!r}')
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -464,17 +496,59 @@ def json_schema(schema: dict | str | bool, *, lenient: bool = False, allow_eos: 
         raise SteerError(f"a JSON schema is an object (or true / false), got {type(schema).__name__}")
     check = schema_validator(schema)
     options = dict(JSON_FORMAT, lenient=lenient)
+    masked = _interoperable_integers(_any_key_order(schema) if key_order == "any" else schema)
     try:
-        compiled = LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=options)
+        compiled = LLMatcher.grammar_from_json_schema(json.dumps(masked), overrides=options)
     except ValueError as e:
         raise SteerError(f"cannot use this JSON schema: {_first_line(str(e))}") from None
     describe = f"json_schema({_short(schema)})"
     constraint = Structured(compiled, describe, allow_eos=allow_eos,
                             locate=lambda m: f"JSON schema: {_locate(schema, m)}")
-    if lenient and constraint.warnings:
+    if (lenient and constraint.warnings) or key_order == "any":
         constraint.final_check = check
     constraint.schema = schema
     return constraint
+
+
+_DATA_KEYS = frozenset({"enum", "const", "default", "examples", "required"})  # values that are not schemas
+SAFE_INTEGER = 2**53 - 1  # RFC 8259, section 6: the integers every JSON reader holds exactly
+
+
+def _interoperable_integers(node: Any) -> Any:
+    """`node` with integers that have no bound on a side bounded there by +-(2**53 - 1), so that an
+    integer cannot run on forever (at most 16 digits)."""
+    if isinstance(node, list):
+        return [_interoperable_integers(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: (v if k in _DATA_KEYS else _interoperable_integers(v)) for k, v in node.items()}
+    kinds = out.get("type")
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    if "integer" in kinds and "number" not in kinds:
+        if "minimum" not in out and not isinstance(out.get("exclusiveMinimum"), (int, float)):
+            out["minimum"] = -SAFE_INTEGER
+        if "maximum" not in out and not isinstance(out.get("exclusiveMaximum"), (int, float)):
+            out["maximum"] = SAFE_INTEGER
+    return out
+
+
+def _any_key_order(node: Any) -> Any:
+    """`node` with every `properties` moved into `patternProperties` (anchored exact keys), which
+    llguidance lets come in any order; `required` is left to the final check."""
+    if isinstance(node, list):
+        return [_any_key_order(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: (v if k in _DATA_KEYS else _any_key_order(v)) for k, v in node.items() if k != "required"}
+    properties = out.pop("properties", None)
+    if isinstance(properties, dict):
+        import re
+
+        patterns = dict(out.get("patternProperties") or {})
+        for key, sub in properties.items():
+            patterns["^" + re.escape(key) + "$"] = sub
+        out["patternProperties"] = patterns
+    return out
 
 
 def schema_validator(schema: Any) -> Callable[[str], bool]:
@@ -490,8 +564,8 @@ def schema_validator(schema: Any) -> Callable[[str], bool]:
     validator = cls(schema, format_checker=cls.FORMAT_CHECKER)
 
     def valid(text: str) -> bool:
-        try:
-            value = json.loads(text)
+        try:  # a key written twice makes the document ambiguous: not valid
+            value = json.loads(text, object_pairs_hook=_unique_keys)
         except ValueError:
             return False
         try:
@@ -500,6 +574,13 @@ def schema_validator(schema: Any) -> Callable[[str], bool]:
             return False
 
     return valid
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key")
+    return out
 
 
 def _short(schema: Any) -> str:
