@@ -29,7 +29,7 @@ from steer.potentials import ScoringModel
 MAX_LENGTH = 1_000_000  # longest string or list a program may build
 MAX_SIZE = 10_000_000  # characters and items of a value in all, nested lists included
 MAX_CALL_DEPTH = 50  # helper functions calling helpers
-COMPILED_LITERALS = ("regex", "search", "partial_regex", "json_schema", "grammar")  # `steer check` compiles literal ones
+COMPILED_LITERALS = ("regex", "regex_search", "partial_regex", "json_schema", "grammar")  # `steer check` compiles literal ones
 REGEX_TIMEOUT = 1.0  # seconds; a pathological pattern is an error, not a hang
 REQUIRED = object()
 # The wall-clock deadline of the run in progress (time.monotonic()), or None: slow built-ins stop at it.
@@ -384,7 +384,7 @@ _BUILTINS = [
     _b("end_of_text", [], "mask", _constraint(masks.end_of_text), "the end-of-text token only", "mask"),
     _b("regex", [("pattern", "str"), ("allow_eos", "bool", True)], "mask", _constraint(patterns.regex),
        "the text matches the regular expression in full (llguidance masks)", "mask"),
-    _b("search", [("pattern", "str"), ("allow_eos", "bool", True)], "mask", _constraint(patterns.search),
+    _b("regex_search", [("pattern", "str"), ("allow_eos", "bool", True)], "mask", _constraint(patterns.search),
        "the text contains a match of the regular expression (llguidance masks)", "mask"),
     _b("json_schema", [("schema", "str"), ("lenient", "bool", False)], "mask",
        _constraint(lambda schema, lenient=False: patterns.json_schema(schema, lenient=lenient)),

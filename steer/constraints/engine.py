@@ -17,6 +17,7 @@ an approximating mask exact: end-of-text is allowed only on text the check accep
 from __future__ import annotations
 
 import json
+import re
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -181,12 +182,14 @@ def bitmask(matcher: LLMatcher, size: int) -> np.ndarray:
 
 def few_ids(words: np.ndarray, limit: int) -> np.ndarray | None:
     """The ids set in a packed mask when there are at most `limit` of them (None: more), without
-    touching the whole vocabulary."""
-    if int(np.bitwise_count(words.view(np.uint32)).sum()) > limit:
-        return None
+    touching the whole vocabulary: every set word holds at least one id, so many set words end it."""
     nonzero = np.flatnonzero(words)
+    if len(nonzero) > limit:
+        return None
     bits = np.unpackbits(words[nonzero].view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
     rows, cols = np.nonzero(bits)
+    if len(rows) > limit:
+        return None
     return nonzero[rows] * 32 + cols
 
 
@@ -404,7 +407,8 @@ def _detail(message: str) -> str:
         if line.startswith("error:"):
             return line[len("error:"):].strip()
     first = lines[0] if lines else "invalid"
-    return first.split(": ", 1)[1] if first.startswith("at ") and ": " in first else first
+    at = re.match(r"at (\d+)\((\d+)\): (.*)", first)
+    return f"{at.group(3)} (grammar line {at.group(1)}, column {at.group(2)})" if at else first
 
 
 def _first_line(message: str) -> str:
@@ -492,8 +496,11 @@ def json_schema(schema: dict | str | bool, *, lenient: bool = False, key_order: 
             schema = json.loads(schema)
         except json.JSONDecodeError as e:
             raise SteerError(f"the JSON schema is not valid JSON: {e}") from None
+        except RecursionError:
+            raise SteerError(f"the JSON schema nests more than {MAX_SCHEMA_DEPTH} levels deep") from None
     if not isinstance(schema, (dict, bool)):
         raise SteerError(f"a JSON schema is an object (or true / false), got {type(schema).__name__}")
+    _check_depth(schema)
     check = schema_validator(schema)
     options = dict(JSON_FORMAT, lenient=lenient)
     masked = _interoperable_integers(_any_key_order(schema) if key_order == "any" else schema)
@@ -508,6 +515,20 @@ def json_schema(schema: dict | str | bool, *, lenient: bool = False, key_order: 
         constraint.final_check = check
     constraint.schema = schema
     return constraint
+
+
+MAX_SCHEMA_DEPTH = 200  # nesting levels of a schema (objects and lists), checked before any recursion
+
+
+def _check_depth(schema: Any) -> None:
+    """Refuse a schema nested deeper than MAX_SCHEMA_DEPTH, without recursing into it."""
+    stack = [(schema, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise SteerError(f"the JSON schema nests more than {MAX_SCHEMA_DEPTH} levels deep")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 
 _DATA_KEYS = frozenset({"enum", "const", "default", "examples", "required"})  # values that are not schemas
@@ -542,7 +563,6 @@ def _any_key_order(node: Any) -> Any:
     out = {k: (v if k in _DATA_KEYS else _any_key_order(v)) for k, v in node.items() if k != "required"}
     properties = out.pop("properties", None)
     if isinstance(properties, dict):
-        import re
 
         patterns = dict(out.get("patternProperties") or {})
         for key, sub in properties.items():
@@ -590,7 +610,6 @@ def _short(schema: Any) -> str:
 
 def _locate(schema: Any, message: str) -> str:
     """The engine's message with the JSON path of the keyword it names ("Unimplemented keys: [...]")."""
-    import re
 
     found = re.search(r'Unimplemented keys: \["([^"]+)"', message) or re.search(r"Unknown format: (\S+)", message)
     if not found:
