@@ -26,75 +26,7 @@ import regex as re
 import steer
 from steer import checks, patterns
 
-CASES = [  # (prompt, pattern)
-    ("Date of the meeting (YYYY-MM-DD):", r" ?\d{4}-\d{2}-\d{2}"),
-    ("The time now, in 24-hour format:", r" ?([01]\d|2[0-3]):[0-5]\d"),
-    ("Her email address:", r" ?[a-z0-9._]{1,20}@[a-z0-9]{1,12}\.(com|org|net)"),
-    ("Call the office at", r" \(\d{3}\) \d{3}-\d{4}"),
-    ("ZIP code:", r" ?\d{5}"),
-    ("The background color in hex is", r" #[0-9a-fA-F]{6}"),
-    ("The server's IPv4 address is", r" (\d{1,3}\.){3}\d{1,3}"),
-    ("The release version is", r" v?\d+\.\d+\.\d+"),
-    ("The total price was", r" \$\d{1,4}\.\d{2}"),
-    ("The success rate was", r" \d{1,2}(\.\d)?%"),
-    ("Answer yes or no. Is the sky blue? Answer:", r" (yes|no)"),
-    ("The capital of France is", r" [A-Z][a-z]+\."),
-    ("The state abbreviation for California is", r" [A-Z]{2}"),
-    ("A US Social Security number looks like", r" \d{3}-\d{2}-\d{4}"),
-    ("The flight number was", r" [A-Z]{2}\d{2,4}"),
-    ("The temperature today in Celsius:", r" -?\d{1,2}(\.\d)? ?°C"),
-    ("List three fruits, separated by commas:", r" [a-z]+, [a-z]+, [a-z]+"),
-    ("The year the war ended:", r" (1[89]|20)\d\d"),
-    ("A hashtag for the event:", r" #[A-Za-z][A-Za-z0-9]{2,15}"),
-    ("The file was saved as", r" [a-z_]{1,16}\.(txt|csv|json|py)"),
-    ("Coordinates of the city:", r" -?\d{1,2}\.\d{2,4}, -?\d{1,3}\.\d{2,4}"),
-    ("The ISBN of the book is", r" 978-\d-\d{3}-\d{5}-\d"),
-    ("The product code is", r" [A-Z]{3}-\d{4}"),
-    ("The URL of the site is", r" https?://[a-z0-9]{2,16}\.(com|org)(/[a-z]{1,10})?"),
-    # Unicode properties
-    ("The French word for summer is", r" \p{Ll}+"),
-    ("Her first name, capitalised:", r" \p{Lu}\p{Ll}{2,12}"),
-    ("The Greek letter for pi is", r" \p{Greek}"),
-    ("A German word with an umlaut:", r" \p{L}*[äöü]\p{L}*"),
-    ("The currency symbol of the euro is", r" \p{Sc}"),
-    ("The number twenty, in Spanish:", r" \p{L}+( \p{L}+)?"),
-    # back-references
-    ("A word said twice, like 'bye bye':", r" (\w+) \1"),
-    ("A word in an HTML bold tag:", r" <(b|i)>\w+</\1>"),
-    ("A three-letter palindrome:", r" (\w)\w\1"),
-    ("A word in single or double quotes:", r" (['\"])\w+\1"),
-    ("A date with the same separator twice:", r" \d{2}([-/.])\d{2}\1\d{4}"),
-    ("A word with a doubled letter, like 'letter':", r" \w*(\w)\1\w*"),
-    # look-around
-    ("A password with at least one digit:", r" (?=\w*\d)\w{6,12}"),
-    ("The price in dollars:", r" (?<=\s)\$\d+(\.\d\d)?"),
-    ("A word that does not start with 'the':", r" (?!the)[a-z]+"),
-    ("A number, not a percentage:", r" \d+(?!%)"),
-    ("A word that does not end in 'ing':", r" [a-z]+(?<!ing)"),
-    ("A capitalised word not starting with Q:", r" (?!Q)[A-Z][a-z]+"),
-    # atomic groups and possessive quantifiers
-    ("The order number is", r" (?>\d+)-[A-Z]"),
-    ("The code is", r" (?>[A-Z]+)\d{2}"),
-    ("The user ID is", r" \d++[a-z]"),
-    ("A hashtag:", r" #(?>\w+)"),
-    ("The amount:", r" (?>\d{1,3})(,\d{3})*"),
-    # conditionals
-    ("A phone number, with or without parentheses:", r" (\()?\d{3}(?(1)\)) \d{3}-\d{4}"),
-    ("A word, maybe in quotes:", r' (")?\w+(?(1)")'),
-    ("The code (a letter before means a letter after):", r" ([A-Z])?\d{3}(?(1)[A-Z])"),
-    ("A word, possibly in brackets:", r" (\[)?[a-z]+(?(1)\])"),
-    ("The loss, in parentheses if negative:", r" (\()?\d+(?(1)\))"),
-    # multi-line anchors
-    ("A line with one word:", r"(?m) \w+$"),
-    ("Two items on one line:", r"(?m) \w+, \w+$"),
-    ("A single word on its line:", r"(?m)^ \w+$"),
-    ("Answer yes or no:", r"(?m)^ (yes|no)$"),
-    # word boundaries
-    ("Two words:", r" \w+\b \b\w+"),
-    ("An adverb ending in 'ly':", r" \w+ly\b"),
-    ("Three words and a full stop:", r" \b\w+\b \b\w+\b \b\w+\b\."),
-    ("A word starting with 'un':", r" \bun\w+"),
-]
+from regex_cases import CASES, REGULAR  # noqa: E402  (shared with the genlm-control runner)
 
 
 def constraint(pattern: str):
@@ -147,7 +79,7 @@ def main() -> None:
     for label, options in configs.items():
         rows = []
         print(f"\n{label}\n{'pattern':<44} {'accuracy':>8} {'ended':>6} {'log_ml':>8} {'s':>6}  example")
-        cases = CASES if not args.only else [c for c in CASES if (args.only == "regular") == (c in CASES[:24])]
+        cases = CASES if not args.only else [c for c in CASES if (args.only == "regular") == (c in CASES[:REGULAR])]
         for prompt, pattern in cases:
             for seed in args.seeds:
                 r = run(lm, prompt, pattern, args.particles, seed, args.max_tokens, **options)
