@@ -7,9 +7,7 @@ is steer's own token-level automaton, kept for exact token budgets on small regu
 automaton is then computed here, vectorised: every token of the vocabulary is walked through the DFA
 at once (one table lookup per character position over a token x position matrix of character
 classes), so the allowed set of a DFA state costs a few milliseconds even for Gemma's 262k tokens,
-and each state's mask is cached.  (outlines-core's Rust token index was the first choice, but its
-0.2.14 index drops transitions out of accepting states, e.g. it forbids the second "a" of `(ab)+`;
-its JSON-schema-to-regex translation is used below.)
+and each state's mask is cached.
 
 Patterns beyond regular languages (look-around, back-references) cannot be automata; for them
 `steer.checks.partial_regex` checks candidate tokens with the `regex` module's partial matching.
@@ -109,7 +107,7 @@ class _Automaton:
 
         try:
             with _bounded_construction(AUTOMATON_SECONDS):  # CPU seconds: the same on a loaded machine
-                fsm = interegular.parse_pattern(_without_anchors(pattern)).to_fsm()
+                fsm = interegular.parse_pattern(engine.without_anchors(pattern)).to_fsm()
         except _TooLarge:
             raise SteerError(
                 f"regex({pattern!r}) is too large for a token automaton (not built within "
@@ -159,18 +157,6 @@ class _Automaton:
             if state == self.dead:
                 break
         return int(state)
-
-
-def _without_anchors(pattern: str) -> str:
-    """The pattern without a leading ^ / \\A or a trailing $ / \\Z / \\z: the whole text must match
-    anyway, so they mean nothing here (and the automaton compiler does not know them)."""
-    for head in ("^", "\\A"):
-        if pattern.startswith(head):
-            pattern = pattern[len(head):]
-    for tail in ("$", "\\Z", "\\z"):
-        if pattern.endswith(tail) and not pattern.endswith("\\" + tail):
-            pattern = pattern[: -len(tail)]
-    return pattern
 
 
 class Regex(TokenConstraint):

@@ -183,9 +183,9 @@ def bitmask(matcher: LLMatcher, size: int) -> np.ndarray:
 def few_ids(words: np.ndarray, limit: int) -> np.ndarray | None:
     """The ids set in a packed mask when there are at most `limit` of them (None: more), without
     touching the whole vocabulary: every set word holds at least one id, so many set words end it."""
-    nonzero = np.flatnonzero(words)
-    if len(nonzero) > limit:
+    if np.count_nonzero(words) > limit:
         return None
+    nonzero = np.flatnonzero(words)
     bits = np.unpackbits(words[nonzero].view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
     rows, cols = np.nonzero(bits)
     if len(rows) > limit:
@@ -438,7 +438,7 @@ def _byte_tokenizer() -> LLTokenizer:
 def regex(pattern: str, allow_eos: bool = True) -> Structured:
     """The generated text matches `pattern` in full by the time it ends (Rust `regex` syntax: classes,
     `\\p{..}`, repetition; a leading `^` and trailing `$` are implied)."""
-    body = _strip_anchors(pattern)
+    body = without_anchors(pattern)
 
     def explain(message: str) -> str:
         hint = " (partial_regex checks look-around, back-references and atomic groups)" \
@@ -454,7 +454,9 @@ def search(pattern: str, allow_eos: bool = True) -> Structured:
     return regex(f"(?s:.*)(?:{pattern})(?s:.*)", allow_eos)
 
 
-def _strip_anchors(pattern: str) -> str:
+def without_anchors(pattern: str) -> str:
+    """The pattern without a leading ^ / \\A or a trailing $ / \\z / \\Z: the whole text must match
+    anyway, so they mean nothing here."""
     for head in ("^", "\\A"):
         if pattern.startswith(head):
             pattern = pattern[len(head):]
