@@ -176,8 +176,10 @@ def main() -> None:
         s["compiled"].append(constraint is not None)
         # llguidance alone, with the same JSON format
         start = time.perf_counter()
-        grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=engine.JSON_FORMAT) \
-            if isinstance(schema, (dict, bool)) else None
+        try:
+            grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=engine.JSON_FORMAT)
+        except ValueError:  # e.g. a boolean schema: no options can be applied to it
+            grammar = None
         ok = grammar is not None and not LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)[0]
         if ok:
             engine.bitmask(LLMatcher(tokenizer, grammar, log_level=0), tokenizer.vocab_size)

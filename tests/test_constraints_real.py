@@ -6,8 +6,10 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import steer
 from steer_lang import Script
 
 pytestmark = pytest.mark.slow
@@ -113,8 +115,6 @@ def test_short_words(gemma, trailing):
 def test_bounded_integer_person_record(gemma):
     """An integer with bounds is an exact digit pattern: every final particle parses, its age lies in
     0-120, and the run does not collapse onto one particle (ESS >= 2)."""
-    import steer
-
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
                                                "age": {"type": "integer", "minimum": 0, "maximum": 120}},
               "required": ["name", "age"]}
@@ -138,3 +138,49 @@ def test_bounded_integer_person_record(gemma):
         if w > 0:
             value = json.loads(p.ctx.text)
             assert valid(value, schema) and 0 <= value["age"] <= 120 and isinstance(value["age"], int)
+
+
+class _Until(steer.Program):
+    """Observe the constraint, sample, until the end (the context's budget bounds the text)."""
+
+    def __init__(self, lm, prompt, constraint, max_tokens, end=()):
+        super().__init__()
+        self.ctx = lm.context(prompt, max_tokens=max_tokens, end=end)
+        self.constraint = constraint
+
+    async def step(self):
+        await self.observe(self.ctx.allowed(self.constraint), True)
+        token = await self.sample(self.ctx.next_token())
+        if token.is_eos:
+            self.finish()
+
+
+def test_lenient_json_schema_is_exact_through_its_final_check(gemma):
+    """`uniqueItems` is not in llguidance's mask: lenient mode leaves it to `jsonschema` on the complete
+    text, so every particle that lives holds distinct items (a repeated colour would be allowed by the
+    mask alone), and the weights stay finite."""
+    import jsonschema
+
+    schema = {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 2, "maxItems": 3,
+              "uniqueItems": True}
+    with pytest.raises(steer.SteerError, match="uniqueItems"):
+        steer.patterns.json_schema(schema)
+    colours = steer.patterns.json_schema(schema, lenient=True)
+    post = steer.smc(_Until(gemma, 'Two colours as a JSON list: ["red", "red"] is wrong, this is right:',
+                            colours, 24), particles=4, seed=0)
+    live = [p for p, w in zip(post.particles, post.log_weights) if w > float("-inf")]
+    assert live and np.isfinite(post.log_ml)
+    for p in live:
+        jsonschema.validate(json.loads(p.ctx.text), schema)
+
+
+def test_partial_regex_with_a_back_reference_on_the_default_model(gemma):
+    """A back-reference is not regular: candidates come from llguidance's mask of the regular part and
+    AWRS checks them; every final text repeats its word."""
+    check = steer.checks.partial_regex(r" (\w+) \1")
+    assert check.approximation is not None
+    post = steer.smc(_Until(gemma, "A word said twice, like 'bye bye':", check, 12, end="\n"), particles=4, seed=0)
+    live = [p for p, w in zip(post.particles, post.log_weights) if w > float("-inf")]
+    assert live
+    for p in live:
+        assert re.fullmatch(r" (\w+) \1", p.ctx.text), p.ctx.text

@@ -94,3 +94,9 @@ def test_integers_stay_in_the_interoperable_range():
     assert not record.allows('{"n": 12345678901234567')  # a 17th digit is refused at once
     bounded = json_schema({"type": "integer", "minimum": 0})
     assert bounded.matches("5") and not bounded.matches("-5") and not bounded.matches("9" * 17)
+
+
+def test_boolean_schemas():
+    assert json_schema(True).matches('{"a": [1, null]}')
+    with pytest.raises(SteerError, match="allows no document"):
+        json_schema(False)

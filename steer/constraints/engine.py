@@ -286,7 +286,7 @@ class Structured(TokenConstraint):
             ok = self._healed_mask(context, state).copy()
         else:
             ok = state.allowed()  # a fresh array
-        ok[eos] = self._may_end(state, context.text)
+        ok[eos] = self.allow_eos and state.matcher.is_accepting() and self._final_of(context)
         for ended, ids in ending_tokens(context).items():  # the text before an end string must be complete
             extra = ended[len(context.text):] if len(ended) >= len(context.text) else None
             good = extra is not None and state.accepts(extra) and self._final(ended)
@@ -296,8 +296,9 @@ class Structured(TokenConstraint):
             ok = self._look_ahead(context, state, ok, canon, left == 2)
         return torch.from_numpy(ok)
 
-    def _may_end(self, state: MatcherState, text: str) -> bool:
-        return self.allow_eos and state.matcher.is_accepting() and self._final(text)
+    def _final_of(self, context) -> bool:
+        """The final check on the context's text (decoded only when there is a check)."""
+        return self.final_check is None or self.final_check(context.text)
 
     def _complete(self, vocab: Vocabulary, text: str) -> bool:
         """Whether `text` is a complete text, read by a fresh matcher."""
@@ -366,11 +367,12 @@ class Structured(TokenConstraint):
         ids = few_ids(packed(m, vocab.size, scratch(vocab.size)), LOOK_AHEAD)
         if ids is None:
             return True
-        ids = ids[~vocab.special[ids]]
-        ys = ids[canon.after(last).numpy()[ids]] if len(ids) else ids
-        if not len(ys) or depth == 0 or len(ys) > NARROW:
-            return bool(len(ys))  # past a real choice, one canonical continuation is enough
-        for y in ys.tolist():
+        # (a pair judged from its right side: `before` tables are cached per token, and the few tokens
+        # that follow here are the same punctuation again and again)
+        ys = [y for y in ids[~vocab.special[ids]].tolist() if canon.before(y)[last]]
+        if not ys or depth == 0 or len(ys) > NARROW:
+            return bool(ys)  # past a real choice, one canonical continuation is enough
+        for y in ys:
             if m.consume_token(y):
                 alive = self._lives(m, vocab, canon, y, depth - 1)
                 m.rollback(1)
@@ -502,10 +504,13 @@ def json_schema(schema: dict | str | bool, *, lenient: bool = False, key_order: 
             raise SteerError(f"the JSON schema nests more than {MAX_SCHEMA_DEPTH} levels deep") from None
     if not isinstance(schema, (dict, bool)):
         raise SteerError(f"a JSON schema is an object (or true / false), got {type(schema).__name__}")
+    if schema is False:
+        raise SteerError("the JSON schema `false` allows no document")
     _check_depth(schema)
     check = schema_validator(schema)
     options = dict(JSON_FORMAT, lenient=lenient)
     masked = _interoperable_integers(_any_key_order(schema) if key_order == "any" else schema)
+    masked = {} if masked is True else masked  # `true`: any document
     try:
         compiled = LLMatcher.grammar_from_json_schema(json.dumps(masked), overrides=options)
     except ValueError as e:
