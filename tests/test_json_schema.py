@@ -100,3 +100,12 @@ def test_boolean_schemas():
     assert json_schema(True).matches('{"a": [1, null]}')
     with pytest.raises(SteerError, match="allows no document"):
         json_schema(False)
+
+
+def test_properties_spelt_like_keywords():
+    schema = {"type": "object", "properties": {"required": {"type": "boolean"}, "properties": {"type": "integer"},
+                                               "type": {"type": "string"}}, "required": ["required"]}
+    for order in ("schema", "any"):
+        record = json_schema(schema, key_order=order)
+        assert record.matches('{"required": true, "properties": 3, "type": "x"}'), order
+        assert not record.matches('{"required": 1}'), order

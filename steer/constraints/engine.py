@@ -539,6 +539,12 @@ def _check_depth(schema: Any) -> None:
 
 
 _DATA_KEYS = frozenset({"enum", "const", "default", "examples", "required"})  # values that are not schemas
+# maps from names (which may be spelt like keywords: a property called "required") to schemas
+_NAMED = frozenset({"properties", "patternProperties", "definitions", "$defs", "dependentSchemas"})
+
+
+def _each(mapping: Any, transform: Callable[[Any], Any]) -> Any:
+    return {k: transform(v) for k, v in mapping.items()} if isinstance(mapping, dict) else mapping
 SAFE_INTEGER = 2**53 - 1  # RFC 8259, section 6: the integers every JSON reader holds exactly
 
 
@@ -549,7 +555,8 @@ def _interoperable_integers(node: Any) -> Any:
         return [_interoperable_integers(v) for v in node]
     if not isinstance(node, dict):
         return node
-    out = {k: (v if k in _DATA_KEYS else _interoperable_integers(v)) for k, v in node.items()}
+    out = {k: _each(v, _interoperable_integers) if k in _NAMED else v if k in _DATA_KEYS
+           else _interoperable_integers(v) for k, v in node.items()}
     kinds = out.get("type")
     kinds = kinds if isinstance(kinds, list) else [kinds]
     if "integer" in kinds and "number" not in kinds:
@@ -567,7 +574,8 @@ def _any_key_order(node: Any) -> Any:
         return [_any_key_order(v) for v in node]
     if not isinstance(node, dict):
         return node
-    out = {k: (v if k in _DATA_KEYS else _any_key_order(v)) for k, v in node.items() if k != "required"}
+    out = {k: _each(v, _any_key_order) if k in _NAMED else v if k in _DATA_KEYS else _any_key_order(v)
+           for k, v in node.items() if k != "required"}
     properties = out.pop("properties", None)
     if isinstance(properties, dict):
 
