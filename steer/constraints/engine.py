@@ -35,6 +35,7 @@ from ..tokens import TokenTable
 from .canonical import Canonical
 
 LOOK_AHEAD = 16  # tokens checked one by one for a canonical continuation when at most this many are allowed
+WIDE = 4096  # up to this many allowed tokens, those that begin another allowed one are checked too
 DEPTH = 3  # and followed this many tokens deep while at most NARROW tokens continue canonically
 NARROW = 2
 BUDGET_CHECK = 4096  # the second-to-last token of a budget is checked one by one up to this many candidates
@@ -178,6 +179,15 @@ def unpack(words: np.ndarray, size: int) -> np.ndarray:
 def bitmask(matcher: LLMatcher, size: int) -> np.ndarray:
     """The matcher's allowed-token bitmask unpacked to one bool per token."""
     return unpack(packed(matcher, size), size)
+
+
+def _prefixes_of_others(vocab: Vocabulary, ids: np.ndarray) -> np.ndarray:
+    """The tokens among `ids` whose text begins the text of another of `ids`, shortest first (in sorted
+    order the tokens that extend a string come right after it)."""
+    strings = vocab.strings
+    order = sorted(ids.tolist(), key=lambda i: strings[i])
+    found = [a for a, b in zip(order, order[1:]) if strings[a] and strings[b].startswith(strings[a])]
+    return np.array(sorted(found, key=lambda i: len(strings[i])), dtype=np.int64)
 
 
 def few_ids(words: np.ndarray, limit: int) -> np.ndarray | None:
@@ -327,21 +337,25 @@ class Structured(TokenConstraint):
         cannot end.  Dropping them changes no weight the target gives a complete text."""
         vocab = context.lm.vocab
         eos = vocab.eos_ids
-        # when the engine allows many tokens, nothing is checked (and nothing over the vocabulary is done)
-        limit = BUDGET_CHECK if last_but_one else LOOK_AHEAD if canon is not None else -1
-        if limit < 0:
+        # when the engine allows very many tokens, nothing is checked (nor is the vocabulary scanned)
+        if canon is None and not last_but_one:
             return ok
-        ids = np.flatnonzero(ok) if context.heal else few_ids(state.packed(), limit + len(eos) + 8)
+        ids = np.flatnonzero(ok) if context.heal else few_ids(state.packed(), WIDE + len(eos) + 8)
         if ids is None:
             return ok
         candidates = ids[ok[ids] & ~vocab.special[ids]]
         for ending in ending_tokens(context).values():
             candidates = np.setdiff1d(candidates, ending)  # judged already, as the end of the text
         budget = last_but_one and len(candidates) <= BUDGET_CHECK
-        # one candidate: leaving it out only kills the particle a step earlier, so it is not checked
-        narrow = canon is not None and 1 < len(candidates) <= LOOK_AHEAD
-        if not (budget or narrow):
-            return ok
+        if not budget:
+            if canon is None or len(candidates) <= 1:  # one candidate: dropping it only kills a step earlier
+                return ok
+            if len(candidates) > LOOK_AHEAD:
+                # A dead end needs a continuation that must merge with the token: " " before "CA" where
+                # " CA" is a token.  Among many, check the tokens that begin another allowed one.
+                candidates = _prefixes_of_others(vocab, candidates)[:LOOK_AHEAD]
+                if not len(candidates):
+                    return ok
         m, pending = state.matcher, context.heal
         for x in candidates.tolist():
             # what the matcher reads for x: while healing, the text x adds after the backed-off prompt
@@ -364,12 +378,15 @@ class Structured(TokenConstraint):
         may end), following forced choices `depth` tokens deep.  Past a wide choice it says yes."""
         if self.allow_eos and m.is_accepting():
             return True
-        ids = few_ids(packed(m, vocab.size, scratch(vocab.size)), LOOK_AHEAD)
+        ids = few_ids(packed(m, vocab.size, scratch(vocab.size)), WIDE)
         if ids is None:
-            return True
+            return True  # past a very wide choice some continuation is canonical
+        ids = ids[~vocab.special[ids]]
+        if len(ids) > LOOK_AHEAD:  # a wide choice: one canonical continuation is enough
+            return bool(canon.after(last).numpy()[ids].any())
         # (a pair judged from its right side: `before` tables are cached per token, and the few tokens
         # that follow here are the same punctuation again and again)
-        ys = [y for y in ids[~vocab.special[ids]].tolist() if canon.before(y)[last]]
+        ys = [y for y in ids.tolist() if canon.before(y)[last]]
         if not ys or depth == 0 or len(ys) > NARROW:
             return bool(ys)  # past a real choice, one canonical continuation is enough
         for y in ys:
