@@ -166,8 +166,8 @@ def test_lenient_json_schema_is_exact_through_its_final_check(gemma):
     with pytest.raises(steer.SteerError, match="uniqueItems"):
         steer.patterns.json_schema(schema)
     colours = steer.patterns.json_schema(schema, lenient=True)
-    post = steer.smc(_Until(gemma, 'Two colours as a JSON list: ["red", "red"] is wrong, this is right:',
-                            colours, 24), particles=4, seed=0)
+    post = steer.smc(_Until(gemma, 'Two colours as a JSON list (["red", "red"] is wrong):\n', colours, 24),
+                     particles=4, seed=0)
     live = [p for p, w in zip(post.particles, post.log_weights) if w > float("-inf")]
     assert live and np.isfinite(post.log_ml)
     for p in live:
@@ -179,7 +179,8 @@ def test_partial_regex_with_a_back_reference_on_the_default_model(gemma):
     AWRS checks them; every final text repeats its word."""
     check = steer.checks.partial_regex(r" (\w+) \1")
     assert check.approximation is not None
-    post = steer.smc(_Until(gemma, "A word said twice, like 'bye bye':", check, 12, end="\n"), particles=4, seed=0)
+    prompt = "Say it twice: bye bye\nSay it twice: go go\nSay it twice: stop stop\nSay it twice:"
+    post = steer.smc(_Until(gemma, prompt, check, 12, end="\n"), particles=4, seed=0)
     live = [p for p, w in zip(post.particles, post.log_weights) if w > float("-inf")]
     assert live
     for p in live:
