@@ -109,3 +109,10 @@ def test_properties_spelt_like_keywords():
         record = json_schema(schema, key_order=order)
         assert record.matches('{"required": true, "properties": 3, "type": "x"}'), order
         assert not record.matches('{"required": 1}'), order
+
+
+def test_decimal_counts_and_unicode_property_patterns():
+    assert json_schema({"type": "array", "maxItems": 2.0}).matches("[1, 2]")
+    assert not json_schema({"type": "array", "maxItems": 2.0}).matches("[1, 2, 3]")
+    letters = json_schema({"type": "string", "pattern": "^\\p{Letter}+$"})  # not Python's syntax, still valid
+    assert letters.matches('"abc"') and not letters.matches('"a1"')

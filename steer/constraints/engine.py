@@ -562,6 +562,8 @@ _NAMED = frozenset({"properties", "patternProperties", "definitions", "$defs", "
 
 def _each(mapping: Any, transform: Callable[[Any], Any]) -> Any:
     return {k: transform(v) for k, v in mapping.items()} if isinstance(mapping, dict) else mapping
+_COUNTS = frozenset({"minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties",
+                     "minContains", "maxContains"})
 SAFE_INTEGER = 2**53 - 1  # RFC 8259, section 6: the integers every JSON reader holds exactly
 
 
@@ -574,6 +576,9 @@ def _interoperable_integers(node: Any) -> Any:
         return node
     out = {k: _each(v, _interoperable_integers) if k in _NAMED else v if k in _DATA_KEYS
            else _interoperable_integers(v) for k, v in node.items()}
+    for key in _COUNTS & out.keys():  # 2.0 is the integer 2 in JSON Schema, not in llguidance
+        if isinstance(out[key], float) and out[key].is_integer():
+            out[key] = int(out[key])
     kinds = out.get("type")
     kinds = kinds if isinstance(kinds, list) else [kinds]
     if "integer" in kinds and "number" not in kinds:
@@ -607,12 +612,13 @@ def schema_validator(schema: Any) -> Callable[[str], bool]:
     """`text -> bool`: the text is one JSON document valid under `schema` (the `jsonschema` package)."""
     import jsonschema
 
-    try:
-        cls = jsonschema.validators.validator_for(schema)
-        cls.check_schema(schema)
-    except jsonschema.SchemaError as e:
-        where = "$" + "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in e.path)
-        raise SteerError(f"invalid JSON schema at {where}: {e.message}") from None
+    cls = jsonschema.validators.validator_for(schema)
+    # Against the meta-schema without format checks: a `pattern` in Rust / ECMA syntax (`\p{Letter}`)
+    # is not Python's, and is no error.
+    error = jsonschema.exceptions.best_match(cls(cls.META_SCHEMA).iter_errors(schema))
+    if error is not None:
+        where = "$" + "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in error.path)
+        raise SteerError(f"invalid JSON schema at {where}: {error.message}")
     validator = cls(schema, format_checker=cls.FORMAT_CHECKER)
 
     def valid(text: str) -> bool:
