@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 import regex
 import torch
 
+from .constraints import engine
 from .errors import SteerError
 from .randomness import categorical, streams
 
@@ -190,8 +191,6 @@ def regular_part(pattern: str) -> str:
 
 def regular_approximation(pattern: str):
     """An llguidance regex constraint containing `pattern`'s language, or None where none compiles."""
-    from .constraints import engine
-
     part = regular_part(pattern)
     for candidate in (part, regex.sub(r"\\[pP]\{[^}]*\}|\\[pP][A-Z]", r"(?s:.)", part)):
         try:
@@ -309,8 +308,6 @@ def lark_grammar(text: str, start: str = "start") -> Grammar:
 
 def grammar(text: str, start: str = "start"):
     """The text is a sentence of the Lark grammar `text` (llguidance's dialect: masks, no checks)."""
-    from .constraints import engine
-
     return engine.grammar(text, start=start)
 
 
