@@ -82,8 +82,8 @@ def main() -> None:
                    "log_ml": None, "error": str(e)[:120]}
         row["seconds"] = round(time.perf_counter() - start, 1)
         rows.append(row)
-        print(f"{name:<44}{row['finished']!s:>9}{row['valid_share']!s:>8}{row['dead_share']:>7}{row['seconds']:>8}",
-              flush=True)
+        print(f"{name:<44}{row['finished']!s:>9}{row['valid_share']!s:>8}{row['dead_share']:>7}{row['seconds']:>8}"
+              f"  {row.get('error', '')[-70:]}", flush=True)
     finished = [r for r in rows if r["finished"]]
     summary = {
         "schemas": len(rows), "finished": len(finished),
