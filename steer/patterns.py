@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import time
 import weakref
-from typing import Any
 
 import numpy as np
 import regex as regex_module
