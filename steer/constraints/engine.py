@@ -223,6 +223,7 @@ class Structured(TokenConstraint):
         self.warnings = [locate(_first_line(m)) for m in messages]
         self._start: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._healed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._byte_start: LLMatcher | None = None  # for model-free checks (`allows`)
         self.key = object()  # this constraint's slot in a context's states
 
     def __repr__(self) -> str:
@@ -253,12 +254,12 @@ class Structured(TokenConstraint):
             states[self.key] = state
         elif state.owner != context.serial:
             state = states[self.key] = state.fork(context.serial)
-        generated = context.generated
-        while state.consumed < len(generated):
-            token = generated[state.consumed]
+        tokens, start = context.tokens, context.prompt_length  # (not `generated`: a copy on every call)
+        while start + state.consumed < len(tokens):
+            token = tokens[start + state.consumed]
             if state.consumed == 0 and context.healed:  # only the text after the backed-off prompt counts
                 state.advance_text(vocab.strings[token][len(context.healed):])
-            elif token in vocab.eos_ids or (context.end_at is not None and state.consumed == len(generated) - 1):
+            elif token in vocab.eos_ids or (context.end_at is not None and start + state.consumed == len(tokens) - 1):
                 state.consumed += 1  # the end: nothing more to read
             else:
                 state.advance_token(token)
@@ -406,7 +407,9 @@ class Structured(TokenConstraint):
     def allows(self, text: str, complete: bool = False) -> bool:
         """Whether `text` is a prefix of an allowed text (with `complete`: an allowed text), checked
         byte by byte without a model."""
-        m = LLMatcher(_byte_tokenizer(), self.grammar, log_level=0)
+        if self._byte_start is None:  # compiled once; each check reads a copy
+            self._byte_start = LLMatcher(_byte_tokenizer(), self.grammar, log_level=0)
+        m = self._byte_start.deep_copy()
         data = list(text.encode("utf-8"))
         if m.validate_tokens(data) != len(data):
             return False
