@@ -355,13 +355,14 @@ def _without_replacement(probs: torch.Tensor, first: int | None = None, cheap: i
 
 
 def awrs(logprobs: torch.Tensor, given: torch.Tensor | None, accepts: Callable[[int], bool],
-         first: int | None = None) -> tuple[int | None, float, int]:
+         first: int | None = None, max_checks: int | None = None) -> tuple[int | None, float, int]:
     """Adaptive weighted rejection sampling of the LM's next token restricted to `accepts`.
 
     `logprobs`: the LM's next-token log-probabilities; `given`: an existing restriction (the target is
     then conditional on it); `first`: a token already drawn from the LM (the batched round's draw),
-    used as the first candidate.  Returns (token or None if no token is accepted, log of an unbiased
-    estimate of P(accepted | given), number of checks).
+    used as the first candidate; `max_checks`: give up (as if none were accepted) after that many.
+    Returns (token or None if no token is accepted, log of an unbiased estimate of P(accepted | given),
+    number of checks).
     """
     logps = logprobs.double()
     if given is None:
@@ -377,6 +378,8 @@ def awrs(logprobs: torch.Tensor, given: torch.Tensor | None, accepts: Callable[[
     for round_ in range(2):
         for i in _without_replacement(probs, first if round_ == 0 else None):
             checks += 1
+            if max_checks is not None and checks > max_checks and token is None:
+                return None, NEG_INF, checks
             if accepts(i):
                 if token is None:
                     token = i

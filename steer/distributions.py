@@ -22,6 +22,9 @@ from .maskops import both, negate
 from .randomness import categorical, streams
 
 NEG_INF = float("-inf")
+# A budget check gives up after this many rejected tokens (the particle then dies): a text that can
+# still end has its ending tokens among the likely ones, and a full scan of 262k tokens takes seconds.
+BUDGET_CHECKS = 2000
 
 
 class Distribution(ABC):
@@ -240,6 +243,27 @@ def base_mask(context: LMContext) -> torch.Tensor | None:
     return base(context)
 
 
+def budget_check(spec: Any, context: LMContext):
+    from .masks import budget_check as check
+
+    return check(spec, context)
+
+
+def _draw_within(logprobs: torch.Tensor, allowed: torch.Tensor, check, draws: list[int] | None
+                 ) -> tuple[int | None, float]:
+    """A next token drawn from the LM within `allowed` that `check` accepts (adaptive weighted
+    rejection sampling), and the log of an unbiased estimate of P(accepted | allowed).  (The estimate
+    needs AWRS's second run even when the first draw passes: usually one more check.)"""
+    from .checks import awrs
+    from .masks import NOTHING_FITS
+
+    if check is NOTHING_FITS:
+        return None, NEG_INF
+    first = next((d for d in draws or [] if allowed[d]), None)
+    token, log_w, _ = awrs(logprobs, allowed, check, first=first, max_checks=BUDGET_CHECKS)
+    return token, log_w
+
+
 def _restriction_note(context: LMContext) -> str:
     """What else restricted the next token, for error messages: healing and a token budget."""
     notes = []
@@ -275,7 +299,9 @@ class TokenInMask(Distribution):
         spec = self.mask_spec if not isinstance(self.mask_spec, torch.Tensor) else "the mask"
         return f"no next token satisfies {spec!r} after {self.context.text[-40:]!r}{_restriction_note(self.context)}"
 
-    async def _log_mass(self) -> float:
+    async def _log_mass(self, observed: bool = False) -> float:
+        """log P(next token in the mask | what is known); `observed`: it is being observed True, so a
+        budget check may also fix the next token (see `_within_budget`)."""
         from .checks import TokenCheck
         from .masks import resolve
 
@@ -284,16 +310,37 @@ class TokenInMask(Distribution):
         self._resolved = resolve(self.mask_spec, self.context)
         logprobs = await self.context.next_logprobs()
         given = _given(self.context)
+        log_given = 0.0
         if given is None:
             self._allowed = self._resolved
-            self._new_log_mass = _log_mass(logprobs, self._resolved)
-            return self._new_log_mass
-        log_given = _log_mass(logprobs, given)
-        if log_given == NEG_INF:
-            return NEG_INF
-        self._allowed = both(self._resolved, given)
+        else:
+            log_given = _log_mass(logprobs, given)
+            if log_given == NEG_INF:
+                return NEG_INF
+            self._allowed = both(self._resolved, given)
         self._new_log_mass = _log_mass(logprobs, self._allowed)
-        return self._new_log_mass - log_given
+        log_in = self._new_log_mass - log_given
+        if observed and log_in > NEG_INF:
+            log_in += self._within_budget(logprobs)
+        return log_in
+
+    def _within_budget(self, logprobs: torch.Tensor) -> float:
+        """Where the constraint checks drawn tokens against the budget: draw the next token within the
+        mask by adaptive rejection, fix it, and return the log of the estimated share of the mask's
+        mass that passes (0 with no check)."""
+        ctx = self.context
+        check = budget_check(self.mask_spec, ctx)
+        if check is None:
+            return 0.0
+        token, log_w = _draw_within(logprobs, self._allowed, check, ctx.draw)
+        self._allowed = torch.zeros(ctx.lm.vocab.size, dtype=torch.bool)
+        ctx.draw = None if token is None else [token]  # the next-token sample takes it (its mask is just it)
+        if token is None:
+            self._new_log_mass = NEG_INF
+            return NEG_INF
+        self._allowed[token] = True
+        self._new_log_mass = logprobs[token].item()
+        return log_w
 
     async def _checked(self, check) -> float:
         """AWRS: an exact sample of the next token within the constraint, and an unbiased estimate of
@@ -356,7 +403,7 @@ class TokenInMask(Distribution):
 
         if isinstance(self.mask_spec, TokenCheck) and not value:
             raise SteerError("a checked constraint (grammar, partial_regex) can only be observed True")
-        log_in = await self._log_mass()
+        log_in = await self._log_mass(observed=bool(value))
         if value:
             return log_in
         return math.log1p(-math.exp(log_in)) if log_in < 0 else NEG_INF

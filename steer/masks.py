@@ -50,6 +50,11 @@ class TokenConstraint:
         """The mask in a real context: generated text only, healing and end strings accounted for."""
         return constraint_mask(self, context)
 
+    def budget_check(self, context: LMContext) -> Callable[[int], bool] | None:
+        """With a token budget, a check on a drawn next token that the mask cannot afford to make for
+        every token: that the text can still end within the budget after it (None: the mask says all)."""
+        return None
+
     def __and__(self, other: TokenConstraint) -> TokenConstraint:
         if not isinstance(other, TokenConstraint):
             return NotImplemented  # e.g. a tilt, which makes a mask-and-tilt pair
@@ -80,6 +85,16 @@ class Combined(TokenConstraint):
     def mask(self, context: LMContext) -> torch.Tensor:
         masks = [part.mask(context) for part in self.parts]
         return _combine(self.op, masks)
+
+    def budget_check(self, context: LMContext) -> Callable[[int], bool] | None:
+        if self.op != "and":  # a budget check of one side says nothing of a union or a complement
+            return None
+        checks = [c for c in (part.budget_check(context) for part in self.parts) if c is not None]
+        if NOTHING_FITS in checks:
+            return NOTHING_FITS
+        if len(checks) <= 1:
+            return checks[0] if checks else None
+        return lambda token: all(check(token) for check in checks)
 
     def __repr__(self) -> str:
         if self.op == "not":
@@ -698,6 +713,16 @@ def end_of_text() -> EndOfText:
 def continues_word() -> ContinuesWord:
     """Tokens that continue an open word (letters only, no leading space)."""
     return ContinuesWord()
+
+
+def NOTHING_FITS(token: int) -> bool:
+    """The budget check of a text that cannot end within its budget, whatever comes next."""
+    return False
+
+
+def budget_check(spec: Any, context: LMContext) -> Callable[[int], bool] | None:
+    """`spec`'s check of a drawn next token against the budget (see `TokenConstraint.budget_check`)."""
+    return spec.budget_check(context) if isinstance(spec, TokenConstraint) else None
 
 
 def resolve(spec: Any, context: LMContext) -> torch.Tensor | None:

@@ -12,6 +12,7 @@ import torch
 import steer
 from exact import complete_sequences
 from steer.checks import awrs, grammar, json_grammar, partial_regex
+from steer.constraints import engine
 from steer.patterns import json_schema
 from steer.patterns import regex as regex_mask
 from steer.randomness import seed
@@ -122,6 +123,64 @@ def test_posterior_matches_the_exact_conditional(name):
     estimates = [math.exp(steer.importance_sampling(Constrained(lm, make()), particles=200, seed=s).log_ml)
                  for s in range(20)]
     assert abs(np.mean(estimates) - z) < 4 * np.std(estimates) / math.sqrt(len(estimates)) + 1e-9
+
+
+class WithinBudget(steer.Program):
+    """Each token observed to satisfy the constraint, the text ending within `budget` tokens."""
+
+    def __init__(self, lm, constraint, budget):
+        super().__init__()
+        self.ctx = lm.context("", max_tokens=budget)
+        self.constraint = constraint
+
+    async def step(self):
+        await self.observe(self.ctx.allowed(self.constraint), True)
+        token = await self.sample(self.ctx.next_token())
+        if token.is_eos:
+            self.finish()
+
+    def result(self):
+        return tuple(self.ctx.generated)
+
+
+def ended_within(lm, budget, complete_ok):
+    """The LM conditioned on ending (EOS) within `budget` tokens on a complete text."""
+    eos = next(iter(lm.vocab.eos_ids))
+    target = {seq: math.exp(logp) for seq, logp in complete_sequences(lm, lm.encode(""), budget).items()
+              if seq[-1] == eos and complete_ok(lm.decode([t for t in seq if t != eos]))}
+    z = sum(target.values())
+    return {k: v / z for k, v in target.items()}, z
+
+
+@pytest.mark.parametrize("pattern,budget", [(r"a+bbb", 6), (r"(ab|ba)+ bb", 6)])
+def test_budget_checks_finish_every_particle_and_keep_the_posterior(pattern, budget, monkeypatch):
+    """A model that would rather write `a`s: with `max_tokens` the proposals check each drawn token
+    leaves room to end, so no particle dies, and the posterior is still the exact conditional."""
+    lm = steer.tiny_model("ab ", seed=4, temperature=2.0)
+    target, z = ended_within(lm, budget, lambda s: regex.fullmatch(pattern, s) is not None)
+    assert len(target) >= 2
+    estimate: dict = {}
+    for s in range(3):
+        post = steer.smc(WithinBudget(lm, regex_mask(pattern), budget), particles=1000, seed=s)
+        assert np.isfinite(post.log_weights).all()  # no particle walked into a text that cannot end
+        for k, w in post.distribution().items():
+            estimate[k] = estimate.get(k, 0.0) + w / 3
+    assert set(estimate) <= set(target), set(estimate) - set(target)
+    tv = 0.5 * sum(abs(estimate.get(k, 0.0) - p) for k, p in target.items())
+    assert tv < 0.05, tv
+    estimates = [math.exp(steer.importance_sampling(WithinBudget(lm, regex_mask(pattern), budget),
+                                                    particles=200, seed=s).log_ml) for s in range(20)]
+    assert abs(np.mean(estimates) - z) < 4 * np.std(estimates) / math.sqrt(len(estimates)) + 1e-9
+    # without the check, particles walk into texts that cannot end in time
+    monkeypatch.setattr(engine.Structured, "budget_check", lambda self, context: None)
+    post = steer.importance_sampling(WithinBudget(lm, regex_mask(pattern), budget), particles=2000, seed=0)
+    assert not np.isfinite(post.log_weights).all()
+
+
+def test_a_budget_no_text_fits_is_reported_before_sampling():
+    lm = steer.tiny_model("ab ", seed=4)
+    with pytest.raises(steer.SteerError, match="fits in max_tokens"):
+        steer.smc(WithinBudget(lm, regex_mask(r"a{6}b"), 4), particles=4, seed=0)
 
 
 @pytest.mark.parametrize("make,message", [
