@@ -346,6 +346,7 @@ class TokenInMask(Distribution):
         """AWRS: an exact sample of the next token within the constraint, and an unbiased estimate of
         the constraint's probability; observing True then fixes the next token to that sample."""
         from .checks import awrs
+        from .masks import NOTHING_FITS
 
         ctx = self.context
         vocab = ctx.lm.vocab
@@ -367,6 +368,12 @@ class TokenInMask(Distribution):
         shift = 0.0
         approximation = getattr(check, "approximation", None)
         if approximation is not None:  # candidates come only from a regular over-approximation's mask
+            # and, with a budget, only those after which the approximation can still end in time (a
+            # necessary condition: it allows every text the check does)
+            fits = approximation.budget_check(ctx)
+            if fits is not None:
+                exact = accepts
+                accepts = lambda i: fits(i) and exact(i)  # noqa: E731
             wide = approximation.allowed_in(ctx)
             narrowed = wide if given is None else both(given, wide)
             # P(A | given) = P(A | given & wide) * P(wide | given), since A lies within `wide`
@@ -376,7 +383,10 @@ class TokenInMask(Distribution):
                 self._allowed, self._new_log_mass, ctx.draw = self._resolved, NEG_INF, None
                 return NEG_INF
             given = narrowed
-        token, log_w, _ = awrs(logprobs, given, accepts, first=ctx.draw[0] if ctx.draw else None)
+            if fits is NOTHING_FITS:
+                shift = NEG_INF
+        token, log_w, _ = awrs(logprobs, given, accepts, first=ctx.draw[0] if ctx.draw else None) \
+            if shift > NEG_INF else (None, NEG_INF, 0)
         log_w += shift
         # The accepted token is an exact sample of the LM within the constraint: keep it as the draw
         # that the next-token sample takes (its restriction is that single token).

@@ -152,28 +152,30 @@ def ended_within(lm, budget, complete_ok):
     return {k: v / z for k, v in target.items()}, z
 
 
-@pytest.mark.parametrize("pattern,budget", [(r"a+bbb", 6), (r"(ab|ba)+ bb", 6)])
-def test_budget_checks_finish_every_particle_and_keep_the_posterior(pattern, budget, monkeypatch):
-    """A model that would rather write `a`s: with `max_tokens` the proposals check each drawn token
-    leaves room to end, so no particle dies, and the posterior is still the exact conditional."""
+@pytest.mark.parametrize("pattern,budget,make", [(r"a+bbb", 6, regex_mask), (r"(ab|ba)+ bb", 6, regex_mask),
+                                                 (r"(a|b)\1+ bb", 6, partial_regex)])
+def test_budget_checks_finish_every_particle_and_keep_the_posterior(pattern, budget, make, monkeypatch):
+    """With `max_tokens` the proposals check that each drawn token leaves room to end (a partial regex
+    through its regular over-approximation), so no particle dies, and the posterior is still the
+    exact conditional."""
     lm = steer.tiny_model("ab ", seed=4, temperature=2.0)
     target, z = ended_within(lm, budget, lambda s: regex.fullmatch(pattern, s) is not None)
     assert len(target) >= 2
     estimate: dict = {}
     for s in range(3):
-        post = steer.smc(WithinBudget(lm, regex_mask(pattern), budget), particles=1000, seed=s)
+        post = steer.smc(WithinBudget(lm, make(pattern), budget), particles=1000, seed=s)
         assert np.isfinite(post.log_weights).all()  # no particle walked into a text that cannot end
         for k, w in post.distribution().items():
             estimate[k] = estimate.get(k, 0.0) + w / 3
     assert set(estimate) <= set(target), set(estimate) - set(target)
     tv = 0.5 * sum(abs(estimate.get(k, 0.0) - p) for k, p in target.items())
     assert tv < 0.05, tv
-    estimates = [math.exp(steer.importance_sampling(WithinBudget(lm, regex_mask(pattern), budget),
+    estimates = [math.exp(steer.importance_sampling(WithinBudget(lm, make(pattern), budget),
                                                     particles=200, seed=s).log_ml) for s in range(20)]
     assert abs(np.mean(estimates) - z) < 4 * np.std(estimates) / math.sqrt(len(estimates)) + 1e-9
     # without the check, particles walk into texts that cannot end in time
     monkeypatch.setattr(engine.Structured, "budget_check", lambda self, context: None)
-    post = steer.importance_sampling(WithinBudget(lm, regex_mask(pattern), budget), particles=2000, seed=0)
+    post = steer.importance_sampling(WithinBudget(lm, make(pattern), budget), particles=2000, seed=0)
     assert not np.isfinite(post.log_weights).all()
 
 
