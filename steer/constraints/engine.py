@@ -48,6 +48,7 @@ PROBE_ORDER = _CLOSERS + "".join(c for c in string.punctuation + string.ascii_le
                                  if c not in _CLOSERS)
 ENDING_SCAN = 3  # steps of the search that look for a character completing the text
 MARGIN, END_GAME = 2, 8  # tokens kept in hand until the budget's last 8
+FAR = 16  # drawn tokens are checked once the shortest completion is within this many tokens of the budget
 # JSON is written as `json.dumps` writes it: fixed separators, no free white space (a model given
 # free white space can spend its whole budget on it).
 JSON_FORMAT = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False,
@@ -516,6 +517,9 @@ class Structured(TokenConstraint):
         state = self.state(context)
         vocab, m, tokenizer = context.lm.vocab, state.matcher, state.tokenizer
         canon = canonical_filter(context)
+        # (a greedy completion can be a token or two off where it meets the text before it: keep that
+        # much room until the budget's last few tokens)
+        room = left - 1 - (MARGIN if left - 1 > END_GAME else 0)
         if not context.heal:
             need = self.need(m, vocab, tokenizer, left, canon, context.tokens[-1] if state.consumed else None,
                              context.text[-2:])
@@ -524,10 +528,12 @@ class Structured(TokenConstraint):
                     raise SteerError(f"{self.describe}: no text it allows was found that fits in max_tokens "
                                      f"({left} tokens, the ending one included); raise max_tokens")
                 return NOTHING_FITS
+            if need is not None and need + FAR < room:
+                # Far from the end, nothing is checked: a token that adds more than FAR tokens to the
+                # shortest completion is rare, and the particle then dies a few steps later, where the
+                # check sees that nothing fits (a wasted particle, not a biased weight).
+                return None
         text, pending = context.text, context.heal
-        # (a greedy completion can be a token or two off where it meets the text before it: keep that
-        # much room until the budget's last few tokens)
-        room = left - 1 - (MARGIN if left - 1 > END_GAME else 0)
 
         def fits(token: int) -> bool:
             if token in vocab.eos_ids or vocab.special[token]:
@@ -663,7 +669,9 @@ def json_schema(schema: dict | str | bool, *, lenient: bool = False, key_order: 
 
     `key_order`: "schema" (llguidance's design: the keys of `properties` come in the schema's order,
     so the mask also enforces `required`) or "any" (keys in any order; `required` and duplicate keys
-    are then left to the final check, so particles that close an object early die at the end)."""
+    are then left to the final check, so particles that close an object early die at the end).
+    Where the schema allows keys beyond `properties`, the final check refuses a key written twice
+    (the engine cannot track keys in a free-form object)."""
     if key_order not in ("schema", "any"):
         raise SteerError(f'key_order is "schema" or "any", got {key_order!r}')
     if isinstance(schema, str):
@@ -691,6 +699,8 @@ def json_schema(schema: dict | str | bool, *, lenient: bool = False, key_order: 
                             locate=lambda m: f"JSON schema: {_locate(schema, m)}")
     if (lenient and constraint.warnings) or key_order == "any":
         constraint.final_check = check
+    elif _free_objects(masked):  # the engine lets a free-form object write a key twice: refuse that at the end
+        constraint.final_check = unique_keys
     constraint.schema = schema
     return constraint
 
@@ -786,6 +796,29 @@ def schema_validator(schema: Any) -> Callable[[str], bool]:
             return False
 
     return valid
+
+
+def unique_keys(text: str) -> bool:
+    """The text is JSON with no key written twice in one object."""
+    try:
+        json.loads(text, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def _free_objects(schema: Any) -> bool:
+    """Whether a document valid under `schema` may hold an object with keys the schema does not name:
+    anywhere the schema is `{}`/`true`, or an object's `additionalProperties` is not `false`."""
+    if schema is True or schema == {}:
+        return True
+    if isinstance(schema, list):
+        return any(_free_objects(s) for s in schema)
+    if not isinstance(schema, dict):
+        return False
+    if ("properties" in schema or schema.get("type") == "object") and schema.get("additionalProperties", True) is not False:
+        return True
+    return any(_free_objects(v) for k, v in schema.items() if k not in ("enum", "const", "examples", "default"))
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
