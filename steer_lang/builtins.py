@@ -26,8 +26,8 @@ from steer.lm import LMContext, Token
 from steer.masks import TokenConstraint
 from steer.potentials import ScoringModel
 
-MAX_LENGTH = 1_000_000  # longest string or list a program may build
-MAX_SIZE = 10_000_000  # characters and items of a value in all, nested lists included
+from .limits import MAX_LENGTH, MAX_SIZE, scalar_problem
+
 MAX_CALL_DEPTH = 50  # helper functions calling helpers
 COMPILED_LITERALS = ("regex", "regex_search", "partial_regex", "json_schema", "grammar")  # `steer check` compiles literal ones
 REGEX_TIMEOUT = 1.0  # seconds; a pathological pattern is an error, not a hang
@@ -244,8 +244,10 @@ def _text_of(x: Any) -> str:
 
 def _replace(s, old, new) -> str:
     s, old, new = text(s), text(old), text(new)
-    if old and len(s) // len(old) * len(new) > MAX_LENGTH:
-        raise BuiltinError("replace would build too long a string")
+    # the longest result, known before building it ("" is found between every two characters)
+    longest = len(s) + (len(s) + 1) * len(new) if not old else len(s) + len(s) // len(old) * max(0, len(new) - len(old))
+    if longest > MAX_LENGTH and (not old or s.count(old) * (len(new) - len(old)) + len(s) > MAX_LENGTH):
+        raise BuiltinError(f"replace would build a string longer than {MAX_LENGTH:,} characters")
     return _sized(s.replace(old, new))
 
 

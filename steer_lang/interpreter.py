@@ -42,9 +42,9 @@ from .builtins import (
     type_of,
 )
 from .errors import Diagnostic, LangError, ProgramError
+from .limits import scalar_problem
 
 MAX_STATEMENTS = 1_000_000  # per particle and run
-MAX_INT = 2**63
 TIME_LIMIT = 600.0  # seconds of wall-clock time per run, unless the caller gives another
 
 
@@ -474,6 +474,9 @@ class ScriptProgram(Program):
             result = builtin.impl(*values)
             if isinstance(result, list):
                 check_size(size_of(result))
+            problem = scalar_problem(result)
+            if problem is not None:
+                raise BuiltinError(problem)
             return result
         except BuiltinError as err:
             raise ProgramError(e, f"{builtin.name}(): {err}") from None
@@ -615,8 +618,9 @@ def _binary(op: str, a: Any, b: Any, node: ast.Node) -> Any:
         raise ProgramError(node, "division by zero") from None
     except OverflowError:
         raise ProgramError(node, "number too large") from None
-    if isinstance(result, int) and abs(result) >= MAX_INT:
-        raise ProgramError(node, "integer too large (beyond 2**63)")
+    problem = scalar_problem(result)
+    if problem is not None:
+        raise ProgramError(node, problem)
     return result
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast as python_ast
 import functools
+import math
 from collections.abc import Iterator
 from importlib import resources
 
@@ -19,6 +20,7 @@ from lark.lark import PostLex
 
 from . import ast
 from .errors import Diagnostic, LangError
+from .limits import MAX_INT, first_surrogate
 
 TAB = 4
 _OPEN, _CLOSE = {"LPAR", "LSQB"}, {"RPAR", "RSQB"}
@@ -274,10 +276,15 @@ class _ToAST(Transformer):
     def number(self, meta, c):
         token = c[0]
         text = str(token)
+        shown = text if len(text) <= 24 else text[:20] + "..."
         try:
             value = float(text) if any(ch in text for ch in ".eE") else int(text)
         except (ValueError, OverflowError):
-            raise _Problem(token.line, token.column, f"number {text[:20]}... is too large") from None
+            raise _Problem(token.line, token.column, f"number {shown} is too large") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _Problem(token.line, token.column, f"number {shown} is beyond the largest float (about 1.8e308)")
+        if isinstance(value, int) and abs(value) >= MAX_INT:
+            raise _Problem(token.line, token.column, f"integer {shown} is beyond ±2**63")
         return ast.Const(*_pos(token), value)
 
     def string(self, meta, c):
@@ -310,6 +317,10 @@ class _ToAST(Transformer):
             raise _Problem(token.line, token.column, "invalid escape sequence in this string") from None
         if not isinstance(value, str):
             raise _Problem(token.line, token.column, "invalid string literal")
+        bad = first_surrogate(value)
+        if bad is not None:
+            raise _Problem(token.line, token.column, f"\\u{ord(bad):04x} is half of a surrogate pair, not a "
+                                                     "character: strings hold Unicode text")
         return value
 
 
@@ -360,8 +371,37 @@ def _syntax_diagnostic(e: UnexpectedInput, filename: str) -> Diagnostic:
     return Diagnostic(filename, getattr(e, "line", 1) or 1, getattr(e, "column", 1) or 1, f"syntax error: {e}")
 
 
+MAX_SOURCE = 1_000_000  # characters of a program: a larger one is refused before parsing
+
+
+def decode_source(data: bytes, filename: str) -> str:
+    """A program file's bytes as text: UTF-8 (a leading byte-order mark is dropped); bytes that are
+    not UTF-8 are an error at their line and column."""
+    if len(data) > MAX_SOURCE:
+        raise LangError([Diagnostic(filename, 1, 1, f"the program is larger than {MAX_SOURCE:,} bytes, "
+                                                    "the limit for a program file")])
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        start = data[:e.start]
+        line = start.count(b"\n") + 1
+        col = len(start[start.rfind(b"\n") + 1:].decode("utf-8", errors="replace")) + 1
+        raise LangError([Diagnostic(filename, line, col, f"byte 0x{data[e.start]:02x} is not UTF-8 text "
+                                                         "(save the program as UTF-8)")]) from None
+
+
 def parse(source: str, filename: str = "<string>") -> ast.Module:
     """Parse `.steer` source into a Module.  Raises LangError (never anything else) on bad input."""
+    source = source.removeprefix("\ufeff")  # a byte-order mark is not part of the program
+    if len(source) > MAX_SOURCE:
+        raise LangError([Diagnostic(filename, 1, 1, f"the program is {len(source):,} characters; the limit "
+                                                    f"is {MAX_SOURCE:,}")])
+    nul = source.find("\x00")
+    if nul >= 0:
+        line = source.count("\n", 0, nul) + 1
+        col = nul - (source.rfind("\n", 0, nul) + 1) + 1
+        raise LangError([Diagnostic(filename, line, col, "a NUL character in the program (write \\x00 in a "
+                                                         "string for one)")], source)
     text = source if source.endswith("\n") else source + "\n"
     lark = _lark()
     try:

@@ -20,8 +20,9 @@ from . import ast
 from .builtins import MAX_SIZE, METHOD_ALIASES, SETTINGS, size_of, type_of
 from .checker import check, setting_problem
 from .errors import LangError
-from .interpreter import MAX_INT, TIME_LIMIT, Code, ScriptProgram
-from .parser import parse
+from .interpreter import TIME_LIMIT, Code, ScriptProgram
+from .limits import MAX_INT
+from .parser import MAX_SOURCE, decode_source, parse
 
 DEFAULTS = {"method": "smc", "particles": 16, "ess": 0.5, "resampling": "systematic", "seed": 0, "beam": 3,
             "max_tokens": 128}
@@ -64,9 +65,11 @@ class Script:
         (or in one of `allow_paths`)."""
         path = Path(path)
         try:
-            source = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise SteerError(f"cannot read {path}: {e}") from None
+            with path.open("rb") as f:
+                data = f.read(MAX_SOURCE + 1)  # a larger file is refused without reading it all
+        except OSError as e:
+            raise SteerError(f"cannot read {path}: {e.strerror or e}") from None
+        source = decode_source(data, str(path))
         return cls(parse(source, str(path)), base_dir=path.parent, allow_paths=allow_paths)
 
     # -- inputs, settings, model -------------------------------------------------------------------

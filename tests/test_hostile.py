@@ -28,6 +28,18 @@ CASES = {
     "a reward model outside the folder": ('reward_model judge = "../../../etc"\nx = 1\n', "1:14",
                                           "outside the program's folder"),
     "an index by absolute path": ('retriever wiki = "/etc"\nx = 1\n', "1:11", "outside the program's folder"),
+    "replace of the empty string": ('s = "a" * 40000\nt = "b" * 50000\nu = replace(s, "", t)\n', "3:5",
+                                    "longer than 1,000,000 characters"),
+    "a lone surrogate in a result": ('result "\\ud800"\n', "1:8", "half of a surrogate pair"),
+    "a lone surrogate in a prompt": ('context c = "Hi \\ud800 there"\n', "1:13", "half of a surrogate pair"),
+    "a float literal beyond the largest": ("x = 1e999\nresult x\n", "1:5", "beyond the largest float"),
+    "float arithmetic to infinity": ("x = 1e308 * 10.0\nresult x\n", "1:11", "not a finite number"),
+    "a sum to infinity": ("x = sum([1e308, 1e308])\nresult x\n", "1:5", "not a finite number"),
+    "an integer literal beyond 2**63": ("result 99999999999999999999999999\n", "1:8", "beyond ±2**63"),
+    "int of a huge float": ("x = int(1e300)\n", "1:5", "beyond ±2**63"),
+    "int of 4,000 digits": ('x = int("9" * 4000)\n', "1:5", "beyond ±2**63"),
+    "upper past the size limit": ('x = upper("\\ufb03" * 999999)\n', "1:5", "the limit is 1,000,000"),
+    "lower past the size limit": ('x = lower("\\u0130" * 999999)\n', "1:5", "the limit is 1,000,000"),
 }
 
 
@@ -77,3 +89,24 @@ def test_absurd_sizes_are_refused_before_anything_runs(tiny_dir, tmp_path):
     code, stderr, seconds, _ = run_measured([sys.executable, "-m", "steer.cli", "run", str(program), "--model",
                                              str(tiny_dir), "--set", "n=" + "9" * 30])
     assert code == 2 and "integers must lie within ±2**63" in stderr and seconds < SECONDS, stderr
+
+
+@pytest.mark.parametrize("data,where,message", [
+    ("x = 1\ny = \"caf\xe9\"\n".encode("latin-1"), "2:9", "byte 0xe9 is not UTF-8 text"),
+    ('x = "a\x00b"\n'.encode(), "1:7", "a NUL character in the program"),
+    (b"x = 1\n" * 200_000, "1:1", "the program is larger than 1,000,000 bytes"),
+])
+def test_unreadable_program_files_are_errors_at_their_place(data, where, message, tmp_path):
+    program = tmp_path / "bad.steer"
+    program.write_bytes(data)
+    for command in ("check", "run"):
+        code, stderr, seconds, _ = run_measured([sys.executable, "-m", "steer.cli", command, str(program)])
+        assert code == 2 and f"bad.steer:{where}: {message}" in stderr and "Traceback" not in stderr, stderr
+        assert seconds < SECONDS
+
+
+def test_a_byte_order_mark_is_not_part_of_the_program(tmp_path):
+    program = tmp_path / "bom.steer"
+    program.write_bytes("\ufeffx = 1\nresult x\n".encode())
+    code, stderr, _, _ = run_measured([sys.executable, "-m", "steer.cli", "check", str(program)])
+    assert code == 0, stderr
