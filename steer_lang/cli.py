@@ -9,7 +9,7 @@ from steer.cli import add_sampler_options, positive, print_posterior, refuse_ove
 from steer.errors import SteerError
 
 from .interpreter import TIME_LIMIT
-from .script import Script
+from .script import _UNSET, Script
 
 
 def _assignment(text: str) -> tuple[str, str]:
@@ -36,6 +36,8 @@ def add_commands(commands) -> None:
 
     check = commands.add_parser("check", help="parse and check a .steer program without running it")
     check.add_argument("file", metavar="FILE.steer")
+    check.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                       help="also allow paths under DIR, as `run --allow-path` does")
     check.set_defaults(handler=_check)
 
 
@@ -48,6 +50,7 @@ def _run(args: argparse.Namespace) -> int:
     # Check the settings before the (slow) model load, so a bad flag fails at once.
     s = script.settings(values, method=args.method, particles=args.particles, ess=args.ess,
                         resampling=args.resampling, seed=args.seed, beam=args.beam, max_tokens=args.max_tokens)
+    script.check_paths()
     lm = script.load_model(path=args.model, backend=args.backend, dtype=args.dtype, device=args.device)
     refuse_oversized(lm, s["particles"], s["method"], s["beam"], s["max_tokens"])
     posterior = script.run(lm, inputs=values, progress=args.progress, record_particles=args.trace is not None,
@@ -62,7 +65,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    script = Script.from_file(args.file)
+    """Every static check `run` makes: the program, its paths, and its settings where the inputs they
+    use have defaults."""
+    script = Script.from_file(args.file, allow_paths=args.allow_path)
+    script.check_paths()
+    if all(spec.default is not _UNSET for spec in script.inputs.values()):
+        script.settings(script.input_values())
     inputs = ", ".join(f"{s.name}: {s.type}" for s in script.inputs.values()) or "none"
     sampler = script.module.samplers[0].method if script.module.samplers else "smc (default)"
     print(f"{args.file}: ok (inputs: {inputs}; sampler: {sampler})", file=sys.stdout)

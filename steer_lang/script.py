@@ -125,12 +125,22 @@ class Script:
     def _confined(self, node: ast.Node, written: str) -> Path:
         """`written` relative to the program's folder, symlinks resolved; refused (at the declaration)
         when it leaves the allowed folders, so a program cannot reach files it was not given."""
+        if not written.strip():
+            raise self._fail(node, "the path is empty")
+        if "\x00" in written:
+            raise self._fail(node, "a path cannot hold a NUL character")
         path = Path(written).expanduser()
         path = (path if path.is_absolute() else self.base_dir / path).resolve()
         if not any(path.is_relative_to(root) for root in self.allowed):
             raise self._fail(node, f"{written!r} is outside the program's folder ({self.allowed[0]}); move it "
                                    "there, or allow its folder with --allow-path DIR (allow_paths=[...] in Python)")
         return path
+
+    def check_paths(self) -> None:
+        """Judge every path the file names as a run would, before any model loads (`steer check` too)."""
+        self.model_path()
+        for node in self.module.resources:
+            self._confined(node, node.path)
 
     def model_options(self) -> dict[str, str]:
         """The `backend` and `dtype` the file's model declaration asks for (checked already)."""
@@ -143,7 +153,12 @@ class Script:
         given = {k: v for k, v in overrides.items() if v is not None}
         options: dict[str, Any] = {"path": given.get("path") or self.model_path(), **self.model_options()}
         options.update(given)
-        return load_model(options.pop("path"), **options)
+        try:
+            return load_model(options.pop("path"), **options)
+        except SteerError as e:
+            if given.get("path") or not self.module.models or self.module.models[0].path is None:
+                raise
+            raise self._fail(self.module.models[0], str(e)) from None  # at the file's model declaration
 
     def resources(self) -> dict[str, Any]:
         """The reward models and retrievers the file declares, loaded once (paths are relative to the file)."""

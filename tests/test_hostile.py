@@ -110,3 +110,24 @@ def test_a_byte_order_mark_is_not_part_of_the_program(tmp_path):
     program.write_bytes("\ufeffx = 1\nresult x\n".encode())
     code, stderr, _, _ = run_measured([sys.executable, "-m", "steer.cli", "check", str(program)])
     assert code == 0, stderr
+
+
+@pytest.mark.parametrize("source,where,message", [
+    ('model "/etc"\nx = 1\n', "1:1", "outside the program's folder"),
+    ('model "~"\nx = 1\n', "1:1", "outside the program's folder"),
+    ('model "root"\nx = 1\n', "1:1", "outside the program's folder"),  # a symlink to /
+    ('model ""\nx = 1\n', "1:1", "the path is empty"),
+    ('retriever w = "sub/../../../.."\nx = 1\n', "1:11", "outside the program's folder"),
+    ('reward_model j = "a\\x00b"\nx = 1\n', "1:14", "NUL character"),
+    ("input n = -1\nsampler smc(particles = n)\nx = 1\n", "2:25", "particles must be a whole number"),
+])
+def test_check_refuses_what_run_refuses_at_the_same_place(source, where, message, tmp_path):
+    """`steer check` makes every static check `steer run` makes, and `run` makes them before a model loads."""
+    (tmp_path / "root").symlink_to("/")
+    program = tmp_path / "p.steer"
+    program.write_text(source)
+    for command in ("check", "run"):
+        code, stderr, seconds, _ = run_measured([sys.executable, "-m", "steer.cli", command, str(program)])
+        assert code == 2 and f"p.steer:{where}: " in stderr and message in stderr, (command, stderr)
+        assert "Traceback" not in stderr
+        assert seconds < SECONDS
