@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import steer
+
 from steer.files import TEMPORARY
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -116,3 +118,33 @@ def test_a_conversion_killed_half_way_leaves_no_model_and_is_cleaned_up(tmp_path
 
     stale = [p for p in models.iterdir() if p.name.startswith(".convert-")]
     assert stale and remove_stale(models, ".convert-") == stale  # what the next conversion does first
+
+
+def test_a_cached_model_cut_short_is_converted_again(tiny_dir, tmp_path, monkeypatch):
+    """A converted model records its files' sizes; one cut short (a full disk, a crash) is rebuilt
+    before anything reads it."""
+    import shutil
+
+    import steer.lm.loading as loading
+
+    monkeypatch.setenv("STEER_CACHE", str(tmp_path))
+    target = tmp_path / "models" / loading.DEFAULT_MODEL
+    shutil.copytree(tiny_dir, target)
+    loading._write_manifest(target)
+    converted = []
+    monkeypatch.setattr(loading, "_convert_default_model", converted.append)  # the real one takes minutes
+    assert loading.default_model_path() == target and not converted  # intact: used as it is
+    weights = target / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert loading.default_model_path() == target and converted == [target]
+
+
+def test_a_damaged_model_file_is_a_one_line_load_error(tiny_dir, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "model"
+    shutil.copytree(tiny_dir, damaged)
+    (damaged / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(steer.SteerError, match="cannot load a causal LM from") as info:
+        steer.load_model(damaged)
+    assert "\n" not in str(info.value)

@@ -7,6 +7,7 @@ take seconds.  Nothing is ever downloaded from a hub.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -36,9 +37,29 @@ def cache_dir() -> Path:
 def default_model_path() -> Path:
     """The converted default model, converting it first if this machine has not done so yet."""
     target = cache_dir() / "models" / DEFAULT_MODEL
-    if not (target / "config.json").exists():
+    if not _intact(target):
+        if target.exists():
+            log.warning("the converted default model in %s is incomplete or damaged; converting it again", target)
         _convert_default_model(target)
     return target
+
+
+MANIFEST = "steer-files.json"  # the size of every file of a converted model, written with it
+
+
+def _write_manifest(folder: Path) -> None:
+    sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps(sizes, indent=1))
+
+
+def _intact(folder: Path) -> bool:
+    """Whether a converted model holds every file its manifest names, at the size written (a file cut
+    short by a full disk or a crash is caught before any load)."""
+    try:
+        sizes = json.loads((folder / MANIFEST).read_text())
+        return bool(sizes) and all((folder / name).stat().st_size == size for name, size in sizes.items())
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
 
 
 def _convert_default_model(target: Path) -> None:
@@ -73,6 +94,7 @@ def _convert_default_model(target: Path) -> None:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        _write_manifest(staging)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
@@ -138,8 +160,10 @@ def load_model(path: str | os.PathLike | None = None, *, backend: str = "hf", de
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32, local_files_only=True,
                                                      use_safetensors=True)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load a causal LM from {directory}: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, safetensors' own error on a damaged file
+        hint = "; delete that folder and steer converts the default model again" if path is None else ""
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"cannot load a causal LM from {directory}: {reason}{hint}") from e
     return HFLanguageModel(place(model, device), tokenizer, name=name)
 
 
