@@ -24,19 +24,6 @@ from steer import SteerError
 from steer.constraints import engine
 
 
-class JsonDocument(steer.Program):
-    def __init__(self, lm, prompt: str, constraint, max_tokens: int):
-        super().__init__()
-        self.ctx = lm.context(prompt, max_tokens=max_tokens)
-        self.constraint = constraint
-
-    async def step(self):
-        await self.observe(self.ctx.allowed(self.constraint), True)
-        token = await self.sample(self.ctx.next_token())
-        if token.is_eos:
-            self.finish()
-
-
 def compiled(schemas_dir: Path, limit: int):
     """The first `limit` schemas that compile, taken evenly over the sorted files (the sample's file
     names group its sources: BFCL, GitHub, Glaive, Kubernetes, Snowplow, JSONSchemaStore, ...)."""
@@ -71,10 +58,10 @@ def main() -> None:
         valid = engine.schema_validator(schema)
         start = time.perf_counter()
         try:
-            post = steer.smc(JsonDocument(lm, prompt, constraint, args.max_tokens), particles=args.particles,
-                             seed=args.seed)
+            post = steer.smc(steer.Generate(lm, prompt, args.max_tokens, constraint=constraint),
+                             particles=args.particles, seed=args.seed)
             live = np.isfinite(post.log_weights)
-            share = float(sum(w for p, w in zip(post.particles, post.weights) if valid(p.ctx.text)))
+            share = float(sum(w for p, w in zip(post.particles, post.weights) if valid(p.context.text)))
             row = {"schema": name, "finished": True, "valid_share": round(share, 4), "ess": round(post.ess, 2),
                    "dead_share": round(1 - live.mean(), 3), "log_ml": round(post.log_ml, 2)}
         except steer.ParticlesDiedError as e:

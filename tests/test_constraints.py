@@ -125,22 +125,14 @@ def test_posterior_matches_the_exact_conditional(name):
     assert abs(np.mean(estimates) - z) < 4 * np.std(estimates) / math.sqrt(len(estimates)) + 1e-9
 
 
-class WithinBudget(steer.Program):
+class WithinBudget(steer.Generate):
     """Each token observed to satisfy the constraint, the text ending within `budget` tokens."""
 
     def __init__(self, lm, constraint, budget):
-        super().__init__()
-        self.ctx = lm.context("", max_tokens=budget)
-        self.constraint = constraint
-
-    async def step(self):
-        await self.observe(self.ctx.allowed(self.constraint), True)
-        token = await self.sample(self.ctx.next_token())
-        if token.is_eos:
-            self.finish()
+        super().__init__(lm, "", budget, constraint=constraint)
 
     def result(self):
-        return tuple(self.ctx.generated)
+        return tuple(self.context.generated)
 
 
 def ended_within(lm, budget, complete_ok):

@@ -140,21 +140,6 @@ def test_bounded_integer_person_record(gemma):
             assert valid(value, schema) and 0 <= value["age"] <= 120 and isinstance(value["age"], int)
 
 
-class _Until(steer.Program):
-    """Observe the constraint, sample, until the end (the context's budget bounds the text)."""
-
-    def __init__(self, lm, prompt, constraint, max_tokens, end=()):
-        super().__init__()
-        self.ctx = lm.context(prompt, max_tokens=max_tokens, end=end)
-        self.constraint = constraint
-
-    async def step(self):
-        await self.observe(self.ctx.allowed(self.constraint), True)
-        token = await self.sample(self.ctx.next_token())
-        if token.is_eos:
-            self.finish()
-
-
 def test_lenient_json_schema_is_exact_through_its_final_check(gemma):
     """`uniqueItems` is not in llguidance's mask: lenient mode leaves it to `jsonschema` on the complete
     text, so every particle that lives holds distinct items (a repeated colour would be allowed by the
@@ -166,12 +151,12 @@ def test_lenient_json_schema_is_exact_through_its_final_check(gemma):
     with pytest.raises(steer.SteerError, match="uniqueItems"):
         steer.patterns.json_schema(schema)
     colours = steer.patterns.json_schema(schema, lenient=True)
-    post = steer.smc(_Until(gemma, 'Two colours as a JSON list (["red", "red"] is wrong):\n', colours, 24),
-                     particles=4, seed=0)
+    post = steer.smc(steer.Generate(gemma, 'Two colours as a JSON list (["red", "red"] is wrong):\n', 24,
+                                    constraint=colours), particles=4, seed=0)
     live = [p for p, w in zip(post.particles, post.log_weights) if w > float("-inf")]
     assert live and np.isfinite(post.log_ml)
     for p in live:
-        jsonschema.validate(json.loads(p.ctx.text), schema)
+        jsonschema.validate(json.loads(p.context.text), schema)
 
 
 def test_partial_regex_with_a_back_reference_on_the_default_model(gemma):
@@ -180,8 +165,8 @@ def test_partial_regex_with_a_back_reference_on_the_default_model(gemma):
     check = steer.checks.partial_regex(r" (\w+) \1")
     assert check.approximation is not None
     prompt = "Say it twice: bye bye\nSay it twice: go go\nSay it twice: stop stop\nSay it twice:"
-    post = steer.smc(_Until(gemma, prompt, check, 12, end="\n"), particles=4, seed=0)
+    post = steer.smc(steer.Generate(gemma, prompt, 12, stop="\n", constraint=check), particles=4, seed=0)
     live = [p for p, w in zip(post.particles, post.log_weights) if w > float("-inf")]
     assert live
     for p in live:
-        assert re.fullmatch(r" (\w+) \1", p.ctx.text), p.ctx.text
+        assert re.fullmatch(r" (\w+) \1", p.context.text), p.context.text
