@@ -151,8 +151,8 @@ def test_lenient_json_schema_is_exact_through_its_final_check(gemma):
     with pytest.raises(steer.SteerError, match="uniqueItems"):
         steer.patterns.json_schema(schema)
     colours = steer.patterns.json_schema(schema, lenient=True)
-    post = steer.smc(steer.Generate(gemma, 'Two colours as a JSON list (["red", "red"] is wrong):\n', 24,
-                                    constraint=colours), particles=4, seed=0)
+    post = steer.smc(steer.Generate(gemma, "Two different colours as a JSON list:\n", 24, constraint=colours),
+                     particles=8, seed=0)
     live = [p for p, w in zip(post.particles, post.log_weights) if w > float("-inf")]
     assert live and np.isfinite(post.log_ml)
     for p in live:
