@@ -670,8 +670,8 @@ def json_schema(schema: dict | str | bool, *, lenient: bool = False, key_order: 
     `key_order`: "schema" (llguidance's design: the keys of `properties` come in the schema's order,
     so the mask also enforces `required`) or "any" (keys in any order; `required` and duplicate keys
     are then left to the final check, so particles that close an object early die at the end).
-    Where the schema allows keys beyond `properties`, the final check refuses a key written twice
-    (the engine cannot track keys in a free-form object)."""
+    In a free-form object (`{}`, or keys beyond `properties`) the engine cannot track the keys written,
+    so one may come twice: JSON allows it, and readers keep the last (as `json.loads` does)."""
     if key_order not in ("schema", "any"):
         raise SteerError(f'key_order is "schema" or "any", got {key_order!r}')
     if isinstance(schema, str):
@@ -697,10 +697,10 @@ def json_schema(schema: dict | str | bool, *, lenient: bool = False, key_order: 
     describe = f"json_schema({_short(schema)})"
     constraint = Structured(compiled, describe, allow_eos=allow_eos,
                             locate=lambda m: f"JSON schema: {_locate(schema, m)}")
-    if (lenient and constraint.warnings) or key_order == "any":
+    if key_order == "any":
+        constraint.final_check = schema_validator(schema, unique_keys=True)
+    elif lenient and constraint.warnings:
         constraint.final_check = check
-    elif _free_objects(masked):  # the engine lets a free-form object write a key twice: refuse that at the end
-        constraint.final_check = unique_keys
     constraint.schema = schema
     return constraint
 
@@ -772,8 +772,9 @@ def _any_key_order(node: Any) -> Any:
     return out
 
 
-def schema_validator(schema: Any) -> Callable[[str], bool]:
-    """`text -> bool`: the text is one JSON document valid under `schema` (the `jsonschema` package)."""
+def schema_validator(schema: Any, unique_keys: bool = False) -> Callable[[str], bool]:
+    """`text -> bool`: the text is one JSON document valid under `schema` (the `jsonschema` package),
+    read as `json.loads` reads it; with `unique_keys`, no key may come twice in one object."""
     import jsonschema
 
     cls = jsonschema.validators.validator_for(schema)
@@ -786,9 +787,9 @@ def schema_validator(schema: Any) -> Callable[[str], bool]:
     validator = cls(schema, format_checker=cls.FORMAT_CHECKER)
 
     def valid(text: str) -> bool:
-        try:  # a key written twice makes the document ambiguous: not valid
-            value = json.loads(text, object_pairs_hook=_unique_keys)
-        except ValueError:
+        try:
+            value = json.loads(text, object_pairs_hook=_unique_keys if unique_keys else None)
+        except (ValueError, RecursionError):
             return False
         try:
             return validator.is_valid(value)
@@ -796,29 +797,6 @@ def schema_validator(schema: Any) -> Callable[[str], bool]:
             return False
 
     return valid
-
-
-def unique_keys(text: str) -> bool:
-    """The text is JSON with no key written twice in one object."""
-    try:
-        json.loads(text, object_pairs_hook=_unique_keys)
-    except (ValueError, RecursionError):
-        return False
-    return True
-
-
-def _free_objects(schema: Any) -> bool:
-    """Whether a document valid under `schema` may hold an object with keys the schema does not name:
-    anywhere the schema is `{}`/`true`, or an object's `additionalProperties` is not `false`."""
-    if schema is True or schema == {}:
-        return True
-    if isinstance(schema, list):
-        return any(_free_objects(s) for s in schema)
-    if not isinstance(schema, dict):
-        return False
-    if ("properties" in schema or schema.get("type") == "object") and schema.get("additionalProperties", True) is not False:
-        return True
-    return any(_free_objects(v) for k, v in schema.items() if k not in ("enum", "const", "examples", "default"))
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
