@@ -107,6 +107,7 @@ class ScriptProgram(Program):
         self._has_value = False
         self._model_values: dict[int, float] = {}  # model calls awaited for the statement being run
         self._depth = 0  # helper calls in progress
+        self._at: ast.Node | None = None  # the statement being run, where an error deep inside is reported
 
     # -- stepping ----------------------------------------------------------------------------------
     async def step(self) -> None:
@@ -115,8 +116,9 @@ class ScriptProgram(Program):
             await self._run_until_next_token()
         except ProgramError as e:
             raise self.code.fail(e.node, e.message) from None
-        except RecursionError:
-            raise self.code.fail(self.code.module, "the program is nested too deeply") from None
+        except RecursionError:  # a value nested thousands deep, printed or compared: at that statement
+            raise self.code.fail(self._at or self.code.module,
+                                 "a value here is nested too deeply (a list inside a list thousands of times)") from None
 
     async def _run_until_next_token(self) -> None:
         moved = False
@@ -134,6 +136,7 @@ class ScriptProgram(Program):
                 moved = True
             frame.i += 1
             self._spend(stmt)
+            self._at = stmt
             await self._exec(stmt)
             if self.finished:
                 return
@@ -146,6 +149,8 @@ class ScriptProgram(Program):
 
     def _compute_result(self) -> None:
         results = self.code.module.results
+        if results:
+            self._at = results[0]
         try:
             if results:
                 self.value = _hashable(self._eval(results[0].value, self.env))
@@ -154,6 +159,9 @@ class ScriptProgram(Program):
                 self.value = contexts[0].text if contexts else None
         except ProgramError as e:
             raise self.code.fail(e.node, e.message) from None
+        except RecursionError:
+            raise self.code.fail(results[0], "the result is nested too deeply (a list inside a list thousands "
+                                             "of times)") from None
         self._has_value = True
 
     def result(self) -> Any:

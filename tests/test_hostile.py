@@ -131,3 +131,14 @@ def test_check_refuses_what_run_refuses_at_the_same_place(source, where, message
         assert code == 2 and f"p.steer:{where}: " in stderr and message in stderr, (command, stderr)
         assert "Traceback" not in stderr
         assert seconds < SECONDS
+
+
+@pytest.mark.parametrize("use", ["s = str(l)\n", "b = l == l\n", "result l\n"])
+def test_a_value_nested_too_deeply_is_reported_where_it_nests(use, tiny_dir, tmp_path):
+    where = "3:5"  # `l = [l]`: measuring the value's size finds the depth before any use of it
+    program = tmp_path / "deep.steer"
+    program.write_text("l = []\nrepeat 5000:\n    l = [l]\n" + use)
+    code, stderr, seconds, _ = run_measured([sys.executable, "-m", "steer.cli", "run", str(program), "--model",
+                                             str(tiny_dir), "-n", "1", "--time-limit", "5"])
+    assert code == 2 and f"deep.steer:{where}: " in stderr and "nested too deeply" in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr and seconds < SECONDS
