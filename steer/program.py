@@ -146,19 +146,21 @@ class Program(_Weighted):
 
 
 def _find_contexts(value: Any, seen: set[int]) -> Iterator[LMContext]:
-    if id(value) in seen:
-        return
-    seen.add(id(value))
-    if isinstance(value, LMContext):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _find_contexts(v, seen)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _find_contexts(v, seen)
-    elif isinstance(value, (Program, SubProgram)):
-        yield from _find_contexts({k: v for k, v in vars(value).items() if k != "parent"}, seen)
+    """The LM contexts inside `value`, walked with a stack (a program's values may nest thousands deep)."""
+    stack = [value]
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, LMContext):
+            yield value
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+        elif isinstance(value, (Program, SubProgram)):
+            stack.append({k: v for k, v in vars(value).items() if k != "parent"})
 
 
 class SubProgram(_Weighted):

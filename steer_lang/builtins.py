@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,10 +44,27 @@ def size_of(value: Any, seen: dict[int, int] | None = None) -> int:
         return len(text(value))
     if not isinstance(value, list):
         return 1
+    known = _SIZES.get(id(value))
+    if known is not None and known[0] is value:
+        return known[1]
     seen = {} if seen is None else seen
     if id(value) not in seen:
         seen[id(value)] = len(value) + sum(size_of(v, seen) for v in value)
+    remember_size(value, seen[id(value)])
     return seen[id(value)]
+
+
+# Programs never change a list in place, so a list's size is known for as long as it lives: the last
+# few are remembered (with the list, so that its id cannot be reused), and `l = l + [x]` in a loop
+# costs one addition per step, not a walk over l.
+_SIZES: OrderedDict[int, tuple[list, int]] = OrderedDict()
+
+
+def remember_size(value: list, size: int) -> None:
+    _SIZES[id(value)] = (value, size)
+    _SIZES.move_to_end(id(value))
+    if len(_SIZES) > 8:  # (each holds its list alive: a few, so memory stays bounded)
+        _SIZES.popitem(last=False)
 
 
 def check_size(size: int) -> None:

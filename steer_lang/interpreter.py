@@ -37,12 +37,13 @@ from .builtins import (
     BuiltinError,
     accepts,
     check_size,
+    remember_size,
     size_of,
     text,
     type_of,
 )
 from .errors import Diagnostic, LangError, ProgramError
-from .limits import scalar_problem
+from .limits import count_work_for, scalar_problem, work_problem
 
 MAX_STATEMENTS = 1_000_000  # per particle and run
 TIME_LIMIT = 600.0  # seconds of wall-clock time per run, unless the caller gives another
@@ -108,10 +109,12 @@ class ScriptProgram(Program):
         self._model_values: dict[int, float] = {}  # model calls awaited for the statement being run
         self._depth = 0  # helper calls in progress
         self._at: ast.Node | None = None  # the statement being run, where an error deep inside is reported
+        self._work = [0]  # characters and items built so far (see `limits.work_problem`)
 
     # -- stepping ----------------------------------------------------------------------------------
     async def step(self) -> None:
         DEADLINE.set(self.code.deadline)
+        count_work_for(self._work)
         try:
             await self._run_until_next_token()
         except ProgramError as e:
@@ -137,6 +140,7 @@ class ScriptProgram(Program):
             frame.i += 1
             self._spend(stmt)
             self._at = stmt
+            count_work_for(self._work)  # (particles' steps interleave where they await the model)
             await self._exec(stmt)
             if self.finished:
                 return
@@ -483,6 +487,8 @@ class ScriptProgram(Program):
             if isinstance(result, list):
                 check_size(size_of(result))
             problem = scalar_problem(result)
+            if problem is None and isinstance(result, (str, list)):
+                problem = work_problem(size_of(result))
             if problem is not None:
                 raise BuiltinError(problem)
             return result
@@ -615,18 +621,24 @@ def _binary(op: str, a: Any, b: Any, node: ast.Node) -> Any:
         if n * len(seq) > MAX_LENGTH:
             raise ProgramError(node, f"result would hold {n * len(seq):,} items; the limit is {MAX_LENGTH:,}")
         _check_size(max(n, 0) * size_of(seq), node)
+    joined_size = None
     if op == "+" and ta in ("str", "list"):
         if len(a) + len(b) > MAX_LENGTH:
             raise ProgramError(node, f"result would hold {len(a) + len(b):,} items; the limit is {MAX_LENGTH:,}")
         seen: dict[int, int] = {}
-        _check_size(size_of(a, seen) + size_of(b, seen), node)
+        joined_size = size_of(a, seen) + size_of(b, seen)
+        _check_size(joined_size, node)
     try:
         result = _ARITHMETIC[op](a, b)
     except ZeroDivisionError:
         raise ProgramError(node, "division by zero") from None
     except OverflowError:
         raise ProgramError(node, "number too large") from None
+    if isinstance(result, list) and joined_size is not None:
+        remember_size(result, joined_size)
     problem = scalar_problem(result)
+    if problem is None and isinstance(result, (str, list)):
+        problem = work_problem(len(result))
     if problem is not None:
         raise ProgramError(node, problem)
     return result

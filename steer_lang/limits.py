@@ -3,6 +3,7 @@ program is parsed, and the result of every operator and built-in when it runs.""
 
 from __future__ import annotations
 
+import contextvars
 import math
 import re
 from typing import Any
@@ -34,4 +35,27 @@ def scalar_problem(value: Any) -> str | None:
         bad = first_surrogate(value)
         if bad is not None:
             return f"the result holds \\u{ord(bad):04x}, half of a surrogate pair, not a character"
+    return None
+
+
+MAX_WORK = 50_000_000  # characters and items one particle may build in all, copies included
+_WORK: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("steer_work", default=None)
+
+
+def count_work_for(counter: list[int]) -> None:
+    """Charge what is built from now on (in this task) to `counter`, one particle's running total."""
+    _WORK.set(counter)
+
+
+def work_problem(built: int) -> str | None:
+    """Charge `built` characters and items to the running particle; why it must stop (None: it may go
+    on).  Statements are counted too, but one statement can copy a million items: `l = l + [i]` in a
+    loop is quadratic, and this is what stops it."""
+    counter = _WORK.get()
+    if counter is None:
+        return None
+    counter[0] += built
+    if counter[0] > MAX_WORK:
+        return (f"the program built more than {MAX_WORK:,} characters and items in all (copies included; "
+                "`l = l + [x]` in a loop copies l every time)")
     return None

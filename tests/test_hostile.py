@@ -28,6 +28,8 @@ CASES = {
     "a reward model outside the folder": ('reward_model judge = "../../../etc"\nx = 1\n', "1:14",
                                           "outside the program's folder"),
     "an index by absolute path": ('retriever wiki = "/etc"\nx = 1\n', "1:11", "outside the program's folder"),
+    "a list grown by copying, a million times": ("l = []\nrepeat 1000000:\n    l = l + [1]\n", "3:11",
+                                                 "built more than 50,000,000 characters and items"),
     "replace of the empty string": ('s = "a" * 40000\nt = "b" * 50000\nu = replace(s, "", t)\n', "3:5",
                                     "longer than 1,000,000 characters"),
     "a lone surrogate in a result": ('result "\\ud800"\n', "1:8", "half of a surrogate pair"),
@@ -133,9 +135,9 @@ def test_check_refuses_what_run_refuses_at_the_same_place(source, where, message
         assert seconds < SECONDS
 
 
-@pytest.mark.parametrize("use", ["s = str(l)\n", "b = l == l\n", "result l\n"])
-def test_a_value_nested_too_deeply_is_reported_where_it_nests(use, tiny_dir, tmp_path):
-    where = "3:5"  # `l = [l]`: measuring the value's size finds the depth before any use of it
+@pytest.mark.parametrize("use", ["s = str(l)\n", "b = l == [l]\n", "result l\n"])
+def test_a_value_nested_too_deeply_is_reported_where_it_is_used(use, tiny_dir, tmp_path):
+    where = "4:1"  # the statement that prints, compares or returns it
     program = tmp_path / "deep.steer"
     program.write_text("l = []\nrepeat 5000:\n    l = [l]\n" + use)
     code, stderr, seconds, _ = run_measured([sys.executable, "-m", "steer.cli", "run", str(program), "--model",
