@@ -373,20 +373,20 @@ class TokenInMask(Distribution):
             fits = approximation.budget_check(ctx)
             if fits is not None:
                 exact = accepts
-                accepts = lambda i: fits(i) and exact(i)  # noqa: E731
-            wide = approximation.allowed_in(ctx)
-            narrowed = wide if given is None else both(given, wide)
-            # P(A | given) = P(A | given & wide) * P(wide | given), since A lies within `wide`
-            shift = _log_mass(logprobs, narrowed) - _log_mass(logprobs, given)
+                accepts = lambda i: fits(i) and exact(i)
+            if fits is NOTHING_FITS:
+                shift = NEG_INF
+            else:
+                wide = approximation.allowed_in(ctx)
+                narrowed = wide if given is None else both(given, wide)
+                # P(A | given) = P(A | given & wide) * P(wide | given), since A lies within `wide`
+                shift = _log_mass(logprobs, narrowed) - _log_mass(logprobs, given)
             if shift == NEG_INF:
                 self._resolved = torch.zeros(vocab.size, dtype=torch.bool)
                 self._allowed, self._new_log_mass, ctx.draw = self._resolved, NEG_INF, None
                 return NEG_INF
             given = narrowed
-            if fits is NOTHING_FITS:
-                shift = NEG_INF
-        token, log_w, _ = awrs(logprobs, given, accepts, first=ctx.draw[0] if ctx.draw else None) \
-            if shift > NEG_INF else (None, NEG_INF, 0)
+        token, log_w, _ = awrs(logprobs, given, accepts, first=ctx.draw[0] if ctx.draw else None)
         log_w += shift
         # The accepted token is an exact sample of the LM within the constraint: keep it as the draw
         # that the next-token sample takes (its restriction is that single token).

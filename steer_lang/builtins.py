@@ -27,7 +27,7 @@ from steer.lm import LMContext, Token
 from steer.masks import TokenConstraint
 from steer.potentials import ScoringModel
 
-from .limits import MAX_LENGTH, MAX_SIZE, scalar_problem
+from .limits import MAX_LENGTH, MAX_SIZE
 
 MAX_CALL_DEPTH = 50  # helper functions calling helpers
 COMPILED_LITERALS = ("regex", "regex_search", "partial_regex", "json_schema", "grammar")  # `steer check` compiles literal ones
@@ -262,11 +262,10 @@ def _text_of(x: Any) -> str:
 
 def _replace(s, old, new) -> str:
     s, old, new = text(s), text(old), text(new)
-    # the longest result, known before building it ("" is found between every two characters)
-    longest = len(s) + (len(s) + 1) * len(new) if not old else len(s) + len(s) // len(old) * max(0, len(new) - len(old))
-    if longest > MAX_LENGTH and (not old or s.count(old) * (len(new) - len(old)) + len(s) > MAX_LENGTH):
+    # the result's length, known before building it ("" is found len(s) + 1 times, around each character)
+    if len(s) + s.count(old) * (len(new) - len(old)) > MAX_LENGTH:
         raise BuiltinError(f"replace would build a string longer than {MAX_LENGTH:,} characters")
-    return _sized(s.replace(old, new))
+    return s.replace(old, new)
 
 
 def _split(s, sep=None) -> list[str]:

@@ -9,7 +9,7 @@ from steer.cli import add_sampler_options, positive, print_posterior, refuse_ove
 from steer.errors import SteerError
 
 from .interpreter import TIME_LIMIT
-from .script import _UNSET, Script
+from .script import Script
 
 
 def _assignment(text: str) -> tuple[str, str]:
@@ -69,8 +69,7 @@ def _check(args: argparse.Namespace) -> int:
     use have defaults."""
     script = Script.from_file(args.file, allow_paths=args.allow_path)
     script.check_paths()
-    if all(spec.default is not _UNSET for spec in script.inputs.values()):
-        script.settings(script.input_values())
+    script.check_settings()
     inputs = ", ".join(f"{s.name}: {s.type}" for s in script.inputs.values()) or "none"
     sampler = script.module.samplers[0].method if script.module.samplers else "smc (default)"
     print(f"{args.file}: ok (inputs: {inputs}; sampler: {sampler})", file=sys.stdout)

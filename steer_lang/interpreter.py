@@ -484,11 +484,10 @@ class ScriptProgram(Program):
     def _apply(self, builtin, values: list, e: ast.Call) -> Any:
         try:
             result = builtin.impl(*values)
+            size = size_of(result) if isinstance(result, (str, list)) else 0
             if isinstance(result, list):
-                check_size(size_of(result))
-            problem = scalar_problem(result)
-            if problem is None and isinstance(result, (str, list)):
-                problem = work_problem(size_of(result))
+                check_size(size)
+            problem = scalar_problem(result) or work_problem(size)
             if problem is not None:
                 raise BuiltinError(problem)
             return result
@@ -636,9 +635,7 @@ def _binary(op: str, a: Any, b: Any, node: ast.Node) -> Any:
         raise ProgramError(node, "number too large") from None
     if isinstance(result, list) and joined_size is not None:
         remember_size(result, joined_size)
-    problem = scalar_problem(result)
-    if problem is None and isinstance(result, (str, list)):
-        problem = work_problem(len(result))
+    problem = scalar_problem(result) or work_problem(len(result) if isinstance(result, (str, list)) else 0)
     if problem is not None:
         raise ProgramError(node, problem)
     return result

@@ -142,6 +142,12 @@ class Script:
         for node in self.module.resources:
             self._confined(node, node.path)
 
+    def check_settings(self) -> None:
+        """Judge the sampler settings as a run with the inputs' defaults would, where every input has one
+        (`steer check`: a setting computed from an input with a bad default is an error at once)."""
+        if all(spec.default is not _UNSET for spec in self.inputs.values()):
+            self.settings(self.input_values())
+
     def model_options(self) -> dict[str, str]:
         """The `backend` and `dtype` the file's model declaration asks for (checked already)."""
         return {o.name: o.value for o in self.module.models[0].options} if self.module.models else {}

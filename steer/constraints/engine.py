@@ -686,7 +686,7 @@ def json_schema(schema: dict | str | bool, *, lenient: bool = False, key_order: 
     if schema is False:
         raise SteerError("the JSON schema `false` allows no document")
     _check_depth(schema)
-    check = schema_validator(schema)
+    check = schema_validator(schema, unique_keys=key_order == "any")
     options = dict(JSON_FORMAT, lenient=lenient)
     masked = _interoperable_integers(_any_key_order(schema) if key_order == "any" else schema)
     masked = {} if masked is True else masked  # `true`: any document
@@ -697,9 +697,7 @@ def json_schema(schema: dict | str | bool, *, lenient: bool = False, key_order: 
     describe = f"json_schema({_short(schema)})"
     constraint = Structured(compiled, describe, allow_eos=allow_eos,
                             locate=lambda m: f"JSON schema: {_locate(schema, m)}")
-    if key_order == "any":
-        constraint.final_check = schema_validator(schema, unique_keys=True)
-    elif lenient and constraint.warnings:
+    if (lenient and constraint.warnings) or key_order == "any":
         constraint.final_check = check
     constraint.schema = schema
     return constraint
@@ -726,6 +724,8 @@ _NAMED = frozenset({"properties", "patternProperties", "definitions", "$defs", "
 
 def _each(mapping: Any, transform: Callable[[Any], Any]) -> Any:
     return {k: transform(v) for k, v in mapping.items()} if isinstance(mapping, dict) else mapping
+
+
 _COUNTS = frozenset({"minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties",
                      "minContains", "maxContains"})
 SAFE_INTEGER = 2**53 - 1  # RFC 8259, section 6: the integers every JSON reader holds exactly

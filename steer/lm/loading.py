@@ -160,7 +160,7 @@ def load_model(path: str | os.PathLike | None = None, *, backend: str = "hf", de
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32, local_files_only=True,
                                                      use_safetensors=True)
-    except Exception as e:  # noqa: BLE001 - OSError, ValueError, safetensors' own error on a damaged file
+    except Exception as e:  # OSError, ValueError, safetensors' own error on a damaged file
         hint = "; delete that folder and steer converts the default model again" if path is None else ""
         reason = (str(e).splitlines() or [type(e).__name__])[0]
         raise ModelLoadError(f"cannot load a causal LM from {directory}: {reason}{hint}") from e
