@@ -20,7 +20,8 @@ import time
 import steer
 from steer import checks, masks, patterns
 from steer.constraints import engine
-from steer.tokens import TokenTable
+from steer.constraints.tokens import TokenTable
+from steer.context import LMContext
 
 WORDS = r"[A-Za-z ,.']+"  # unbounded: a bounded repeat {1,400} has 400 states, each walked once
 PHONE = r" \(\d{3}\) \d{3}-\d{4}"
@@ -45,7 +46,7 @@ PROMPTS = {"json_schema (llguidance)": "A person, as JSON: ", "callme regex (llg
 class Constrained(steer.Program):
     def __init__(self, lm, prompt, n, constraint):
         super().__init__()
-        self.ctx = lm.context(prompt)
+        self.ctx = LMContext(lm, prompt)
         self.n, self.constraint = n, constraint
 
     async def step(self):
@@ -78,7 +79,7 @@ def main() -> None:
     table_cached = time.perf_counter() - start
     start = time.perf_counter()
     first = patterns.automaton(WORDS)
-    first.mask(lm.context(prompt))
+    first.mask(LMContext(lm, prompt))
     regex_first = time.perf_counter() - start
     start = time.perf_counter()
     engine.ll_tokenizer(lm.vocab)

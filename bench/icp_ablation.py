@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval.corpus import load_documents
 from retrieval.llm_embedder import starts_with_bos
-from steer.lm import cache_dir
+from steer.files import cache_dir
 from train.common import TrainOptions, load_tokenizer, model_dir
 from train.icp import order_corpus, pack
 from train.pretrain import perplexity, pretrain

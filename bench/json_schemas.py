@@ -31,8 +31,9 @@ from steer import SteerError
 from steer.constraints import engine
 from steer.lm.base import LanguageModel, Vocabulary
 from steer.lm.loading import default_model_path
-from steer.maskops import both
-from steer.masks import base_mask
+from steer.constraints.maskops import both
+from steer.constraints.masks import base_mask
+from steer.context import LMContext
 
 
 class TokenizerOnly(LanguageModel):
@@ -71,7 +72,7 @@ def steer_walk(lm: TokenizerOnly, constraint, ids: list[int], times: list[float]
                engine_times: list[float]) -> bool:
     """Whether the mask generation uses allows every token of `ids` and then end-of-text (`times`: the
     whole mask; `engine_times`: the constraint's part, before the base restriction)."""
-    ctx = lm.context([lm.vocab.bos_id], heal=False)
+    ctx = LMContext(lm, [lm.vocab.bos_id], heal=False)
     eos = next(iter(lm.vocab.eos_ids))
     for token in [*ids, eos]:
         start = time.perf_counter()
@@ -116,7 +117,7 @@ def state_bytes(lm: TokenizerOnly, particles: int = 64) -> float:
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "tags": {"type": "array",
               "items": {"type": "string"}}, "age": {"type": "integer"}}}
     constraint = engine.json_schema(schema)
-    ctx = lm.context([lm.vocab.bos_id], heal=False)
+    ctx = LMContext(lm, [lm.vocab.bos_id], heal=False)
     for token in lm.encode('{"name": "Ada Lovelace", "tags": ["math', bos=False):
         constraint.allowed_in(ctx)
         ctx.extend([token])
@@ -170,7 +171,7 @@ def main() -> None:
             except SteerError:
                 pass
         if constraint is not None:
-            ctx = lm.context([lm.vocab.bos_id], heal=False)
+            ctx = LMContext(lm, [lm.vocab.bos_id], heal=False)
             constraint.allowed_in(ctx)
             s["ttfm"].append(time.perf_counter() - start)
         s["compiled"].append(constraint is not None)

@@ -22,6 +22,7 @@ import regex as re
 
 import steer
 from steer import masks, patterns
+from steer.context import LMContext
 
 PHONE = r" \(\d{3}\) \d{3}-\d{4}"
 
@@ -32,7 +33,7 @@ class Constrained(steer.Program):
 
     def __init__(self, lm, prompt, n, constraint=None, **options):
         super().__init__()
-        self.ctx = lm.context(prompt, **options)
+        self.ctx = LMContext(lm, prompt, **options)
         self.n, self.constraint = n, constraint
 
     async def step(self):

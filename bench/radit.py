@@ -27,7 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval.corpus import load_documents
-from retrieval.embedders import SentenceEmbedder, load_embedder
+from retrieval.embedders import SentenceEmbedder
+from retrieval.loading import load_embedder
 from retrieval.index import VectorIndex
 from retrieval.llm_embedder import LLMEmbedder
 from retrieval.retriever import Retriever, build_retriever

@@ -25,6 +25,7 @@ import regex as re
 
 import steer
 from steer import checks, patterns
+from steer.context import LMContext
 
 from regex_cases import CASES, REGULAR  # noqa: E402  (shared with the genlm-control runner)
 
@@ -40,7 +41,7 @@ def constraint(pattern: str):
 class UntilNewline(steer.Program):
     def __init__(self, lm, prompt, pattern, max_tokens, **options):
         super().__init__()
-        self.ctx = lm.context(prompt, end="\n", max_tokens=max_tokens, **options)
+        self.ctx = LMContext(lm, prompt, end="\n", max_tokens=max_tokens, **options)
         self.constraint = constraint(pattern)
         self.max_tokens = max_tokens
 

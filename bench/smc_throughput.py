@@ -25,6 +25,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 import steer  # noqa: E402
+from steer.context import LMContext
 
 
 class Unconstrained(steer.Program):
@@ -32,7 +33,7 @@ class Unconstrained(steer.Program):
 
     def __init__(self, lm, prompt, n, penalty=0.0):
         super().__init__()
-        self.ctx = lm.context(prompt, heal=False)  # the same prompt tokens as model.generate
+        self.ctx = LMContext(lm, prompt, heal=False)  # the same prompt tokens as model.generate
         self.n, self.penalty = n, penalty
 
     async def step(self):

@@ -19,6 +19,7 @@ import statistics
 import torch
 
 import steer
+from steer.context import LMContext
 
 WORDS = ["good", "great", "wonderful", "amazing", "excellent", "fun", "beautiful", "brilliant", "enjoyable", "best"]
 PROMPT = "The movie was"
@@ -32,7 +33,7 @@ def hits(text: str) -> int:
 class Review(steer.Program):
     def __init__(self, lm, mode, bonus):
         super().__init__()
-        self.ctx = lm.context(PROMPT)
+        self.ctx = LMContext(lm, PROMPT)
         self.mode, self.bonus = mode, bonus
         self.tilt = steer.tilts.prefer_words(WORDS, bonus) if mode == "tilt" else None
         self.paid = 0

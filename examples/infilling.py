@@ -13,7 +13,7 @@ class Infill(steer.Program):
 
     def __init__(self, lm, segments, max_gap=12, p_stop=0.25):
         super().__init__()
-        self.ctx = lm.context(segments[0])
+        self.ctx = steer.LMContext(lm, segments[0])
         self.segments = list(segments[1:])
         self.max_gap, self.p_stop = max_gap, p_stop
         self.parts = [segments[0]]

@@ -11,7 +11,7 @@ from _common import parse, report
 class Intersection(steer.Program):
     def __init__(self, lm, prompts, max_tokens=12):
         super().__init__()
-        self.contexts = [lm.context(p) for p in prompts]
+        self.contexts = [steer.LMContext(lm, p) for p in prompts]
         self.max_tokens = max_tokens
 
     async def step(self):

@@ -12,7 +12,7 @@ class ShortWords(steer.Program):
 
     def __init__(self, lm, prompt, max_tokens=24, max_letters=5):
         super().__init__()
-        self.ctx = lm.context(prompt)
+        self.ctx = steer.LMContext(lm, prompt)
         self.max_tokens = max_tokens
         self.short = steer.masks.word_length(max=max_letters)
 

@@ -11,7 +11,7 @@ from .index import KINDS
 
 
 def _build(args: argparse.Namespace) -> int:
-    from .embedders import load_embedder
+    from .loading import load_embedder
     from .retriever import build_retriever
 
     retriever = build_retriever(args.docs, args.out, embedder=load_embedder(args.embedder), kind=args.kind,

@@ -15,7 +15,8 @@ import numpy as np
 from steer.files import atomic_open
 
 from .corpus import Document, embed_documents, load_documents
-from .embedders import MINILM, Embedder, RetrievalError, load_embedder
+from .embedders import MINILM, Embedder, RetrievalError
+from .loading import load_embedder
 from .index import VectorIndex
 
 DOCUMENTS = "documents.jsonl"

@@ -1,6 +1,6 @@
 """steer: control language models with probabilistic programs and Sequential Monte Carlo."""
 
-from . import checks, masks, patterns
+from .constraints import checks, masks, patterns
 from .constraints import tilts
 from .distributions import (
     Bernoulli,
@@ -13,7 +13,8 @@ from .distributions import (
 )
 from .errors import ModelLoadError, ParticlesDiedError, SteerError
 from .generate import Generate
-from .lm import HFLanguageModel, LanguageModel, LMContext, Token, Vocabulary, load_model, tiny_model
+from .context import LMContext
+from .lm import HFLanguageModel, LanguageModel, Token, Vocabulary, load_model, tiny_model
 from .mixture import MixtureContext
 from .program import Program, SubProgram, program
 from .smc import Posterior, StepRecord, importance_sampling, run, smc, smc_steer

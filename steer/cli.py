@@ -50,6 +50,7 @@ def unit_interval(name: str) -> Callable[[str], float]:
 
 def add_sampler_options(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:
     """Flags shared by every command that runs a sampler (None where a file may give the value)."""
+    # imported here, as in _generate: `steer --help` and `steer check` start without loading torch
     from .resampling import SCHEMES
     from .lm.loading import BACKENDS, DTYPES
     from .smc import METHODS
@@ -144,6 +145,7 @@ def refuse_oversized(lm, particles: int, method: str, beam: int, tokens: int) ->
 def _generate(args: argparse.Namespace) -> int:
     from .generate import Generate
     from .lm import load_model
+    from .report import write_html
     from .smc import run
 
     lm = load_model(args.model, backend=args.backend or "hf", dtype=args.dtype, device=args.device)
@@ -152,7 +154,7 @@ def _generate(args: argparse.Namespace) -> int:
     posterior = run(program, args.method, **sampler_options(args))
     print_posterior(posterior, args.json)
     if args.trace:
-        posterior.write_html(args.trace, title=f"steer generate: {args.prompt}")
+        write_html(posterior, args.trace, title=f"steer generate: {args.prompt}")
     return 0
 
 

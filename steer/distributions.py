@@ -11,15 +11,22 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from .constraints.checks import awrs
+from .constraints.masks import base_mask, excluded_ids, healing_mask
+from .constraints.maskops import both, negate
+from .constraints.protocol import NOTHING_FITS, as_constraint
+from .constraints.tilts import as_tilt
 from .errors import SteerError
-from .lm import LMContext, Token
-from .maskops import both, negate
+from .lm.base import Token
 from .randomness import categorical, streams
+
+if TYPE_CHECKING:  # a type hint only: the context module builds its distributions from this one
+    from .context import LMContext
 
 NEG_INF = float("-inf")
 # A budget check gives up after this many rejected tokens (the particle then dies): a text that can
@@ -119,8 +126,6 @@ def _probs(logprobs: torch.Tensor) -> torch.Tensor:
 def _log_mass(logprobs: torch.Tensor, mask: torch.Tensor | None) -> float:
     if mask is None:
         return 0.0
-    from .masks import excluded_ids
-
     excluded = excluded_ids(mask)  # known for the base masks, which leave out few tokens
     if excluded is not None:
         out = float(logprobs[excluded].double().exp().sum())
@@ -147,14 +152,18 @@ class NextToken(Distribution):
     side_log_weight = 0.0
 
     def __init__(self, context: LMContext, mask: Any = None, tilt: Any = None):
+        """`mask`: a constraint whose allowed tokens restrict the draw (an exact one: a checked
+        constraint is observed with `ctx.allowed(check)` first); `tilt`: a constraint (or a tensor of
+        log-weights) whose tilt the draw follows."""
         self.context = context
-        self.mask_spec = mask
-        self.tilt_spec = tilt
+        self.constraint = as_constraint(mask)
+        if self.constraint is not None and not self.constraint.exact:
+            raise SteerError(f"{self.constraint!r} is checked token by token, not a mask: observe "
+                             "`ctx.allowed(check)` as True, then sample `ctx.next_token()`")
+        self.tilting = as_tilt(tilt)
 
     def _tilt(self) -> torch.Tensor | None:
-        from .constraints.tilts import resolve_tilt
-
-        return resolve_tilt(self.tilt_spec, self.context)
+        return None if self.tilting is None else self.tilting.tilt(self.context)
 
     @property
     def zero_reason(self) -> str:
@@ -163,12 +172,10 @@ class NextToken(Distribution):
 
     def _mask(self, base: Any = ...) -> torch.Tensor | None:
         """The restriction on the next token; `base`: the context's base mask, when known already."""
-        from .masks import resolve
-
         ctx = self.context
-        if self.mask_spec is None and ctx.mask is not None and ctx.mask_log_mass is not None:
+        if self.constraint is None and ctx.mask is not None and ctx.mask_log_mass is not None:
             return ctx.mask  # observed as allowed just before: it holds the base restriction already
-        mask = resolve(self.mask_spec, ctx)
+        mask = None if self.constraint is None else self.constraint.allowed_in(ctx)
         for extra in (ctx.mask, base_mask(ctx) if base is ... else base):
             if extra is not None:
                 mask = extra if mask is None else both(mask, extra)
@@ -183,8 +190,6 @@ class NextToken(Distribution):
 
     def _side_from(self, logprobs: torch.Tensor, base_log_mass: float) -> float:
         """The side weight given the base mask's log mass (computed once per sample)."""
-        from .masks import healing_mask
-
         heal = healing_mask(self.context)
         if heal is None or base_log_mass == NEG_INF:
             return base_log_mass
@@ -237,33 +242,6 @@ class NextToken(Distribution):
         self.context.extend([int(value)])
 
 
-def base_mask(context: LMContext) -> torch.Tensor | None:
-    from .masks import base_mask as base
-
-    return base(context)
-
-
-def budget_check(spec: Any, context: LMContext):
-    from .masks import budget_check as check
-
-    return check(spec, context)
-
-
-def _draw_within(logprobs: torch.Tensor, allowed: torch.Tensor, check, draws: list[int] | None
-                 ) -> tuple[int | None, float]:
-    """A next token drawn from the LM within `allowed` that `check` accepts (adaptive weighted
-    rejection sampling), and the log of an unbiased estimate of P(accepted | allowed).  (The estimate
-    needs AWRS's second run even when the first draw passes: usually one more check.)"""
-    from .checks import awrs
-    from .masks import NOTHING_FITS
-
-    if check is NOTHING_FITS:
-        return None, NEG_INF
-    first = next((d for d in draws or [] if allowed[d]), None)
-    token, log_w, _ = awrs(logprobs, allowed, check, first=first, max_checks=BUDGET_CHECKS)
-    return token, log_w
-
-
 def _restriction_note(context: LMContext) -> str:
     """What else restricted the next token, for error messages: healing and a token budget."""
     notes = []
@@ -284,135 +262,71 @@ def _given(context: LMContext) -> torch.Tensor | None:
 
 
 class TokenInMask(Distribution):
-    """Bernoulli: is the next token in the mask?  Committing True restricts the next token to it.
+    """Bernoulli: is the next token allowed by the constraint?  Committing True restricts the next
+    token to it.
 
     If the next token is already restricted (an earlier `allowed` was committed), the probability is
     conditional on that restriction, so successive observations multiply up to the joint probability.
+    A constraint with a token check (a non-regular pattern, a grammar, a budget) is observed True by
+    adaptive weighted rejection sampling within its mask: the weight gains an unbiased estimate of the
+    probability, and the accepted token, an exact sample, becomes the next token.
     """
 
     def __init__(self, context: LMContext, mask: Any):
         self.context = context
-        self.mask_spec = mask
+        self.constraint = as_constraint(mask)
+        if self.constraint is None:
+            raise SteerError("allowed() needs a constraint")
 
     @property
     def zero_reason(self) -> str:
-        spec = self.mask_spec if not isinstance(self.mask_spec, torch.Tensor) else "the mask"
-        return f"no next token satisfies {spec!r} after {self.context.text[-40:]!r}{_restriction_note(self.context)}"
+        return (f"no next token satisfies {self.constraint!r} after {self.context.text[-40:]!r}"
+                f"{_restriction_note(self.context)}")
 
     async def _log_mass(self, observed: bool = False) -> float:
-        """log P(next token in the mask | what is known); `observed`: it is being observed True, so a
-        budget check may also fix the next token (see `_within_budget`)."""
-        from .checks import TokenCheck
-        from .masks import resolve
-
-        if isinstance(self.mask_spec, TokenCheck):
-            return await self._checked(self.mask_spec)
-        self._resolved = resolve(self.mask_spec, self.context)
-        logprobs = await self.context.next_logprobs()
-        given = _given(self.context)
-        log_given = 0.0
-        if given is None:
-            self._allowed = self._resolved
-        else:
-            log_given = _log_mass(logprobs, given)
-            if log_given == NEG_INF:
-                return NEG_INF
-            self._allowed = both(self._resolved, given)
+        """log P(next token allowed | what is known); `observed`: it is being observed True, so a token
+        check applies too (and fixes the next token)."""
+        ctx, c = self.context, self.constraint
+        if not (observed or c.exact):
+            raise SteerError(f"{c!r} is checked token by token: it can only be observed True")
+        check = c.token_check(ctx) if observed else None
+        logprobs = await ctx.next_logprobs()
+        self._resolved = None if check is NOTHING_FITS else c.allowed_in(ctx)
+        given = _given(ctx)
+        log_given = 0.0 if given is None else _log_mass(logprobs, given)
+        if check is NOTHING_FITS or log_given == NEG_INF:
+            return self._dead()
+        self._allowed = self._resolved if given is None else (
+            given if self._resolved is None else both(self._resolved, given))
         self._new_log_mass = _log_mass(logprobs, self._allowed)
         log_in = self._new_log_mass - log_given
-        if observed and log_in > NEG_INF:
-            log_in += self._within_budget(logprobs)
-        return log_in
-
-    def _within_budget(self, logprobs: torch.Tensor) -> float:
-        """Where the constraint checks drawn tokens against the budget: draw the next token within the
-        mask by adaptive rejection, fix it, and return the log of the estimated share of the mask's
-        mass that passes (0 with no check)."""
-        ctx = self.context
-        check = budget_check(self.mask_spec, ctx)
-        if check is None:
-            return 0.0
-        token, log_w = _draw_within(logprobs, self._allowed, check, ctx.draw)
-        self._allowed = torch.zeros(ctx.lm.vocab.size, dtype=torch.bool)
-        ctx.draw = None if token is None else [token]  # the next-token sample takes it (its mask is just it)
+        if check is None or log_in == NEG_INF:
+            return log_in
+        # Budget checks give up after BUDGET_CHECKS rejections (a text that can still end has its
+        # ending tokens among the likely ones); a constraint's own exact check runs to the end.
+        first = next((d for d in ctx.draw or [] if self._allowed is None or self._allowed[d]), None)
+        token, log_w, _ = awrs(logprobs, self._allowed, check, first=first,
+                               max_checks=BUDGET_CHECKS if c.exact else None)
         if token is None:
-            self._new_log_mass = NEG_INF
-            return NEG_INF
+            return self._dead()
+        self._allowed = torch.zeros(ctx.lm.vocab.size, dtype=torch.bool)
         self._allowed[token] = True
         self._new_log_mass = logprobs[token].item()
-        return log_w
+        ctx.draw = [token]  # the next-token sample takes it (its restriction is just this token)
+        return log_in + log_w
 
-    async def _checked(self, check) -> float:
-        """AWRS: an exact sample of the next token within the constraint, and an unbiased estimate of
-        the constraint's probability; observing True then fixes the next token to that sample."""
-        from .checks import awrs
-        from .masks import NOTHING_FITS
-
-        ctx = self.context
-        vocab = ctx.lm.vocab
-        text, pending = ctx.text, ctx.heal
-
-        def accepts(i: int) -> bool:
-            if i in vocab.eos_ids:
-                return check.allows(text, complete=True)
-            s = vocab.strings[i]
-            if pending:  # healing: only the part after the backed-off prompt text is new text
-                s = s[len(pending):] if s.startswith(pending) else ""
-            at = ctx.end_position(text, s)
-            if at is not None:  # writes an end string: the text before it must be a complete text
-                return check.allows((text + s)[:at], complete=True)
-            return not vocab.special[i] and check.allows(text + s)
-
-        logprobs = await ctx.next_logprobs()
-        given = _given(ctx)
-        shift = 0.0
-        approximation = getattr(check, "approximation", None)
-        if approximation is not None:  # candidates come only from a regular over-approximation's mask
-            # and, with a budget, only those after which the approximation can still end in time (a
-            # necessary condition: it allows every text the check does)
-            fits = approximation.budget_check(ctx)
-            if fits is not None:
-                exact = accepts
-                accepts = lambda i: fits(i) and exact(i)
-            if fits is NOTHING_FITS:
-                shift = NEG_INF
-            else:
-                wide = approximation.allowed_in(ctx)
-                narrowed = wide if given is None else both(given, wide)
-                # P(A | given) = P(A | given & wide) * P(wide | given), since A lies within `wide`
-                shift = _log_mass(logprobs, narrowed) - _log_mass(logprobs, given)
-            if shift == NEG_INF:
-                self._resolved = torch.zeros(vocab.size, dtype=torch.bool)
-                self._allowed, self._new_log_mass, ctx.draw = self._resolved, NEG_INF, None
-                return NEG_INF
-            given = narrowed
-        token, log_w, _ = awrs(logprobs, given, accepts, first=ctx.draw[0] if ctx.draw else None)
-        log_w += shift
-        # The accepted token is an exact sample of the LM within the constraint: keep it as the draw
-        # that the next-token sample takes (its restriction is that single token).
-        ctx.draw = None if token is None else [token]
-        self._resolved = torch.zeros(vocab.size, dtype=torch.bool)
-        self._new_log_mass = NEG_INF
-        if token is not None:
-            self._resolved[token] = True
-            self._new_log_mass = logprobs[token].item()
-        self._allowed = self._resolved  # the accepted token is within what was given
-        return log_w
+    def _dead(self) -> float:
+        """No allowed token: the restriction is empty."""
+        self._allowed = torch.zeros(self.context.lm.vocab.size, dtype=torch.bool)
+        self._new_log_mass, self.context.draw = NEG_INF, None
+        return NEG_INF
 
     async def sample(self) -> tuple[bool, float]:
-        from .checks import TokenCheck
-
-        if isinstance(self.mask_spec, TokenCheck):
-            raise SteerError("a checked constraint (grammar, partial_regex) can only be observed True")
         log_in = await self._log_mass()
         value = bool(streams.numpy.random() < math.exp(log_in))
         return value, await self.log_prob(value)
 
     async def log_prob(self, value: Any) -> float:
-        from .checks import TokenCheck
-
-        if isinstance(self.mask_spec, TokenCheck) and not value:
-            raise SteerError("a checked constraint (grammar, partial_regex) can only be observed True")
         log_in = await self._log_mass(observed=bool(value))
         if value:
             return log_in
@@ -424,7 +338,7 @@ class TokenInMask(Distribution):
             # Everything now known about the next token (with the base restriction), and its mass:
             # what NextToken samples from and renormalises by.
             ctx.mask, ctx.mask_log_mass = self._allowed, self._new_log_mass
-        else:
+        elif self._resolved is not None:
             ctx.mask = negate(self._resolved) if ctx.mask is None else both(ctx.mask, negate(self._resolved))
             ctx.mask_log_mass = None
 

@@ -82,3 +82,9 @@ def save_figure(figure: Any, path: str | os.PathLike, **options: Any) -> None:
     path = Path(path)
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format=path.suffix.lstrip(".") or None, **options)
+
+
+def cache_dir() -> Path:
+    """Where steer keeps converted models and tokenizer tables (`$STEER_CACHE`, else ~/.cache/steer)."""
+    root = os.environ.get("STEER_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "steer"
+    return Path(root)

@@ -7,6 +7,7 @@ from typing import Any
 from .errors import SteerError
 from .lm import LanguageModel
 from .program import Program
+from .context import LMContext
 
 
 class Generate(Program):
@@ -26,7 +27,7 @@ class Generate(Program):
         if max_tokens < 1:
             raise SteerError(f"max_tokens must be at least 1, got {max_tokens}")
         # the stop string ends the text; with a constraint the budget is one the text must end within
-        self.context = lm.context(prompt, end=[stop] if stop else (),
+        self.context = LMContext(lm, prompt, end=[stop] if stop else (),
                                   max_tokens=max_tokens if constraint is not None else None)
         if len(self.context.tokens) + max_tokens > lm.max_length:
             raise SteerError(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SteerError
+from .files import atomic_write_text
 
 
 class DataError(SteerError):
@@ -67,7 +68,6 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> Path:
     """One JSON object per line, written whole or not at all (see `steer.files`)."""
-    from .files import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return Path(path)

@@ -19,6 +19,7 @@ from .errors import SteerError
 from .lm import LanguageModel, Token
 from .randomness import categorical
 from .scheduler import AllOf, LogprobsRequest
+from .context import LMContext
 
 
 class MixtureContext:
@@ -31,7 +32,7 @@ class MixtureContext:
         if len(weights) != len(prompts) or (weights < 0).any() or weights.sum() <= 0:
             raise SteerError("a mixture needs one non-negative weight per prompt, not all zero")
         # No token healing: every context must see exactly the same generated tokens.
-        self.contexts = [lm.context(p, heal=False) for p in prompts]
+        self.contexts = [LMContext(lm, p, heal=False) for p in prompts]
         with np.errstate(divide="ignore"):
             self.log_weights = np.log(weights / weights.sum())
 

@@ -18,9 +18,11 @@ from typing import Any
 
 import torch
 
-from .distributions import Distribution
+from .distributions import Distribution, NextToken
 from .errors import ModelLoadError, SteerError
-from .scheduler import Request
+from .lm.loading import place
+from .randomness import categorical
+from .scheduler import AllOf, Request
 from .template import format_prompt, judge_instruction
 
 
@@ -114,9 +116,6 @@ class LookAhead(Distribution):
 
     async def _proposal(self) -> torch.Tensor:
         if self._logq is None:
-            from .distributions import NextToken
-            from .scheduler import AllOf
-
             ctx = self.context
             logprobs = (await ctx.next_logprobs()).double()
             mask = NextToken(ctx)._mask()
@@ -132,8 +131,6 @@ class LookAhead(Distribution):
         return self._logq
 
     async def sample(self) -> tuple[Any, float]:
-        from .randomness import categorical
-
         logq = await self._proposal()
         token_id = int(categorical(logq.exp()))
         return self.context.token(token_id), logq[token_id].item()
@@ -155,8 +152,6 @@ def _after(context: Any, token_id: int) -> str:
 
 def _load(directory: Path, auto_class: str, device: str | None):
     import transformers
-
-    from .lm.loading import place
 
     if not (directory / "config.json").exists():
         raise ModelLoadError(f"not a model directory (no config.json): {directory}")

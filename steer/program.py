@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .distributions import Distribution
-from .lm import LMContext
+from .context import LMContext
 
 NEG_INF = float("-inf")
 
@@ -207,7 +207,7 @@ def program(step: Callable) -> Callable[..., FunctionProgram]:
             if token.is_eos or len(ctx.generated) >= max_tokens:
                 p.finish()
 
-        posterior = steer.smc(short_words(ctx=lm.context("Once")), particles=8)
+        posterior = steer.smc(short_words(ctx=LMContext(lm, "Once")), particles=8)
     """
 
     @functools.wraps(step)

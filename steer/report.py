@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_write_text
 from .smc import Posterior
 
 _STYLE = """
@@ -98,7 +99,6 @@ def render_html(posterior: Posterior, title: str = "steer run") -> str:
 
 def write_html(posterior: Posterior, path: str | Path, title: str = "steer run") -> Path:
     """Write a self-contained HTML report of `posterior` (run with record_particles=True to see texts)."""
-    from .files import atomic_write_text
 
     path = Path(path)
     atomic_write_text(path, render_html(posterior, title))  # a failed write keeps an earlier report whole

@@ -101,12 +101,6 @@ class Posterior:
         rng = rng or np.random.default_rng()
         return self.particles[int(rng.choice(len(self.particles), p=self.weights))]
 
-    def write_html(self, path, title: str = "steer run"):
-        """Write a self-contained HTML page of this run (see `steer.report`)."""
-        from .report import write_html
-
-        return write_html(self, path, title)
-
     def summary(self) -> dict[str, Any]:
         return {
             "method": self.method,

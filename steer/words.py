@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .lm import LMContext
-from .masks import continues_word, open_word_length
+from .context import LMContext
+from .constraints.masks import continues_word, open_word_length
 from .program import SubProgram
 
 

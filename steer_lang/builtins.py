@@ -19,12 +19,11 @@ import regex
 
 from retrieval.retriever import Retriever, background_prompt
 from steer import checks, masks, patterns
-from steer.checks import TokenCheck
 from steer.constraints import tilts
-from steer.constraints.tilts import Steered, Tilt
 from steer.errors import SteerError
-from steer.lm import LMContext, Token
-from steer.masks import TokenConstraint
+from steer.context import LMContext
+from steer.lm.base import Token
+from steer.constraints.protocol import Constraint
 from steer.potentials import ScoringModel
 
 from .limits import MAX_LENGTH, MAX_SIZE
@@ -93,9 +92,7 @@ def type_of(value: Any) -> str:
     if isinstance(value, bool):
         return "bool"
     for t, name in ((int, "int"), (float, "float"), (str, "str"), (list, "list"), (Token, "token"),
-                    (LMContext, "context"), (TokenConstraint, "mask"), (TokenCheck, "mask"), (Tilt, "mask"),
-                    (Steered, "mask"),
-                    (ScoringModel, "reward_model"), (Retriever, "retriever")):
+                    (LMContext, "context"), (Constraint, "mask"), (ScoringModel, "reward_model"), (Retriever, "retriever")):
         if isinstance(value, t):
             return name
     return "none" if value is None else type(value).__name__

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 
+from steer.lm.loading import BACKENDS, DTYPES
 from steer.resampling import SCHEMES
 
 from . import ast
@@ -106,8 +107,6 @@ class _Checker:
         return True
 
     def _model(self, node: ast.ModelDecl) -> None:
-        from steer.lm.loading import BACKENDS, DTYPES
-
         choices = {"backend": BACKENDS, "dtype": tuple(DTYPES)}
         seen: set[str] = set()
         for option in node.options:

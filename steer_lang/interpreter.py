@@ -17,12 +17,11 @@ import operator
 import time
 from typing import Any
 
-from steer.checks import TokenCheck
-from steer.constraints.tilts import Steered, Tilt
 from steer.distributions import Bernoulli, Categorical, Geometric
 from steer.errors import SteerError
-from steer.lm import LanguageModel, LMContext, Token
-from steer.masks import TokenConstraint
+from steer.context import LMContext
+from steer.lm.base import LanguageModel, Token
+from steer.constraints.protocol import Constraint
 from steer.potentials import ScoringModel
 from steer.program import Program
 from steer.words import NextWord
@@ -244,7 +243,7 @@ class ScriptProgram(Program):
                 else:
                     options["allow_special" if o.name == "special" else o.name] = _truth(value, o.value)
             try:
-                env[s.name] = self.code.lm.context(text(prompt), **options)
+                env[s.name] = LMContext(self.code.lm, text(prompt), **options)
             except SteerError as e:
                 raise ProgramError(s, str(e)) from None
         elif isinstance(s, ast.If):
@@ -314,19 +313,17 @@ class ScriptProgram(Program):
         call, args = s.dist, self._dist_args(s.dist)
         if call.func in ("next", "word"):
             ctx = self._context(call, args)
-            mask = tilt = None
+            where = None
             if s.where is not None:
-                mask = self._eval(s.where, self.env)
-                if isinstance(mask, Steered):
-                    mask, tilt = mask.mask, mask.tilt
-                elif isinstance(mask, Tilt):
-                    mask, tilt = None, mask
-                elif not isinstance(mask, (TokenConstraint, TokenCheck)):
-                    raise ProgramError(s.where, f"`where` needs a token mask or tilt, got {type_of(mask)}")
+                where = self._eval(s.where, self.env)
+                if not isinstance(where, Constraint):
+                    raise ProgramError(s.where, f"`where` needs a token mask or tilt, got {type_of(where)}")
+            # the constraint's allowed tokens are observed, then the token is drawn by its tilt
+            mask = where if where is not None and where.restricts else None
             try:
                 if call.func == "word":
                     before = len(ctx.tokens)
-                    value = await self.call(NextWord(ctx, mask, tilt=tilt))
+                    value = await self.call(NextWord(ctx, mask, tilt=where))
                     self.tokens_sampled += len(ctx.tokens) - before
                     return value
                 if mask is not None:
@@ -334,7 +331,7 @@ class ScriptProgram(Program):
                     if self.finished:  # no allowed token: the particle died
                         return ctx.lm.token(next(iter(ctx.lm.vocab.eos_ids)))
                 self.tokens_sampled += 1
-                return await self.sample(ctx.next_token(tilt=tilt))
+                return await self.sample(ctx.next_token(tilt=where))
             except SteerError as e:
                 raise ProgramError(s, str(e)) from None
         return await self.sample(self._simple_distribution(call, args))
@@ -389,25 +386,26 @@ class ScriptProgram(Program):
         if isinstance(e, ast.Unary):
             v = self._eval(e.operand, env)
             if e.op == "not":
-                if isinstance(v, TokenCheck):
-                    raise ProgramError(e, f"{v!r} is checked token by token and cannot be negated")
-                return ~v if isinstance(v, TokenConstraint) else not _truth(v, e.operand)
+                if isinstance(v, Constraint):
+                    try:
+                        return ~v
+                    except SteerError as error:
+                        raise ProgramError(e, str(error)) from None
+                return not _truth(v, e.operand)
             if type_of(v) not in ("int", "float", "bool"):
                 raise ProgramError(e, f"cannot negate {type_of(v)}")
             return -v
         if isinstance(e, ast.Binary):
             if e.op in ("and", "or"):
                 left = self._eval(e.left, env)
-                if isinstance(left, TokenCheck):
-                    raise ProgramError(e, f"{left!r} is checked token by token and cannot be combined "
-                                          "with and/or; use it alone in `where`")
-                if isinstance(left, (TokenConstraint, Tilt, Steered)):
+                if isinstance(left, Constraint):
                     right = self._eval(e.right, env)
-                    if isinstance(right, TokenCheck) or not isinstance(right, (TokenConstraint, Tilt, Steered)):
+                    if not isinstance(right, Constraint):
                         raise ProgramError(e, f"cannot combine a mask with {type_of(right)}")
-                    if e.op == "or" and not (isinstance(left, TokenConstraint) and isinstance(right, TokenConstraint)):
-                        raise ProgramError(e, "a tilt combines with `and` only (tilts add up)")
-                    return left & right if e.op == "and" else left | right
+                    try:
+                        return left & right if e.op == "and" else left | right
+                    except SteerError as error:
+                        raise ProgramError(e, str(error)) from None
                 if _truth(left, e.left) == (e.op == "or"):
                     return e.op == "or"
                 return _truth(self._eval(e.right, env), e.right)
@@ -568,7 +566,7 @@ def _token_id(ctx: LMContext, value: Any, node: ast.Node) -> int:
 
 
 def _truth(value: Any, node: ast.Node) -> bool:
-    if isinstance(value, (LMContext, TokenConstraint, TokenCheck)):
+    if isinstance(value, (LMContext, Constraint)):
         raise ProgramError(node, f"a {type_of(value)} is neither true nor false")
     if isinstance(value, Token):
         return bool(value.text)

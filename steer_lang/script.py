@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from steer.errors import SteerError
-from steer.lm import LanguageModel
+from steer.lm import LanguageModel, load_model
+from steer.potentials import load_potential
 from steer.smc import Posterior, run
 
 from . import ast
@@ -154,8 +155,6 @@ class Script:
 
     def load_model(self, **overrides: Any) -> LanguageModel:
         """The file's model with its options; `overrides` (path=, backend=, dtype=, device=) that are not None win."""
-        from steer.lm import load_model
-
         given = {k: v for k, v in overrides.items() if v is not None}
         options: dict[str, Any] = {"path": given.get("path") or self.model_path(), **self.model_options()}
         options.update(given)
@@ -169,8 +168,7 @@ class Script:
     def resources(self) -> dict[str, Any]:
         """The reward models and retrievers the file declares, loaded once (paths are relative to the file)."""
         if getattr(self, "_resources", None) is None:
-            from retrieval.retriever import Retriever
-            from steer.potentials import load_potential
+            from retrieval.retriever import Retriever  # faiss, an optional heavy dependency: loaded when used
 
             # a reward model (sequence classifier) or a causal LM used as its own judge; an index directory
             loaders = {"reward_model": load_potential, "retriever": Retriever.load}

@@ -8,6 +8,7 @@ import torch
 import steer
 from exact import next_logprobs
 from steer.scheduler import run_batched
+from steer.context import LMContext
 
 
 async def refresh(ctx):
@@ -23,7 +24,7 @@ def assert_matches_full_forward(lm, contexts, tol=1e-4):
 
 def exercise(lm, prompts, steps):
     """Prompts of different lengths, ragged extensions, deep copies (resampling) and a fresh context."""
-    contexts = [lm.context(p, heal=False) for p in prompts]
+    contexts = [LMContext(lm, p, heal=False) for p in prompts]
     run_batched([refresh(c) for c in contexts])
     assert_matches_full_forward(lm, contexts)
     g = torch.Generator().manual_seed(0)
@@ -34,7 +35,7 @@ def exercise(lm, prompts, steps):
             n = 1 + (i + step) % 3  # ragged: 1 to 3 new tokens per context
             c.extend(torch.randint(2, lm.vocab.size, (n,), generator=g).tolist())
         if step == 1:
-            contexts.append(lm.context(prompts[0]))
+            contexts.append(LMContext(lm, prompts[0]))
         run_batched([refresh(c) for c in contexts])
         assert_matches_full_forward(lm, contexts)
     return contexts
@@ -47,7 +48,7 @@ def test_tiny_model_cache_matches_full_forward(tiny_lm):
 
 
 def test_prompt_is_encoded_once_for_many_particles(tiny_lm):
-    contexts = [tiny_lm.context("abab", heal=False) for _ in range(50)]
+    contexts = [LMContext(tiny_lm, "abab", heal=False) for _ in range(50)]
     run_batched([refresh(c) for c in contexts])
     assert tiny_lm._mask.shape[0] == 1  # one cache row for 50 identical contexts
     for c in contexts:
@@ -57,7 +58,7 @@ def test_prompt_is_encoded_once_for_many_particles(tiny_lm):
 
 
 def test_scored_extension_equals_sum_of_next_token_logprobs(tiny_lm):
-    ctx = tiny_lm.context("ab", heal=False)
+    ctx = LMContext(tiny_lm, "ab", heal=False)
     tokens = [2, 3, 3, 2]
 
     async def go():
@@ -87,7 +88,7 @@ def test_gemma_in_bfloat16_stays_close_to_float32(gemma):
     bf16 = steer.load_model(dtype="bfloat16")
     assert next(bf16.model.parameters()).dtype == torch.bfloat16
     prompts = ["The capital of France is", "Once upon a time"]
-    pairs = [(bf16.context(p, heal=False), gemma.context(p, heal=False)) for p in prompts]
+    pairs = [(LMContext(bf16, p, heal=False), LMContext(gemma, p, heal=False)) for p in prompts]
     run_batched([refresh(c) for pair in pairs for c in pair])
     for low, full in pairs:
         assert low.logprobs.dtype == torch.float32

@@ -12,6 +12,7 @@ import regex as re
 import steer
 from exact import complete_sequences
 from steer.constraints.canonical import Canonical
+from steer.context import LMContext
 
 MERGES = {
     "small": [(" ", "a"), ("a", "b"), ("b", "b"), (" a", "b")],
@@ -73,7 +74,7 @@ T = 3
 class Constrained(steer.Program):
     def __init__(self, lm, prompt, constraint):
         super().__init__()
-        self.ctx = lm.context(prompt)
+        self.ctx = LMContext(lm, prompt)
         self.constraint = constraint
 
     async def step(self):
@@ -117,7 +118,7 @@ def allowed_text(kind, text, ended):
 
 def exact(lm, prompt, kind):
     """The LM conditioned on canonical tokens, no control tokens, healing and the constraint."""
-    ctx = lm.context(prompt)
+    ctx = LMContext(lm, prompt)
     eos = next(iter(lm.vocab.eos_ids))
     canon = Canonical(lm.vocab, cache=False)
     heal_ids = [i for i, s in enumerate(lm.vocab.strings) if ctx.healed and s.startswith(ctx.healed)
@@ -172,7 +173,7 @@ def test_unconstrained_weights_only_differ_by_non_canonical_mass(bpe_lm):
 class UntilEnd(Constrained):
     def __init__(self, lm, prompt, constraint, end=" "):
         steer.Program.__init__(self)
-        self.ctx = lm.context(prompt, end=end, heal=False)
+        self.ctx = LMContext(lm, prompt, end=end, heal=False)
         self.constraint = constraint
 
 
@@ -180,13 +181,13 @@ def exact_until_end(lm, prompt, kind, end=" "):
     """Enumerate sequences that stop at EOS, at a token writing the end string, or after T tokens."""
     from exact import next_logprobs
 
-    base = lm.context(prompt, end=end, heal=False)
+    base = LMContext(lm, prompt, end=end, heal=False)
     canon = Canonical(lm.vocab, cache=False)
     eos = next(iter(lm.vocab.eos_ids))
     target = {}
 
     def walk(seq, logp):
-        ctx = lm.context(prompt, end=end, heal=False)
+        ctx = LMContext(lm, prompt, end=end, heal=False)
         ctx.extend(seq)
         if seq and (seq[-1] == eos or ctx.ended or len(seq) == T):
             ok = allowed_text(kind, ctx.text, ended=seq[-1] == eos or ctx.ended)
@@ -223,7 +224,7 @@ def test_end_strings_end_the_text_and_constraints_judge_the_text_before_them(bpe
 class WithinBudget(Constrained):
     def __init__(self, lm, prompt, constraint):
         steer.Program.__init__(self)
-        self.ctx = lm.context(prompt, end=" ", heal=False, max_tokens=T)
+        self.ctx = LMContext(lm, prompt, end=" ", heal=False, max_tokens=T)
         self.constraint = constraint
 
 

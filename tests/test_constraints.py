@@ -11,11 +11,12 @@ import torch
 
 import steer
 from exact import complete_sequences
-from steer.checks import awrs, grammar, json_grammar, partial_regex
+from steer.constraints.checks import awrs, grammar, json_grammar, partial_regex
 from steer.constraints import engine
-from steer.patterns import json_schema
-from steer.patterns import regex as regex_mask
+from steer.constraints.patterns import json_schema
+from steer.constraints.patterns import regex as regex_mask
 from steer.randomness import seed
+from steer.context import LMContext
 
 T = 4
 
@@ -57,7 +58,7 @@ class Constrained(steer.Program):
 
     def __init__(self, lm, constraint):
         super().__init__()
-        self.ctx = lm.context("")
+        self.ctx = LMContext(lm, "")
         self.constraint = constraint
 
     async def step(self):
@@ -166,7 +167,7 @@ def test_budget_checks_finish_every_particle_and_keep_the_posterior(pattern, bud
                                                     particles=100, seed=s).log_ml) for s in range(20)]
     assert abs(np.mean(estimates) - z) < 4 * np.std(estimates) / math.sqrt(len(estimates)) + 1e-9
     # without the check, particles walk into texts that cannot end in time
-    monkeypatch.setattr(engine.Structured, "budget_check", lambda self, context: None)
+    monkeypatch.setattr(engine.Structured, "token_check", lambda self, context: None)
     post = steer.importance_sampling(WithinBudget(lm, make(pattern), budget), particles=1000, seed=0)
     assert not np.isfinite(post.log_weights).all()
 
@@ -196,7 +197,7 @@ def test_bad_constraints_are_one_line_errors(make, message):
 def test_regex_that_needs_look_around_points_to_partial_regex():
     lm = steer.tiny_model("ab")
     with pytest.raises(steer.SteerError, match="partial_regex"):
-        regex_mask(r"(?<=a)b").mask(lm.context(""))
+        regex_mask(r"(?<=a)b").mask(LMContext(lm, ""))
 
 
 def test_json_grammar_prefixes():

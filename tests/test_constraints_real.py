@@ -11,6 +11,7 @@ import pytest
 
 import steer
 from steer_lang import Script
+from steer.context import LMContext
 
 pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -123,7 +124,7 @@ def test_bounded_integer_person_record(gemma):
     class Person(steer.Program):
         def __init__(self):
             super().__init__()
-            self.ctx = gemma.context("Person record: ")
+            self.ctx = LMContext(gemma, "Person record: ")
 
         async def step(self):
             await self.observe(self.ctx.allowed(record), True)

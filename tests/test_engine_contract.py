@@ -11,6 +11,7 @@ import regex
 
 import steer
 from steer.constraints import engine
+from steer.context import LMContext
 
 MERGES = [("a", "b"), ("{", '"'), ('"', ":"), (":", " "), ("1", "2")]
 ALPHABET = 'ab{}":, 12'
@@ -54,7 +55,7 @@ def test_allowed_tokens_agree_with_decode_and_check_on_random_walks(lm, name):
     constraint = CONSTRAINTS[name]()
     rng = random.Random(0)
     for walk in range(4):
-        ctx = lm.context("", canonical=False)
+        ctx = LMContext(lm, "", canonical=False)
         for _ in range(8):
             mask = constraint.allowed_in(ctx).tolist()
             allowed = [i for i, ok in enumerate(mask) if ok]
@@ -78,7 +79,7 @@ def test_allowed_tokens_agree_with_decode_and_check_on_random_walks(lm, name):
 def test_copies_move_independently(lm, name):
     constraint = CONSTRAINTS[name]()
     eos = next(iter(lm.vocab.eos_ids))
-    ctx = lm.context("", canonical=False)
+    ctx = LMContext(lm, "", canonical=False)
     rng = random.Random(1)
     for _ in range(2):
         ctx.extend([rng.choice([i for i, ok in enumerate(constraint.allowed_in(ctx).tolist()) if ok and i != eos])])
@@ -87,7 +88,7 @@ def test_copies_move_independently(lm, name):
     options = [i for i, ok in enumerate(before) if ok and i != eos]
     for k, c in enumerate(copies):
         c.extend([options[k % len(options)]])
-        fresh = lm.context("", canonical=False)
+        fresh = LMContext(lm, "", canonical=False)
         fresh.extend(c.generated)
         assert constraint.allowed_in(c).tolist() == constraint.allowed_in(fresh).tolist()
     assert constraint.allowed_in(ctx).tolist() == before  # the original did not move
@@ -96,7 +97,7 @@ def test_copies_move_independently(lm, name):
 
 def test_a_resampled_copy_shares_its_state_until_it_moves(lm):
     constraint = CONSTRAINTS["regex"]()
-    ctx = lm.context("", canonical=False)
+    ctx = LMContext(lm, "", canonical=False)
     constraint.allowed_in(ctx)
     twin = copy.deepcopy(ctx)
     shared = ctx.constraint_states[constraint.key]
@@ -111,7 +112,7 @@ def test_a_particles_matcher_is_freed_with_it(lm):
     import weakref
 
     constraint = CONSTRAINTS["json_schema"]()
-    ctx = lm.context("", canonical=False)
+    ctx = LMContext(lm, "", canonical=False)
     constraint.allowed_in(ctx)
     state = weakref.ref(constraint.state(ctx))
     del ctx

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import steer
+from steer.context import LMContext
 from exact import complete_sequences
 
 A, B = 2, 3  # token ids of "a" and "b" in the tiny vocabulary (<eos>=0, <bos>=1)
@@ -18,7 +19,7 @@ class NoDoubleB(steer.Program):
 
     def __init__(self, lm):
         super().__init__()
-        self.ctx = lm.context("")
+        self.ctx = LMContext(lm, "")
 
     def allowed(self, ctx):
         generated = ctx.generated

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 import steer
+from steer.context import LMContext
 from exact import next_logprobs
 
 
 class Free(steer.Program):
     def __init__(self, lm, prompt, n, heal=True, constraint=None, **options):
         super().__init__()
-        self.ctx = lm.context(prompt, heal=heal, **options)
+        self.ctx = LMContext(lm, prompt, heal=heal, **options)
         self.n, self.constraint = n, constraint
 
     async def step(self):
@@ -25,9 +26,9 @@ class Free(steer.Program):
 
 
 def test_healing_backs_off_only_prompts_ending_in_space_or_mid_word(tiny_lm):
-    assert tiny_lm.context("ab").healed == "b" and tiny_lm.context("ab").tokens == tiny_lm.encode("a")
-    assert tiny_lm.context("ab", heal=False).healed == ""
-    assert tiny_lm.context("").healed == ""
+    assert LMContext(tiny_lm, "ab").healed == "b" and LMContext(tiny_lm, "ab").tokens == tiny_lm.encode("a")
+    assert LMContext(tiny_lm, "ab", heal=False).healed == ""
+    assert LMContext(tiny_lm, "").healed == ""
 
 
 def test_the_healed_prompt_costs_nothing_and_the_first_token_reproduces_it(tiny_lm):
@@ -45,7 +46,7 @@ def test_healing_weight_is_relative_to_the_tokens_that_reproduce_the_prompt():
     """BPE tokens " ", " a", " ab": after "b " the first token starts with " " and must be canonical
     after "b"; the weight is its mass among the tokens that start with " "."""
     lm = steer.tiny_model("ab ", merges=[(" ", "a"), ("a", "b"), ("b", "b"), (" a", "b")], seed=3)
-    ctx = lm.context("b ")
+    ctx = LMContext(lm, "b ")
     assert ctx.healed == " " and ctx.tokens == lm.encode("b")
     logp = next_logprobs(lm, ctx.tokens)
     heal = [i for i, s in enumerate(lm.vocab.strings) if s.startswith(" ")]
@@ -69,7 +70,7 @@ def test_healing_on_gemma_reaches_the_natural_token(gemma):
         logits = gemma.model(torch.tensor([ids[:-1]], device=gemma.device)).logits[0, -1].float()
     logp = torch.log_softmax(logits, -1).cpu()
     strings, special = gemma.vocab.strings, gemma.vocab.special
-    ctx = gemma.context("Call me at ")
+    ctx = LMContext(gemma, "Call me at ")
     allowed = (steer.masks.resolve(phone, ctx) & steer.masks.base_mask(ctx)).nonzero().flatten().tolist()
     assert ids[-1] not in allowed and gemma.encode(" (", bos=False)[0] in allowed
     heal = [i for i, s in enumerate(strings) if s.startswith(" ") and not special[i]]

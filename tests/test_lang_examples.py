@@ -9,6 +9,7 @@ import torch
 
 from steer.constraints.canonical import Canonical
 from steer_lang import Script
+from steer.context import LMContext
 
 pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -68,7 +69,7 @@ def test_prompt_intersection_weights_are_the_second_prompts_likelihood(gemma):
 def _steps(lm, prompt, generated, heal=True):
     """Per generated token: its log-probs, the base restriction (canonical after the previous token,
     no control tokens) and, while healing is pending, the tokens that reproduce the backed-off text."""
-    ctx = lm.context(prompt, heal=heal)
+    ctx = LMContext(lm, prompt, heal=heal)
     canon = Canonical.of(lm.vocab)
     ids = list(ctx.tokens)
     logp = full_logprobs(lm, ids + generated)[len(ids) - 1:]
@@ -183,7 +184,7 @@ def test_look_ahead_proposal_with_the_trained_reward_model(gemma, gemma_reward_d
     path, _ = gemma_reward_dir
     judge = RewardModel(path, temperature=0.5)
     instruction = "How can I calm down after an argument?"
-    ctx = gemma.context("Instruction:\n" + instruction + "\n\nResponse:\n", heal=False)
+    ctx = LMContext(gemma, "Instruction:\n" + instruction + "\n\nResponse:\n", heal=False)
     look = judge.look_ahead(ctx, instruction, k=4)
     got = []
 
@@ -216,7 +217,7 @@ def test_positive_review_weights_are_the_tilted_mass(gemma):
     tilt = steer.tilts.prefer_words(values["good"], values["bonus"])
     for p, _ in live:
         generated = p.env["c"].generated
-        expected, ctx = 0.0, gemma.context(values["prompt"], end="\n")
+        expected, ctx = 0.0, LMContext(gemma, values["prompt"], end="\n")
         for lp, base, heal_set, t in _steps(gemma, values["prompt"], generated):
             phi = tilt.values(ctx)
             allowed = base if heal_set is None else base & heal_set

@@ -9,7 +9,8 @@ import pytest
 
 import steer
 from steer.constraints.canonical import Canonical
-from steer.masks import resolve
+from steer.constraints.masks import resolve
+from steer.context import LMContext
 
 pytestmark = pytest.mark.slow
 LETTERS = re.compile(r"[^\W\d_]+")
@@ -97,7 +98,7 @@ def test_mask_matches_reference(gemma, name):
               " the", "he", " a", "sat", " mat", "mat", "ld", "ld,", "at", "2", "5-"):
         sample.update(gemma.encode(s, bos=False)[-1:])
     for text in STATES:
-        ctx = gemma.context("Prompt:")
+        ctx = LMContext(gemma, "Prompt:")
         ctx.extend(gemma.encode(text, bos=False)) if text else None
         assert ctx.text == text
         mask = resolve(MASKS[name], ctx)
@@ -130,13 +131,13 @@ def test_regex_mask_matches_partial_matching(gemma, pattern, states, kind):
     eos = next(iter(vocab.eos_ids))
     canon = Canonical.of(vocab)
     for text in states:
-        ctx = gemma.context("Prompt:", heal=False, canonical=False)  # the constraint alone
+        ctx = LMContext(gemma, "Prompt:", heal=False, canonical=False)  # the constraint alone
         if text:
             ctx.extend(gemma.encode(text, bos=False))
         assert ctx.text == text
         mask = resolve(constraint, ctx)
         # With canonical tokenization the look-ahead only removes tokens, never adds one.
-        looked = resolve(constraint, gemma.context("Prompt:", heal=False)) if not text else None
+        looked = resolve(constraint, LMContext(gemma, "Prompt:", heal=False)) if not text else None
         if looked is not None:  # (the automaton's mask holds the canonical pairs; llguidance's meets them later)
             bound = mask if kind == "llguidance" else mask & canon.after(ctx.tokens[-1])
             assert not (looked & ~bound).any()

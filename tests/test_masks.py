@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import steer
-from steer.masks import resolve
+from steer.constraints.masks import resolve
+from steer.context import LMContext
 
 
 def direct_word_length_ok(open_word: int, token: str, lo: int, hi: int) -> bool:
@@ -52,7 +53,7 @@ def test_word_length_on_gemma_vocabulary(gemma):
 
 
 def test_mask_specs(tiny_lm):
-    ctx = tiny_lm.context("a")
+    ctx = LMContext(tiny_lm, "a")
     assert resolve([2], ctx).tolist() == [False, False, True, False]
     assert resolve(lambda c: [3], ctx).tolist() == [False, False, False, True]
     with pytest.raises(steer.SteerError):
@@ -61,7 +62,7 @@ def test_mask_specs(tiny_lm):
 
 @pytest.mark.slow
 def test_charset_one_of_and_combinations_match_a_direct_check(gemma):
-    ctx = gemma.context("The year was", heal=False)  # masks judge whole tokens (no healed prompt)
+    ctx = LMContext(gemma, "The year was", heal=False)  # masks judge whole tokens (no healed prompt)
     strings, special = gemma.vocab.strings, gemma.vocab.special
     digits = steer.masks.charset("0123456789")
     yes_no = steer.masks.one_of([" yes", " no"], allow_eos=True)
@@ -84,7 +85,7 @@ def test_observing_two_restrictions_gives_the_joint_probability(tiny_lm):
     from exact import next_logprobs
     from steer.scheduler import run_batched
 
-    ctx = tiny_lm.context("ab", heal=False, allow_special=True)
+    ctx = LMContext(tiny_lm, "ab", heal=False, allow_special=True)
     a, b = [0, 2, 3], [1, 2]  # overlap: token 2 only
     p = next_logprobs(tiny_lm, ctx.tokens).exp()
     found = []

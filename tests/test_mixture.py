@@ -11,6 +11,7 @@ import steer
 from steer.errors import SteerError
 from steer.mixture import MixtureContext
 from steer.scheduler import run_batched
+from steer.context import LMContext
 
 PROMPTS, WEIGHTS = ["a", "bb"], [0.3, 0.7]
 
@@ -31,7 +32,7 @@ class Mix(steer.Program):
 
 
 def exact_mixture(lm, max_tokens=3):
-    tables = [complete_sequences(lm, lm.context(p, heal=False).tokens, max_tokens) for p in PROMPTS]
+    tables = [complete_sequences(lm, LMContext(lm, p, heal=False).tokens, max_tokens) for p in PROMPTS]
     return {seq: math.log(sum(w * math.exp(t[seq]) for w, t in zip(WEIGHTS, tables))) for seq in tables[0]}
 
 

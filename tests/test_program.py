@@ -8,6 +8,7 @@ import pytest
 import steer
 from exact import next_logprobs
 from steer.scheduler import run_batched
+from steer.context import LMContext
 
 
 def run_step(program):
@@ -18,7 +19,7 @@ def run_step(program):
 class Weights(steer.Program):
     def __init__(self, lm):
         super().__init__()
-        self.ctx = lm.context("a", heal=False)
+        self.ctx = LMContext(lm, "a", heal=False)
         self.log = {}
 
     async def step(self):
@@ -42,7 +43,7 @@ def test_allowed_observation_adds_mask_mass_and_restricts_next_token(tiny_lm):
     class Masked(steer.Program):
         def __init__(self):
             super().__init__()
-            self.ctx = tiny_lm.context("b", heal=False)
+            self.ctx = LMContext(tiny_lm, "b", heal=False)
 
         async def step(self):
             await self.observe(self.ctx.allowed([2, 3]), True)
@@ -96,7 +97,7 @@ def test_a_zero_probability_observation_names_the_text_it_died_after(tiny_lm):
     class Masked(steer.Program):
         def __init__(self):
             super().__init__()
-            self.ctx = tiny_lm.context("ab", heal=False)
+            self.ctx = LMContext(tiny_lm, "ab", heal=False)
 
         async def step(self):
             await self.sample(self.ctx.next_token())
@@ -144,7 +145,7 @@ def test_function_form_is_a_program(tiny_lm):
         if len(ctx.generated) >= n:
             p.finish()
 
-    post = steer.smc(letters(ctx=tiny_lm.context("a", heal=False), n=3), particles=8, seed=0)
+    post = steer.smc(letters(ctx=LMContext(tiny_lm, "a", heal=False), n=3), particles=8, seed=0)
     assert all(set(p.state["ctx"].generated) <= {2, 3} and len(p.state["ctx"].generated) == 3 for p in post.particles)
     assert len({id(p.state["ctx"]) for p in post.particles}) == 8  # each particle owns its context
 
@@ -191,7 +192,7 @@ def test_bad_arguments_are_clear_errors(tiny_lm):
     with pytest.raises(steer.SteerError, match="unknown method"):
         steer.run(Weights(tiny_lm), "mcmc")
     with pytest.raises(steer.SteerError, match="context holds"):
-        tiny_lm.context("a" * 300)
+        LMContext(tiny_lm, "a" * 300)
 
 
 def test_trace_records_every_step(tiny_lm):

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from retrieval.corpus import load_documents
-from retrieval.embedders import DualEmbedder, RetrievalError, load_embedder
+from retrieval.embedders import RetrievalError
+from retrieval.loading import DualEmbedder, load_embedder
 from retrieval.retriever import Retriever, background_prompt
 from steer.cli import main
 from steer.jsonl import DataError

@@ -4,12 +4,13 @@ import html
 
 import steer
 from steer.report import render_html
+from steer.context import LMContext
 
 
 class Angle(steer.Program):
     def __init__(self, lm):
         super().__init__()
-        self.ctx = lm.context("a")
+        self.ctx = LMContext(lm, "a")
 
     async def step(self):
         token = await self.sample(self.ctx.next_token())

@@ -11,6 +11,7 @@ import steer
 from exact import complete_sequences
 from steer.constraints.canonical import Canonical
 from steer.potentials import ScoringModel
+from steer.context import LMContext
 
 T = 3
 
@@ -18,7 +19,7 @@ T = 3
 class Tilted(steer.Program):
     def __init__(self, lm, prompt, tilt, mask=None):
         super().__init__()
-        self.ctx = lm.context(prompt, heal=False)
+        self.ctx = LMContext(lm, prompt, heal=False)
         self.tilt, self.mask = tilt, mask
 
     async def step(self):
@@ -35,7 +36,7 @@ class Tilted(steer.Program):
 
 
 def exact(lm, prompt, potential, allowed=lambda text: True):
-    ctx = lm.context(prompt, heal=False)
+    ctx = LMContext(lm, prompt, heal=False)
     eos = next(iter(lm.vocab.eos_ids))
     canon = Canonical(lm.vocab, cache=False)
     target = {}
@@ -97,7 +98,7 @@ def test_word_bonus_values_are_the_change_in_the_potential(bpe_lm):
     words = steer.tilts.prefer_words(["ab", "ba"], bonus=0.7)
     vocab = bpe_lm.vocab
     for text in ["", "a", "ab", "b", "ab a", "ba b"]:
-        ctx = bpe_lm.context("b", heal=False, allow_special=True)
+        ctx = LMContext(bpe_lm, "b", heal=False, allow_special=True)
         ctx.extend(bpe_lm.encode(text, bos=False))
         phi = words.values(ctx)
         for i, s in enumerate(vocab.strings):
@@ -117,7 +118,7 @@ def test_word_bonus_on_gemma_matches_the_potential(gemma):
     sample = rng.choice(np.flatnonzero(~gemma.vocab.special), 3000, replace=False).tolist()
     sample += [gemma.encode(s, bos=False)[0] for s in (" good", " great", "good", " wonder", "ful", ".")]
     for text in ["", " It was", " It was good", " It was wonder", " a gre"]:
-        ctx = gemma.context("Review:", heal=False)
+        ctx = LMContext(gemma, "Review:", heal=False)
         ctx.extend(gemma.encode(text, bos=False))
         phi = words.values(ctx)
         for i in sample:
@@ -141,7 +142,7 @@ class CountA(ScoringModel):
 class Guided(steer.Program):
     def __init__(self, lm, model, look):
         super().__init__()
-        self.ctx = lm.context("b", heal=False)
+        self.ctx = LMContext(lm, "b", heal=False)
         self.model, self.look = model, look
 
     async def step(self):

@@ -14,6 +14,7 @@ from exact import complete_sequences
 
 import steer
 from steer.potentials import RewardModel
+from steer.context import LMContext
 from train.common import TrainOptions, load_tokenizer
 from train.data import load_pairs
 from train.reward import (
@@ -134,7 +135,7 @@ def tiny_reward_dir(tiny_text_dir, tmp_path_factory):
 class Rewarded(steer.Program):
     def __init__(self, lm, reward_model):
         super().__init__()
-        self.ctx = lm.context("")
+        self.ctx = LMContext(lm, "")
         self.reward_model = reward_model
 
     async def step(self):

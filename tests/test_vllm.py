@@ -21,6 +21,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed here: `bash scripts/in
 
 import steer  # noqa: E402
 from steer.scheduler import run_batched  # noqa: E402
+from steer.context import LMContext
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +50,7 @@ async def refresh(ctx):
 def test_next_token_logprobs_agree_after_extensions_copies_and_resampling(engines):
     vllm_lm, hf_lm = engines
     prompts = ["The capital of France is", "Once upon a time", "1 2 3"]
-    pairs = [(vllm_lm.context(p, heal=False), hf_lm.context(p, heal=False)) for p in prompts]
+    pairs = [(LMContext(vllm_lm, p, heal=False), LMContext(hf_lm, p, heal=False)) for p in prompts]
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
     for step in range(4):
@@ -66,13 +67,13 @@ def test_next_token_logprobs_agree_after_extensions_copies_and_resampling(engine
             v.extend(tokens)
             h.extend(tokens)
         if step == 1:
-            pairs.append((vllm_lm.context(prompts[0]), hf_lm.context(prompts[0])))
+            pairs.append((LMContext(vllm_lm, prompts[0]), LMContext(hf_lm, prompts[0])))
     assert worst < TOLERANCE, f"max |log p difference| = {worst}"
 
 
 def test_identical_copies_are_served_once_and_dead_sessions_are_freed(engines):
     vllm_lm, _ = engines
-    contexts = [vllm_lm.context("The history of the city begins", heal=False) for _ in range(8)]
+    contexts = [LMContext(vllm_lm, "The history of the city begins", heal=False) for _ in range(8)]
     run_batched([refresh(c) for c in contexts])
     sessions = {id(c.backend_state) for c in contexts}
     assert len(sessions) == 1  # eight particles on one prompt: one engine request
@@ -94,7 +95,7 @@ def test_a_diverged_copy_reencodes_only_what_its_parent_holds_in_a_partial_block
     block = vllm_lm.engine.vllm_config.cache_config.block_size
     if vllm_lm.engine.vllm_config.device_config.device_type == "cpu":
         assert block == 32  # steer's CPU default: vLLM's own 128 would share nothing below 128 tokens
-    parent = vllm_lm.context("The history of the city begins with a small fishing village on the shore "
+    parent = LMContext(vllm_lm, "The history of the city begins with a small fishing village on the shore "
                              "of a wide river, where traders from the north and the south met every "
                              "spring to exchange salt, grain and wool for the fish of the river", heal=False)
     assert len(parent.tokens) > block + 8
@@ -128,7 +129,7 @@ def test_scored_extension_matches_transformers(engines):
     scores = {}
 
     async def score(name, lm):
-        ctx = lm.context("The sun", heal=False)
+        ctx = LMContext(lm, "The sun", heal=False)
         scores[name] = await ctx.extend_scored(tokens)
 
     run_batched([score("vllm", vllm_lm)])
@@ -158,7 +159,7 @@ def test_plain_sampling_gives_equal_weights(engines):
     class Plain(steer.Program):
         def __init__(self, lm):
             super().__init__()
-            self.ctx = lm.context("Once upon a time", heal=False, canonical=False, allow_special=True)
+            self.ctx = LMContext(lm, "Once upon a time", heal=False, canonical=False, allow_special=True)
 
         async def step(self):
             token = await self.sample(self.ctx.next_token())

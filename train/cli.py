@@ -174,7 +174,7 @@ def _radit_retriever(args: argparse.Namespace) -> int:
 
 
 def _icp_order(args: argparse.Namespace) -> int:
-    from retrieval.embedders import load_embedder
+    from retrieval.loading import load_embedder
 
     from .common import load_tokenizer, model_dir
     from .icp import order_corpus

@@ -31,7 +31,8 @@ from retrieval.corpus import (
     embed_documents,
     load_documents,
 )
-from retrieval.embedders import MINILM, Embedder, load_embedder
+from retrieval.embedders import MINILM, Embedder
+from retrieval.loading import load_embedder
 from retrieval.index import VectorIndex, self_knn
 from retrieval.llm_embedder import starts_with_bos
 from steer.jsonl import DataError

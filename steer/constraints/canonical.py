@@ -24,13 +24,14 @@ import functools
 import hashlib
 import json
 import logging
-import weakref
 from functools import cached_property
 
 import numpy as np
 import torch
 
-from ..lm import Vocabulary
+from ..files import cache_dir
+from ..lm.base import Vocabulary
+from .tokens import TokenTable, load_arrays, save_arrays
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,6 @@ class Canonical:
     that is not BPE (e.g. a character-level one) makes every sequence of its pieces canonical.
     """
 
-    _of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
     def __init__(self, vocab: Vocabulary, cache: bool = True):
         self.vocab = vocab
         n = vocab.size
@@ -171,10 +170,7 @@ class Canonical:
 
     @classmethod
     def of(cls, vocab: Vocabulary) -> Canonical:
-        found = cls._of.get(vocab)
-        if found is None:
-            found = cls._of[vocab] = cls(vocab)
-        return found
+        return vocab.derived(cls, lambda: cls(vocab))
 
     @property
     def trivial(self) -> bool:
@@ -250,8 +246,6 @@ class Canonical:
         if self.arrays is not None and not self.exempt[prev]:
             ok &= ~self._conflicts(prev, "right")
             s = self.vocab.strings[prev]
-            from ..tokens import TokenTable
-
             table = TokenTable.of(self.vocab)
             for k in range(1, min(len(s), self._longest_head) + 1):
                 for rest in self._added_splits.get(s[-k:], ()):
@@ -294,8 +288,6 @@ class Canonical:
 
     # -- disk cache -----------------------------------------------------------------------------------
     def _path(self):
-        from ..lm import cache_dir
-
         h = hashlib.sha256(f"canonical{_FORMAT}".encode())
         h.update("\x00".join(self.vocab.strings).encode("utf-8", "surrogatepass"))
         h.update(hashlib.sha256("\n".join(" ".join(m) for m in self.bpe["merges"]).encode(
@@ -303,12 +295,10 @@ class Canonical:
         return cache_dir() / "tokens" / f"canonical-{h.hexdigest()[:32]}.npz"
 
     def _load(self) -> dict[str, np.ndarray] | None:
-        from ..tokens import load_arrays
 
         arrays = load_arrays(self._path(), _FIELDS, "canonical-tokenization table")
         return arrays if arrays is not None and len(arrays["alone"]) == self.vocab.size else None
 
     def _save(self, arrays: dict[str, np.ndarray]) -> None:
-        from ..tokens import save_arrays
 
         save_arrays(self._path(), arrays, "canonical-tokenization table")

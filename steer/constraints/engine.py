@@ -32,8 +32,9 @@ from llguidance import LLMatcher, LLTokenizer, TokenizerWrapper
 
 from ..errors import SteerError
 from ..lm.base import Vocabulary
-from ..masks import NOTHING_FITS, TokenConstraint, canonical_filter, ending_tokens
-from ..tokens import TokenTable
+from .masks import TokenConstraint, canonical_filter, ending_tokens
+from .protocol import NOTHING_FITS
+from .tokens import TokenTable
 from .canonical import Canonical
 
 LOOK_AHEAD = 16  # tokens checked one by one for a canonical continuation when at most this many are allowed
@@ -54,16 +55,10 @@ FAR = 16  # drawn tokens are checked once the shortest completion is within this
 JSON_FORMAT = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False,
                "json_allow_general_unicode_escapes": True}
 
-_tokenizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def ll_tokenizer(vocab: Vocabulary) -> LLTokenizer:
     """llguidance's view of `vocab`'s tokenizer (built once per vocabulary, about a second for 262k
     tokens): a fast Hugging Face tokenizer directly, any other tokenizer through its token strings."""
-    found = _tokenizers.get(vocab)
-    if found is None:
-        found = _tokenizers[vocab] = _build_tokenizer(vocab)
-    return found
+    return vocab.derived(LLTokenizer, lambda: _build_tokenizer(vocab))
 
 
 def _build_tokenizer(vocab: Vocabulary) -> LLTokenizer:
@@ -77,11 +72,17 @@ def _build_tokenizer(vocab: Vocabulary) -> LLTokenizer:
         except ValueError:  # a decoder llguidance does not know (e.g. the tiny test tokenizers)
             pass
 
+    # The engine holds this object from Rust, where Python's collector cannot see: it must not hold the
+    # vocabulary (which holds the engine's tokenizer), or neither would ever be freed.
+    by_string = {s: i for i, s in enumerate(vocab.strings) if s and not vocab.special[i]}
+    longest = max(map(len, by_string), default=1)
+    strings, bos, special = [s.encode("utf-8") for s in vocab.strings], vocab.bos_id, vocab.special
+
     class _Strings:  # llguidance's generic tokenizer protocol: token bytes and an encode function
         eos_token_id = eos[0]
-        bos_token_id = vocab.bos_id
-        tokens = [s.encode("utf-8") for s in vocab.strings]
-        special_token_ids = [int(i) for i in np.flatnonzero(vocab.special)]
+        bos_token_id = bos
+        tokens = strings
+        special_token_ids = [int(i) for i in np.flatnonzero(special)]
 
         def __init__(self):  # the engine asks for the same short strings again and again
             self.encode = functools.lru_cache(maxsize=4096)(self._encode)
@@ -90,7 +91,7 @@ def _build_tokenizer(vocab: Vocabulary) -> LLTokenizer:
             text = data.decode("utf-8", errors="replace")
             if tokenizer is not None:
                 return tuple(tokenizer.encode(text, add_special_tokens=False))
-            return tuple(_greedy(vocab, text))
+            return tuple(_greedy(by_string, longest, text))
 
         def __call__(self, data: bytes) -> list[int]:
             return list(self.encode(data))
@@ -98,10 +99,8 @@ def _build_tokenizer(vocab: Vocabulary) -> LLTokenizer:
     return LLTokenizer(TokenizerWrapper(_Strings()), n_vocab=vocab.size, eos_token=eos)
 
 
-def _greedy(vocab: Vocabulary, text: str) -> list[int]:
+def _greedy(by_string: dict[str, int], longest: int, text: str) -> list[int]:
     """Longest-match tokenization, for a vocabulary without a tokenizer."""
-    by_string = {s: i for i, s in enumerate(vocab.strings) if s and not vocab.special[i]}
-    longest = max(map(len, by_string), default=1)
     out, at = [], 0
     while at < len(text):
         for n in range(min(longest, len(text) - at), 0, -1):
@@ -169,19 +168,16 @@ class MatcherState:
         return self.matcher.validate_tokens(ids) == len(ids)
 
 
-_probes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def probe_tokens(vocab: Vocabulary) -> list[tuple[str, int]]:
     """The single-character tokens of PROBE_ORDER that `vocab` has, in that order."""
-    found = _probes.get(vocab)
-    if found is None:
+    def build() -> list[tuple[str, int]]:
         single: dict[str, int] = {}
         for i, s in enumerate(vocab.strings):
             if len(s) == 1 and not vocab.special[i]:
                 single.setdefault(s, i)
-        found = _probes[vocab] = [(c, single[c]) for c in PROBE_ORDER if c in single]
-    return found
+        return [(c, single[c]) for c in PROBE_ORDER if c in single]
+
+    return vocab.derived(probe_tokens, build)
 
 
 def completion(matcher: LLMatcher, vocab: Vocabulary, tokenizer: LLTokenizer, limit: int,
@@ -505,7 +501,7 @@ class Structured(TokenConstraint):
         clash = bool(ids) and canon is not None and last is not None and not canon.before(ids[0])[last]
         return len(ids) + 1 + clash
 
-    def budget_check(self, context) -> Callable[[int], bool] | None:
+    def token_check(self, context) -> Callable[[int], bool] | None:
         """With a token budget: a check that a next token leaves room to end the text, i.e. that a
         completion after it fits in the tokens then left.  The mask cannot say this for every token
         (the search costs a few hundred microseconds), so proposals check the tokens they draw

@@ -25,59 +25,35 @@ import numpy as np
 import torch
 
 from ..errors import SteerError
+from .masks import ending_tokens, healed_view, lead_maps, open_word_length
+from .protocol import Constraint
+from .tokens import TokenTable
 
 _LETTERS = re.compile(r"[^\W\d_]+")
 
 
-class Tilt:
-    """Log-weights over the next token.  Tilts add (`+`) and scale (`2.0 * tilt`)."""
-
-    def __deepcopy__(self, memo):  # an immutable spec with shareable caches
-        return self
+class Tilt(Constraint):
+    """Log-weights over the next token.  Tilts add (`+`), scale (`2.0 * tilt`) and, with `&`, join a
+    mask or a check (`mask & tilt`: the next token is restricted to the mask and drawn tilted)."""
 
     def values(self, context) -> torch.Tensor:
         """φ over the vocabulary (float64) for the next token of `context` (EOS: the end of the text)."""
         raise NotImplementedError
 
+    def tilt(self, context) -> torch.Tensor:
+        return self.values(context)
+
+    @property
+    def restricts(self) -> bool:
+        return False
+
     def __add__(self, other: Tilt) -> Tilt:
         return _Sum(self, other)
-
-    def __and__(self, other: Any) -> Any:
-        """A tilt with another tilt adds up; with a mask it makes a `Steered` pair."""
-        if isinstance(other, Tilt):
-            return _Sum(self, other)
-        if isinstance(other, Steered):
-            return Steered(other.mask, self + other.tilt)
-        return Steered(other, self)
-
-    __rand__ = __and__
 
     def __mul__(self, factor: float) -> Tilt:
         return _Scaled(self, float(factor))
 
     __rmul__ = __mul__
-
-
-class Steered:
-    """A mask and a tilt together (`mask & tilt`, or `where mask and tilt` in `.steer`): the next token
-    is restricted to the mask (observed, adding its log mass) and drawn from the tilted model."""
-
-    def __init__(self, mask: Any, tilt: Tilt):
-        self.mask, self.tilt = mask, tilt
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __and__(self, other: Any) -> Steered:
-        if isinstance(other, (Tilt, Steered)):
-            return Steered(self.mask if not isinstance(other, Steered) else self.mask & other.mask,
-                           self.tilt + (other.tilt if isinstance(other, Steered) else other))
-        return Steered(self.mask & other, self.tilt)
-
-    __rand__ = __and__
-
-    def __repr__(self) -> str:
-        return f"({self.mask!r} & {self.tilt!r})"
 
 
 class _Sum(Tilt):
@@ -185,9 +161,6 @@ class WordBonus(Tilt):
         return self._static[table.vocab]
 
     def values(self, context) -> torch.Tensor:
-        from ..masks import healed_view, lead_maps, open_word_length
-        from ..tokens import TokenTable
-
         view = healed_view(context) if getattr(context, "heal", "") else context
         vocab, text = view.lm.vocab, view.text
         open_word = text[len(text) - open_word_length(text):].lower()
@@ -227,8 +200,6 @@ class WordBonus(Tilt):
 
 def _ending_values(tilt: WordBonus, context) -> dict[int, float]:
     """Tokens that write an end string end the text: their tilt closes it, from the text before it."""
-    from ..masks import ending_tokens
-
     if not getattr(context, "end", ()) or getattr(context, "ended", False):
         return {}
     now = tilt.potential(context.text)
@@ -236,14 +207,13 @@ def _ending_values(tilt: WordBonus, context) -> dict[int, float]:
             for ended, ids in ending_tokens(context).items() for i in ids}
 
 
-def resolve_tilt(spec: Any, context) -> torch.Tensor | None:
-    """The log-weights a tilt spec stands for in `context` (None: no tilt)."""
-    if spec is None:
-        return None
-    if isinstance(spec, Tilt):
-        return spec.values(context)
+def as_tilt(spec: Any) -> Constraint | None:
+    """What a tilt may be given as: a constraint (its tilt is used), or a tensor of log-weights over
+    the vocabulary (None stays None)."""
+    if spec is None or isinstance(spec, Constraint):
+        return spec
     if isinstance(spec, torch.Tensor):
-        return TokenBonus(spec).values(context)
+        return TokenBonus(spec)
     raise SteerError(f"cannot use {type(spec).__name__} as a tilt (use steer.tilts.prefer_words or token_bonus)")
 
 

@@ -1,10 +1,12 @@
-"""The model side: contexts, vocabularies and the backends that serve batched next-token log-probabilities.
+"""The model side: vocabularies, tokens, the `LanguageModel` interface and the backends that serve
+batched next-token log-probabilities.
 
-It knows nothing of programs or samplers; `constraints` and the distributions sit on top of it."""
+It knows nothing of contexts, programs or samplers: `steer.constraints` and `steer.context` sit on top."""
 
-from .base import LanguageModel, LMContext, Token, Vocabulary
+from .base import LanguageModel, ModelState, Token, Vocabulary
 from .hf import HFLanguageModel
-from .loading import cache_dir, default_model_path, load_model, tiny_model
+from ..files import cache_dir
+from .loading import default_model_path, load_model, tiny_model
 
-__all__ = ["HFLanguageModel", "LMContext", "LanguageModel", "Token", "Vocabulary", "cache_dir",
+__all__ = ["HFLanguageModel", "LanguageModel", "ModelState", "Token", "Vocabulary", "cache_dir",
            "default_model_path", "load_model", "tiny_model"]

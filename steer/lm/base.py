@@ -1,26 +1,28 @@
-"""The model side's interface: `LanguageModel` (requests in, log-probabilities out), `LMContext` (the
-token sequence a particle extends), `Token` and `Vocabulary`.  Backends (`hf`, `vllm`) implement
-`LanguageModel.advance`; constraints only ever see a `Vocabulary`."""
+"""The model side's interface: `LanguageModel` (requests in, log-probabilities out), `ModelState` (what
+a backend reads and fills for one token sequence), `Token` and `Vocabulary`.  Backends (`hf`, `vllm`)
+implement `LanguageModel.advance`; constraints only ever see a `Vocabulary`.  The context a program
+samples from (`steer.context.LMContext`) builds on `ModelState`; nothing here knows of it."""
 
 from __future__ import annotations
 
 import itertools
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 
-from ..errors import SteerError
 from ..scheduler import LogprobsRequest
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
+T = TypeVar("T")
+_MISSING = object()
 DRAWS = 8  # tokens pre-drawn per context in each batched round
 _CONTROL = re.compile(r"image|audio|video|multimodal|^<unused\d+>$")
 
@@ -34,10 +36,22 @@ class Vocabulary:
     bos_id: int | None
     special: np.ndarray  # bool per token: control tokens that never stand for text
     tokenizer: Any = field(default=None, repr=False)  # what canonical tokenization is judged by
+    # What other layers compute from this vocabulary (token tables, canonical pairs, engine
+    # tokenizers), kept here so that it is freed with the vocabulary: see `derived`.
+    _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def size(self) -> int:
         return len(self.strings)
+
+    def derived(self, key: Any, build: Callable[[], T]) -> T:
+        """What `build()` computes from this vocabulary, computed once per `key`.  Per-vocabulary caches
+        live here rather than in module-level dictionaries keyed by the vocabulary, whose values would
+        hold their own key (a weak key never freed) or outlive it (an id reused by a new vocabulary)."""
+        found = self._derived.get(key, _MISSING)
+        if found is _MISSING:
+            found = self._derived[key] = build()
+        return found
 
     @classmethod
     def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, size: int | None = None) -> Vocabulary:
@@ -112,14 +126,7 @@ class LanguageModel(ABC):
     def token(self, token_id: int) -> Token:
         return Token(token_id, self.vocab.strings[token_id], token_id in self.vocab.eos_ids)
 
-    def context(self, prompt: str = "", *, bos: bool = True, heal: bool = True, canonical: bool = True,
-                allow_special: bool = False, end: str | Sequence[str] = (),
-                max_tokens: int | None = None) -> LMContext:
-        """A context to sample from; see `LMContext` for the options."""
-        return LMContext(self, prompt, bos=bos, heal=heal, canonical=canonical, allow_special=allow_special,
-                         end=end, max_tokens=max_tokens)
-
-    def release(self, context: LMContext) -> None:
+    def release(self, context: ModelState) -> None:
         """Forget the cache state held for `context` (it will be re-encoded if used again)."""
 
     kv_bytes_per_token: int = 0  # keys and values one context keeps per token (0: the engine manages them)
@@ -149,195 +156,30 @@ class TokenizerLanguageModel(LanguageModel):
         return self.tokenizer.decode([i for i in ids if i not in eos], skip_special_tokens=False)
 
 
-class LMContext:
-    """A token sequence under a language model: the state a particle extends token by token.
+class ModelState:
+    """The backend contract's data: one token sequence as a backend sees it.
 
-    Copies made by resampling share the model and, until they diverge, the cache row of their parent.
-    """
+    A backend reads `tokens` (the whole sequence, prompt included) and `serial` (unique per sequence:
+    a copy made by resampling gets its own), and `LanguageModel.advance` fills, for every request:
+    `logprobs` (float32 log-probabilities of the next token, shape [vocab]), `draw` (a few samples from
+    them, or None), `pending_scores` (for `score=True` requests: the log-probability of each token after
+    the first of the last extension) and `backend_state` (anything the backend keeps per sequence, such
+    as its cache row; cleared by `LanguageModel.release`).  Everything else a context holds is above
+    the model side."""
 
     _serials = itertools.count()
 
-    def __init__(self, lm: LanguageModel, prompt: str | Sequence[int] = "", *, bos: bool = True,
-                 heal: bool = True, canonical: bool = True, allow_special: bool = False,
-                 end: str | Sequence[str] = (), max_tokens: int | None = None):
-        """`heal`: back off a prompt's last token when the prompt ends in white space or mid-word; the
-        first generated token must then start with that token's text.  `canonical`: only token
-        sequences the tokenizer itself would produce (the target is the LM conditioned on canonical
-        tokenization).  `allow_special`: let `next_token()` propose control and multimodal tokens.
-        `end`: strings that end the text like the end-of-text token (e.g. "\n"): the token that writes
-        one is returned with `is_eos` set, the text stops before it, and constraints judge the text
-        before it as a complete text.  `max_tokens`: the text must end (end-of-text or an end string)
-        within this many generated tokens, the ending one included; constraints that can tell (the
-        regular-expression automaton) then leave out tokens after which no ending fits in the budget."""
+    def __init__(self, lm: LanguageModel, tokens: list[int]):
         self.lm = lm
-        if max_tokens is not None and max_tokens < 1:
-            raise SteerError(f"max_tokens must be at least 1, got {max_tokens}")
-        self.max_tokens = max_tokens
-        self.end: tuple[str, ...] = (end,) if isinstance(end, str) else tuple(end)
-        if not all(isinstance(e, str) and e for e in self.end):
-            raise SteerError("end strings must be non-empty strings")
-        self.end_at: int | None = None  # where the text stops once a token wrote an end string
-        self.tokens: list[int] = lm.encode(prompt, bos=bos) if isinstance(prompt, str) else list(prompt)
-        self.canonical = canonical
-        self.allow_special = allow_special
-        # Token healing: a prompt ending in white space or mid-word ends in a token the model would
-        # rarely have produced there (" " before " (555)", "Fra" before "nce").  Its last token is backed
-        # off and the first generated token must start with that text, so the natural token is reachable.
-        self.healed = ""
-        if heal and isinstance(prompt, str) and prompt and (prompt[-1].isspace() or prompt[-1].isalnum()):
-            last = self.tokens[-1] if len(self.tokens) > 1 else None
-            if last is not None and not lm.vocab.special[last] and lm.vocab.strings[last]:
-                self.healed = lm.vocab.strings[last]
-                self.tokens.pop()
-        if not self.tokens:
-            raise SteerError("an LM context needs at least one token (use bos=True for an empty prompt)")
-        if len(self.tokens) >= lm.max_length:
-            raise SteerError(
-                f"prompt is {len(self.tokens)} tokens; the model's context holds {lm.max_length}"
-            )
-        self.prompt_length = len(self.tokens)
-        self.logprobs: torch.Tensor | None = None  # next-token log-probs after self.tokens
-        self.pending_scores: list[float] | None = None
-        self.draw: list[int] | None = None  # samples from `logprobs` drawn in the batched round, unused so far
-        self.mask: torch.Tensor | None = None  # restriction on the next token set by `allowed`
-        # its log-probability, known when it was observed True (the mask then holds the base restriction)
-        self.mask_log_mass: float | None = None
+        self.tokens = tokens
         self.serial = next(self._serials)
-        self.backend_state: object = None  # owned by the model backend
-        # per-constraint state (a grammar matcher), keyed by the constraint.  A state's `owner` is the
-        # serial of the context that may move it; copying a context clears it, so the original and the
-        # copies share the state until one moves, which forks it first (copy-on-write)
-        self.constraint_states: dict[object, Any] = {}
-
-    # -- state ----------------------------------------------------------------------------------------
-    @property
-    def generated(self) -> list[int]:
-        return self.tokens[self.prompt_length:]
-
-    def _decoded(self) -> str:
-        """The generated tokens decoded (cached: tokens are only ever appended)."""
-        cached = self.__dict__.get("_decoded_cache")
-        if cached is None or cached[0] != len(self.tokens):
-            cached = self._decoded_cache = (len(self.tokens), self.lm.decode(self.generated))
-        return cached[1]
-
-    @property
-    def full_text(self) -> str:
-        """Everything generated (prompt excluded, and so the text that token healing backed off),
-        including an end string and what its token wrote after it."""
-        full = self._decoded()
-        return full[len(self.healed):] if self.healed else full
-
-    @property
-    def text(self) -> str:
-        """The generated text: `full_text` up to the first end string, if one has been written."""
-        full = self.full_text
-        return full if self.end_at is None else full[: self.end_at]
-
-    @property
-    def tokens_left(self) -> int | None:
-        """Tokens this context may still generate, the ending one included (None: no budget)."""
-        return None if self.max_tokens is None else self.max_tokens - len(self.generated)
-
-    @property
-    def ended(self) -> bool:
-        """A token has written one of the `end` strings (only end-of-text may follow)."""
-        return self.end_at is not None
-
-    def end_position(self, text: str, new: str) -> int | None:
-        """Where the text would stop if `new` followed `text`: the start of the first end string that
-        `new` completes (None if it completes none)."""
-        if not self.end or self.end_at is not None:
-            return None
-        keep = max(len(e) for e in self.end) - 1
-        tail = text[len(text) - keep:] if keep else ""
-        joined = tail + new
-        found = [i for i in (joined.find(e) for e in self.end) if i >= 0]
-        return len(text) - len(tail) + min(found) if found else None
-
-    def token(self, token_id: int) -> Token:
-        """The token `token_id` as it would be written here (`is_eos` also for a token ending the text)."""
-        token = self.lm.token(token_id)
-        if not token.is_eos and self.end:
-            new = token.text
-            if self.heal:
-                new = new[len(self.heal):]
-            if self.end_position(self.text, new) is not None:
-                return Token(token.id, token.text, True)
-        return token
-
-    @property
-    def heal(self) -> str:
-        """The backed-off prompt text that the next token must start with ("" once it is written)."""
-        return self.healed if len(self.tokens) == self.prompt_length else ""
-
-    def __str__(self) -> str:
-        return self.text
-
-    def __repr__(self) -> str:
-        return f"LMContext({self.text!r})"
-
-    def extend(self, token_ids: Sequence[int]) -> None:
-        """Append tokens (their log-probabilities are not counted: use `observe` for that)."""
-        if not token_ids:
-            return
-        if len(self.tokens) + len(token_ids) > self.lm.max_length:
-            raise SteerError(f"context would exceed the model's {self.lm.max_length} tokens")
-        before = self.text if self.end and self.end_at is None else ""
-        self.tokens.extend(token_ids)
-        if self.end and self.end_at is None:
-            self.end_at = self.end_position(before, self.full_text[len(before):])
-        self.logprobs = None
-        self.draw = None
-        self.mask = None
-        self.mask_log_mass = None
+        self.logprobs: torch.Tensor | None = None
+        self.pending_scores: list[float] | None = None
+        self.draw: list[int] | None = None
+        self.backend_state: object = None
 
     async def next_logprobs(self) -> torch.Tensor:
         """Log-probabilities of the next token (waits for the batched round if out of date)."""
         if self.logprobs is None:
             await LogprobsRequest(self)
         return self.logprobs
-
-    async def extend_scored(self, token_ids: Sequence[int]) -> float:
-        """Append tokens and return their total log-probability, in one batched round."""
-        if not token_ids:
-            return 0.0
-        first = (await self.next_logprobs())[token_ids[0]].item()
-        self.extend(token_ids)
-        if len(token_ids) == 1:
-            return first
-        await LogprobsRequest(self, score=True)
-        return first + sum(self.pending_scores)
-
-    # -- distributions --------------------------------------------------------------------------------
-    def next_token(self, mask: object = None, tilt: object = None):
-        """The LM's next-token distribution here, optionally restricted to `mask` and renormalised, and
-        tilted by `tilt` (a soft preference: sampled from p·exp(tilt), the weight gains its mass)."""
-        from ..distributions import NextToken
-
-        return NextToken(self, mask, tilt)
-
-    def allowed(self, mask: object):
-        """A Bernoulli over "the next token is in `mask`"; observing True restricts the next token."""
-        from ..distributions import TokenInMask
-
-        return TokenInMask(self, mask)
-
-    def continuation(self):
-        """The distribution of a string continuing this context; observe it to force and score text."""
-        from ..distributions import Continuation
-
-        return Continuation(self)
-
-    # -- copying --------------------------------------------------------------------------------------
-    def __deepcopy__(self, memo):
-        new = LMContext.__new__(LMContext)
-        new.__dict__.update(self.__dict__)
-        new.tokens = list(self.tokens)
-        for state in self.constraint_states.values():
-            state.owner = None
-        new.constraint_states = dict(self.constraint_states)
-        new.serial = next(self._serials)
-        new.draw = None  # a pre-drawn sample is used by one context only
-        memo[id(self)] = new
-        return new

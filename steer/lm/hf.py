@@ -26,7 +26,7 @@ import torch
 
 from ..randomness import categorical
 from ..scheduler import LogprobsRequest
-from .base import DRAWS, LMContext, TokenizerLanguageModel, Vocabulary
+from .base import DRAWS, ModelState, TokenizerLanguageModel, Vocabulary
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -75,10 +75,10 @@ class HFLanguageModel(TokenizerLanguageModel):
         self._cache = None
         self._mask: torch.Tensor | None = None  # [rows, columns] which cache columns hold real tokens
         self._layout = 0
-        self._resident: weakref.WeakValueDictionary[int, LMContext] = weakref.WeakValueDictionary()
+        self._resident: weakref.WeakValueDictionary[int, ModelState] = weakref.WeakValueDictionary()
         self.forward_calls = 0  # batched forward passes served, for tests and benchmarks
 
-    def release(self, context: LMContext) -> None:
+    def release(self, context: ModelState) -> None:
         context.backend_state = None
         self._resident.pop(context.serial, None)
         if not self._resident:  # nobody holds a row: free the keys and values now
@@ -90,7 +90,7 @@ class HFLanguageModel(TokenizerLanguageModel):
         self._layout += 1
         self._resident.clear()
 
-    def _slot(self, context: LMContext) -> _Slot | None:
+    def _slot(self, context: ModelState) -> _Slot | None:
         slot = context.backend_state
         return slot if isinstance(slot, _Slot) and slot.layout == self._layout else None
 

@@ -19,19 +19,13 @@ from typing import Any
 import torch
 
 from ..errors import ModelLoadError
-from ..files import remove_stale
+from ..files import cache_dir, remove_stale
 from .base import LanguageModel
 from .hf import HFLanguageModel
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma-3-270m"
-
-
-def cache_dir() -> Path:
-    """Where steer keeps converted models and tokenizer tables (`$STEER_CACHE`, else ~/.cache/steer)."""
-    root = os.environ.get("STEER_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "steer"
-    return Path(root)
 
 
 def default_model_path() -> Path:
@@ -144,7 +138,7 @@ def load_model(path: str | os.PathLike | None = None, *, backend: str = "hf", de
         raise ModelLoadError(f"not a Hugging Face model directory (no config.json): {directory}")
     name = str(path or DEFAULT_MODEL)
     if backend == "vllm":
-        from .vllm import VLLMLanguageModel
+        from .vllm import VLLMLanguageModel  # vLLM is an optional, heavy dependency: loaded when asked for
 
         if device is not None:
             raise ModelLoadError("the vllm backend runs on the device its vLLM build targets; drop `device`")

@@ -36,7 +36,7 @@ import torch
 from ..errors import ModelLoadError, SteerError
 from ..randomness import categorical
 from ..scheduler import LogprobsRequest
-from .base import DRAWS, LMContext, TokenizerLanguageModel, Vocabulary
+from .base import DRAWS, ModelState, TokenizerLanguageModel, Vocabulary
 
 # Log-probabilities read off the logits, by request key.  The logits processor runs in the worker;
 # with one device that is this process, with tensor parallelism rank 0's (fetched by `_take`).
@@ -171,15 +171,15 @@ class VLLMLanguageModel(TokenizerLanguageModel):
         self.forward_calls = 0  # engine steps taken, for tests and benchmarks
 
     # -- the LanguageModel interface ---------------------------------------------------------------
-    def release(self, context: LMContext) -> None:
+    def release(self, context: ModelState) -> None:
         context.backend_state = None  # its session is aborted once no copy holds it either
 
     @torch.inference_mode()
     def advance(self, requests: Sequence[LogprobsRequest]) -> None:
         self._abort_dropped()
         self._round += 1
-        groups: dict[tuple[int, ...], list[LMContext]] = {}
-        scored: list[LMContext] = []
+        groups: dict[tuple[int, ...], list[ModelState]] = {}
+        scored: list[ModelState] = []
         for request in requests:
             if request.score:
                 scored.append(request.context)
@@ -187,7 +187,7 @@ class VLLMLanguageModel(TokenizerLanguageModel):
                 groups.setdefault(tuple(request.context.tokens), []).append(request.context)
 
         waiting: dict[str, _Session] = {}
-        served: list[tuple[_Session, list[LMContext]]] = []
+        served: list[tuple[_Session, list[ModelState]]] = []
         for tokens, contexts in groups.items():
             session = self._session_for(tokens, contexts)
             if len(session.tokens) < len(tokens) or session.logprobs is None:
@@ -223,7 +223,7 @@ class VLLMLanguageModel(TokenizerLanguageModel):
             context.backend_state = None
 
     # -- sessions ----------------------------------------------------------------------------------
-    def _session_for(self, tokens: tuple[int, ...], contexts: list[LMContext]) -> _Session:
+    def _session_for(self, tokens: tuple[int, ...], contexts: list[ModelState]) -> _Session:
         """A session of one of `contexts` whose tokens start `tokens`, not yet used this round; else a
         new one (prefix caching gives it the blocks it shares with others)."""
         for context in contexts:
@@ -263,7 +263,7 @@ class VLLMLanguageModel(TokenizerLanguageModel):
         self.engine.engine_core.add_request(request)
         session.tokens = list(tokens)
 
-    def _submit_scored(self, context: LMContext) -> tuple[int, int]:
+    def _submit_scored(self, context: ModelState) -> tuple[int, int]:
         """A one-off request with the log-probability of each prompt token: the tokens `context` added
         since its session (all of them but the first when it has none) are the ones scored.
         Returns the request's key and the number of tokens scored."""

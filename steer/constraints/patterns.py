@@ -23,25 +23,24 @@ import numpy as np
 import regex as regex_module
 import torch
 
-from .errors import SteerError
-from .lm import LMContext, Vocabulary
-from .constraints import engine
-from .masks import TokenConstraint
+from ..errors import SteerError
+from ..lm.base import Vocabulary
+from . import engine
+from .masks import TokenConstraint, canonical_filter
+from .protocol import Context
 from .tokens import TokenTable
 
 _LOOK_AHEAD = 48  # look-ahead checks pairs one by one when either side has at most this many tokens
 _DEPTH = 4  # and follows narrow continuations this many tokens deep
 _HORIZON = 64  # a token budget further than this from its end is not checked (a match fits anyway)
 _WIDTH = 32  # token characters walked in the vectorised pass; longer tokens are walked one by one
-_matrices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def _codepoints(vocab: Vocabulary):
     """Per vocabulary: a (tokens x _WIDTH) matrix of code points (-1 pads) with rows sorted by
     decreasing length, the tokens that can be walked (text tokens without broken UTF-8), the ids of
     the longer ones, the row order, per column how many rows reach it, and the text tokens that add no
     text (in a view of the vocabulary, a token that is exactly a healed prompt's text)."""
-    if vocab not in _matrices:
+
+    def build():
         table = TokenTable.of(vocab)
         n = vocab.size
         matrix = np.full((n, _WIDTH), -1, dtype=np.int32)
@@ -62,8 +61,9 @@ def _codepoints(vocab: Vocabulary):
         # Rows sorted by decreasing length, so column j is walked only for the tokens that long.
         order = np.argsort(-lengths, kind="stable")
         counts = np.array([(lengths > j).sum() for j in range(_WIDTH)])
-        _matrices[vocab] = (matrix[order], usable, np.array(long_ids, dtype=np.int64), order, counts, empty)
-    return _matrices[vocab]
+        return matrix[order], usable, np.array(long_ids, dtype=np.int64), order, counts, empty
+
+    return vocab.derived(_codepoints, build)
 
 
 AUTOMATON_SECONDS = 5.0  # a pattern whose automaton takes more CPU time to build is refused
@@ -237,12 +237,11 @@ class Regex(TokenConstraint):
         ok[list(vocab.eos_ids)] = self.allow_eos and bool(a.finals[state])
         return ok
 
-    def mask(self, context: LMContext) -> torch.Tensor:
+    def mask(self, context: Context) -> torch.Tensor:
         """Tokens that keep a match reachable and, when the context keeps tokenization canonical, can
         also be continued canonically: a token after which the pattern could only go on with a token
         that does not tokenize canonically (" " before "(" where " (" is one token) is left out now,
         instead of killing the particle one step later."""
-        from .masks import canonical_filter
 
         vocab = context.lm.vocab
         state = self.state(context.text)
@@ -351,7 +350,7 @@ class Regex(TokenConstraint):
             lives[key] = found
         return found
 
-    def done(self, context: LMContext) -> bool:
+    def done(self, context: Context) -> bool:
         """The generated text is a full match that no further text can extend: a program can finish
         here (the model is not asked to end the text, so its end-of-text probability is not scored)."""
         a, state = self.automaton, self.state(context.text)

@@ -11,12 +11,12 @@ import bisect
 import hashlib
 import logging
 import re
-import weakref
 from functools import cached_property
 
 import numpy as np
 
-from .lm import Vocabulary
+from ..files import atomic_open, cache_dir
+from ..lm.base import Vocabulary
 
 log = logging.getLogger(__name__)
 _LETTERS = re.compile(r"[^\W\d_]+")
@@ -69,8 +69,6 @@ class TokenTable:
     `runs` counts its letter runs.  Characters: ASCII bit sets and a flag for non-ASCII characters.
     """
 
-    _tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
     def __init__(self, vocab: Vocabulary, cache: bool = True):
         self.vocab = vocab
         n = vocab.size
@@ -91,10 +89,7 @@ class TokenTable:
     @classmethod
     def of(cls, vocab: Vocabulary, cache: bool = True) -> TokenTable:
         """The table of `vocab` (computed once per vocabulary; `cache`: also kept on disk)."""
-        table = cls._tables.get(vocab)
-        if table is None:
-            table = cls._tables[vocab] = cls(vocab, cache=cache)
-        return table
+        return vocab.derived(cls, lambda: cls(vocab, cache=cache))
 
     # -- derived lookups (cheap, built on first use) --------------------------------------------------
     @cached_property
@@ -120,8 +115,6 @@ class TokenTable:
 
     # -- disk cache -----------------------------------------------------------------------------------
     def _path(self):
-        from .lm import cache_dir
-
         h = hashlib.sha256(f"{_FORMAT}".encode())
         h.update("\x00".join(self.vocab.strings).encode("utf-8", "surrogatepass"))
         h.update(self.vocab.special.tobytes())
@@ -151,7 +144,6 @@ def load_arrays(path, fields: tuple[str, ...], what: str) -> dict[str, np.ndarra
 
 def save_arrays(path, arrays: dict[str, np.ndarray], what: str) -> None:
     """Write arrays next to `path` and rename, so readers never see half a file."""
-    from .files import atomic_open
 
     try:
         with atomic_open(path, "wb") as f:

@@ -18,18 +18,23 @@ from collections.abc import Callable, Iterator
 import regex
 import torch
 
-from .constraints import engine
-from .errors import SteerError
-from .randomness import categorical, streams
+from ..errors import SteerError
+from ..randomness import categorical, streams
+from . import engine
+from .protocol import Constraint, Context, TokenTest, all_of
 
 NEG_INF = float("-inf")
 
 
-class TokenCheck:
-    """A constraint on the generated text, checked for one candidate token at a time."""
+class TokenCheck(Constraint):
+    """A constraint on the generated text, checked for one candidate token at a time.
 
-    def __deepcopy__(self, memo):  # immutable spec with a shareable cache
-        return self
+    Its mask is that of a regular over-approximation (`approximation`, when one compiles; else every
+    token), and its token check decodes the candidate and asks `allows`: samplers draw within the mask
+    and check only what they draw (adaptive weighted rejection sampling)."""
+
+    exact = False
+    approximation: Constraint | None = None
 
     def __init__(self, cache_size: int = 100_000):
         self._cache: OrderedDict[tuple[str, bool], bool] = OrderedDict()
@@ -52,6 +57,31 @@ class TokenCheck:
 
     def _complete(self, text: str) -> bool:
         raise NotImplementedError
+
+    def allowed_in(self, context: Context) -> torch.Tensor | None:
+        if self.approximation is None:
+            return None
+        return self.approximation.allowed_in(context)
+
+    def token_check(self, context: Context) -> TokenTest:
+        vocab = context.lm.vocab
+        text, pending = context.text, context.heal
+
+        def accepts(i: int) -> bool:
+            if i in vocab.eos_ids:
+                return self.allows(text, complete=True)
+            s = vocab.strings[i]
+            if pending:  # healing: only the part after the backed-off prompt text is new text
+                s = s[len(pending):] if s.startswith(pending) else ""
+            at = context.end_position(text, s)
+            if at is not None:  # writes an end string: the text before it must be a complete text
+                return self.allows((text + s)[:at], complete=True)
+            return not vocab.special[i] and self.allows(text + s)
+
+        # With a budget, only tokens after which the approximation can still end in time (a necessary
+        # condition: it allows every text the check does).
+        fits = None if self.approximation is None else self.approximation.token_check(context)
+        return all_of([fits, accepts])
 
 
 class PartialRegex(TokenCheck):

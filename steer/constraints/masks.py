@@ -1,8 +1,8 @@
 """Token masks: which next tokens keep a constraint satisfiable, computed vectorised over the vocabulary.
 
 A mask spec is any of: a boolean tensor over the vocabulary, a collection of token ids, a callable
-`context -> tensor`, or a `TokenConstraint`.  `resolve` turns a spec into a tensor for one context.
-Constraints are built from the per-token properties of `steer.tokens.TokenTable` (cached on disk), so
+`context -> tensor`, or a `TokenConstraint` (see `protocol`).  `resolve` turns a spec into a tensor for
+one context.  Constraints are built from the per-token properties of `tokens.TokenTable` (cached on disk), so
 each mask costs a few vector operations over the 262k-token vocabulary, and masks that depend on the
 text so far are cached per state (e.g. per length of the open word).
 
@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import SteerError
+from ..errors import SteerError
+from ..lm.base import Vocabulary
+from .canonical import Canonical
 from .maskops import both, either, negate
-from .constraints.canonical import Canonical
-from .lm import LMContext, Vocabulary
+from .protocol import Constraint, Context, all_of, as_constraint
 from .tokens import TokenTable, ascii_bits
 
 _BIG = 1 << 30
@@ -32,37 +33,34 @@ _LETTERS = re.compile(r"[^\W\d_]+")
 _OPEN_WORD = re.compile(r"[^\W\d_]+\Z")
 
 
-class TokenConstraint:
-    """A constraint on the next token that depends on the context's text so far.
+class TokenConstraint(Constraint):
+    """A constraint on the next token that depends on the context's text so far: an exact mask.
 
     Constraints combine with `&` (both), `|` (either) and `~` (not).
     """
 
-    def __deepcopy__(self, memo):  # an immutable spec (its caches are shareable): particles share it
-        return self
-
-    def mask(self, context: LMContext) -> torch.Tensor:
+    def mask(self, context: Context) -> torch.Tensor:
         raise NotImplementedError
 
     stateful = False  # keeps per-context state (a grammar matcher): judges the context itself, not views
 
-    def allowed_in(self, context: LMContext) -> torch.Tensor:
+    def allowed_in(self, context: Context) -> torch.Tensor:
         """The mask in a real context: generated text only, healing and end strings accounted for."""
         return constraint_mask(self, context)
 
-    def budget_check(self, context: LMContext) -> Callable[[int], bool] | None:
+    def token_check(self, context: Context) -> Callable[[int], bool] | None:
         """With a token budget, a check on a drawn next token that the mask cannot afford to make for
         every token: that the text can still end within the budget after it (None: the mask says all)."""
         return None
 
-    def __and__(self, other: TokenConstraint) -> TokenConstraint:
+    def __and__(self, other: Any) -> Constraint:
         if not isinstance(other, TokenConstraint):
-            return NotImplemented  # e.g. a tilt, which makes a mask-and-tilt pair
+            return super().__and__(other)  # a check or a tilt: both apply
         return Combined("and", self, other)
 
-    def __or__(self, other: TokenConstraint) -> TokenConstraint:
+    def __or__(self, other: Any) -> Constraint:
         if not isinstance(other, TokenConstraint):
-            return NotImplemented
+            return super().__or__(other)
         return Combined("or", self, other)
 
     def __invert__(self) -> TokenConstraint:
@@ -76,25 +74,20 @@ class Combined(TokenConstraint):
         self.op, self.parts = op, parts
         self.stateful = any(part.stateful for part in parts)
 
-    def allowed_in(self, context: LMContext) -> torch.Tensor:
+    def allowed_in(self, context: Context) -> torch.Tensor:
         if not self.stateful:
             return constraint_mask(self, context)
         masks = [part.allowed_in(context) for part in self.parts]  # a stateful part judges itself
         return _combine(self.op, masks)
 
-    def mask(self, context: LMContext) -> torch.Tensor:
+    def mask(self, context: Context) -> torch.Tensor:
         masks = [part.mask(context) for part in self.parts]
         return _combine(self.op, masks)
 
-    def budget_check(self, context: LMContext) -> Callable[[int], bool] | None:
+    def token_check(self, context: Context) -> Callable[[int], bool] | None:
         if self.op != "and":  # a budget check of one side says nothing of a union or a complement
             return None
-        checks = [c for c in (part.budget_check(context) for part in self.parts) if c is not None]
-        if NOTHING_FITS in checks:
-            return NOTHING_FITS
-        if len(checks) <= 1:
-            return checks[0] if checks else None
-        return lambda token: all(check(token) for check in checks)
+        return all_of([part.token_check(context) for part in self.parts])
 
     def __repr__(self) -> str:
         if self.op == "not":
@@ -114,10 +107,10 @@ class _Cached(TokenConstraint):
     def __init__(self):
         self._masks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def state(self, context: LMContext) -> Any:
+    def state(self, context: Context) -> Any:
         return None
 
-    def mask(self, context: LMContext) -> torch.Tensor:
+    def mask(self, context: Context) -> torch.Tensor:
         by_state = self._masks.setdefault(context.lm.vocab, {})
         key = self.state(context)
         if key not in by_state:
@@ -171,7 +164,7 @@ class WordLength(_Cached):
     def __repr__(self) -> str:
         return f"word_length(max={self.max}, min={self.min})"
 
-    def state(self, context: LMContext) -> int:
+    def state(self, context: Context) -> int:
         return open_word_length(context.text)
 
     def _build(self, t: TokenTable, open_word: int) -> np.ndarray:
@@ -205,7 +198,7 @@ class Words(_Cached):
     def __repr__(self) -> str:
         return f"{'allowed' if self.mode == 'allow' else 'banned'}_words({sorted(self.words)!r})"
 
-    def state(self, context: LMContext) -> str:
+    def state(self, context: Context) -> str:
         text = context.text
         n = open_word_length(text)
         return text[len(text) - n:].lower() if n else ""
@@ -285,7 +278,7 @@ class MaxWords(_Cached):
     def __repr__(self) -> str:
         return f"max_words({self.n})"
 
-    def state(self, context: LMContext) -> tuple[int, bool]:
+    def state(self, context: Context) -> tuple[int, bool]:
         text = context.text
         return len(_LETTERS.findall(text)), open_word_length(text) > 0
 
@@ -355,7 +348,7 @@ class EndsWith(_Cached):
             raise SteerError("must_end_with needs a non-empty suffix")
         self.suffix = suffix
 
-    def state(self, context: LMContext) -> bool:
+    def state(self, context: Context) -> bool:
         return context.text.endswith(self.suffix)
 
     def _build(self, t: TokenTable, done: bool) -> np.ndarray:
@@ -375,7 +368,7 @@ class StopAt(_Cached):
         if not self.strings or not all(self.strings):
             raise SteerError("stop_at needs non-empty stop strings")
 
-    def state(self, context: LMContext) -> str:
+    def state(self, context: Context) -> str:
         text = context.text
         if any(s in text for s in self.strings):
             return "\x00stopped"
@@ -419,7 +412,7 @@ class MaxTokens(TokenConstraint):
             raise SteerError(f"max_tokens needs n >= 0, got {n}")
         self.n = n
 
-    def mask(self, context: LMContext) -> torch.Tensor:
+    def mask(self, context: Context) -> torch.Tensor:
         t = TokenTable.of(context.lm.vocab)
         return torch.from_numpy(t.eos.copy() if len(context.generated) >= self.n else t.text | t.eos)
 
@@ -444,7 +437,7 @@ class ContinuesWord(_Cached):
         return t.text & ~t.breaks & (t.lead > 0)
 
 
-def healing_mask(context: LMContext) -> torch.Tensor | None:
+def healing_mask(context: Context) -> torch.Tensor | None:
     """While token healing is pending: the tokens whose text starts with the backed-off prompt text
     (None when nothing is pending)."""
     pending = context.heal
@@ -459,7 +452,7 @@ def healing_mask(context: LMContext) -> torch.Tensor | None:
     return cache[pending]
 
 
-def canonical_filter(context: LMContext) -> Canonical | None:
+def canonical_filter(context: Context) -> Canonical | None:
     """The canonical-tokenization filter of `context`'s tokenizer, or None when it is switched off."""
     if not context.canonical:
         return None
@@ -467,10 +460,33 @@ def canonical_filter(context: LMContext) -> Canonical | None:
     return None if found.trivial else found
 
 
-_BASE_CACHE: OrderedDict[tuple, torch.Tensor | None] = OrderedDict()
+class Recent(OrderedDict):
+    """A dictionary that keeps only its `limit` most recently used entries."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def recall(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            return default
+        self.move_to_end(key)
+        return self[key]
+
+    def keep(self, key: Any, value: Any) -> Any:
+        self[key] = value
+        self.move_to_end(key)
+        if len(self) > self.limit:
+            self.popitem(last=False)
+        return value
 
 
-def base_mask(context: LMContext) -> torch.Tensor | None:
+def recent(vocab: Vocabulary, name: str, limit: int) -> Recent:
+    """A bounded cache of `vocab`'s, freed with it."""
+    return vocab.derived(("recent", name), lambda: Recent(limit))
+
+
+def base_mask(context: Context) -> torch.Tensor | None:
     """What the target itself conditions the next token on, before any constraint: the first token
     reproduces a healed prompt, the sequence stays canonically tokenized, and control or multimodal
     tokens are left out unless the context allows them (None: no restriction)."""
@@ -487,12 +503,12 @@ def base_mask(context: LMContext) -> torch.Tensor | None:
     return _base_mask(context)
 
 
-def _base_mask(context: LMContext) -> torch.Tensor | None:
+def _base_mask(context: Context) -> torch.Tensor | None:
     pending, canonical = context.heal, context.canonical
-    key = (id(context.lm.vocab), pending, context.tokens[-1] if canonical else None, context.allow_special)
-    if key in _BASE_CACHE:
-        _BASE_CACHE.move_to_end(key)
-        return _BASE_CACHE[key]
+    cache = recent(context.lm.vocab, "base masks", 256)
+    key = (pending, context.tokens[-1] if canonical else None, context.allow_special)
+    if key in cache:
+        return cache.recall(key)
     t = TokenTable.of(context.lm.vocab)
     parts = [healing_mask(context)]
     canon = canonical_filter(context)
@@ -504,18 +520,15 @@ def _base_mask(context: LMContext) -> torch.Tensor | None:
     for part in parts:
         if part is not None:
             mask = part if mask is None else both(mask, part)
-    _BASE_CACHE[key] = mask
+    cache.keep(key, mask)
     if mask is not None:
         excluded = torch.from_numpy(np.flatnonzero(~mask.numpy()))
         if len(excluded) < mask.numel() // 4:
-            _EXCLUDED[id(mask)] = (mask, excluded)
-    if len(_BASE_CACHE) > 256:
-        dropped = _BASE_CACHE.popitem(last=False)[1]
-        _EXCLUDED.pop(id(dropped), None)
+            _EXCLUDED.keep(id(mask), (mask, excluded))  # the entry holds the mask: its id stays its own
     return mask
 
 
-_EXCLUDED: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+_EXCLUDED = Recent(512)
 
 
 def _text_or_eos(t: TokenTable) -> torch.Tensor:
@@ -528,7 +541,7 @@ def _text_or_eos(t: TokenTable) -> torch.Tensor:
 
 def excluded_ids(mask: torch.Tensor) -> torch.Tensor | None:
     """The ids a base mask leaves out, when it is one of the cached base masks and they are few."""
-    hit = _EXCLUDED.get(id(mask))
+    hit = _EXCLUDED.recall(id(mask))
     return hit[1] if hit is not None and hit[0] is mask else None
 
 
@@ -538,9 +551,7 @@ class View:
     their masks from it exactly as from a context, so they never judge a healed prompt's text or an
     end string."""
 
-    _vocabs: OrderedDict[tuple, Vocabulary] = OrderedDict()
-
-    def __init__(self, context: LMContext, text: str, vocab: Vocabulary | None = None):
+    def __init__(self, context: Context, text: str, vocab: Vocabulary | None = None):
         self.source = context
         self.lm = _ViewModel(vocab or context.lm.vocab)
         self.tokens, self.generated, self.text, self.heal = context.tokens, context.generated, text, ""
@@ -550,8 +561,8 @@ class View:
     def vocabulary(cls, vocab: Vocabulary, key: tuple, strings: Callable[[], dict[int, str]]) -> Vocabulary:
         """A vocabulary in which token i stands for `strings()[i]` and every other token is special
         (built once per `key`)."""
-        key = (id(vocab), *key)
-        if key not in cls._vocabs:
+        views = recent(vocab, "views", 16)
+        if key not in views:
             strings = strings()
             special = np.ones(vocab.size, dtype=bool)
             special[list(strings)] = False
@@ -561,10 +572,8 @@ class View:
                 texts[i] = s
             view = Vocabulary(texts, vocab.eos_ids, vocab.bos_id, special)
             TokenTable.of(view, cache=False)
-            cls._vocabs[key] = view
-            if len(cls._vocabs) > 16:
-                cls._vocabs.popitem(last=False)
-        return cls._vocabs[key]
+            views.keep(key, view)
+        return views.recall(key)
 
 
 class _ViewModel:
@@ -572,7 +581,7 @@ class _ViewModel:
         self.vocab = vocab
 
 
-def healed_view(context: LMContext) -> View:
+def healed_view(context: Context) -> View:
     """While healing is pending: each candidate token is judged by what it adds after the backed-off
     prompt text (a token that is exactly that text adds nothing)."""
     vocab, pending = context.lm.vocab, context.heal
@@ -583,7 +592,7 @@ def healed_view(context: LMContext) -> View:
     return View(context, "", View.vocabulary(vocab, ("heal", pending), strings))
 
 
-def ending_tokens(context: LMContext) -> dict[str, np.ndarray]:
+def ending_tokens(context: Context) -> dict[str, np.ndarray]:
     """The tokens that would write an end string of `context` next, grouped by the text they would
     end with (the text before the end string)."""
     vocab, text, pending = context.lm.vocab, context.text, context.heal
@@ -591,8 +600,9 @@ def ending_tokens(context: LMContext) -> dict[str, np.ndarray]:
         return {}
     keep = max(len(e) for e in context.end) - 1
     t = TokenTable.of(vocab)
-    key = (id(vocab), context.end, pending, text[len(text) - keep:] if keep else "")
-    found = _ENDING.get(key)
+    cache = recent(vocab, "ending tokens", 256)
+    key = (context.end, pending, text[len(text) - keep:] if keep else "")
+    found = cache.recall(key)
     if found is None:  # per token: where its end string starts, relative to the end of the text
         candidates: set[int] = set()
         for e in context.end:
@@ -610,9 +620,7 @@ def ending_tokens(context: LMContext) -> dict[str, np.ndarray]:
             at = context.end_position(text, new)
             if at is not None:
                 found.append((i, at - len(text), new))
-        _ENDING[key] = found
-        if len(_ENDING) > 256:
-            _ENDING.popitem(last=False)
+        cache.keep(key, found)
     groups: dict[str, list[int]] = {}
     for i, offset, new in found:
         ended = text[: len(text) + offset] if offset <= 0 else text + new[:offset]
@@ -620,10 +628,7 @@ def ending_tokens(context: LMContext) -> dict[str, np.ndarray]:
     return {k: np.array(v, dtype=np.int64) for k, v in groups.items()}
 
 
-_ENDING: OrderedDict[tuple, list[tuple[int, int, str]]] = OrderedDict()
-
-
-def constraint_mask(constraint: TokenConstraint, context: LMContext) -> torch.Tensor:
+def constraint_mask(constraint: TokenConstraint, context: Context) -> torch.Tensor:
     """`constraint`'s mask in `context`, judging only generated text: while healing is pending each
     token is judged by the text it adds after the backed-off prompt, and a token that writes an end
     string is judged by the text before it, as a complete text (its end-of-text entry)."""
@@ -715,35 +720,13 @@ def continues_word() -> ContinuesWord:
     return ContinuesWord()
 
 
-def NOTHING_FITS(token: int) -> bool:
-    """The budget check of a text that cannot end within its budget, whatever comes next."""
-    return False
-
-
-def budget_check(spec: Any, context: LMContext) -> Callable[[int], bool] | None:
-    """`spec`'s check of a drawn next token against the budget (see `TokenConstraint.budget_check`)."""
-    return spec.budget_check(context) if isinstance(spec, TokenConstraint) else None
-
-
-def resolve(spec: Any, context: LMContext) -> torch.Tensor | None:
-    """The boolean mask over the vocabulary that `spec` stands for in `context` (None: no restriction)."""
-    if spec is None:
+def resolve(spec: Any, context: Context) -> torch.Tensor | None:
+    """The boolean mask over the vocabulary that `spec` (anything `as_constraint` takes) stands for in
+    `context` (None: no restriction)."""
+    constraint = as_constraint(spec)
+    if constraint is None:
         return None
-    if isinstance(spec, TokenConstraint):
-        return spec.allowed_in(context)
-    from .checks import TokenCheck
-
-    if isinstance(spec, TokenCheck):
-        raise SteerError(f"{spec!r} is checked token by token, not a mask: observe "
+    if not constraint.exact:
+        raise SteerError(f"{constraint!r} is checked token by token, not a mask: observe "
                          "`ctx.allowed(check)` as True, then sample `ctx.next_token()`")
-    if isinstance(spec, torch.Tensor):
-        if spec.dtype != torch.bool or spec.shape != (context.lm.vocab.size,):
-            raise SteerError(f"a mask tensor must be bool of shape ({context.lm.vocab.size},)")
-        return spec
-    if callable(spec):
-        return resolve(spec(context), context)
-    if isinstance(spec, Iterable):
-        mask = torch.zeros(context.lm.vocab.size, dtype=torch.bool)
-        mask[list(spec)] = True
-        return mask
-    raise SteerError(f"cannot use {type(spec).__name__} as a token mask")
+    return constraint.allowed_in(context)
