@@ -119,7 +119,7 @@ def model_shape(path) -> dict[str, int]:
 
 def profile(config: str, args) -> dict:
     backend, dtype = config.split(":")
-    device = None if backend == "vllm" else args.device or steer.lm.loading.default_device()
+    device = None if backend == "vllm" else args.device or steer.lm.hf.default_device()
     lm = steer.load_model(args.model, backend=backend, dtype=dtype, device=device)
     program = lambda: steer.Generate(lm, "My favorite writing style is", args.tokens,  # noqa: E731
                                      mask=steer.masks.word_length(max=5))

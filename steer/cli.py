@@ -52,7 +52,8 @@ def add_sampler_options(parser: argparse.ArgumentParser, *, defaults: bool = Tru
     """Flags shared by every command that runs a sampler (None where a file may give the value)."""
     # imported here, as in _generate: `steer --help` and `steer check` start without loading torch
     from .resampling import SCHEMES
-    from .lm.loading import BACKENDS, DTYPES
+    from .lm.loading import DTYPES
+    from .lm.registry import backends
     from .smc import METHODS
 
     d = (lambda v: v) if defaults else (lambda v: None)
@@ -63,8 +64,8 @@ def add_sampler_options(parser: argparse.ArgumentParser, *, defaults: bool = Tru
     parser.add_argument("--beam", type=positive("--beam"), default=d(3), help="children per particle (smc-steer)")
     parser.add_argument("--seed", type=positive("--seed", least=0), default=d(0))
     parser.add_argument("--model", default=None, help="local HF model directory (default: Gemma 3 270M)")
-    parser.add_argument("--backend", choices=BACKENDS, default=None,
-                        help="hf: transformers (default); vllm: a vLLM engine (needs vLLM installed)")
+    parser.add_argument("--backend", choices=list(backends()), default=None,
+                        help="; ".join(f"{b.name}: {b.description}" for b in backends().values()))
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="weights and activations (default: float32 on hf, bfloat16 on vllm)")
     parser.add_argument("--device", default=None,

@@ -159,7 +159,7 @@ class LMContext(ModelState):
         self.extend(token_ids)
         if len(token_ids) == 1:
             return first
-        await LogprobsRequest(self, score=True)
+        await LogprobsRequest(self, score=len(token_ids) - 1)
         return first + sum(self.pending_scores)
 
     # -- distributions --------------------------------------------------------------------------------

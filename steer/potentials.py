@@ -20,7 +20,7 @@ import torch
 
 from .distributions import Distribution, NextToken
 from .errors import ModelLoadError, SteerError
-from .lm.loading import place
+from .lm.hf import place
 from .randomness import categorical
 from .scheduler import AllOf, Request
 from .template import format_prompt, judge_instruction

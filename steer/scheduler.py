@@ -32,11 +32,12 @@ class Request:
 
 
 class LogprobsRequest(Request):
-    """Bring `context`'s next-token log-probabilities up to date (and score its pending tokens if asked)."""
+    """Bring `context`'s next-token log-probabilities up to date and, with `score=k`, also return the
+    log-probability of each of its last k tokens given those before it (in `context.pending_scores`)."""
 
     __slots__ = ("context", "score")
 
-    def __init__(self, context: Any, score: bool = False):
+    def __init__(self, context: Any, score: int = 0):
         self.context = context
         self.score = score
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import difflib
 
-from steer.lm.loading import BACKENDS, DTYPES
+from steer.lm.loading import DTYPES
+from steer.lm.registry import backend_names
 from steer.resampling import SCHEMES
 
 from . import ast
@@ -107,7 +108,7 @@ class _Checker:
         return True
 
     def _model(self, node: ast.ModelDecl) -> None:
-        choices = {"backend": BACKENDS, "dtype": tuple(DTYPES)}
+        choices = {"backend": backend_names(), "dtype": tuple(DTYPES)}
         seen: set[str] = set()
         for option in node.options:
             if option.name not in choices:

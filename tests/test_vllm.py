@@ -20,8 +20,9 @@ pytest.importorskip("vllm", reason="vLLM is not installed here: `bash scripts/in
                                    ".venv-vllm, where `.venv-vllm/bin/python -m pytest tests/test_vllm.py` runs these")
 
 import steer  # noqa: E402
+from backend_contract import check_backend_contract  # noqa: E402
+from steer.context import LMContext  # noqa: E402
 from steer.scheduler import run_batched  # noqa: E402
-from steer.context import LMContext
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +46,10 @@ def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 
 async def refresh(ctx):
     await ctx.next_logprobs()
+
+
+def test_vllm_keeps_the_backend_contract(engines):
+    check_backend_contract(engines[0], "The cat sat on the mat.", tolerance=TOLERANCE)
 
 
 def test_next_token_logprobs_agree_after_extensions_copies_and_resampling(engines):

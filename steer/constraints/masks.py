@@ -129,7 +129,7 @@ def _chars_only(t: TokenTable, chars: str) -> np.ndarray:
     """Text tokens made only of `chars` (vectorised for ASCII; non-ASCII tokens checked one by one)."""
     lo, hi = ascii_bits(chars)
     ok = t.text & ((t.ascii_lo & np.uint64(~lo & (2**64 - 1))) == 0) & ((t.ascii_hi & np.uint64(~hi & (2**64 - 1))) == 0)
-    ok &= (t.ascii_lo | t.ascii_hi) != 0
+    ok &= ((t.ascii_lo | t.ascii_hi) != 0) | t.empty  # (a token that adds no text keeps any charset)
     allowed = set(chars)
     for i in np.flatnonzero(t.nonascii & t.text):
         s = t.vocab.strings[i]

@@ -93,6 +93,11 @@ class TokenTable:
 
     # -- derived lookups (cheap, built on first use) --------------------------------------------------
     @cached_property
+    def empty(self) -> np.ndarray:
+        """Text tokens with no text: in a healed view, the tokens that only re-write the prompt's end."""
+        return self.text & np.array([not s for s in self.vocab.strings], dtype=bool)
+
+    @cached_property
     def by_string(self) -> dict[str, list[int]]:
         """Token ids by their text (text tokens only)."""
         out: dict[str, list[int]] = {}

@@ -114,8 +114,7 @@ class LanguageModel(ABC):
 
     @abstractmethod
     def advance(self, requests: Sequence[LogprobsRequest]) -> None:
-        """Serve one batched round: set `context.logprobs` (float32, shape [vocab]) for every request,
-        and `context.pending_scores` for those with `score=True`."""
+        """Serve one batched round: fill the `ModelState` fields of every request's context (see there)."""
 
     def serve(self, requests: Sequence[LogprobsRequest]) -> None:  # the scheduler's name for it
         self.advance(requests)
@@ -162,8 +161,8 @@ class ModelState:
     A backend reads `tokens` (the whole sequence, prompt included) and `serial` (unique per sequence:
     a copy made by resampling gets its own), and `LanguageModel.advance` fills, for every request:
     `logprobs` (float32 log-probabilities of the next token, shape [vocab]), `draw` (a few samples from
-    them, or None), `pending_scores` (for `score=True` requests: the log-probability of each token after
-    the first of the last extension) and `backend_state` (anything the backend keeps per sequence, such
+    them, or None), `pending_scores` (for a request with `score=k`: the log-probability of each of the
+    last k tokens given those before it; None otherwise) and `backend_state` (anything the backend keeps per sequence, such
     as its cache row; cleared by `LanguageModel.release`).  Everything else a context holds is above
     the model side."""
 

@@ -16,14 +16,17 @@ live as rows of a single transformers cache.  Every batched round (`advance`) la
 from __future__ import annotations
 
 import inspect
+import os
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from ..errors import ModelLoadError
 from ..randomness import categorical
 from ..scheduler import LogprobsRequest
 from .base import DRAWS, ModelState, TokenizerLanguageModel, Vocabulary
@@ -121,6 +124,7 @@ class HFLanguageModel(TokenizerLanguageModel):
             rows_of.append(keys[key])
 
         scored_rows = {row for row, c, a in zip(rows_of, live, asked) if a and requested[c.serial].score}
+        # (a row re-encoded from scratch holds more new tokens than the request scores: its last ones count)
         hidden = self._forward(sources, chunks)  # [rows, chunk, hidden]
         self._layout += 1
         self.forward_calls += 1
@@ -149,7 +153,8 @@ class HFLanguageModel(TokenizerLanguageModel):
                 context.logprobs = logprobs[position[row]]
                 context.draw = draws[position[row]][used[row] * DRAWS:(used[row] + 1) * DRAWS]
                 used[row] += 1
-                context.pending_scores = row_scores.get(row)
+                k = requested[context.serial].score
+                context.pending_scores = row_scores[row][len(row_scores[row]) - k:] if k else None
 
     def _forward(self, sources: list[int | None], chunks: list[list[int]]) -> torch.Tensor:
         """Lay out the cache rows `sources` (None: a fresh row), append `chunks`, return hidden states."""
@@ -186,3 +191,48 @@ class HFLanguageModel(TokenizerLanguageModel):
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return torch.log_softmax(logits, dim=-1).cpu()
+
+
+def require_hf_directory(directory: Path) -> None:
+    """A Hugging Face model directory (what the hf and vllm backends read), or a `ModelLoadError`."""
+    if not directory.is_dir():
+        raise ModelLoadError(f"model directory not found: {directory}")
+    if not (directory / "config.json").exists():
+        raise ModelLoadError(f"not a Hugging Face model directory (no config.json): {directory}")
+
+
+def load(directory: Path, *, name: str, device: str | None = None, dtype: torch.dtype | None = None,
+         **options) -> HFLanguageModel:
+    """The hf backend: a transformers causal LM from a local directory (safetensors weights only)."""
+    if options:
+        raise ModelLoadError(f"the hf backend takes no engine options (got {', '.join(options)}); "
+                             "they are for the vllm backend")
+    require_hf_directory(directory)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # loading takes seconds; its per-tensor bar is noise
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32, local_files_only=True,
+                                                     use_safetensors=True)
+    except Exception as e:  # OSError, ValueError, safetensors' own error on a damaged file
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"cannot load a causal LM from {directory}: {reason}") from e
+    return HFLanguageModel(place(model, device), tokenizer, name=name)
+
+
+def default_device() -> str:
+    """`$STEER_DEVICE` if set, else "cuda" when a GPU is visible, else "cpu": a script written on a laptop
+    runs on the GPU server unchanged, and the variable pins the choice where it must not move."""
+    return os.environ.get("STEER_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def place(model: torch.nn.Module, device: str | None) -> torch.nn.Module:
+    """`model` moved to `device` (None: `default_device()`); a device that does not exist, or that
+    torch was built without, is a `ModelLoadError` naming it."""
+    device = device or default_device()
+    try:
+        return model.to(device)
+    except (RuntimeError, AssertionError) as e:
+        raise ModelLoadError(f"cannot place the model on {device!r}: {str(e).splitlines()[0]}") from e

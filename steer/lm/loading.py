@@ -20,8 +20,9 @@ import torch
 
 from ..errors import ModelLoadError
 from ..files import cache_dir, remove_stale
+from . import registry
 from .base import LanguageModel
-from .hf import HFLanguageModel
+from .hf import HFLanguageModel, place
 
 log = logging.getLogger(__name__)
 
@@ -96,24 +97,7 @@ def _convert_default_model(target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-BACKENDS = ("hf", "vllm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def default_device() -> str:
-    """`$STEER_DEVICE` if set, else "cuda" when a GPU is visible, else "cpu": a script written on a laptop
-    runs on the GPU server unchanged, and the variable pins the choice where it must not move."""
-    return os.environ.get("STEER_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def place(model: torch.nn.Module, device: str | None) -> torch.nn.Module:
-    """`model` moved to `device` (None: `default_device()`); a device that does not exist, or that
-    torch was built without, is a `ModelLoadError` naming it."""
-    device = device or default_device()
-    try:
-        return model.to(device)
-    except (RuntimeError, AssertionError) as e:
-        raise ModelLoadError(f"cannot place the model on {device!r}: {str(e).splitlines()[0]}") from e
 
 
 def load_model(path: str | os.PathLike | None = None, *, backend: str = "hf", device: str | None = None,
@@ -121,44 +105,25 @@ def load_model(path: str | os.PathLike | None = None, *, backend: str = "hf", de
     """Load a causal LM for steering: the default Gemma 3 270M when `path` is None, else a local HF
     checkpoint directory (config, safetensors weights, tokenizer).
 
-    `backend`: "hf" (transformers, float32 unless `dtype` says otherwise) or "vllm" (a vLLM engine,
-    bfloat16 unless `dtype` says otherwise; `engine_options` such as `tensor_parallel_size` go to
-    `vllm.LLM`).  `dtype`: "float32", "bfloat16" or "float16" (or a torch dtype).  `device` (transformers
+    `backend`: a name from `steer.lm.registry` (see `backends()`): "hf" (transformers, float32 unless
+    `dtype` says otherwise) or "vllm" (a vLLM engine, bfloat16 unless `dtype` says otherwise;
+    `engine_options` such as `tensor_parallel_size` go to `vllm.LLM`), or one registered there.  `dtype`: "float32", "bfloat16" or "float16" (or a torch dtype).  `device` (transformers
     backend only; vLLM runs where its build runs): "cpu", "cuda", "cuda:1", ... (default: `default_device()`)."""
-    if backend not in BACKENDS:
-        raise ModelLoadError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    chosen = registry.backend(backend)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     directory = default_model_path() if path is None else Path(path)
-    if not directory.is_dir():
+    if not directory.exists():
         raise ModelLoadError(f"model directory not found: {directory}")
-    if not (directory / "config.json").exists():
-        raise ModelLoadError(f"not a Hugging Face model directory (no config.json): {directory}")
-    name = str(path or DEFAULT_MODEL)
-    if backend == "vllm":
-        from .vllm import VLLMLanguageModel  # vLLM is an optional, heavy dependency: loaded when asked for
-
-        if device is not None:
-            raise ModelLoadError("the vllm backend runs on the device its vLLM build targets; drop `device`")
-        dtype_name = next(k for k, v in DTYPES.items() if v == (dtype or torch.bfloat16))
-        return VLLMLanguageModel(directory, dtype=dtype_name, name=name, **engine_options)
-    if engine_options:
-        raise ModelLoadError(f"engine options ({', '.join(engine_options)}) are for the vllm backend")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # loading takes seconds; its per-tensor bar is noise
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32, local_files_only=True,
-                                                     use_safetensors=True)
-    except Exception as e:  # OSError, ValueError, safetensors' own error on a damaged file
-        hint = "; delete that folder and steer converts the default model again" if path is None else ""
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise ModelLoadError(f"cannot load a causal LM from {directory}: {reason}{hint}") from e
-    return HFLanguageModel(place(model, device), tokenizer, name=name)
+        return chosen.loader()(directory, name=str(path or DEFAULT_MODEL), device=device, dtype=dtype,
+                               **engine_options)
+    except ModelLoadError as e:
+        if path is None and backend == "hf":
+            raise ModelLoadError(f"{e}; delete that folder and steer converts the default model again") from e
+        raise
 
 
 _TINY_SPECIALS = ["<eos>", "<bos>"]

@@ -16,7 +16,7 @@ How a round of particle requests is served:
   shares with its parent;
 * sessions nobody holds any more are aborted at the start of the next round, freeing their blocks.
 
-Scoring several tokens at once (`LogprobsRequest(score=True)`) uses a plain request with prompt
+Scoring several tokens at once (`LogprobsRequest(score=k)`) uses a plain request with prompt
 log-probabilities.  Engine options (`tensor_parallel_size`, `gpu_memory_utilization`, ...) pass
 straight through to `vllm.LLM`.
 """
@@ -37,6 +37,7 @@ from ..errors import ModelLoadError, SteerError
 from ..randomness import categorical
 from ..scheduler import LogprobsRequest
 from .base import DRAWS, ModelState, TokenizerLanguageModel, Vocabulary
+from .hf import require_hf_directory
 
 # Log-probabilities read off the logits, by request key.  The logits processor runs in the worker;
 # with one device that is this process, with tensor parallelism rank 0's (fetched by `_take`).
@@ -179,10 +180,10 @@ class VLLMLanguageModel(TokenizerLanguageModel):
         self._abort_dropped()
         self._round += 1
         groups: dict[tuple[int, ...], list[ModelState]] = {}
-        scored: list[ModelState] = []
+        scored: list[LogprobsRequest] = []
         for request in requests:
             if request.score:
-                scored.append(request.context)
+                scored.append(request)
             else:
                 groups.setdefault(tuple(request.context.tokens), []).append(request.context)
 
@@ -194,7 +195,7 @@ class VLLMLanguageModel(TokenizerLanguageModel):
                 self._submit(session, list(tokens))
                 waiting[session.name] = session
             served.append((session, contexts))
-        scoring = {self._submit_scored(c): c for c in scored}
+        scoring = {self._submit_scored(r.context): r for r in scored}
         outputs = self._run(set(waiting) | {f"steer-{key}" for key, _ in scoring})
         captured = self._collect()
         for session in waiting.values():
@@ -213,7 +214,8 @@ class VLLMLanguageModel(TokenizerLanguageModel):
                 context.logprobs = session.logprobs
                 context.draw = row[i * DRAWS:(i + 1) * DRAWS]
                 context.pending_scores = None
-        for i, ((key, n_scored), context) in enumerate(scoring.items(), start=len(served)):
+        for i, (key, request) in enumerate(scoring.items(), start=len(served)):
+            context, n_scored = request.context, request.score
             context.logprobs = rows[i][0][rows[i][1]]
             context.draw = draws[i][:DRAWS]
             prompt_logprobs = outputs[f"steer-{key}"].prompt_logprobs
@@ -263,22 +265,17 @@ class VLLMLanguageModel(TokenizerLanguageModel):
         self.engine.engine_core.add_request(request)
         session.tokens = list(tokens)
 
-    def _submit_scored(self, context: ModelState) -> tuple[int, int]:
-        """A one-off request with the log-probability of each prompt token: the tokens `context` added
-        since its session (all of them but the first when it has none) are the ones scored.
-        Returns the request's key and the number of tokens scored."""
+    def _submit_scored(self, context: ModelState) -> int:
+        """A one-off request with the log-probability of each prompt token (the request reads the last
+        ones it asks for); returns the request's key."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        session = context.backend_state
-        # As in the transformers backend: the first new token was scored by the last round's logprobs.
-        held = len(session.tokens) + 1 if isinstance(session, _Session) and \
-            session.tokens == context.tokens[:len(session.tokens)] else 1
         key = next(self._serial)
         params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, prompt_logprobs=0,
                                 extra_args={"steer": key})
         self.engine.add_request(f"steer-{key}", TokensPrompt(prompt_token_ids=list(context.tokens)), params)
-        return key, len(context.tokens) - held
+        return key
 
     def _run(self, expected: set[str]) -> dict[str, Any]:
         """Step the engine until every request named in `expected` has produced its token."""
@@ -355,3 +352,13 @@ class VLLMLanguageModel(TokenizerLanguageModel):
                 if output.finished and output.request_id in names:
                     done[output.request_id] = list(output.outputs[0].token_ids)
         return [done[name] for name in names]
+
+
+def load(directory: Path, *, name: str, device: str | None = None, dtype: torch.dtype | None = None,
+         **engine_options: Any) -> VLLMLanguageModel:
+    """The vllm backend: a vLLM engine over a local Hugging Face directory (bfloat16 by default)."""
+    if device is not None:
+        raise ModelLoadError("the vllm backend runs on the device its vLLM build targets; drop `device`")
+    require_hf_directory(directory)
+    dtype_name = str(dtype or torch.bfloat16).removeprefix("torch.")
+    return VLLMLanguageModel(directory, dtype=dtype_name, name=name, **engine_options)
