@@ -58,9 +58,6 @@ class StepRecord:
     seconds: float
     particles: list[str] | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
-
 
 @dataclass
 class Posterior:

@@ -295,7 +295,7 @@ def _one_of(strings, allow_eos=False):
     return masks.one_of([text(s) for s in strings], allow_eos=allow_eos)
 
 
-def _constraint(make: Callable, *text_args: int) -> Callable:
+def _constraint(make: Callable) -> Callable:
     """A constraint constructor taking language values (tokens as text); its errors become ours."""
     def build(*args):
         args = [text(a) if isinstance(a, Token) else a for a in args]

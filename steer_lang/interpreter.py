@@ -53,10 +53,6 @@ class _Return(Exception):
         self.value = value
 
 
-class _StopLoop(Exception):
-    pass
-
-
 class _Frame:
     """A block being executed: its statements, the next index, and the loop it belongs to (if any)."""
 

@@ -75,14 +75,11 @@ class TokenTable:
         self.eos = np.zeros(n, dtype=bool)
         self.eos[list(vocab.eos_ids)] = True
         self.text = ~vocab.special  # tokens that stand for text
-        self.loaded_from_cache = False
         arrays = self._load() if cache else None
         if arrays is None:
             arrays = _compute(vocab.strings, self.text)
             if cache:
                 self._save(arrays)
-        else:
-            self.loaded_from_cache = True
         for name in _FIELDS:
             setattr(self, name, arrays[name])
 
