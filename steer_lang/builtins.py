@@ -273,7 +273,8 @@ def _split(s, sep=None) -> list[str]:
 
 
 def _ended(c: LMContext) -> bool:
-    return bool(c.generated) and c.generated[-1] in c.lm.vocab.eos_ids
+    """The text is over: the end-of-text token, or a token that wrote one of the context's end strings."""
+    return c.ended or (bool(c.generated) and c.generated[-1] in c.lm.vocab.eos_ids)
 
 
 def _word_length(max=None, min=1, allow_eos=True):
@@ -363,7 +364,7 @@ _BUILTINS = [
     _b("prompt", [("c", "context")], "str", lambda c: c.lm.decode(c.tokens[:c.prompt_length]),
        "the prompt of context c"),
     _b("tokens", [("c", "context")], "int", lambda c: len(c.generated), "number of tokens generated in c"),
-    _b("ended", [("c", "context")], "bool", _ended, "c has generated the end-of-text token"),
+    _b("ended", [("c", "context")], "bool", _ended, "c's text is over: end-of-text, or an end string written"),
     # reward models (declared with `reward_model NAME = "dir"`); served in batches by the interpreter
     _b("reward", [("model", "reward_model"), ("instruction", "text"), ("response", "text")], "float", None,
        "the reward model's score of response to instruction (use in score, twist, condition or an assignment)",

@@ -167,3 +167,20 @@ def test_word_sampling_is_an_exact_sample_of_the_model():
         p = exact[outcome]
         assert abs(count / n - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-3, (outcome, count / n, p)
     assert sum(exact.values()) > 0.9  # the observed outcomes carry nearly all of the mass
+
+
+def test_an_end_string_ends_the_text_for_ended(tiny_lm):
+    """A particle whose budget runs out on a token that writes the end string has ended: `ended(c)`
+    says so, and the condition kills no particle (it killed those particles when only end-of-text
+    counted)."""
+    source = ('context c = "a", end = "b", max_tokens = 3\n'
+              "repeat 3:\n"
+              "    t = sample next(c)\n"
+              "    if t == eos:\n"
+              "        stop\n"
+              "condition ended(c)\n"
+              "result text(c)\n")
+    posterior = run_source(source, tiny_lm, particles=64, seed=0)
+    ended_by_string = [p for p in posterior.particles if p.env["c"].end_at is not None]
+    assert ended_by_string, "no particle wrote the end string: the test says nothing"
+    assert all(np.isfinite(posterior.log_weights)), "a particle that ended at its end string was killed"
