@@ -280,8 +280,14 @@ class TokenInMask(Distribution):
 
     @property
     def zero_reason(self) -> str:
-        return (f"no next token satisfies {self.constraint!r} after {self.context.text[-40:]!r}"
-                f"{_restriction_note(self.context)}")
+        ctx, c = self.context, self.constraint
+        left = getattr(ctx, "tokens_left", None)
+        if left is not None and left <= 2:  # the budget, not the constraint alone, leaves nothing
+            return (f"the token budget ran out: the text must end within {left} more "
+                    f"token{'s' if left != 1 else ''} (max_tokens={ctx.max_tokens}), and {c!r} allows no "
+                    f"ending after {ctx.text[-40:]!r} (a mask with allow_eos=False never lets the text end; "
+                    "raise max_tokens or let the constraint end)")
+        return f"no next token satisfies {c!r} after {ctx.text[-40:]!r}{_restriction_note(ctx)}"
 
     async def _log_mass(self, observed: bool = False) -> float:
         """log P(next token allowed | what is known); `observed`: it is being observed True, so a token

@@ -172,6 +172,40 @@ def test_budget_checks_finish_every_particle_and_keep_the_posterior(pattern, bud
     assert not np.isfinite(post.log_weights).all()
 
 
+@pytest.mark.parametrize("make,complete_ok,tv_runs", [
+    # (paths through "a" carry heavy-tailed weights here: its posterior is checked through Z only)
+    (lambda: steer.masks.must_end_with("b"), lambda s: s.endswith("b"), 0),
+    (lambda: steer.masks.word_length(min=2, max=3),
+     lambda s: all(2 <= len(w) <= 3 for w in regex.findall(r"[a-z]+", s)), 3),
+])
+def test_a_budget_makes_masked_proposals_end_in_time(make, complete_ok, tv_runs, monkeypatch):
+    """Any mask under a budget: the token before the last is checked (on drawn tokens) to leave a text
+    the last token can end, so no particle dies at the budget and the posterior is the exact
+    conditional; without the look-ahead particles die there, with a message that names the budget."""
+    lm = steer.tiny_model("ab ", seed=4, temperature=2.0)
+    budget = 5
+    target, z = ended_within(lm, budget, complete_ok)
+    assert len(target) >= 4
+    estimate: dict = {}
+    for s in range(max(tv_runs, 1)):
+        post = steer.smc(WithinBudget(lm, make(), budget), particles=1000, seed=s)
+        assert np.isfinite(post.log_weights).all()
+        for k, w in post.distribution().items():
+            estimate[k] = estimate.get(k, 0.0) + w / max(tv_runs, 1)
+    assert set(estimate) <= set(target), set(estimate) - set(target)
+    if tv_runs:
+        tv = 0.5 * sum(abs(estimate.get(k, 0.0) - p) for k, p in target.items())
+        assert tv < 0.05, tv
+    estimates = [math.exp(steer.importance_sampling(WithinBudget(lm, make(), budget), particles=100,
+                                                    seed=s).log_ml) for s in range(20)]
+    assert abs(np.mean(estimates) - z) < 4 * np.std(estimates) / math.sqrt(len(estimates)) + 1e-9
+    monkeypatch.setattr(steer.masks, "ending_look_ahead", lambda constraint, context: None)
+    post = steer.importance_sampling(WithinBudget(lm, make(), budget), particles=1000, seed=0)
+    assert not np.isfinite(post.log_weights).all()
+    with pytest.raises(steer.ParticlesDiedError, match=r"the token budget ran out: .*max_tokens=2"):
+        steer.smc(WithinBudget(lm, steer.masks.word_length(max=3, allow_eos=False), 2), particles=4, seed=0)
+
+
 def test_a_budget_no_text_fits_is_reported_before_sampling():
     lm = steer.tiny_model("ab ", seed=4)
     with pytest.raises(steer.SteerError, match="fits in max_tokens"):

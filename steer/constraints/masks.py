@@ -12,6 +12,7 @@ the text generated in the context (the prompt is not part of it).
 
 from __future__ import annotations
 
+import copy
 import re
 import weakref
 from collections import OrderedDict
@@ -50,8 +51,9 @@ class TokenConstraint(Constraint):
 
     def token_check(self, context: Context) -> Callable[[int], bool] | None:
         """With a token budget, a check on a drawn next token that the mask cannot afford to make for
-        every token: that the text can still end within the budget after it (None: the mask says all)."""
-        return None
+        every token: that the text can still end within the budget after it.  For a mask in general, a
+        one-token look-ahead when two tokens are left: the last one must be able to end the text."""
+        return ending_look_ahead(self, context)
 
     def __and__(self, other: Any) -> Constraint:
         if not isinstance(other, TokenConstraint):
@@ -85,9 +87,10 @@ class Combined(TokenConstraint):
         return _combine(self.op, masks)
 
     def token_check(self, context: Context) -> Callable[[int], bool] | None:
+        whole = ending_look_ahead(self, context)
         if self.op != "and":  # a budget check of one side says nothing of a union or a complement
-            return None
-        return all_of([part.token_check(context) for part in self.parts])
+            return whole
+        return all_of([whole, *(part.token_check(context) for part in self.parts)])
 
     def __repr__(self) -> str:
         if self.op == "not":
@@ -718,6 +721,27 @@ def end_of_text() -> EndOfText:
 def continues_word() -> ContinuesWord:
     """Tokens that continue an open word (letters only, no leading space)."""
     return ContinuesWord()
+
+
+def ending_look_ahead(constraint: TokenConstraint, context: Context) -> Callable[[int], bool] | None:
+    """When two tokens of the budget are left: whether, after a drawn token, the last token can end the
+    text (end-of-text or an end string, within `constraint` and the base restriction).  Checked only on
+    drawn tokens (adaptive rejection keeps the weights exact); None with more tokens left."""
+    if context.tokens_left != 2:
+        return None
+    vocab = context.lm.vocab
+
+    def can_end_after(token: int) -> bool:
+        if token in vocab.eos_ids:
+            return True
+        after = copy.deepcopy(context)  # (a context copy shares the model and its constraints' states)
+        after.extend([token])
+        if after.ended:  # the token wrote an end string: it ended the text
+            return True
+        last = base_mask(after)  # at one token left: end-of-text and the tokens that write an end string
+        return bool(both(last, constraint.allowed_in(after)).any())
+
+    return can_end_after
 
 
 def resolve(spec: Any, context: Context) -> torch.Tensor | None:
