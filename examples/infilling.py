@@ -16,6 +16,7 @@ class Infill(steer.Program):
         self.ctx = steer.LMContext(lm, segments[0])
         self.segments = list(segments[1:])
         self.max_gap, self.p_stop = max_gap, p_stop
+        self.gap = steer.masks.word_length(max=30, allow_eos=False)
         self.parts = [segments[0]]
 
     async def step(self):
@@ -23,7 +24,10 @@ class Infill(steer.Program):
         n = 1 + min(await self.sample(steer.Geometric(self.p_stop)), self.max_gap - 1)
         start = len(self.ctx.tokens)
         for _ in range(n):
-            await self.sample(self.ctx.next_token(steer.masks.word_length(max=30, allow_eos=False)))
+            # the target is the model conditioned on the gap not ending the text (as in infilling.steer):
+            # observing the mask adds its probability to the weight, then the token is drawn within it
+            await self.observe(self.ctx.allowed(self.gap), True)
+            await self.sample(self.ctx.next_token())
         self.parts.append(self.ctx.lm.decode(self.ctx.tokens[start:]))
         segment = self.segments.pop(0)
         await self.observe(self.ctx.continuation(), segment)  # one batched forward, whatever its length

@@ -94,9 +94,22 @@ class LMContext(ModelState):
         return full if self.end_at is None else full[: self.end_at]
 
     @property
+    def rewrote_prompt(self) -> bool:
+        """The first generated token only re-wrote the prompt text that healing backed off ("Hello"
+        after the prompt "Hello"): it adds no text, and budgets do not count it."""
+        return (bool(self.healed) and len(self.tokens) > self.prompt_length
+                and self.lm.vocab.strings[self.tokens[self.prompt_length]] == self.healed)
+
+    @property
+    def written(self) -> int:
+        """Generated tokens that wrote text (or ended it): all of them but a re-write of the prompt."""
+        return len(self.generated) - self.rewrote_prompt
+
+    @property
     def tokens_left(self) -> int | None:
-        """Tokens this context may still generate, the ending one included (None: no budget)."""
-        return None if self.max_tokens is None else self.max_tokens - len(self.generated)
+        """Tokens this context may still generate, the ending one included, not counting a first token
+        that only re-writes the healed prompt text (None: no budget)."""
+        return None if self.max_tokens is None else self.max_tokens - self.written
 
     @property
     def ended(self) -> bool:

@@ -45,7 +45,7 @@ class Generate(Program):
             await self.observe(ctx.allowed(self.constraint), True)
         proposal = ctx.next_token(self.mask) if self.mask is not None else None
         token = await self.sample(ctx.next_token(), proposal=proposal)
-        if token.is_eos or len(ctx.generated) >= self.max_tokens:
+        if token.is_eos or ctx.written >= self.max_tokens:
             self.finish()
 
     def result(self) -> str:

@@ -204,10 +204,10 @@ def program(step: Callable) -> Callable[..., FunctionProgram]:
         @steer.program
         async def short_words(p, ctx, max_tokens=20):
             token = await p.sample(ctx.next_token(steer.masks.word_length(max=5)))
-            if token.is_eos or len(ctx.generated) >= max_tokens:
+            if token.is_eos or ctx.written >= max_tokens:
                 p.finish()
 
-        posterior = steer.smc(short_words(ctx=LMContext(lm, "Once")), particles=8)
+        posterior = steer.smc(short_words(ctx=steer.LMContext(lm, "Once")), particles=8)
     """
 
     @functools.wraps(step)

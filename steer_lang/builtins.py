@@ -164,7 +164,13 @@ def _regex(pattern: str, s: str, full: bool) -> bool:
 
 
 def _words(s: str) -> list[str]:
-    return regex.findall(r"[^\W\d_]+(?:['’][^\W\d_]+)*", s)
+    """Runs of letters: the words of the word masks, `sample word(c)` and `prefer_words` too."""
+    return regex.findall(r"[^\W\d_]+", s)
+
+
+def _has_words(s: Any, words: Any) -> bool:
+    wanted = {w.lower() for w in _strings("has_words", words)}
+    return wanted <= {w.lower() for w in _words(text(s))}
 
 
 def _number(kind: type) -> Callable:
@@ -333,6 +339,8 @@ _BUILTINS = [
     _b("float", [("x", "any")], "float", _number(float), "float from a number or a string"),
     _b("words", [("s", "text")], "list", lambda s: _words(text(s)), "the words (runs of letters) of s"),
     _b("word_count", [("s", "text")], "int", lambda s: len(_words(text(s))), "number of words in s"),
+    _b("has_words", [("s", "text"), ("words", "list")], "bool", _has_words,
+       "every listed word is a word of s (case-insensitive)"),
     _b("contains", [("s", "any"), ("sub", "any")], "bool", _contains, "sub occurs in s (string or list)"),
     _b("starts_with", [("s", "text"), ("prefix", "text")], "bool", lambda s, p: text(s).startswith(text(p)),
        "s starts with prefix"),
@@ -363,7 +371,8 @@ _BUILTINS = [
     _b("text", [("c", "context")], "str", lambda c: c.text, "the text generated in context c"),
     _b("prompt", [("c", "context")], "str", lambda c: c.lm.decode(c.tokens[:c.prompt_length]),
        "the prompt of context c"),
-    _b("tokens", [("c", "context")], "int", lambda c: len(c.generated), "number of tokens generated in c"),
+    _b("tokens", [("c", "context")], "int", lambda c: c.written,
+       "number of tokens generated in c (a first token that only re-wrote the healed prompt excluded)"),
     _b("ended", [("c", "context")], "bool", _ended, "c's text is over: end-of-text, or an end string written"),
     # reward models (declared with `reward_model NAME = "dir"`); served in batches by the interpreter
     _b("reward", [("model", "reward_model"), ("instruction", "text"), ("response", "text")], "float", None,
@@ -388,8 +397,9 @@ _BUILTINS = [
        "no complete word is one of these", "mask"),
     _b("allowed_words", [("words", "list")], "mask",
        lambda w: _constraint(masks.allowed_words)(_strings("allowed_words", w)), "every word is one of these", "mask"),
-    _b("max_words", [("n", "int"), ("allow_eos", "bool", True)], "mask", _constraint(masks.max_words),
-       "at most n words", "mask"),
+    _b("max_words", [("n", "int"), ("allow_eos", "bool", True), ("min", "int", 0)], "mask",
+       _constraint(masks.max_words), "at most n words; the text ends only with at least min (min=n: exactly n)",
+       "mask"),
     _b("must_end_with", [("suffix", "str")], "mask", _constraint(masks.must_end_with),
        "the text may only end once it ends with suffix", "mask"),
     _b("prefer_words", [("words", "list"), ("bonus", "float", 2.0)], "mask",

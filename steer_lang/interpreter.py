@@ -322,15 +322,23 @@ class ScriptProgram(Program):
                     value = await self.call(NextWord(ctx, mask, tilt=where))
                     self.tokens_sampled += len(ctx.tokens) - before
                     return value
-                if mask is not None:
-                    await self.observe(ctx.allowed(mask), True)
-                    if self.finished:  # no allowed token: the particle died
-                        return ctx.lm.token(next(iter(ctx.lm.vocab.eos_ids)))
-                self.tokens_sampled += 1
-                return await self.sample(ctx.next_token(tilt=where))
+                token = await self._next_token(ctx, mask, where)
+                if ctx.rewrote_prompt and len(ctx.generated) == 1 and not self.finished:
+                    # the token only re-wrote the healed prompt text: `next` is the token that writes
+                    self.tokens_sampled -= 1
+                    token = await self._next_token(ctx, mask, where)
+                return token
             except SteerError as e:
                 raise ProgramError(s, str(e)) from None
         return await self.sample(self._simple_distribution(call, args))
+
+    async def _next_token(self, ctx: LMContext, mask: Constraint | None, where: Constraint | None) -> Token:
+        if mask is not None:
+            await self.observe(ctx.allowed(mask), True)
+            if self.finished:  # no allowed token: the particle died
+                return ctx.lm.token(next(iter(ctx.lm.vocab.eos_ids)))
+        self.tokens_sampled += 1
+        return await self.sample(ctx.next_token(tilt=where))
 
     def _simple_distribution(self, call: ast.Call, args: dict[str, Any]):
         try:

@@ -17,6 +17,8 @@ import steer
 
 from steer.files import TEMPORARY
 
+pytestmark = pytest.mark.slow  # processes killed and resumed, training runs: seconds each, so not in the fast subset
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
@@ -106,7 +108,6 @@ for i in range(10_000):
     assert not any(p.exists() for p in leftovers)  # the killed writer's temporary is gone
 
 
-@pytest.mark.slow
 def test_a_conversion_killed_half_way_leaves_no_model_and_is_cleaned_up(tmp_path):
     cache = tmp_path / "cache"
     models = cache / "models"

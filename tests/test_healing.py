@@ -111,3 +111,28 @@ def test_masks_do_not_judge_the_healed_prompt(gemma):
 def test_errors_name_the_healed_text(tiny_lm):
     with pytest.raises(steer.ParticlesDiedError, match="token healing: the next token must start with 'b'"):
         steer.smc(Free(tiny_lm, "ab", 2, constraint=[tiny_lm.encode("a", bos=False)[0]]), particles=2, seed=0)
+
+
+def test_a_token_that_only_rewrites_the_prompt_does_not_count():
+    """After the prompt "ab" (a token of its own, backed off by healing) the first token re-writes
+    "ab" and adds nothing: `sample next(c)` then draws the token that writes, budgets do not count the
+    re-write, and `tokens(c)` leaves it out."""
+    from steer_lang import Script
+
+    lm = steer.tiny_model("ab ", seed=3, merges=[("a", "b")])
+    ctx = LMContext(lm, "ab", max_tokens=1)
+    assert ctx.heal == "ab"
+    ctx.extend(lm.encode("ab", bos=False))
+    assert ctx.rewrote_prompt and ctx.text == "" and ctx.written == 0 and ctx.tokens_left == 1
+
+    source = ('context c = "ab", max_tokens = 2\n'
+              "t = sample next(c)\n"
+              "result [text(c), tokens(c)]\n")
+    posterior = Script.from_source(source, "t.steer").run(lm, particles=16, seed=0)
+    assert np.isfinite(posterior.log_weights).all()
+    for particle in posterior.particles:
+        written, counted = particle.value
+        ctx = particle.env["c"]
+        assert ctx.rewrote_prompt, "the tiny BPE's only token starting with 'ab' is 'ab' itself"
+        assert counted == 1 and len(ctx.generated) == 2
+        assert written == ctx.text and (written != "" or ctx.generated[-1] in lm.vocab.eos_ids)

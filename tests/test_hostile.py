@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each case runs the CLI in a subprocess and measures it: seconds each, so not in the fast subset
+
 PEAK_RSS_MB = 1500  # the interpreter with torch and transformers loaded takes about 400 MB of it
 SECONDS = 30  # start-up included; the run's own --time-limit is 5 s
 

@@ -24,6 +24,8 @@ from train.icp import (
     window_spans,
 )
 
+pytestmark = pytest.mark.slow  # embedding models and corpus orderings: seconds each, so not in the fast subset
+
 
 def clusters(sizes, dim=24, spread=0.3, seed=0):
     rng = np.random.default_rng(seed)

@@ -2,6 +2,7 @@
 on an enumerable model, and the run-time meaning of each statement."""
 
 import math
+import re
 from collections import Counter
 
 import numpy as np
@@ -184,3 +185,21 @@ def test_an_end_string_ends_the_text_for_ended(tiny_lm):
     ended_by_string = [p for p in posterior.particles if p.env["c"].end_at is not None]
     assert ended_by_string, "no particle wrote the end string: the test says nothing"
     assert all(np.isfinite(posterior.log_weights)), "a particle that ended at its end string was killed"
+
+
+def test_words_are_runs_of_letters_and_exact_word_counts(tiny_lm):
+    source = ('x = [word_count("don\'t stop"), has_words("The Cat sat", ["cat", "sat"]), '
+              'has_words("cats", ["cat"])]\n'
+              "result x\n")
+    assert run_source(source, tiny_lm, particles=1).particles[0].value == (3, True, False)
+    lm = steer.tiny_model("ab ", seed=4, temperature=2.0)
+    source = ('context c = "", max_tokens = 12\n'
+              "repeat 12:\n"
+              "    t = sample next(c) where max_words(2, min=2)\n"
+              "    if t == eos:\n"
+              "        stop\n"
+              "condition ended(c)\n"
+              "result text(c)\n")
+    posterior = run_source(source, lm, particles=32, seed=0)
+    finished = [p.value for p, w in zip(posterior.particles, posterior.log_weights) if np.isfinite(w)]
+    assert finished and all(len(re.findall(r"[a-z]+", t)) == 2 for t in finished), finished

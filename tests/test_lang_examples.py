@@ -2,17 +2,20 @@
 
 import math
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import steer
 from steer.constraints.canonical import Canonical
 from steer_lang import Script
 from steer.context import LMContext
 
 pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))  # the Python forms of the examples
 
 
 def run(name, lm, **options):
@@ -38,7 +41,11 @@ def test_short_words(gemma):
 
 
 def test_infilling(gemma):
-    script, _, live = run("infilling", gemma, particles=3, inputs={"max_gap": 3})
+    script, post, live = run("infilling", gemma, particles=3, inputs={"max_gap": 3})
+    from infilling import Infill  # the Python form: the same target, so the same particles and log_ml
+
+    python = steer.smc(Infill(gemma, script.input_values()["segments"], max_gap=3), particles=3, seed=0)
+    assert math.isclose(python.log_ml, post.log_ml, rel_tol=1e-6, abs_tol=1e-6)
     segments = script.input_values()["segments"]
     for p, _ in live:
         text = p.result()

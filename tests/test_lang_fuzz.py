@@ -8,6 +8,9 @@ from hypothesis import strategies as st
 
 from steer.errors import SteerError
 from steer_lang import LangError, Script, parse
+import pytest
+
+pytestmark = pytest.mark.slow  # hundreds of generated programs: seconds each, so not in the fast subset
 
 EXAMPLES = [p.read_text() for p in sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.steer"))]
 PIECES = ["sample", "observe", "from", "where", "next(c)", "word(c)", "repeat", "while", "max", "for", "in",

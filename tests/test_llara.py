@@ -14,6 +14,8 @@ from steer.jsonl import DataError
 from train.common import TrainOptions, load_causal_lm, load_tokenizer
 from train.llara import bag_of_words_loss, load_passage_pairs, train_llara
 
+pytestmark = pytest.mark.slow  # training steps: seconds each, so not in the fast subset
+
 
 def test_bag_of_words_loss_equals_a_direct_computation():
     torch.manual_seed(0)
@@ -109,7 +111,6 @@ def test_a_plain_model_without_reserved_tokens_cannot_embed(tiny_text_dir):
         LLMEmbedder.load(tiny_text_dir)
 
 
-@pytest.mark.slow
 def test_llara_lora_step_on_the_default_model(wiki_docs, tmp_path, capsys):
     rows = [json.loads(line) for line in wiki_docs.read_text().splitlines()]
     articles = sorted({r["id"].rpartition("-")[0] for r in rows})[:2]

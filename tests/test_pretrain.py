@@ -14,6 +14,8 @@ from train.common import TrainOptions, load_tokenizer, model_dir
 from train.icp import pack
 from train.pretrain import load_windows, perplexity, pretrain
 
+pytestmark = pytest.mark.slow  # training steps: seconds each, so not in the fast subset
+
 
 def write_windows(path, windows):
     path.write_text("".join(json.dumps({"input_ids": w}) + "\n" for w in windows))
@@ -88,7 +90,6 @@ def test_continued_pretraining_of_a_model_directory(tiny_text_dir, tmp_path, cap
     assert not (tmp_path / "run/model/vocabulary.json").exists()  # the model keeps its own vocabulary
 
 
-@pytest.mark.slow
 def test_continued_pretraining_of_the_default_model_with_lora(wiki_windows, tmp_path):
     options = TrainOptions(out=str(tmp_path / "run"), max_steps=1, batch_size=1, learning_rate=1e-4, lora=True,
                            limit=3, eval_fraction=0.34, save_steps=100, progress=False)

@@ -28,6 +28,8 @@ from train.radit import (
     write_qa,
 )
 
+pytestmark = pytest.mark.slow  # training steps and embedding models: seconds each, so not in the fast subset
+
 
 def test_lsr_loss_equals_a_direct_computation():
     retriever = np.array([[0.9, 0.5, 0.1, 0.3], [0.2, 0.8, 0.75, 0.1]])
@@ -155,7 +157,6 @@ def test_a_query_encoder_of_another_dimension_is_refused(minilm, tmp_path):
         load_embedder(str(tmp_path))
 
 
-@pytest.mark.slow
 def test_both_radit_stages_on_the_default_model(wiki_index, wiki_docs, tmp_path, capsys):
     qa = tmp_path / "qa.jsonl"
     write_qa(qa, cloze_questions(load_documents(wiki_docs))[:4])

@@ -17,6 +17,8 @@ from retrieval.retriever import Retriever
 from steer.cli import main
 from steer.jsonl import DataError
 
+pytestmark = pytest.mark.slow  # the MiniLM embedder and faiss indexes: seconds each, so not in the fast subset
+
 
 def clustered(n=4000, dim=32, clusters=40, seed=0):
     rng = np.random.default_rng(seed)

@@ -21,6 +21,8 @@ from train.seed_data import load_seed_data
 from train.self_instruct import clean_task, deduplicate, few_shot_prompt
 from train.self_reward import JudgeFailed, SelfRewardConfig, self_reward
 
+pytestmark = pytest.mark.slow  # training iterations: seconds each, so not in the fast subset
+
 
 def test_judge_prompt_holds_the_question_the_response_and_the_five_criteria():
     prompt = judge_instruction("  What is 2+2? ", "It is 4.")

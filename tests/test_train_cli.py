@@ -7,6 +7,8 @@ import pytest
 import steer
 from steer.cli import main
 
+pytestmark = pytest.mark.slow  # training runs from the command line: seconds each, so not in the fast subset
+
 
 def run(args, capsys):
     code = main(args)

@@ -12,6 +12,8 @@ from train.common import TrainOptions, load_causal_lm
 from train.data import load_pairs
 from train.dpo import build_trainer, train_dpo
 
+pytestmark = pytest.mark.slow  # training steps: seconds each, so not in the fast subset
+
 BETA = 0.3
 
 

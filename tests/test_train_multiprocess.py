@@ -12,6 +12,8 @@ import pytest
 
 from steer.cli import main
 
+pytestmark = pytest.mark.slow  # two training processes at once: seconds each, so not in the fast subset
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -25,6 +25,8 @@ from train.reward import (
 )
 from train.strength import categorise, ensemble_strength, preference_strength
 
+pytestmark = pytest.mark.slow  # training steps: seconds each, so not in the fast subset
+
 
 def test_bradley_terry_loss_with_margin_and_smoothing_equals_a_direct_computation(tiny_text_dir, arithmetic_pairs,
                                                                                   tmp_path):

@@ -11,6 +11,8 @@ from train.common import TrainOptions, load_causal_lm
 from train.data import held_out, load_examples
 from train.sft import train_sft
 
+pytestmark = pytest.mark.slow  # training steps: seconds each, so not in the fast subset
+
 
 def test_sft_learns_completions_and_its_loss_is_the_completion_nll(tmp_path, tiny_text_dir):
     rng = random.Random(0)

@@ -270,16 +270,16 @@ def lead_maps(t: TokenTable) -> tuple[dict[str, list[int]], dict[str, list[int]]
 
 
 class MaxWords(_Cached):
-    """At most `n` words."""
+    """At most `n` words; the text may end only once it holds at least `min` (`min=n`: exactly n)."""
 
-    def __init__(self, n: int, allow_eos: bool = True):
+    def __init__(self, n: int, allow_eos: bool = True, min: int = 0):
         super().__init__()
-        if n < 0:
-            raise SteerError(f"max_words needs n >= 0, got {n}")
-        self.n, self.allow_eos = n, allow_eos
+        if n < 0 or not 0 <= min <= n:
+            raise SteerError(f"max_words needs 0 <= min <= n, got n={n}, min={min}")
+        self.n, self.allow_eos, self.min = n, allow_eos, min
 
     def __repr__(self) -> str:
-        return f"max_words({self.n})"
+        return f"max_words({self.n}{f', min={self.min}' if self.min else ''})"
 
     def state(self, context: Context) -> tuple[int, bool]:
         text = context.text
@@ -289,7 +289,7 @@ class MaxWords(_Cached):
         count, open_word = state
         new = t.runs - ((t.lead > 0) & open_word).astype(np.int32)
         ok = t.text & (count + new <= self.n)
-        return _with_eos(ok, t, self.allow_eos)
+        return _with_eos(ok, t, self.allow_eos and count >= self.min)
 
 
 # -- character- and string-level constraints --------------------------------------------------------
@@ -417,7 +417,7 @@ class MaxTokens(TokenConstraint):
 
     def mask(self, context: Context) -> torch.Tensor:
         t = TokenTable.of(context.lm.vocab)
-        return torch.from_numpy(t.eos.copy() if len(context.generated) >= self.n else t.text | t.eos)
+        return torch.from_numpy(t.eos.copy() if context.written >= self.n else t.text | t.eos)
 
     def __repr__(self) -> str:
         return f"max_tokens({self.n})"
@@ -497,9 +497,12 @@ def base_mask(context: Context) -> torch.Tensor | None:
         return torch.from_numpy(TokenTable.of(context.lm.vocab).eos.copy())
     left = getattr(context, "tokens_left", None)
     if left is not None and left <= 1:  # the budget's last token must end the text
-        last = TokenTable.of(context.lm.vocab).eos.copy()
+        table = TokenTable.of(context.lm.vocab)
+        last = table.eos.copy()
         for ids in ending_tokens(context).values():
             last[ids] = True
+        if context.heal:  # a token that only re-writes the healed prompt text is not counted
+            last[table.by_string.get(context.heal, [])] = True
         mask = torch.from_numpy(last)
         rest = _base_mask(context)
         return mask if rest is None else both(mask, rest)
@@ -693,9 +696,10 @@ def allowed_words(words: Iterable[str]) -> Words:
     return Words(words, "allow")
 
 
-def max_words(n: int, allow_eos: bool = True) -> MaxWords:
-    """At most `n` words in the generated text."""
-    return MaxWords(n, allow_eos=allow_eos)
+def max_words(n: int, allow_eos: bool = True, min: int = 0) -> MaxWords:
+    """At most `n` words in the generated text, and at least `min` before it may end (`min=n`: exactly
+    n words)."""
+    return MaxWords(n, allow_eos=allow_eos, min=min)
 
 
 def must_end_with(suffix: str) -> EndsWith:
@@ -736,7 +740,7 @@ def ending_look_ahead(constraint: TokenConstraint, context: Context) -> Callable
             return True
         after = copy.deepcopy(context)  # (a context copy shares the model and its constraints' states)
         after.extend([token])
-        if after.ended:  # the token wrote an end string: it ended the text
+        if after.ended or after.tokens_left > 1:  # it ended the text, or only re-wrote the prompt's end
             return True
         last = base_mask(after)  # at one token left: end-of-text and the tokens that write an end string
         return bool(both(last, constraint.allowed_in(after)).any())
