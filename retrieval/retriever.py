@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from steer.files import atomic_open
+from steer.files import atomic_open, atomic_path
 
 from .corpus import Document, embed_documents, load_documents
 from .embedders import MINILM, Embedder, RetrievalError
@@ -93,16 +93,18 @@ def build_retriever(docs: str | Path, out: str | Path, embedder: Embedder | None
     """
     documents = load_documents(docs, limit=limit)
     embedder = embedder or load_embedder()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    vectors = embed_documents(embedder, [d.text for d in documents], out, ids=[d.id for d in documents],
-                              batch_size=batch_size, progress=progress)
-    index = VectorIndex.build(np.asarray(vectors), kind=kind, embedder=embedder.name, progress=progress,
-                              **index_options)
-    index.save(out)
-    with atomic_open(out / DOCUMENTS) as f:
-        for d in documents:
-            row = {k: v for k, v in asdict(d).items() if v is not None}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    # Built in a folder beside `out` that replaces it whole at the end: a build that fails or is killed
+    # leaves an earlier index as it was, never a mix of old and new files.
+    with atomic_path(out) as staging:
+        staging.mkdir()
+        vectors = embed_documents(embedder, [d.text for d in documents], staging, ids=[d.id for d in documents],
+                                  batch_size=batch_size, progress=progress)
+        index = VectorIndex.build(np.asarray(vectors), kind=kind, embedder=embedder.name, progress=progress,
+                                  **index_options)
+        index.save(staging)
+        with atomic_open(staging / DOCUMENTS) as f:
+            for d in documents:
+                row = {k: v for k, v in asdict(d).items() if v is not None}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return Retriever(embedder, index, documents)
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 
 from .errors import SteerError
+from .files import os_error_of
 
 EXIT_USER = 2
 EXIT_INTERNAL = 1
@@ -193,6 +194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
+        failure = os_error_of(e)
+        if failure is not None:  # the disk filled up, a file-size limit, a permission: say what and where
+            where = f": {failure.filename}" if failure.filename else ""
+            print(f"steer: error: {failure.strerror or failure}{where} (files written whole before are left "
+                  "as they were)", file=sys.stderr)
+            return EXIT_USER
         print(f"steer: internal error: {type(e).__name__}: {e} (rerun with --debug for details)", file=sys.stderr)
         return EXIT_INTERNAL
 

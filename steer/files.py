@@ -9,7 +9,9 @@ killed runs (`remove_stale`) from those of a run still writing.
 from __future__ import annotations
 
 import contextlib
+import fcntl  # POSIX file locks: steer runs on Linux and macOS
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,19 +22,43 @@ TEMPORARY = ".partial-"
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path next to `path`; renamed to `path` when the block ends, removed if it fails."""
+    """A temporary path next to `path`; renamed to `path` when the block ends, removed if it fails.
+    The block may make it a directory: a whole directory then replaces the old one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path.parent, suffix=f"-{path.name}")  # what killed writers of this file left
     temporary = path.with_name(f"{TEMPORARY}{os.getpid()}-{path.name}")
     try:
         yield temporary
-        os.replace(temporary, path)
+        if temporary.is_dir() and path.is_dir():  # the old directory moves aside, then goes
+            old = path.with_name(f"{TEMPORARY}{os.getpid()}-old-{path.name}")
+            os.replace(path, old)
+            os.replace(temporary, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(temporary, path)
+    except Exception as e:
+        failure = os_error_of(e)
+        if failure is not None and (failure.filename is None or str(failure.filename).startswith(str(temporary))):
+            raise OSError(failure.errno, failure.strerror, str(path)) from e  # named as the user knows it
+        raise
     finally:
         if temporary.is_dir():
             shutil.rmtree(temporary, ignore_errors=True)
         else:
             temporary.unlink(missing_ok=True)
+
+
+def os_error_of(e: Exception) -> OSError | None:
+    """The operating-system error behind `e`: itself, or one that a writer in Rust (safetensors)
+    reports as its own error type with "(os error N)" in the message."""
+    if isinstance(e, OSError):
+        return e
+    found = re.search(r"os error (\d+)", str(e))
+    if found is None:
+        return None
+    number = int(found.group(1))
+    return OSError(number, os.strerror(number))
 
 
 @contextlib.contextmanager
@@ -49,6 +75,20 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_open(path) as f:
         f.write(text)
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (created if missing) for the block: one process at a
+    time, the others wait.  The system releases it when its process ends, even one killed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _alive(pid: int) -> bool:

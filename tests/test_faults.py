@@ -5,6 +5,7 @@ next run resumes to the same result, and every file is the old one or the new on
 import json
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -46,6 +47,10 @@ def dpo(tiny_text_dir, pairs, out, *extra) -> list[str]:
             "--save-steps", "1", "--no-progress", *extra]
 
 
+def complete_checkpoints(out: Path) -> list[str]:
+    return [d.name for d in out.glob("checkpoint-*") if (d / "trainer_state.json").exists()]
+
+
 def checkpoint_being_written(out: Path) -> bool:
     return any(d.name.startswith("checkpoint-") and not (d / "trainer_state.json").exists()
                for d in out.glob("checkpoint-*"))
@@ -65,11 +70,19 @@ def test_training_killed_mid_checkpoint_and_at_random_resumes_to_the_same_result
             break
     assert checkpoint_being_written(out)  # a half-written checkpoint is left behind
     rng = random.Random(0)
-    for _ in range(2):  # then at random moments of resumed runs
-        delay = rng.uniform(6, 9)  # start-up takes about 5 s here
+    for _ in range(2):  # then at seeded moments of resumed runs' training steps: after a new checkpoint
+        delay = rng.uniform(0.0, 1.0)
+        before = set(complete_checkpoints(out))
         run = start(dpo(tiny_text_dir, arithmetic_pairs, out, "--resume"))
-        started = time.monotonic()
-        kill_when(run, lambda: time.monotonic() - started > delay)
+        seen: list[float] = []
+
+        def in_training() -> bool:
+            if not seen and set(complete_checkpoints(out)) - before:
+                seen.append(time.monotonic())  # the resumed run is past start-up, taking steps
+            return bool(seen) and time.monotonic() - seen[0] > delay
+
+        killed = kill_when(run, in_training)
+        assert killed or json.loads((out / "metrics.json").read_text())  # (or it finished first)
     final = start(dpo(tiny_text_dir, arithmetic_pairs, out, "--resume"))
     assert final.wait() == 0, final.stderr.read()[-2000:]
     got = json.loads((out / "metrics.json").read_text())
@@ -149,3 +162,104 @@ def test_a_damaged_model_file_is_a_one_line_load_error(tiny_dir, tmp_path):
     with pytest.raises(steer.SteerError, match="cannot load a causal LM from") as info:
         steer.load_model(damaged)
     assert "\n" not in str(info.value)
+
+
+def test_two_processes_converting_into_an_empty_cache_convert_once(tmp_path):
+    """Two first runs at once: one converts, the other waits for it and loads the same model."""
+    cache = tmp_path / "cache"
+    script = ("import logging, steer.lm.loading as l; logging.basicConfig(level=logging.INFO); "
+              "print(l.default_model_path())")
+    first, second = (subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env={**ENV, "STEER_CACHE": str(cache)})
+                     for _ in range(2))
+    outputs = [p.communicate(timeout=900) for p in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, [err[-2000:] for _, err in outputs]
+    assert {out.strip() for out, _ in outputs} == {str(cache / "models" / "gemma-3-270m")}
+    assert sum("converting the default model" in err for _, err in outputs) == 1
+    from steer.lm.loading import _intact
+
+    assert _intact(cache / "models" / "gemma-3-270m")
+    assert not [p for p in (cache / "models").iterdir() if p.name.startswith(".convert-")]
+
+
+# -- a full disk -------------------------------------------------------------------------------------
+# A process whose files may not grow past a size: its writes fail as on a full disk (EFBIG where a
+# full disk gives ENOSPC), through the same code paths.  It needs no privileges, so it runs everywhere;
+# a real small file system (a tmpfs) would need root to mount.
+
+
+def limited(size: int):
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+    return apply
+
+
+def cli(args: list[str], size: int | None = None, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "steer.cli", *args], capture_output=True, text=True,
+                          env={**ENV, **env}, preexec_fn=limited(size) if size else None, timeout=900)
+
+
+def one_line_write_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr[-2000:]
+    err = result.stderr.strip()
+    assert "\n" not in err and err.startswith("steer: error: File too large"), err
+    return err
+
+
+def leftovers(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.startswith(TEMPORARY)]
+
+
+def test_a_full_disk_during_run_trace_keeps_the_earlier_trace(tiny_dir, tmp_path):
+    program = tmp_path / "p.steer"
+    program.write_text('context c = "a"\nrepeat 6:\n    t = sample next(c)\nresult text(c)\n')
+    trace = tmp_path / "trace.html"
+    args = ["run", str(program), "--model", str(tiny_dir), "-n", "8", "--trace", str(trace)]
+    cache = {"STEER_CACHE": str(tmp_path / "cache")}
+    assert cli(args, **cache).returncode == 0
+    before = trace.read_bytes()
+    err = one_line_write_error(cli([*args, "--seed", "1"], size=len(before) // 2, **cache))
+    assert str(trace.parent) in err
+    assert trace.read_bytes() == before and not leftovers(tmp_path)
+
+
+def test_a_full_disk_during_training_leaves_no_half_model(tiny_text_dir, arithmetic_pairs, tmp_path):
+    out = tmp_path / "dpo"
+    args = ["train", "dpo", "--data", str(arithmetic_pairs), "--model", str(tiny_text_dir), "--out", str(out),
+            "--max-steps", "2", "--batch-size", "4", "--max-length", "64", "--save-steps", "100", "--no-progress"]
+    one_line_write_error(cli(args, size=64_000))
+    assert not (out / "model").exists()  # the model folder appears whole or not at all
+    assert cli(args).returncode == 0  # with room again, the same command finishes
+    assert steer.load_model(out / "model").vocab.size > 0 and not leftovers(out)
+
+
+def test_a_full_disk_or_a_kill_during_index_build_keeps_the_earlier_index(wiki_docs, tmp_path):
+    from retrieval.retriever import Retriever
+
+    out = tmp_path / "index"
+    build = ["index", "build", "--docs", str(wiki_docs), "--out", str(out), "--no-progress"]
+    assert cli(build).returncode == 0
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    one_line_write_error(cli([*build, "--kind", "hnsw"], size=40_000))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+
+    process = start(["-m", "steer.cli", *build, "--kind", "hnsw"])
+    staged = lambda: any(p.name.startswith(TEMPORARY) and (p / "embeddings.npy").exists()  # noqa: E731
+                         for p in tmp_path.iterdir())
+    assert kill_when(process, staged)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files  # killed mid-build: the old index
+    assert leftovers(tmp_path)
+    assert cli([*build, "--kind", "hnsw"]).returncode == 0  # rebuilt, and the killed build's folder gone
+    assert not leftovers(tmp_path)
+    assert json.loads((out / "index.json").read_text())["kind"] == "hnsw"
+    assert Retriever.load(out).search("anarchism", k=1)[0].title == "Anarchism"
+
+
+def test_a_full_disk_during_conversion_leaves_no_model(tmp_path):
+    cache = tmp_path / "cache"
+    one_line_write_error(cli(["generate", "--prompt", "a", "-t", "1", "-n", "1"], size=50_000_000,
+                             STEER_CACHE=str(cache)))
+    models = cache / "models"
+    assert not (models / "gemma-3-270m").exists()
+    assert not [p for p in models.iterdir() if p.name.startswith(".convert-")]

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from steer.errors import SteerError
+from steer.files import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -176,11 +177,15 @@ def save_final(trainer, tokenizer, out: str | Path, lora: bool) -> Path:
     load; a LoRA run also keeps its adapter in `out/adapter`."""
     out = Path(out)
     model = trainer.accelerator.unwrap_model(trainer.model)
+    # each folder is written beside its place and renamed into it when whole: a write that fails (a full
+    # disk) leaves no half model that a later load would take for the trained one
     if lora:
-        model.save_pretrained(out / "adapter")
+        with atomic_path(out / "adapter") as staging:
+            model.save_pretrained(staging)
         model = model.merge_and_unload()
-    model.save_pretrained(out / "model", safe_serialization=True)
-    tokenizer.save_pretrained(out / "model")
+    with atomic_path(out / "model") as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
     return out / "model"
 
 
@@ -240,8 +245,6 @@ def finite(value: Any) -> Any:
 
 
 def write_metrics(out: str | Path, metrics: dict[str, Any]) -> Path:
-    from steer.files import atomic_write_text
-
     path = Path(out) / "metrics.json"
     if is_main_process():
         atomic_write_text(path, json.dumps(finite(metrics), indent=2) + "\n")

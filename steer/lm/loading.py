@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelLoadError
-from ..files import cache_dir, remove_stale
+from ..files import cache_dir, exclusive, remove_stale
 from . import registry
 from .base import LanguageModel
 from .hf import HFLanguageModel, place
@@ -32,10 +32,16 @@ DEFAULT_MODEL = "gemma-3-270m"
 def default_model_path() -> Path:
     """The converted default model, converting it first if this machine has not done so yet."""
     target = cache_dir() / "models" / DEFAULT_MODEL
-    if not _intact(target):
-        if target.exists():
-            log.warning("the converted default model in %s is incomplete or damaged; converting it again", target)
-        _convert_default_model(target)
+    if _intact(target):
+        return target
+    # One conversion at a time: a second process waits, then finds the model converted (never removes
+    # a model another process may be reading).
+    with exclusive(target.parent / f".{DEFAULT_MODEL}.lock"):
+        if not _intact(target):
+            if target.exists():
+                log.warning("the converted default model in %s is incomplete or damaged; converting it again",
+                            target)
+            _convert_default_model(target)
     return target
 
 
