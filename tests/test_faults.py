@@ -258,8 +258,11 @@ def test_a_full_disk_or_a_kill_during_index_build_keeps_the_earlier_index(wiki_d
 
 def test_a_full_disk_during_conversion_leaves_no_model(tmp_path):
     cache = tmp_path / "cache"
-    one_line_write_error(cli(["generate", "--prompt", "a", "-t", "1", "-n", "1"], size=50_000_000,
-                             STEER_CACHE=str(cache)))
+    result = cli(["generate", "--prompt", "a", "-t", "1", "-n", "1"], size=50_000_000, STEER_CACHE=str(cache))
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]  # (the lines before it: the conversion's progress bars)
+    assert last.startswith(f"steer: error: cannot write the converted default model into {cache / 'models'}: "
+                           "File too large"), last
     models = cache / "models"
     assert not (models / "gemma-3-270m").exists()
     assert not [p for p in models.iterdir() if p.name.startswith(".convert-")]

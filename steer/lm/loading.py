@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelLoadError
-from ..files import cache_dir, exclusive, remove_stale
+from ..files import cache_dir, exclusive, os_error_of, remove_stale
 from . import registry
 from .base import LanguageModel
 from .hf import HFLanguageModel, place
@@ -99,6 +99,12 @@ def _convert_default_model(target: Path) -> None:
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
+    except Exception as e:
+        failure = os_error_of(e)
+        if failure is None:
+            raise
+        raise ModelLoadError(f"cannot write the converted default model into {target.parent}: "
+                             f"{failure.strerror} (set STEER_CACHE to a folder with about 1.2 GB free)") from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
