@@ -139,6 +139,7 @@ def exact(lm, prompt, kind):
     return {k: v / z for k, v in target.items()}, z / heal_mass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", ["ab", "b a "])
 @pytest.mark.parametrize("kind", list(CONSTRAINTS))
 def test_smc_under_canonicality_matches_enumeration(bpe_lm, prompt, kind):
@@ -204,6 +205,7 @@ def exact_until_end(lm, prompt, kind, end=" "):
     return {k: v / z for k, v in target.items()}, z
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["none", "regex", "check"])
 def test_end_strings_end_the_text_and_constraints_judge_the_text_before_them(bpe_lm, kind):
     posterior, z = exact_until_end(bpe_lm, "b", kind)
@@ -228,6 +230,7 @@ class WithinBudget(Constrained):
         self.constraint = constraint
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["none", "regex", "automaton"])
 def test_a_token_budget_makes_every_text_end_within_it(bpe_lm, kind):
     """`max_tokens=T`: texts end (EOS or the end string) within T tokens; the posterior is the exact one
@@ -250,6 +253,7 @@ def test_a_token_budget_makes_every_text_end_within_it(bpe_lm, kind):
     assert 0.5 * sum(abs(estimate.get(k, 0.0) - p) for k, p in ended.items()) < 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["a-runs", "no-a"])
 def test_an_end_string_inside_a_token_judges_the_text_it_adds_before_it(bpe_lm, kind):
     """End string "b": the token "ab" writes "a" then ends the text, so the constraint judges "a" as

@@ -21,6 +21,7 @@ from steer.context import LMContext
 T = 4
 
 
+@pytest.mark.slow
 def test_awrs_weight_is_unbiased_and_its_sample_exact():
     logprobs = torch.log_softmax(torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0]), 0)
     allowed = {1, 3, 5}
@@ -107,6 +108,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_posterior_matches_the_exact_conditional(name):
     alphabet, model_seed, make, prefix_ok, complete_ok = CASES[name]
@@ -145,6 +147,7 @@ def ended_within(lm, budget, complete_ok):
     return {k: v / z for k, v in target.items()}, z
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern,budget,make", [(r"a+bbb", 6, regex_mask), (r"(ab|ba)+ bb", 6, regex_mask),
                                                  (r"(a|b)\1+ bb", 6, partial_regex)])
 def test_budget_checks_finish_every_particle_and_keep_the_posterior(pattern, budget, make, monkeypatch):
@@ -172,6 +175,7 @@ def test_budget_checks_finish_every_particle_and_keep_the_posterior(pattern, bud
     assert not np.isfinite(post.log_weights).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make,complete_ok,tv_runs", [
     # (paths through "a" carry heavy-tailed weights here: its posterior is checked through Z only)
     (lambda: steer.masks.must_end_with("b"), lambda s: s.endswith("b"), 0),

@@ -66,6 +66,7 @@ def test_reference_is_nontrivial(reference):
     assert 0.05 < z < 0.95 and len(posterior) >= 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["smc-systematic", "smc-multinomial", "is", "smc-steer"])
 def test_posterior_matches_enumeration(tiny_lm, reference, name):
     exact, _ = reference
@@ -82,6 +83,7 @@ def test_posterior_matches_enumeration(tiny_lm, reference, name):
     assert tv < 0.05, f"{name}: total variation {tv:.3f}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_marginal_likelihood_is_unbiased(tiny_lm, reference, name):
     _, z = reference
@@ -100,6 +102,7 @@ def test_marginal_likelihood_is_unbiased(tiny_lm, reference, name):
     assert se < 0.1 * z  # the check has power
 
 
+@pytest.mark.slow
 def test_log_ml_has_low_variance_with_many_particles(tiny_lm, reference):
     _, z = reference
     runs = [steer.smc(NoDoubleB(tiny_lm), particles=2000, seed=seed) for seed in range(4)]

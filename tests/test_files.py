@@ -20,6 +20,7 @@ def test_a_write_that_fails_part_way_keeps_the_old_file_whole(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["trace.html"]  # no temporary left behind
 
 
+@pytest.mark.slow
 def test_a_killed_writer_leaves_no_part_and_its_temporary_is_removed_later(tmp_path):
     target = tmp_path / "order.jsonl"
     atomic_write_text(target, "old\n")

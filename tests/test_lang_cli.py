@@ -102,6 +102,7 @@ def test_internal_errors_exit_1(tiny_dir, write, capsys, monkeypatch):
     assert "internal error: RuntimeError: boom" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_installed_command_exits_2_on_a_bad_file(write):
     path = write("repeat 3\n    x = 1\n")
     out = subprocess.run([sys.executable, "-m", "steer.cli", "check", path], capture_output=True, text=True)

@@ -49,6 +49,7 @@ def test_same_particles_and_weights_as_the_python_program(tiny_lm):
         assert text.log_ml == pytest.approx(python.log_ml, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_posterior_and_log_ml_match_exact_enumeration(tiny_lm):
     exact, z = exact_target(tiny_lm)
     by_text = Counter()
@@ -148,6 +149,7 @@ def word_outcomes(lm, words, max_len=16):
     return probs, letters
 
 
+@pytest.mark.slow
 def test_word_sampling_is_an_exact_sample_of_the_model():
     lm = steer.tiny_model("ab ", seed=5, temperature=1.5)
     source = 'context c = "", special = true\nw = sample word(c)\nt = sample next(c)\n'

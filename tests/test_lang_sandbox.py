@@ -28,6 +28,7 @@ def test_refused_before_running(source, message):
     assert message in refused(source)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source,message", [
     ("repeat 100000000:\n    x = 1\n", "ran more than 1,000,000 statements"),
     ("def spin(n):\n    k = 0\n    repeat n:\n        k += 1\n    return k\nx = spin(10000000)\n",
@@ -72,6 +73,7 @@ def test_size_of_counts_shared_lists_in_full_without_walking_them_twice():
     assert size_of(outer) == 1000 + 1000 * size_of(inner)
 
 
+@pytest.mark.slow
 def test_the_run_stops_at_its_time_limit(tiny_lm):
     import time
 

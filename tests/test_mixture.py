@@ -58,6 +58,7 @@ def test_sequence_log_probability_is_the_exact_mixture(tiny_lm):
         assert got[0] == pytest.approx(want, abs=1e-5)  # float32 log-probs
 
 
+@pytest.mark.slow
 def test_smc_samples_follow_the_mixture(tiny_lm):
     exact = exact_mixture(tiny_lm)
     post = steer.smc(Mix(tiny_lm), particles=4000, seed=0)

@@ -73,6 +73,7 @@ def bpe_lm():
                             temperature=1.5, max_length=64)
 
 
+@pytest.mark.slow
 def test_token_bonus_is_exact(tiny_lm):
     a = tiny_lm.encode("a", bos=False)[0]
     bonus = torch.zeros(tiny_lm.vocab.size)
@@ -82,6 +83,7 @@ def test_token_bonus_is_exact(tiny_lm):
     assert posterior
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("masked", [False, True])
 def test_word_bonus_over_multi_token_words_is_exact(bpe_lm, masked):
     """"ab" is a listed word; it is written "a" "b", "ab", " a" "b" or " ab": the bonus for the prefix
@@ -157,6 +159,7 @@ class Guided(steer.Program):
         return tuple(self.ctx.generated)
 
 
+@pytest.mark.slow
 def test_look_ahead_proposal_keeps_the_reward_target_exact(bpe_lm):
     model = CountA()
     posterior, z = exact(bpe_lm, "b", lambda text, ended: text.count("a") / 0.5)
