@@ -13,30 +13,28 @@ class Infill(steer.Program):
 
     def __init__(self, lm, segments, max_gap=12, p_stop=0.25):
         super().__init__()
+        self.first = segments[0]
         self.ctx = steer.LMContext(lm, segments[0])
         self.segments = list(segments[1:])
         self.max_gap, self.p_stop = max_gap, p_stop
         self.gap = steer.masks.word_length(max=30, allow_eos=False)
-        self.parts = [segments[0]]
 
     async def step(self):
         # Gap length: 1 + Geometric(p_stop), truncated; its prior is part of the model.
         n = 1 + min(await self.sample(steer.Geometric(self.p_stop)), self.max_gap - 1)
-        start = len(self.ctx.tokens)
-        for _ in range(n):
+        goal = self.ctx.written + n  # tokens that write text (a re-write of the healed prompt is not one)
+        while self.ctx.written < goal:
             # the target is the model conditioned on the gap not ending the text (as in infilling.steer):
             # observing the mask adds its probability to the weight, then the token is drawn within it
             await self.observe(self.ctx.allowed(self.gap), True)
             await self.sample(self.ctx.next_token())
-        self.parts.append(self.ctx.lm.decode(self.ctx.tokens[start:]))
         segment = self.segments.pop(0)
         await self.observe(self.ctx.continuation(), segment)  # one batched forward, whatever its length
-        self.parts.append(segment)
         if not self.segments:
             self.finish()
 
     def result(self):
-        return "".join(self.parts)
+        return self.first + self.ctx.text
 
 
 if __name__ == "__main__":
