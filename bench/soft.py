@@ -40,7 +40,7 @@ class Review(steer.Program):
 
     async def step(self):
         token = await self.sample(self.ctx.next_token(tilt=self.tilt))
-        done = token.is_eos or len(self.ctx.generated) >= TOKENS
+        done = token.is_eos or self.ctx.written >= TOKENS
         if self.mode == "score":  # pay for complete listed words only, as they appear
             complete = hits(self.ctx.text if done else re.sub(r"[^\W\d_]+\Z", "", self.ctx.text))
             self.score(self.bonus * (complete - self.paid))
@@ -69,7 +69,7 @@ def run(lm, mode, particles, seeds, bonus) -> dict:
         hit.append(sum(w for p, w in zip(post.particles, post.weights) if hits(p.ctx.text) > 0))
         log_ml.append(post.log_ml)
         fluent.append(sum(w * fluency(lm, p.ctx) for p, w in zip(post.particles, post.weights)))
-    return {"hit_rate": statistics.fmean(hit), "log_ml": statistics.fmean(log_ml),
+    return {"hit_rate": statistics.fmean(hit), "hit_rates": hit, "log_ml": statistics.fmean(log_ml),
             "fluency": statistics.fmean(fluent), "seconds": seconds,
             "example": post.particles[int(torch.tensor(post.weights).argmax())].ctx.text}
 
@@ -82,12 +82,14 @@ def main() -> None:
     args = parser.parse_args()
     lm = steer.load_model()
     rows = {mode: run(lm, mode, args.particles, args.seeds, args.bonus) for mode in ("base", "score", "tilt")}
-    print(f"{'steering':<10} {'hit rate':>9} {'log_ml':>8} {'fluency':>8} {'s':>6}  example")
+    print(f"{'steering':<10} {'hit rate':>9} {'per seed':>30} {'log_ml':>8} {'fluency':>8} {'s':>6}  example")
     for mode, r in rows.items():
-        print(f"{mode:<10} {r['hit_rate']:>9.3f} {r['log_ml']:>8.2f} {r['fluency']:>8.3f} {r['seconds']:>6.1f}  "
-              f"{r['example']!r}")
+        per_seed = " ".join(f"{h:.2f}" for h in r["hit_rates"])
+        print(f"{mode:<10} {r['hit_rate']:>9.3f} {per_seed:>30} {r['log_ml']:>8.2f} {r['fluency']:>8.3f} "
+              f"{r['seconds']:>6.1f}  {r['example']!r}")
     print(json.dumps({"hit_rate_base": rows["base"]["hit_rate"], "hit_rate_score": rows["score"]["hit_rate"],
-                      "hit_rate_tilt": rows["tilt"]["hit_rate"], "log_ml_base": rows["base"]["log_ml"],
+                      "hit_rate_tilt": rows["tilt"]["hit_rate"],
+                      "hit_rates_tilt_per_seed": rows["tilt"]["hit_rates"], "log_ml_base": rows["base"]["log_ml"],
                       "log_ml_score": rows["score"]["log_ml"], "log_ml_tilt": rows["tilt"]["log_ml"],
                       "fluency_base": rows["base"]["fluency"], "fluency_tilt": rows["tilt"]["fluency"],
                       "bonus": args.bonus, "particles": args.particles, "seeds": args.seeds}))

@@ -229,6 +229,8 @@ def _range(a: int, b: int | None = None) -> list[int]:
 def _contains(s, sub) -> bool:
     if isinstance(s, list):
         return sub in s
+    if not isinstance(s, (str, Token)) or not isinstance(sub, (str, Token)):
+        raise BuiltinError(f"contains(s, x) needs a list, or text in text; got {type_of(s)} and {type_of(sub)}")
     return text(sub) in text(s)
 
 

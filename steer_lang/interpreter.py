@@ -497,6 +497,9 @@ class ScriptProgram(Program):
             raise ProgramError(e, f"{builtin.name}(): {err}") from None
         except SteerError as err:
             raise ProgramError(e, str(err)) from None
+        except (TypeError, ValueError, ArithmeticError) as err:  # arguments the built-in cannot take
+            kinds = ", ".join(type_of(v) for v in values)
+            raise ProgramError(e, f"{builtin.name}() cannot take ({kinds}): {err}") from None
 
     def _input_names(self) -> list[str]:
         return [i.name for i in self.code.module.inputs]
