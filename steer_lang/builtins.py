@@ -226,6 +226,12 @@ def _range(a: int, b: int | None = None) -> list[int]:
     return list(range(start, stop))
 
 
+def _done(m: Any, c: LMContext) -> bool:
+    if not hasattr(m, "done"):
+        raise BuiltinError(f"done() needs a regex, regex_search, grammar or json_schema, got {m!r}")
+    return m.done(c)
+
+
 def _contains(s, sub) -> bool:
     if isinstance(s, list):
         return sub in s
@@ -415,6 +421,8 @@ _BUILTINS = [
        "the text matches the regular expression in full (llguidance masks)", "mask"),
     _b("regex_search", [("pattern", "str"), ("allow_eos", "bool", True)], "mask", _constraint(patterns.search),
        "the text contains a match of the regular expression (llguidance masks)", "mask"),
+    _b("done", [("m", "mask"), ("c", "context")], "bool", _done,
+       "the pattern m is complete in c and allows nothing more (regex, grammar, json_schema): finish here"),
     _b("json_schema", [("schema", "str"), ("lenient", "bool", False)], "mask",
        _constraint(lambda schema, lenient=False: patterns.json_schema(schema, lenient=lenient)),
        "the text is JSON valid under this JSON schema (given as JSON text); lenient: keywords the mask "

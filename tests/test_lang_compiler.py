@@ -205,3 +205,18 @@ def test_words_are_runs_of_letters_and_exact_word_counts(tiny_lm):
     posterior = run_source(source, lm, particles=32, seed=0)
     finished = [p.value for p, w in zip(posterior.particles, posterior.log_weights) if np.isfinite(w)]
     assert finished and all(len(re.findall(r"[a-z]+", t)) == 2 for t in finished), finished
+
+
+def test_done_says_a_pattern_is_complete():
+    lm = steer.tiny_model("ab ", seed=4, temperature=2.0)
+    source = ('p = regex("(ab){2}")\n'
+              'context c = ""\n'
+              "repeat 8:\n"
+              "    t = sample next(c) where p\n"
+              "    if done(p, c):\n"
+              "        stop\n"
+              "result text(c)\n")
+    posterior = run_source(source, lm, particles=8, seed=0)
+    assert {p.value for p in posterior.particles} == {"abab"}
+    with pytest.raises(LangError, match="done\\(\\) needs a regex"):
+        run_source('context c = ""\nx = done(word_length(max=2), c)\nresult x\n', lm, particles=1)
