@@ -1,10 +1,8 @@
 """List every import between the project's modules and check that layers only point down.
 
-Reads the source with `ast` (nothing is imported), so imports inside functions count like any other.
-An import under `if TYPE_CHECKING:` is a type hint: it must respect the layers like any import, but it
-does not run, so it may close a circle inside one layer (a context names the distributions it makes,
-and they name the context's type).  Exits 1 and names the modules when the imports that run form a
-cycle or a module imports from a higher layer.
+Reads the source with `ast` (nothing is imported), so imports inside functions and under
+`if TYPE_CHECKING:` count like any other: a type hint is a dependency too (the listing marks them).
+Exits 1 and names the modules when the imports form a cycle or a module imports from a higher layer.
 
     python scripts/import_graph.py [--list]
 
@@ -103,12 +101,9 @@ def layer(module: str) -> int:
 
 
 def cycles(edges: list[tuple[str, str, int, bool]]) -> list[list[str]]:
-    """The strongly connected groups of more than one module among the imports that run (Tarjan's
-    algorithm, iteratively)."""
+    """The strongly connected groups of more than one module (Tarjan's algorithm, iteratively)."""
     graph: dict[str, set[str]] = {}
-    for a, b, _, type_only in edges:
-        if type_only:
-            continue
+    for a, b, _, _ in edges:
         graph.setdefault(a, set()).add(b)
         graph.setdefault(b, set())
     index: dict[str, int] = {}

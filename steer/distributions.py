@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -19,14 +19,26 @@ import torch
 from .constraints.checks import awrs
 from .constraints.masks import base_mask, excluded_ids, healing_mask
 from .constraints.maskops import both, negate
-from .constraints.protocol import NOTHING_FITS, as_constraint
+from .constraints.protocol import NOTHING_FITS, Context, as_constraint
 from .constraints.tilts import as_tilt
 from .errors import SteerError
 from .lm.base import Token
 from .randomness import categorical, streams
 
-if TYPE_CHECKING:  # a type hint only: the context module builds its distributions from this one
-    from .context import LMContext
+
+class SamplingContext(Context, Protocol):
+    """What the distributions use of a context, beyond what constraints read (`steer.context.LMContext`
+    provides it; the context module builds its distributions from this one, so this one names none)."""
+
+    mask: torch.Tensor | None
+    mask_log_mass: float | None
+    draw: list[int] | None
+    max_tokens: int | None
+
+    async def next_logprobs(self) -> torch.Tensor: ...
+    async def extend_scored(self, token_ids: Sequence[int]) -> float: ...
+    def extend(self, token_ids: Sequence[int]) -> None: ...
+    def token(self, token_id: int) -> Token: ...
 
 NEG_INF = float("-inf")
 # A budget check gives up after this many rejected tokens (the particle then dies): a text that can
@@ -151,7 +163,7 @@ class NextToken(Distribution):
     # control tokens), added by Program.sample
     side_log_weight = 0.0
 
-    def __init__(self, context: LMContext, mask: Any = None, tilt: Any = None):
+    def __init__(self, context: SamplingContext, mask: Any = None, tilt: Any = None):
         """`mask`: a constraint whose allowed tokens restrict the draw (an exact one: a checked
         constraint is observed with `ctx.allowed(check)` first); `tilt`: a constraint (or a tensor of
         log-weights) whose tilt the draw follows."""
@@ -242,7 +254,7 @@ class NextToken(Distribution):
         self.context.extend([int(value)])
 
 
-def _restriction_note(context: LMContext) -> str:
+def _restriction_note(context: SamplingContext) -> str:
     """What else restricted the next token, for error messages: healing and a token budget."""
     notes = []
     if context.heal:
@@ -253,7 +265,7 @@ def _restriction_note(context: LMContext) -> str:
     return f" ({'; '.join(notes)})" if notes else ""
 
 
-def _given(context: LMContext) -> torch.Tensor | None:
+def _given(context: SamplingContext) -> torch.Tensor | None:
     """What is already known about the next token: a committed restriction and the base restriction."""
     base = base_mask(context)
     if base is None:
@@ -272,7 +284,7 @@ class TokenInMask(Distribution):
     probability, and the accepted token, an exact sample, becomes the next token.
     """
 
-    def __init__(self, context: LMContext, mask: Any):
+    def __init__(self, context: SamplingContext, mask: Any):
         self.context = context
         self.constraint = as_constraint(mask)
         if self.constraint is None:
@@ -353,7 +365,7 @@ class Continuation(Distribution):
     """The text that continues a context.  Observing a string appends it and adds its log-probability,
     scored in one batched forward pass whatever its length."""
 
-    def __init__(self, context: LMContext):
+    def __init__(self, context: SamplingContext):
         self.context = context
 
     async def sample(self) -> tuple[str, float]:
