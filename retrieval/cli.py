@@ -9,6 +9,8 @@ from steer.cli import positive, strict_json
 
 from .index import KINDS
 
+# The commands import the embedders and faiss when they run, so `steer --help` does not wait for them.
+
 
 def _build(args: argparse.Namespace) -> int:
     from .loading import load_embedder

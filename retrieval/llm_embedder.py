@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from steer.files import atomic_write_text
+
 from .embedders import RetrievalError, normalise
 
 FORMAT_FILE = "llara.json"
@@ -37,8 +39,6 @@ class LlaraFormat:
     max_tokens: int = 256  # of the passage; the instruction and slots always fit after it
 
     def save(self, directory: str | Path) -> None:
-        from steer.files import atomic_write_text
-
         atomic_write_text(Path(directory, FORMAT_FILE), json.dumps(asdict(self), indent=2))
 
     @classmethod

@@ -15,6 +15,9 @@ from steer.errors import SteerError
 
 from .common import TrainOptions
 
+# Each command imports its trainer when it runs: TRL, PEFT and the embedders take seconds to import,
+# and `steer --help` or another command should not wait for them.
+
 
 def _fraction(name: str, high: float = 1.0):
     def parse(text: str) -> float:

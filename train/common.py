@@ -20,6 +20,7 @@ import torch
 
 from steer.errors import SteerError
 from steer.files import atomic_path, atomic_write_text
+from steer.lm import default_model_path
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,6 @@ class TrainOptions:
 
 def model_dir(path: str | None) -> Path:
     """The model directory to train from (the converted default model when `path` is None)."""
-    from steer.lm import default_model_path
-
     directory = default_model_path() if path is None else Path(path)
     if not (directory / "config.json").exists():
         raise SteerError(f"not a Hugging Face model directory (no config.json): {directory}")
