@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from steer.errors import SteerError
+from steer.files import atomic_path
 
 from .common import (
     TrainOptions,
@@ -144,8 +145,9 @@ def save_reward_model(trainer, tokenizer, out: Path, lora: bool) -> Path:
     model = trainer.accelerator.unwrap_model(trainer.model)
     if lora:
         model = model.merge_and_unload()
-    model.save_pretrained(out / "model", safe_serialization=True)
-    tokenizer.save_pretrained(out / "model")
+    with atomic_path(out / "model") as staging:  # whole or not at all, as every trained model
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
     return out / "model"
 
 
