@@ -19,7 +19,7 @@ import torch
 from .constraints.checks import awrs
 from .constraints.masks import base_mask, excluded_ids, healing_mask
 from .constraints.maskops import both, negate
-from .constraints.protocol import NOTHING_FITS, Context, as_constraint
+from .constraints.base import NOTHING_FITS, Context, as_constraint
 from .constraints.tilts import as_tilt
 from .errors import SteerError
 from .lm.base import Token

@@ -23,7 +23,7 @@ from steer.constraints import tilts
 from steer.errors import SteerError
 from steer.context import LMContext
 from steer.lm.base import Token
-from steer.constraints.protocol import Constraint
+from steer.constraints.base import Constraint
 from steer.potentials import ScoringModel
 
 from .limits import MAX_LENGTH, MAX_SIZE

@@ -21,7 +21,7 @@ from steer.distributions import Bernoulli, Categorical, Geometric
 from steer.errors import SteerError
 from steer.context import LMContext
 from steer.lm.base import LanguageModel, Token
-from steer.constraints.protocol import Constraint
+from steer.constraints.base import Constraint
 from steer.potentials import ScoringModel
 from steer.program import Program
 from steer.words import NextWord

@@ -21,7 +21,7 @@ import torch
 from ..errors import SteerError
 from ..randomness import categorical, streams
 from . import engine
-from .protocol import Constraint, Context, TokenTest, all_of
+from .base import Constraint, Context, TokenTest, all_of
 
 NEG_INF = float("-inf")
 

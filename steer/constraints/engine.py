@@ -33,7 +33,7 @@ from llguidance import LLMatcher, LLTokenizer, TokenizerWrapper
 from ..errors import SteerError
 from ..lm.base import Vocabulary
 from .masks import TokenConstraint, canonical_filter, ending_tokens
-from .protocol import NOTHING_FITS
+from .base import NOTHING_FITS
 from .tokens import TokenTable
 from .canonical import Canonical
 

@@ -1,7 +1,7 @@
 """Token masks: which next tokens keep a constraint satisfiable, computed vectorised over the vocabulary.
 
 A mask spec is any of: a boolean tensor over the vocabulary, a collection of token ids, a callable
-`context -> tensor`, or a `TokenConstraint` (see `protocol`).  `resolve` turns a spec into a tensor for
+`context -> tensor`, or a `TokenConstraint` (see `base`).  `resolve` turns a spec into a tensor for
 one context.  Constraints are built from the per-token properties of `tokens.TokenTable` (cached on disk), so
 each mask costs a few vector operations over the 262k-token vocabulary, and masks that depend on the
 text so far are cached per state (e.g. per length of the open word).
@@ -26,7 +26,7 @@ from ..errors import SteerError
 from ..lm.base import Vocabulary
 from .canonical import Canonical
 from .maskops import both, either, negate
-from .protocol import Constraint, Context, all_of, as_constraint
+from .base import Constraint, Context, all_of, as_constraint
 from .tokens import TokenTable, ascii_bits
 
 _BIG = 1 << 30

@@ -27,7 +27,7 @@ from ..errors import SteerError
 from ..lm.base import Vocabulary
 from . import engine
 from .masks import TokenConstraint, canonical_filter
-from .protocol import Context
+from .base import Context
 from .tokens import TokenTable
 
 _LOOK_AHEAD = 48  # look-ahead checks pairs one by one when either side has at most this many tokens

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import SteerError
 from .masks import ending_tokens, healed_view, lead_maps, open_word_length
-from .protocol import Constraint
+from .base import Constraint
 from .tokens import TokenTable
 
 _LETTERS = re.compile(r"[^\W\d_]+")

@@ -1,4 +1,4 @@
-"""The contract every constraint keeps through the one protocol (`steer.constraints.protocol`): masks,
+"""The contract every constraint keeps through the one protocol (`steer.constraints.base`): masks,
 the llguidance engine, AWRS checks, tilts and their combinations, on a tiny BPE vocabulary.
 
 Along random walks: the mask is a bool tensor over the vocabulary (or None) and the tilt a finite
@@ -17,7 +17,7 @@ import torch
 
 import steer
 from steer.constraints import checks, engine
-from steer.constraints.protocol import NOTHING_FITS, AllOf, Constraint
+from steer.constraints.base import NOTHING_FITS, AllOf, Constraint
 from steer.context import LMContext
 from steer.errors import SteerError
 
