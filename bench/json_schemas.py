@@ -32,7 +32,7 @@ from steer.constraints import engine
 from steer.lm.base import LanguageModel, Vocabulary
 from steer.lm.loading import default_model_path
 from steer.constraints.maskops import both
-from steer.constraints.masks import base_mask
+from steer.constraints.target import base_mask
 from steer.context import LMContext
 
 

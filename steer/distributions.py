@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .constraints.checks import awrs
-from .constraints.masks import base_mask, excluded_ids, healing_mask
+from .constraints.target import base_mask, excluded_ids, healing_mask
 from .constraints.maskops import both, negate
 from .constraints.base import NOTHING_FITS, Context, as_constraint
 from .constraints.tilts import as_tilt
@@ -194,7 +194,7 @@ class NextToken(Distribution):
         return mask
 
     def _base_log_mass(self, logprobs: torch.Tensor) -> float:
-        """The target observes the base restriction (see `steer.masks.base_mask`): its log mass, given
+        """The target observes the base restriction (see `steer.constraints.target.base_mask`): its log mass, given
         the prompt's text.  While healing is pending that is relative to the tokens that reproduce the
         backed-off text, so the weight (and log_ml) is about the continuation of the prompt, not the
         probability of the prompt's own last token."""

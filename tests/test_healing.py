@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import steer
+from steer.constraints.target import base_mask
 from steer.context import LMContext
 from exact import next_logprobs
 
@@ -71,7 +72,7 @@ def test_healing_on_gemma_reaches_the_natural_token(gemma):
     logp = torch.log_softmax(logits, -1).cpu()
     strings, special = gemma.vocab.strings, gemma.vocab.special
     ctx = LMContext(gemma, "Call me at ")
-    allowed = (steer.masks.resolve(phone, ctx) & steer.masks.base_mask(ctx)).nonzero().flatten().tolist()
+    allowed = (steer.masks.resolve(phone, ctx) & base_mask(ctx)).nonzero().flatten().tolist()
     assert ids[-1] not in allowed and gemma.encode(" (", bos=False)[0] in allowed
     heal = [i for i, s in enumerate(strings) if s.startswith(" ") and not special[i]]
     post = steer.importance_sampling(Free(gemma, "Call me at ", 1, constraint=phone), particles=4, seed=0)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import steer
 from steer.constraints.canonical import Canonical
-from steer.constraints.masks import base_mask, ending_tokens, healed_view
+from steer.constraints.target import base_mask, ending_tokens, healed_view
 from steer.constraints.tokens import TokenTable
 from steer.context import LMContext
 

@@ -32,10 +32,11 @@ from llguidance import LLMatcher, LLTokenizer, TokenizerWrapper
 
 from ..errors import SteerError
 from ..lm.base import Vocabulary
-from .masks import TokenConstraint, canonical_filter, ending_tokens
 from .base import NOTHING_FITS
-from .tokens import TokenTable
 from .canonical import Canonical
+from .masks import TokenConstraint
+from .target import canonical_filter, ending_tokens
+from .tokens import TokenTable
 
 LOOK_AHEAD = 16  # tokens checked one by one for a canonical continuation when at most this many are allowed
 WIDE = 4096  # up to this many allowed tokens, those that begin another allowed one are checked too

@@ -12,10 +12,8 @@ the text generated in the context (the prompt is not part of it).
 
 from __future__ import annotations
 
-import copy
 import re
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,10 +21,9 @@ import numpy as np
 import torch
 
 from ..errors import SteerError
-from ..lm.base import Vocabulary
-from .canonical import Canonical
-from .maskops import both, either, negate
 from .base import Constraint, Context, all_of, as_constraint
+from .maskops import both, either, negate
+from .target import constraint_mask, containing_tokens, ending_look_ahead
 from .tokens import TokenTable, ascii_bits
 
 _BIG = 1 << 30
@@ -388,7 +385,7 @@ class StopAt(_Cached):
             for k in range(len(s)):  # k letters of s already at the end of the text
                 if k and not tail.endswith(s[:k]):
                     continue
-                for i in t.starting_with(s[k:]) if k else _containing(t, s):
+                for i in t.starting_with(s[k:]) if k else containing_tokens(t, s):
                     text = tail[len(tail) - k:] + strings[i] if k else strings[i]
                     at = text.find(s)
                     if at >= 0 and at + len(s) < len(text):
@@ -397,14 +394,6 @@ class StopAt(_Cached):
 
     def __repr__(self) -> str:
         return f"stop_at({list(self.strings)!r})"
-
-
-def _containing(t: TokenTable, s: str) -> np.ndarray:
-    key = ("contains", s)
-    cache = t.__dict__.setdefault("_containing", {})
-    if key not in cache:
-        cache[key] = np.array([i for i, x in enumerate(t.vocab.strings) if t.text[i] and s in x], dtype=np.int64)
-    return cache[key]
 
 
 class MaxTokens(TokenConstraint):
@@ -438,225 +427,6 @@ class ContinuesWord(_Cached):
 
     def _build(self, t: TokenTable, state: None) -> np.ndarray:
         return t.text & ~t.breaks & (t.lead > 0)
-
-
-def healing_mask(context: Context) -> torch.Tensor | None:
-    """While token healing is pending: the tokens whose text starts with the backed-off prompt text
-    (None when nothing is pending)."""
-    pending = context.heal
-    if not pending:
-        return None
-    t = TokenTable.of(context.lm.vocab)
-    cache = t.__dict__.setdefault("_healing", {})
-    if pending not in cache:
-        ok = np.zeros(context.lm.vocab.size, dtype=bool)
-        ok[t.starting_with(pending)] = True
-        cache[pending] = torch.from_numpy(ok)
-    return cache[pending]
-
-
-def canonical_filter(context: Context) -> Canonical | None:
-    """The canonical-tokenization filter of `context`'s tokenizer, or None when it is switched off."""
-    if not context.canonical:
-        return None
-    found = Canonical.of(context.lm.vocab)
-    return None if found.trivial else found
-
-
-class Recent(OrderedDict):
-    """A dictionary that keeps only its `limit` most recently used entries."""
-
-    def __init__(self, limit: int):
-        super().__init__()
-        self.limit = limit
-
-    def recall(self, key: Any, default: Any = None) -> Any:
-        if key not in self:
-            return default
-        self.move_to_end(key)
-        return self[key]
-
-    def keep(self, key: Any, value: Any) -> Any:
-        self[key] = value
-        self.move_to_end(key)
-        if len(self) > self.limit:
-            self.popitem(last=False)
-        return value
-
-
-def recent(vocab: Vocabulary, name: str, limit: int) -> Recent:
-    """A bounded cache of `vocab`'s, freed with it."""
-    return vocab.derived(("recent", name), lambda: Recent(limit))
-
-
-def base_mask(context: Context) -> torch.Tensor | None:
-    """What the target itself conditions the next token on, before any constraint: the first token
-    reproduces a healed prompt, the sequence stays canonically tokenized, and control or multimodal
-    tokens are left out unless the context allows them (None: no restriction)."""
-    if context.ended:  # an end string was written: only the end-of-text token may follow
-        return torch.from_numpy(TokenTable.of(context.lm.vocab).eos.copy())
-    left = getattr(context, "tokens_left", None)
-    if left is not None and left <= 1:  # the budget's last token must end the text
-        table = TokenTable.of(context.lm.vocab)
-        last = table.eos.copy()
-        for ids in ending_tokens(context).values():
-            last[ids] = True
-        if context.heal:  # a token that only re-writes the healed prompt text is not counted
-            last[table.by_string.get(context.heal, [])] = True
-        mask = torch.from_numpy(last)
-        rest = _base_mask(context)
-        return mask if rest is None else both(mask, rest)
-    return _base_mask(context)
-
-
-def _base_mask(context: Context) -> torch.Tensor | None:
-    pending, canonical = context.heal, context.canonical
-    cache = recent(context.lm.vocab, "base masks", 256)
-    key = (pending, context.tokens[-1] if canonical else None, context.allow_special)
-    if key in cache:
-        return cache.recall(key)
-    t = TokenTable.of(context.lm.vocab)
-    parts = [healing_mask(context)]
-    canon = canonical_filter(context)
-    if canon is not None:
-        parts.append(canon.after(context.tokens[-1]))
-    if not context.allow_special and t.vocab.special.any():
-        parts.append(_text_or_eos(t))
-    mask = None
-    for part in parts:
-        if part is not None:
-            mask = part if mask is None else both(mask, part)
-    cache.keep(key, mask)
-    if mask is not None:
-        excluded = torch.from_numpy(np.flatnonzero(~mask.numpy()))
-        if len(excluded) < mask.numel() // 4:
-            _EXCLUDED.keep(id(mask), (mask, excluded))  # the entry holds the mask: its id stays its own
-    return mask
-
-
-_EXCLUDED = Recent(512)
-
-
-def _text_or_eos(t: TokenTable) -> torch.Tensor:
-    """Tokens that stand for text, and end-of-text (computed once per vocabulary)."""
-    found = t.__dict__.get("_text_or_eos")
-    if found is None:
-        found = t.__dict__["_text_or_eos"] = torch.from_numpy(t.text | t.eos)
-    return found
-
-
-def excluded_ids(mask: torch.Tensor) -> torch.Tensor | None:
-    """The ids a base mask leaves out, when it is one of the cached base masks and they are few."""
-    hit = _EXCLUDED.recall(id(mask))
-    return hit[1] if hit is not None and hit[0] is mask else None
-
-
-class View:
-    """A context as a constraint sees it: the text so far, and a vocabulary whose strings are the text
-    each candidate token adds (other tokens are marked special: not text here).  Constraints build
-    their masks from it exactly as from a context, so they never judge a healed prompt's text or an
-    end string."""
-
-    def __init__(self, context: Context, text: str, vocab: Vocabulary | None = None):
-        self.source = context
-        self.lm = _ViewModel(vocab or context.lm.vocab)
-        self.tokens, self.generated, self.text, self.heal = context.tokens, context.generated, text, ""
-        self.canonical, self.allow_special, self.end = context.canonical, context.allow_special, ()
-
-    @classmethod
-    def vocabulary(cls, vocab: Vocabulary, key: tuple, strings: Callable[[], dict[int, str]]) -> Vocabulary:
-        """A vocabulary in which token i stands for `strings()[i]` and every other token is special
-        (built once per `key`)."""
-        views = recent(vocab, "views", 16)
-        if key not in views:
-            strings = strings()
-            special = np.ones(vocab.size, dtype=bool)
-            special[list(strings)] = False
-            special[list(vocab.eos_ids)] = True
-            texts = [""] * vocab.size
-            for i, s in strings.items():
-                texts[i] = s
-            view = Vocabulary(texts, vocab.eos_ids, vocab.bos_id, special)
-            TokenTable.of(view, cache=False)
-            views.keep(key, view)
-        return views.recall(key)
-
-
-class _ViewModel:
-    def __init__(self, vocab: Vocabulary):
-        self.vocab = vocab
-
-
-def healed_view(context: Context) -> View:
-    """While healing is pending: each candidate token is judged by what it adds after the backed-off
-    prompt text (a token that is exactly that text adds nothing)."""
-    vocab, pending = context.lm.vocab, context.heal
-
-    def strings() -> dict[int, str]:
-        return {int(i): vocab.strings[i][len(pending):] for i in TokenTable.of(vocab).starting_with(pending)}
-
-    return View(context, "", View.vocabulary(vocab, ("heal", pending), strings))
-
-
-def ending_tokens(context: Context) -> dict[str, np.ndarray]:
-    """The tokens that would write an end string of `context` next, grouped by the text they would
-    end with (the text before the end string)."""
-    vocab, text, pending = context.lm.vocab, context.text, context.heal
-    if not context.end or context.ended:
-        return {}
-    keep = max(len(e) for e in context.end) - 1
-    t = TokenTable.of(vocab)
-    cache = recent(vocab, "ending tokens", 256)
-    key = (context.end, pending, text[len(text) - keep:] if keep else "")
-    found = cache.recall(key)
-    if found is None:  # per token: where its end string starts, relative to the end of the text
-        candidates: set[int] = set()
-        for e in context.end:
-            candidates.update(_containing(t, pending + e if pending else e).tolist())
-            for k in range(1, len(e)):
-                if text.endswith(e[:k]):
-                    candidates.update(t.starting_with(pending + e[k:]).tolist())
-        found = []
-        for i in sorted(candidates):
-            new = vocab.strings[i]
-            if pending:
-                if not new.startswith(pending):
-                    continue
-                new = new[len(pending):]
-            at = context.end_position(text, new)
-            if at is not None:
-                found.append((i, at - len(text), new))
-        cache.keep(key, found)
-    groups: dict[str, list[int]] = {}
-    for i, offset, new in found:
-        ended = text[: len(text) + offset] if offset <= 0 else text + new[:offset]
-        groups.setdefault(ended, []).append(i)
-    return {k: np.array(v, dtype=np.int64) for k, v in groups.items()}
-
-
-def constraint_mask(constraint: TokenConstraint, context: Context) -> torch.Tensor:
-    """`constraint`'s mask in `context`, judging only generated text: while healing is pending each
-    token is judged by the text it adds after the backed-off prompt, and a token that writes an end
-    string is judged by the text before it, as a complete text (its end-of-text entry)."""
-    if context.ended:
-        return constraint.mask(View(context, context.text))
-    mask = constraint.mask(healed_view(context) if context.heal else context)
-    ending = ending_tokens(context)
-    if not ending:
-        return mask
-    mask = mask.clone()
-    eos = list(context.lm.vocab.eos_ids)
-    vocab, text = context.lm.vocab, context.text
-    # Tokens that add text before their end string: judged at once, by a view in which each stands
-    # for the text it adds.
-    adds = tuple(sorted((int(i), ended[len(text):]) for ended, ids in ending.items() if len(ended) > len(text)
-                        for i in ids))
-    added = constraint.mask(View(context, text, View.vocabulary(vocab, ("adds", adds), lambda: dict(adds)))) \
-        if adds else None
-    for ended_text, ids in ending.items():
-        ok = bool(constraint.mask(View(context, ended_text))[eos].any())
-        mask[ids] = added[ids] & ok if len(ended_text) > len(text) else ok
-    return mask
 
 
 def open_word_length(text: str) -> int:
@@ -725,27 +495,6 @@ def end_of_text() -> EndOfText:
 def continues_word() -> ContinuesWord:
     """Tokens that continue an open word (letters only, no leading space)."""
     return ContinuesWord()
-
-
-def ending_look_ahead(constraint: TokenConstraint, context: Context) -> Callable[[int], bool] | None:
-    """When two tokens of the budget are left: whether, after a drawn token, the last token can end the
-    text (end-of-text or an end string, within `constraint` and the base restriction).  Checked only on
-    drawn tokens (adaptive rejection keeps the weights exact); None with more tokens left."""
-    if context.tokens_left != 2:
-        return None
-    vocab = context.lm.vocab
-
-    def can_end_after(token: int) -> bool:
-        if token in vocab.eos_ids:
-            return True
-        after = copy.deepcopy(context)  # (a context copy shares the model and its constraints' states)
-        after.extend([token])
-        if after.ended or after.tokens_left > 1:  # it ended the text, or only re-wrote the prompt's end
-            return True
-        last = base_mask(after)  # at one token left: end-of-text and the tokens that write an end string
-        return bool(both(last, constraint.allowed_in(after)).any())
-
-    return can_end_after
 
 
 def resolve(spec: Any, context: Context) -> torch.Tensor | None:

@@ -26,8 +26,9 @@ import torch
 from ..errors import SteerError
 from ..lm.base import Vocabulary
 from . import engine
-from .masks import TokenConstraint, canonical_filter
 from .base import Context
+from .masks import TokenConstraint
+from .target import canonical_filter
 from .tokens import TokenTable
 
 _LOOK_AHEAD = 48  # look-ahead checks pairs one by one when either side has at most this many tokens

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from ..errors import SteerError
-from .masks import ending_tokens, healed_view, lead_maps, open_word_length
 from .base import Constraint
+from .masks import lead_maps, open_word_length
+from .target import ending_tokens, healed_view
 from .tokens import TokenTable
 
 _LETTERS = re.compile(r"[^\W\d_]+")
