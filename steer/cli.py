@@ -147,7 +147,6 @@ def refuse_oversized(lm, particles: int, method: str, beam: int, tokens: int) ->
 def _generate(args: argparse.Namespace) -> int:
     from .generate import Generate
     from .lm import load_model
-    from .report import write_html
     from .smc import run
 
     lm = load_model(args.model, backend=args.backend or "hf", dtype=args.dtype, device=args.device)
@@ -156,7 +155,7 @@ def _generate(args: argparse.Namespace) -> int:
     posterior = run(program, args.method, **sampler_options(args))
     print_posterior(posterior, args.json)
     if args.trace:
-        write_html(posterior, args.trace, title=f"steer generate: {args.prompt}")
+        posterior.write_html(args.trace, title=f"steer generate: {args.prompt}")
     return 0
 
 

@@ -1,16 +1,18 @@
 """A self-contained HTML page of a run: ESS and log_ml over steps, resampling events, and the particles
-with their weights at every step (people would rather look at a run than read its numbers)."""
+with their weights at every step (people would rather look at a run than read its numbers).
+`posterior` is a `steer.smc.Posterior` (`Posterior.write_html` calls `write_html`; this module sits
+below it, so it names no type of it)."""
 
 from __future__ import annotations
 
 import html
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .files import atomic_write_text
-from .smc import Posterior
 
 _STYLE = """
 body{font:14px system-ui,sans-serif;margin:2em;color:#222;max-width:1100px}
@@ -58,7 +60,7 @@ def _weights(log_weights: list[float]) -> np.ndarray:
     return w / w.sum()
 
 
-def render_html(posterior: Posterior, title: str = "steer run") -> str:
+def render_html(posterior: Any, title: str = "steer run") -> str:
     """The page as a string; see `write_html`."""
     trace = posterior.trace
     n = len(posterior.particles)
@@ -97,7 +99,7 @@ def render_html(posterior: Posterior, title: str = "steer run") -> str:
     return "".join(parts)
 
 
-def write_html(posterior: Posterior, path: str | Path, title: str = "steer run") -> Path:
+def write_html(posterior: Any, path: str | Path, title: str = "steer run") -> Path:
     """Write a self-contained HTML report of `posterior` (run with record_particles=True to see texts)."""
 
     path = Path(path)

@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from . import randomness
 from .errors import ParticlesDiedError, SteerError
 from .program import Program, clone
+from .report import write_html
 from .resampling import check_scheme, resample, without_replacement
 from .scheduler import run_batched
 
@@ -111,6 +113,10 @@ class Posterior:
             **self.info,
         }
 
+    def write_html(self, path: str | Path, title: str = "steer run") -> Path:
+        """A self-contained HTML page of this run (see `steer.report`); record the particles' texts with
+        `record_particles=True`."""
+        return write_html(self, path, title)
 
 class _Run:
     """Bookkeeping shared by all samplers: stepping, death checks, tracing, finishing."""

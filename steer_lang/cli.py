@@ -7,7 +7,6 @@ import sys
 
 from steer.cli import add_sampler_options, positive, print_posterior, refuse_oversized
 from steer.errors import SteerError
-from steer.report import write_html
 
 from .interpreter import TIME_LIMIT
 from .script import Script
@@ -61,7 +60,7 @@ def _run(args: argparse.Namespace) -> int:
                            max_tokens=args.max_tokens)
     print_posterior(posterior, args.json)
     if args.trace:
-        write_html(posterior, args.trace, title=f"steer run {args.file}")
+        posterior.write_html(args.trace, title=f"steer run {args.file}")
     return 0
 
 
