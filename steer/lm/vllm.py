@@ -196,14 +196,14 @@ class VLLMLanguageModel(TokenizerLanguageModel):
                 waiting[session.name] = session
             served.append((session, contexts))
         scoring = {self._submit_scored(r.context): r for r in scored}
-        outputs = self._run(set(waiting) | {f"steer-{key}" for key, _ in scoring})
+        outputs = self._run(set(waiting) | {f"steer-{key}" for key in scoring})
         captured = self._collect()
         for session in waiting.values():
             session.row = captured[session.key]
             session.logprobs = session.row[0][session.row[1]]
 
         # Draws for every context in one pass: a row per distinct token list, DRAWS per context.
-        rows = [session.row for session, _ in served] + [captured[k] for k, _ in scoring]
+        rows = [session.row for session, _ in served] + [captured[k] for k in scoring]
         if not rows:
             return
         most = max([len(contexts) for _, contexts in served] + [1])
