@@ -22,6 +22,7 @@ from steer.errors import SteerError
 from steer.context import LMContext
 from steer.lm.base import LanguageModel, Token
 from steer.constraints.base import Constraint
+from steer.constraints.tokens import TokenTable
 from steer.potentials import ScoringModel
 from steer.program import Program
 from steer.words import NextWord
@@ -361,7 +362,13 @@ class ScriptProgram(Program):
         try:
             if call.func == "next":
                 ctx = self._context(call, args)
-                await self.observe(ctx.next_token(), _token_id(ctx, value, s.value))
+                token_id = _token_id(ctx, value, s.value)
+                rewrite = _rewrite_of_heal(ctx, token_id)
+                if rewrite is not None:  # as `sample next` does: the token that writes, after the re-write
+                    await self.observe(ctx.next_token(), rewrite)
+                    if self.finished:
+                        return
+                await self.observe(ctx.next_token(), token_id)
             elif call.func in ("continuation", "word"):
                 ctx = self._context(call, args)
                 if not isinstance(value, (str, Token)):
@@ -570,6 +577,17 @@ def _token_id(ctx: LMContext, value: Any, node: ast.Node) -> int:
             raise ProgramError(node, f"{value!r} is {len(ids)} tokens; observe it from continuation(c) instead")
         return ids[0]
     raise ProgramError(node, f"observe ... from next(c) needs a token or a string, got {type_of(value)}")
+
+
+def _rewrite_of_heal(ctx: LMContext, token_id: int) -> int | None:
+    """While healing is pending, a token that cannot come first (it does not start with the backed-off
+    prompt text) comes after the token that only re-writes that text: that token, if the vocabulary has
+    it (None otherwise, or when nothing is pending)."""
+    vocab = ctx.lm.vocab
+    if not ctx.heal or token_id in vocab.eos_ids or vocab.strings[token_id].startswith(ctx.heal):
+        return None
+    found = TokenTable.of(vocab).by_string.get(ctx.heal)
+    return found[0] if found else None
 
 
 def _truth(value: Any, node: ast.Node) -> bool:

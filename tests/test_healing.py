@@ -137,3 +137,22 @@ def test_a_token_that_only_rewrites_the_prompt_does_not_count():
         assert ctx.rewrote_prompt, "the tiny BPE's only token starting with 'ab' is 'ab' itself"
         assert counted == 1 and len(ctx.generated) == 2
         assert written == ctx.text and (written != "" or ctx.generated[-1] in lm.vocab.eos_ids)
+
+
+def test_observing_a_token_that_comes_after_the_rewrite_observes_the_rewrite_first():
+    """Two contexts in lockstep (prompt intersection): `sample next(a)` re-writes the healed "ab" and
+    draws the token that writes; `observe t from next(b)` then re-writes b's "ab" too, so both hold
+    the same text and no particle dies."""
+    from steer_lang import Script
+
+    lm = steer.tiny_model("ab ", seed=3, merges=[("a", "b")])
+    source = ('context a = "ab"\ncontext b = "ab"\n'
+              "repeat 3:\n"
+              "    t = sample next(a)\n"
+              "    observe t from next(b)\n"
+              "    if t == eos:\n"
+              "        finish\n"
+              "result [text(a), text(b)]\n")
+    posterior = Script.from_source(source, "t.steer").run(lm, particles=8, seed=0, method="is")
+    assert np.isfinite(posterior.log_weights).all()
+    assert all(p.value[0] == p.value[1] for p in posterior.particles)
