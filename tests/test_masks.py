@@ -100,3 +100,17 @@ def test_observing_two_restrictions_gives_the_joint_probability(tiny_lm):
     assert math.exp(found[0]) == pytest.approx(p[a].sum().item(), rel=1e-5)
     assert math.exp(sum(found)) == pytest.approx(p[2].item(), rel=1e-5)
     assert ctx.mask.tolist() == [False, False, True, False]
+
+
+def test_max_tokens_counts_written_tokens_through_healing_and_end_strings():
+    """`max_tokens(n)` is judged on a view of the context while healing is pending or an end string
+    can be written: the view carries the count of written tokens."""
+    lm = steer.tiny_model("ab ", seed=3)
+    healed = LMContext(lm, "a")
+    assert healed.heal == "a"
+    assert steer.masks.max_tokens(2).allowed_in(healed)[lm.encode("a", bos=False)[0]]
+    ending = LMContext(lm, "a ", end="b", heal=False)
+    ending.extend(lm.encode("aa", bos=False))
+    mask = steer.masks.max_tokens(2).allowed_in(ending)
+    ends = sorted([*lm.vocab.eos_ids, *lm.encode("b", bos=False)])  # the end string ends the text too
+    assert mask.nonzero().flatten().tolist() == ends

@@ -154,6 +154,7 @@ class View:
         self.source = context
         self.lm = _ViewModel(vocab or context.lm.vocab)
         self.tokens, self.generated, self.text, self.heal = context.tokens, context.generated, text, ""
+        self.written = context.written
         self.canonical, self.allow_special, self.end = context.canonical, context.allow_special, ()
 
     @classmethod
