@@ -22,7 +22,7 @@ from steer.errors import SteerError
 from steer.context import LMContext
 from steer.lm.base import LanguageModel, Token
 from steer.constraints.base import Constraint
-from steer.constraints.tokens import TokenTable
+from steer.constraints.target import rewrite_tokens
 from steer.potentials import ScoringModel
 from steer.program import Program
 from steer.words import NextWord
@@ -584,9 +584,9 @@ def _rewrite_of_heal(ctx: LMContext, token_id: int) -> int | None:
     prompt text) comes after the token that only re-writes that text: that token, if the vocabulary has
     it (None otherwise, or when nothing is pending)."""
     vocab = ctx.lm.vocab
-    if not ctx.heal or token_id in vocab.eos_ids or vocab.strings[token_id].startswith(ctx.heal):
-        return None
-    found = TokenTable.of(vocab).by_string.get(ctx.heal)
+    if token_id in vocab.eos_ids or vocab.strings[token_id].startswith(ctx.heal):
+        return None  # (with nothing pending every token starts with "")
+    found = rewrite_tokens(ctx)
     return found[0] if found else None
 
 

@@ -48,6 +48,12 @@ def healing_mask(context: Context) -> torch.Tensor | None:
     return cache[pending]
 
 
+def rewrite_tokens(context: Context) -> list[int]:
+    """While healing is pending, the tokens that only re-write the backed-off prompt text (they add
+    nothing and are not counted against a budget); [] otherwise."""
+    return TokenTable.of(context.lm.vocab).by_string.get(context.heal, []) if context.heal else []
+
+
 def canonical_filter(context: Context) -> Canonical | None:
     """The canonical-tokenization filter of `context`'s tokenizer, or None when it is switched off."""
     if not context.canonical:
@@ -94,8 +100,7 @@ def base_mask(context: Context) -> torch.Tensor | None:
         last = table.eos.copy()
         for ids in ending_tokens(context).values():
             last[ids] = True
-        if context.heal:  # a token that only re-writes the healed prompt text is not counted
-            last[table.by_string.get(context.heal, [])] = True
+        last[rewrite_tokens(context)] = True  # a re-write of the healed prompt text is not counted
         mask = torch.from_numpy(last)
         rest = _base_mask(context)
         return mask if rest is None else both(mask, rest)
