@@ -12,7 +12,6 @@ restricted to A and the weight is properly weighted for the LM conditioned on th
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 import regex
@@ -22,6 +21,7 @@ from ..errors import SteerError
 from ..randomness import categorical, streams
 from . import engine
 from .base import Constraint, Context, TokenTest, all_of
+from .target import Recent
 
 NEG_INF = float("-inf")
 
@@ -37,20 +37,14 @@ class TokenCheck(Constraint):
     approximation: Constraint | None = None
 
     def __init__(self, cache_size: int = 100_000):
-        self._cache: OrderedDict[tuple[str, bool], bool] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache = Recent(cache_size)
 
     def allows(self, text: str, complete: bool = False) -> bool:
         """Whether `text` is a prefix of an allowed text (or, with `complete`, an allowed text)."""
         key = (text, complete)
         if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        ok = self._complete(text) if complete else self._prefix(text)
-        self._cache[key] = ok
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return ok
+            return self._cache.recall(key)
+        return self._cache.keep(key, self._complete(text) if complete else self._prefix(text))
 
     def _prefix(self, text: str) -> bool:
         raise NotImplementedError
