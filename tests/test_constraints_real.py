@@ -171,3 +171,24 @@ def test_partial_regex_with_a_back_reference_on_the_default_model(gemma):
     assert live
     for p in live:
         assert re.fullmatch(r" (\w+) \1", p.context.text), p.context.text
+
+
+def test_a_budget_makes_a_word_mask_end_in_time_on_the_default_model(gemma):
+    """A word mask under a tight budget with an end string: the look-ahead before the last token keeps
+    every particle able to end, and every text keeps the mask; in `.steer` the same program gives the
+    same log_ml (the same draws)."""
+    constraint = steer.masks.word_length(min=2, max=5)
+    post = steer.smc(steer.Generate(gemma, "Three short words:", 6, stop=".", constraint=constraint),
+                     particles=6, seed=0)
+    assert np.isfinite(post.log_weights).all()
+    for particle in post.particles:
+        words = re.findall(r"[^\W\d_]+", particle.result())
+        assert all(2 <= len(w) <= 5 for w in words), particle.result()
+    source = ('context c = "Three short words:", end = ".", max_tokens = 6\n'
+              "repeat 6:\n"
+              "    t = sample next(c) where word_length(min=2, max=5)\n"
+              "    if t == eos:\n"
+              "        stop\n"
+              "result text(c)\n")
+    steered = Script.from_source(source, "words.steer").run(gemma, particles=6, seed=0)
+    assert steered.log_ml == pytest.approx(post.log_ml, rel=1e-9)
