@@ -118,3 +118,52 @@ def test_a_particles_matcher_is_freed_with_it(lm):
     del ctx
     gc.collect()
     assert state() is None
+
+
+@pytest.mark.parametrize("name", ["grammar", "json_schema"])
+def test_masks_kept_by_the_look_ahead_are_the_engines_own(lm, name):
+    """The canonical look-ahead computes the mask after each candidate and keeps it for the next step:
+    along random canonical walks, the kept mask equals a fresh matcher's after the same tokens."""
+    import numpy as np
+
+    constraint = CONSTRAINTS[name]()
+    eos = next(iter(lm.vocab.eos_ids))
+    rng = random.Random(2)
+    reused = 0
+    for _ in range(6):
+        ctx = LMContext(lm, "")
+        for _ in range(10):
+            allowed = [i for i, ok in enumerate(constraint.allowed_in(ctx).tolist()) if ok and i != eos]
+            if not allowed:
+                break
+            state = constraint.state(ctx)
+            kept = state.ahead[1] if state.ahead is not None else {}
+            token = rng.choice(allowed)
+            ctx.extend([token])
+            state = constraint.state(ctx)
+            fresh = constraint.matcher(lm.vocab)
+            assert fresh.consume_tokens(ctx.generated)
+            expected = engine.packed(fresh, lm.vocab.size)
+            if token in kept:
+                reused += 1
+                assert state.packed() is kept[token]
+            assert np.array_equal(state.packed(), expected)
+    assert reused > 0
+
+
+def test_prefixes_among_agrees_with_pairwise_comparison():
+    import numpy as np
+
+    from steer.constraints.tokens import TokenTable
+
+    lm = steer.tiny_model("abc ", merges=[("a", "b"), ("ab", "c"), ("b", "c"), (" ", "a"), (" a", "b")], seed=0)
+    table, strings = TokenTable.of(lm.vocab, cache=False), lm.vocab.strings
+    text = np.flatnonzero(table.text)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ids = rng.choice(text, size=rng.integers(0, len(text) + 1), replace=False)
+        found = table.prefixes_among(ids).tolist()
+        expected = {a for a in ids.tolist() if strings[a] and any(b != a and strings[b].startswith(strings[a])
+                                                                  for b in ids.tolist())}
+        assert set(found) == expected
+        assert [len(strings[i]) for i in found] == sorted(len(strings[i]) for i in found)

@@ -121,26 +121,38 @@ class MatcherState:
     by resampling) forks it first.
     """
 
-    __slots__ = ("matcher", "consumed", "owner", "_mask", "tokenizer", "result", "__weakref__")
+    __slots__ = ("matcher", "consumed", "owner", "_mask", "ahead", "tokenizer", "result", "__weakref__")
 
     def __init__(self, matcher: LLMatcher, tokenizer: LLTokenizer, owner: int):
         self.matcher, self.tokenizer, self.owner = matcher, tokenizer, owner
         self.consumed = 0  # generated tokens read so far
         self._mask: tuple[int, np.ndarray] | None = None
+        # masks the look-ahead computed after some next tokens: the next step's mask if one is drawn
+        self.ahead: tuple[int, dict[int, np.ndarray]] | None = None
         self.result: tuple[tuple, torch.Tensor] | None = None  # the last full mask, with what it depends on
 
     def fork(self, owner: int) -> MatcherState:
         new = MatcherState(self.matcher.deep_copy(), self.tokenizer, owner)
-        new.consumed, new._mask, new.result = self.consumed, self._mask, self.result
+        new.consumed, new._mask, new.ahead, new.result = self.consumed, self._mask, self.ahead, self.result
         return new
 
     def advance_token(self, token: int) -> bool:
+        ahead, self.ahead = self.ahead, None
         self.consumed += 1
+        if ahead is not None and ahead[0] == self.consumed - 1 and token in ahead[1]:
+            self._mask = (self.consumed, ahead[1][token])
         return self.matcher.consume_token(token)
+
+    def keep_ahead(self) -> dict[int, np.ndarray]:
+        """Where the look-ahead leaves the masks it computes after a next token (see `ahead`)."""
+        if self.ahead is None or self.ahead[0] != self.consumed:
+            self.ahead = (self.consumed, {})
+        return self.ahead[1]
 
     def advance_text(self, text: str) -> bool:
         """Read text that is not a whole token (the part of a healed first token after the prompt)."""
         self.consumed += 1
+        self.ahead = None
         ids = self.tokenizer.tokenize_str(text) if text else []
         return all(self.matcher.consume_token(i) for i in ids)
 
@@ -267,15 +279,6 @@ def unpack(words: np.ndarray, size: int) -> np.ndarray:
 def bitmask(matcher: LLMatcher, size: int) -> np.ndarray:
     """The matcher's allowed-token bitmask unpacked to one bool per token."""
     return unpack(packed(matcher, size), size)
-
-
-def _prefixes_of_others(vocab: Vocabulary, ids: np.ndarray) -> np.ndarray:
-    """The tokens among `ids` whose text begins the text of another of `ids`, shortest first (in sorted
-    order the tokens that extend a string come right after it)."""
-    strings = vocab.strings
-    order = sorted(ids.tolist(), key=lambda i: strings[i])
-    found = [a for a, b in zip(order, order[1:]) if strings[a] and strings[b].startswith(strings[a])]
-    return np.array(sorted(found, key=lambda i: len(strings[i])), dtype=np.int64)
 
 
 def few_ids(words: np.ndarray, limit: int) -> np.ndarray | None:
@@ -442,10 +445,11 @@ class Structured(TokenConstraint):
             if len(candidates) > LOOK_AHEAD:
                 # A dead end needs a continuation that must merge with the token: " " before "CA" where
                 # " CA" is a token.  Among many, check the tokens that begin another allowed one.
-                candidates = _prefixes_of_others(vocab, candidates)[:LOOK_AHEAD]
+                candidates = TokenTable.of(vocab).prefixes_among(candidates)[:LOOK_AHEAD]
                 if not len(candidates):
                     return ok
         m, pending = state.matcher, context.heal
+        keep = None if pending else state.keep_ahead()
         for x in candidates.tolist():
             # what the matcher reads for x: while healing, the text x adds after the backed-off prompt
             ids = state.tokenizer.tokenize_str(vocab.strings[x][len(pending):]) if pending else [x]
@@ -456,18 +460,23 @@ class Structured(TokenConstraint):
                 alive = (m.is_accepting() and self._final(context.text + vocab.strings[x][len(pending):])) or \
                     (bool(context.end) and bool(packed(m, vocab.size, scratch(vocab.size)).any()))
             else:
-                alive = self._lives(m, vocab, canon, x, DEPTH)
+                alive = self._lives(m, vocab, canon, x, DEPTH, keep)
             if n:
                 m.rollback(n)
             ok[x] = alive
         return ok
 
-    def _lives(self, m: LLMatcher, vocab: Vocabulary, canon: Canonical, last: int, depth: int) -> bool:
+    def _lives(self, m: LLMatcher, vocab: Vocabulary, canon: Canonical, last: int, depth: int,
+               keep: dict[int, np.ndarray] | None = None) -> bool:
         """Whether, after token `last`, some allowed token keeps the tokenization canonical (or the text
-        may end), following forced choices `depth` tokens deep.  Past a wide choice it says yes."""
+        may end), following forced choices `depth` tokens deep.  Past a wide choice it says yes.
+        `keep` receives the mask after `last` (the next step's, should `last` be drawn)."""
         if self.allow_eos and m.is_accepting():
             return True
-        ids = few_ids(packed(m, vocab.size, scratch(vocab.size)), WIDE)
+        words = packed(m, vocab.size) if keep is not None else packed(m, vocab.size, scratch(vocab.size))
+        if keep is not None:
+            keep[last] = words
+        ids = few_ids(words, WIDE)
         if ids is None:
             return True  # past a very wide choice some continuation is canonical
         ids = ids[~vocab.special[ids]]

@@ -20,8 +20,9 @@ from ..lm.base import Vocabulary
 
 log = logging.getLogger(__name__)
 _LETTERS = re.compile(r"[^\W\d_]+")
-_FORMAT = 3  # bump when the arrays change
-_FIELDS = ("lead", "inner", "inner_min", "trail", "breaks", "runs", "ascii_lo", "ascii_hi", "nonascii")
+_FORMAT = 4  # bump when the arrays change
+_PER_TOKEN = ("lead", "inner", "inner_min", "trail", "breaks", "runs", "ascii_lo", "ascii_hi", "nonascii")
+_FIELDS = (*_PER_TOKEN, "sorted_ids", "prefix_end")
 
 
 def _compute(strings: list[str], text: np.ndarray) -> dict[str, np.ndarray]:
@@ -46,6 +47,16 @@ def _compute(strings: list[str], text: np.ndarray) -> dict[str, np.ndarray]:
             a["lead"][i] = runs[0][1]
         if runs and runs[-1][1] == len(s):
             a["trail"][i] = runs[-1][1] - runs[-1][0]
+    # the text tokens in string order, and where the run of strings that start with each one ends
+    order = sorted((s, i) for i, s in enumerate(strings) if s and text[i])
+    a["sorted_ids"] = np.array([i for _, i in order], dtype=np.int64)
+    a["prefix_end"] = np.empty(len(order), dtype=np.int64)
+    open_: list[int] = []  # places whose string begins every string since
+    for k, (s, _) in enumerate(order):
+        while open_ and not s.startswith(order[open_[-1]][0]):
+            a["prefix_end"][open_.pop()] = k
+        open_.append(k)
+    a["prefix_end"][open_] = len(order)
     return a
 
 
@@ -105,8 +116,23 @@ class TokenTable:
 
     @cached_property
     def _sorted(self) -> tuple[list[str], np.ndarray]:
-        order = sorted((s, i) for i, s in enumerate(self.vocab.strings) if self.text[i] and s)
-        return [s for s, _ in order], np.array([i for _, i in order], dtype=np.int64)
+        return [self.vocab.strings[i] for i in self.sorted_ids.tolist()], self.sorted_ids
+
+    @cached_property
+    def _places(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per token its place in string order (-1: not a text token), and its length."""
+        place = np.full(self.vocab.size, -1, dtype=np.int64)
+        place[self.sorted_ids] = np.arange(len(self.sorted_ids))
+        return place, np.fromiter(map(len, self.vocab.strings), dtype=np.int64, count=self.vocab.size)
+
+    def prefixes_among(self, ids: np.ndarray) -> np.ndarray:
+        """The tokens among `ids` whose text begins the text of another of `ids`, shortest first (in
+        sorted order a string's extensions come right after it, so one comparison per token)."""
+        place, length = self._places
+        places = np.sort(place[ids])
+        places = places[places >= 0]
+        found = self.sorted_ids[places[:-1][places[1:] < self.prefix_end[places[:-1]]]]
+        return found[np.argsort(length[found], kind="stable")]
 
     def starting_with(self, prefix: str) -> np.ndarray:
         """Ids of the text tokens whose string starts with `prefix`."""
@@ -124,7 +150,7 @@ class TokenTable:
 
     def _load(self) -> dict[str, np.ndarray] | None:
         arrays = load_arrays(self._path(), _FIELDS, "token table")
-        if arrays is None or any(len(a) != self.vocab.size for a in arrays.values()):
+        if arrays is None or any(len(arrays[name]) != self.vocab.size for name in _PER_TOKEN):
             return None
         return arrays
 
