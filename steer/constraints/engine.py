@@ -35,7 +35,7 @@ from ..lm.base import Vocabulary
 from .base import NOTHING_FITS
 from .canonical import Canonical
 from .masks import TokenConstraint
-from .target import canonical_filter, ending_tokens
+from .target import canonical_filter, ending_tokens, recent
 from .tokens import TokenTable
 
 LOOK_AHEAD = 16  # tokens checked one by one for a canonical continuation when at most this many are allowed
@@ -281,6 +281,34 @@ def bitmask(matcher: LLMatcher, size: int) -> np.ndarray:
     return unpack(packed(matcher, size), size)
 
 
+def _space_probes(vocab: Vocabulary, canon: Canonical) -> list[tuple[int, list[int]]]:
+    """The tokens that are a lone space, each with the ASCII characters that may follow it canonically
+    (on Gemma the digits: every letter and punctuation mark merges with a space)."""
+    def build():
+        by_string = TokenTable.of(vocab).by_string
+        out = []
+        for x in by_string.get(" ", []):
+            if canon.alone[x]:
+                after = canon.after(x).numpy()
+                out.append((x, [y for ch in map(chr, range(33, 127)) for y in by_string.get(ch, []) if after[y]]))
+        return out
+
+    return vocab.derived("space probes", build)
+
+
+def _packed_text_after(vocab: Vocabulary, canon: Canonical, last: int) -> np.ndarray:
+    """The text tokens that may follow `last` canonically, packed as the engine packs its masks."""
+    cache = recent(vocab, "packed canonical after", 64)
+    found = cache.recall(last)
+    if found is None:
+        ok = np.zeros(-(-vocab.size // 32) * 32, dtype=bool)  # whole 32-token words
+        ok[:vocab.size] = canon.after(last).numpy() & ~vocab.special
+        ok[list(vocab.eos_ids)] = False
+        found = np.packbits(ok, bitorder="little").view(np.int32)
+        cache.keep(last, found)
+    return found
+
+
 def few_ids(words: np.ndarray, limit: int) -> np.ndarray | None:
     """The ids set in a packed mask when there are at most `limit` of them (None: more), without
     touching the whole vocabulary: every set word holds at least one id, so many set words end it."""
@@ -433,8 +461,8 @@ class Structured(TokenConstraint):
         if canon is None and not last_but_one:
             return ok
         ids = np.flatnonzero(ok) if context.heal else few_ids(state.packed(), WIDE + len(eos) + 8)
-        if ids is None:
-            return ok
+        if ids is None:  # very many allowed: only a lone space can be a dead end, before words that all
+            return ok if canon is None else self._check_spaces(state, ok, canon, vocab)  # merge with it
         candidates = ids[ok[ids] & ~vocab.special[ids]]
         for ending in ending_tokens(context).values():
             candidates = np.setdiff1d(candidates, ending)  # judged already, as the end of the text
@@ -466,19 +494,40 @@ class Structured(TokenConstraint):
             ok[x] = alive
         return ok
 
+    def _check_spaces(self, state: MatcherState, ok: np.ndarray, canon: Canonical,
+                      vocab: Vocabulary) -> np.ndarray:
+        """Among very many allowed tokens, drop a lone space where every continuation merges with it
+        (" " before `[A-Z]+`: " A", " AB" are tokens).  A few probe tokens that follow a space canonically
+        settle the usual case in microseconds; the full check runs only when none of them fits."""
+        m = state.matcher
+        for x, probes in _space_probes(vocab, canon):
+            if not ok[x] or not m.try_consume_tokens([x]):
+                continue
+            alive = False
+            for y in probes:
+                if m.try_consume_tokens([y]):
+                    m.rollback(1)
+                    alive = True
+                    break
+            if not alive:
+                alive = self._lives(m, vocab, canon, x, DEPTH, state.keep_ahead())
+            m.rollback(1)
+            ok[x] = alive
+        return ok
+
     def _lives(self, m: LLMatcher, vocab: Vocabulary, canon: Canonical, last: int, depth: int,
                keep: dict[int, np.ndarray] | None = None) -> bool:
         """Whether, after token `last`, some allowed token keeps the tokenization canonical (or the text
-        may end), following forced choices `depth` tokens deep.  Past a wide choice it says yes.
-        `keep` receives the mask after `last` (the next step's, should `last` be drawn)."""
+        may end), following forced choices `depth` tokens deep.  Past a wide choice one canonical
+        continuation is enough.  `keep` receives the mask after `last` (the next step's, should `last` be drawn)."""
         if self.allow_eos and m.is_accepting():
             return True
         words = packed(m, vocab.size) if keep is not None else packed(m, vocab.size, scratch(vocab.size))
         if keep is not None:
             keep[last] = words
         ids = few_ids(words, WIDE)
-        if ids is None:
-            return True  # past a very wide choice some continuation is canonical
+        if ids is None:  # a wide choice may still hold no canonical one: " " then capitals (" A" is a token)
+            return bool(np.bitwise_and(words, _packed_text_after(vocab, canon, last)).any())
         ids = ids[~vocab.special[ids]]
         if len(ids) > LOOK_AHEAD:  # a wide choice: one canonical continuation is enough
             return bool(canon.after(last).numpy()[ids].any())
