@@ -210,6 +210,44 @@ def test_a_budget_makes_masked_proposals_end_in_time(make, complete_ok, tv_runs,
         steer.smc(WithinBudget(lm, steer.masks.word_length(max=3, allow_eos=False), 2), particles=4, seed=0)
 
 
+@pytest.mark.slow
+def test_drawn_tokens_with_no_canonical_continuation_are_refused_and_the_posterior_is_kept(monkeypatch):
+    """Where very many tokens are allowed, proposals check that a drawn token has a canonical
+    continuation (a lone " " before `[AB]+` has none: " A" is a token), so no particle dies, and the
+    posterior is the exact conditional (canonical, matching, ended within the budget)."""
+    from steer.constraints.canonical import Canonical
+
+    monkeypatch.setattr(engine, "few_ids", lambda words, limit: None)  # every choice counts as very wide
+    lm = steer.tiny_model("AB ", merges=[(" ", "A"), (" ", "B")], seed=4, temperature=2.0)
+    budget, pattern = 4, r"( [AB]+)+"
+    canon = Canonical.of(lm.vocab)
+    eos = next(iter(lm.vocab.eos_ids))
+    target = {seq: math.exp(lp) for seq, lp in complete_sequences(lm, lm.encode(""), budget).items()
+              if seq[-1] == eos and canon.is_canonical(list(seq[:-1]))
+              and regex.fullmatch(pattern, lm.decode(list(seq[:-1])))}
+    z = sum(target.values())
+    target = {k: v / z for k, v in target.items()}
+    assert len(target) >= 4
+    lone_space = lm.vocab.strings.index(" ")
+    estimate: dict = {}
+    for s in range(2):
+        post = steer.importance_sampling(WithinBudget(lm, regex_mask(pattern), budget), particles=4000, seed=s)
+        assert np.isfinite(post.log_weights).all()  # no particle walked into a dead end
+        for k, w in post.distribution().items():
+            estimate[k] = estimate.get(k, 0.0) + w / 2
+    assert set(estimate) <= set(target), set(estimate) - set(target)
+    tv = 0.5 * sum(abs(estimate.get(k, 0.0) - p) for k, p in target.items())
+    assert tv < 0.05, tv
+    estimates = [math.exp(steer.importance_sampling(WithinBudget(lm, regex_mask(pattern), budget),
+                                                    particles=100, seed=s).log_ml) for s in range(20)]
+    assert abs(np.mean(estimates) - z) < 4 * np.std(estimates) / math.sqrt(len(estimates)) + 1e-9
+    # without the check, particles draw the lone space and die
+    monkeypatch.setattr(engine.Structured, "_continues_check", lambda self, context: None)
+    post = steer.importance_sampling(WithinBudget(lm, regex_mask(pattern), budget), particles=1000, seed=0)
+    assert not np.isfinite(post.log_weights).all()
+    assert any(p.context.generated[:1] == [lone_space] for p in post.particles)
+
+
 def test_a_budget_no_text_fits_is_reported_before_sampling():
     lm = steer.tiny_model("ab ", seed=4)
     with pytest.raises(steer.SteerError, match="fits in max_tokens"):

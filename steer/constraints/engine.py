@@ -32,7 +32,7 @@ from llguidance import LLMatcher, LLTokenizer, TokenizerWrapper
 
 from ..errors import SteerError
 from ..lm.base import Vocabulary
-from .base import NOTHING_FITS
+from .base import NOTHING_FITS, all_of
 from .canonical import Canonical
 from .masks import TokenConstraint
 from .target import canonical_filter, ending_tokens, recent
@@ -281,21 +281,6 @@ def bitmask(matcher: LLMatcher, size: int) -> np.ndarray:
     return unpack(packed(matcher, size), size)
 
 
-def _space_probes(vocab: Vocabulary, canon: Canonical) -> list[tuple[int, list[int]]]:
-    """The tokens that are a lone space, each with the ASCII characters that may follow it canonically
-    (on Gemma the digits: every letter and punctuation mark merges with a space)."""
-    def build():
-        by_string = TokenTable.of(vocab).by_string
-        out = []
-        for x in by_string.get(" ", []):
-            if canon.alone[x]:
-                after = canon.after(x).numpy()
-                out.append((x, [y for ch in map(chr, range(33, 127)) for y in by_string.get(ch, []) if after[y]]))
-        return out
-
-    return vocab.derived("space probes", build)
-
-
 def _packed_text_after(vocab: Vocabulary, canon: Canonical, last: int) -> np.ndarray:
     """The text tokens that may follow `last` canonically, packed as the engine packs its masks."""
     cache = recent(vocab, "packed canonical after", 64)
@@ -461,8 +446,8 @@ class Structured(TokenConstraint):
         if canon is None and not last_but_one:
             return ok
         ids = np.flatnonzero(ok) if context.heal else few_ids(state.packed(), WIDE + len(eos) + 8)
-        if ids is None:  # very many allowed: only a lone space can be a dead end, before words that all
-            return ok if canon is None else self._check_spaces(state, ok, canon, vocab)  # merge with it
+        if ids is None:  # very many allowed: drawn tokens are checked instead (see `token_check`)
+            return ok
         candidates = ids[ok[ids] & ~vocab.special[ids]]
         for ending in ending_tokens(context).values():
             candidates = np.setdiff1d(candidates, ending)  # judged already, as the end of the text
@@ -491,27 +476,6 @@ class Structured(TokenConstraint):
                 alive = self._lives(m, vocab, canon, x, DEPTH, keep)
             if n:
                 m.rollback(n)
-            ok[x] = alive
-        return ok
-
-    def _check_spaces(self, state: MatcherState, ok: np.ndarray, canon: Canonical,
-                      vocab: Vocabulary) -> np.ndarray:
-        """Among very many allowed tokens, drop a lone space where every continuation merges with it
-        (" " before `[A-Z]+`: " A", " AB" are tokens).  A few probe tokens that follow a space canonically
-        settle the usual case in microseconds; the full check runs only when none of them fits."""
-        m = state.matcher
-        for x, probes in _space_probes(vocab, canon):
-            if not ok[x] or not m.try_consume_tokens([x]):
-                continue
-            alive = False
-            for y in probes:
-                if m.try_consume_tokens([y]):
-                    m.rollback(1)
-                    alive = True
-                    break
-            if not alive:
-                alive = self._lives(m, vocab, canon, x, DEPTH, state.keep_ahead())
-            m.rollback(1)
             ok[x] = alive
         return ok
 
@@ -561,11 +525,40 @@ class Structured(TokenConstraint):
         return len(ids) + 1 + clash
 
     def token_check(self, context) -> Callable[[int], bool] | None:
+        """Checks of a drawn token that the mask cannot afford to make for every token (each costs tens
+        to hundreds of microseconds), applied by adaptive rejection so the weight stays exact: that
+        the token leaves room to end within the budget, and, where very many tokens are allowed, that
+        some canonical token can follow it.  None: nothing to check; NOTHING_FITS: the text cannot end
+        in the budget whatever comes next."""
+        fits = self._budget_check(context)
+        return fits if fits is NOTHING_FITS else all_of([fits, self._continues_check(context)])
+
+    def _continues_check(self, context) -> Callable[[int], bool] | None:
+        """Where very many tokens are allowed the mask was not looked ahead of: a drawn token must have a
+        canonical continuation (`"` then `,`: `",` is one token).  The mask after it, computed here, is
+        the next step's if it is kept."""
+        canon = canonical_filter(context)
+        if canon is None or context.heal or context.ended:
+            return None
+        state, vocab = self.state(context), context.lm.vocab
+        if few_ids(state.packed(), WIDE + len(vocab.eos_ids) + 8) is not None:
+            return None  # few allowed: the mask was looked ahead of
+        m, keep, text = state.matcher, state.keep_ahead(), context.text
+
+        def continues(token: int) -> bool:
+            if token in vocab.eos_ids or vocab.special[token] or context.end_position(text, vocab.strings[token]) \
+                    is not None or not m.try_consume_tokens([token]):
+                return True  # judged by the mask
+            try:
+                return self._lives(m, vocab, canon, token, DEPTH, keep)
+            finally:
+                m.rollback(1)
+
+        return continues
+
+    def _budget_check(self, context) -> Callable[[int], bool] | None:
         """With a token budget: a check that a next token leaves room to end the text, i.e. that a
-        completion after it fits in the tokens then left.  The mask cannot say this for every token
-        (the search costs a few hundred microseconds), so proposals check the tokens they draw
-        (adaptive rejection: the weight stays exact).  None: nothing to check; NOTHING_FITS: the text
-        cannot end in the budget whatever comes next."""
+        completion after it fits in the tokens then left (None: nothing to check)."""
         left = context.tokens_left
         if left is None or left < 2 or not self.allow_eos or context.ended:
             return None
