@@ -512,17 +512,15 @@ class Structured(TokenConstraint):
     def need(self, matcher: LLMatcher, vocab: Vocabulary, tokenizer: LLTokenizer, left: int,
              canon: Canonical | None = None, last: int | None = None, tail: str = "") -> int | None:
         """Tokens still needed to end the text from `matcher`'s position, the ending token included:
-        the length of a greedy completion, an estimate of the shortest.  When the search stops at 6
-        characters a token without an end, `left + 1` if what it wrote already takes more than `left`
-        tokens (a new array item with required keys after `},` three tokens from the end), else
-        None: it got stuck or went round in circles, so nothing is known.
+        the length of a greedy completion, an upper bound (None when none is found within 6
+        characters a token: the search went round in circles or got stuck, so nothing is known).
         With `canon`: one more where the completion's first token cannot canonically follow `last`
         (after ` "` an empty string cannot close with `"`: ` ""` is one token)."""
         limit = 6 * left + 16
         text, found = completion(matcher, vocab, tokenizer, limit, tail)
-        ids = tokenizer.tokenize_str(text)
         if not found:
-            return left + 1 if len(text) >= limit and len(ids) > left else None
+            return None
+        ids = tokenizer.tokenize_str(text)
         clash = bool(ids) and canon is not None and last is not None and not canon.before(ids[0])[last]
         return len(ids) + 1 + clash
 
@@ -578,6 +576,8 @@ class Structured(TokenConstraint):
                     raise SteerError(f"{self.describe}: no text it allows was found that fits in max_tokens "
                                      f"({left} tokens, the ending one included); raise max_tokens")
                 return NOTHING_FITS
+            if need is not None and need > room + 1:
+                room = need - 1  # already inside the margin: a token that brings the end closer fits
             if need is not None and need + FAR < room:
                 # Far from the end, nothing is checked: a token that adds more than FAR tokens to the
                 # shortest completion is rare, and the particle then dies a few steps later, where the
