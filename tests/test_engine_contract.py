@@ -184,3 +184,20 @@ def test_a_drawn_token_with_no_canonical_continuation_is_refused_among_many(monk
     check = constraint.token_check(ctx)
     assert check(strings.index(" A")) and check(strings.index(" B"))
     assert check(strings.index(" ")) == space_lives
+
+
+def test_copies_share_a_mask_in_use_and_no_state_keeps_one_after(lm):
+    """Copies made by resampling get the mask already computed while it is in use; once nobody uses it
+    the state holds no full mask (only the engine's packed one), so particles stay small."""
+    import gc
+
+    constraint = CONSTRAINTS["json_schema"]()
+    ctx = LMContext(lm, "", canonical=False)
+    mask = constraint.allowed_in(ctx)
+    twin = copy.deepcopy(ctx)
+    assert constraint.allowed_in(twin) is mask
+    state = constraint.state(ctx)
+    del mask
+    gc.collect()
+    assert state.result[1]() is None
+    assert constraint.allowed_in(twin).tolist() == constraint.allowed_in(ctx).tolist()

@@ -129,7 +129,9 @@ class MatcherState:
         self._mask: tuple[int, np.ndarray] | None = None
         # masks the look-ahead computed after some next tokens: the next step's mask if one is drawn
         self.ahead: tuple[int, dict[int, np.ndarray]] | None = None
-        self.result: tuple[tuple, torch.Tensor] | None = None  # the last full mask, with what it depends on
+        # the last full mask, with what it depends on; held weakly, so that a particle keeps no
+        # 262k-entry mask between steps (copies that share the state share it while it is in use)
+        self.result: tuple[tuple, weakref.ref] | None = None
 
     def fork(self, owner: int) -> MatcherState:
         new = MatcherState(self.matcher.deep_copy(), self.tokenizer, owner)
@@ -382,9 +384,11 @@ class Structured(TokenConstraint):
         key = (state.consumed, context.tokens[-1], left == 2, context.heal, context.end, context.end_at,
                context.canonical)
         if state.result is not None and state.result[0] == key:
-            return state.result[1]
+            found = state.result[1]()
+            if found is not None:
+                return found
         mask = self._allowed_in(context, state, left)
-        state.result = (key, mask)
+        state.result = (key, weakref.ref(mask))
         return mask
 
     def _allowed_in(self, context, state: MatcherState, left: int | None) -> torch.Tensor:
