@@ -192,3 +192,17 @@ def test_a_budget_makes_a_word_mask_end_in_time_on_the_default_model(gemma):
               "result text(c)\n")
     steered = Script.from_source(source, "words.steer").run(gemma, particles=6, seed=0)
     assert steered.log_ml == pytest.approx(post.log_ml, rel=1e-9)
+
+
+def test_the_completion_search_finds_a_fixed_ending_the_greedy_walk_misses(gemma):
+    """The budget's completion search on Gemma's vocabulary: after ` 123456` under `\\w+ly` the greedy
+    walk writes digits and finds no end; the fallback finds `ly`, so the budget check can force it."""
+    from steer.constraints import engine
+
+    constraint = engine.regex(r" \w+ly")
+    matcher = constraint.matcher(gemma.vocab)
+    assert matcher.consume_tokens(gemma.encode(" 123456", bos=False))
+    tokenizer = engine.ll_tokenizer(gemma.vocab)
+    assert engine._greedy_walk(matcher, engine.probe_tokens(gemma.vocab), tokenizer, 76, "56")[1] is False
+    assert engine.completion(matcher, gemma.vocab, tokenizer, 76, "56") == ("ly", True)
+    assert not matcher.is_accepting()  # left where it was
