@@ -147,6 +147,22 @@ def ended_within(lm, budget, complete_ok):
     return {k: v / z for k, v in target.items()}, z
 
 
+def assert_exact(program, target: dict, z: float, runs: int, particles: int, sampler=steer.smc) -> None:
+    """No particle dies, the posterior over `runs` runs is within 0.05 TV of the exact `target`, and
+    exp(log_ml) is an unbiased estimate of `z` (20 importance-sampling runs of 100 particles)."""
+    estimate: dict = {}
+    for s in range(runs):
+        post = sampler(program(), particles=particles, seed=s)
+        assert np.isfinite(post.log_weights).all()  # no particle walked into a text that cannot end
+        for k, w in post.distribution().items():
+            estimate[k] = estimate.get(k, 0.0) + w / runs
+    assert set(estimate) <= set(target), set(estimate) - set(target)
+    tv = 0.5 * sum(abs(estimate.get(k, 0.0) - p) for k, p in target.items())
+    assert tv < 0.05, tv
+    estimates = [math.exp(steer.importance_sampling(program(), particles=100, seed=s).log_ml) for s in range(20)]
+    assert abs(np.mean(estimates) - z) < 4 * np.std(estimates) / math.sqrt(len(estimates)) + 1e-9
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("pattern,budget,make", [(r"a+bbb", 6, regex_mask), (r"(ab|ba)+ bb", 6, regex_mask),
                                                  (r"(a|b)\1+ bb", 6, partial_regex)])
@@ -157,18 +173,7 @@ def test_budget_checks_finish_every_particle_and_keep_the_posterior(pattern, bud
     lm = steer.tiny_model("ab ", seed=4, temperature=2.0)
     target, z = ended_within(lm, budget, lambda s: regex.fullmatch(pattern, s) is not None)
     assert len(target) >= 2
-    estimate: dict = {}
-    for s in range(3):
-        post = steer.smc(WithinBudget(lm, make(pattern), budget), particles=1000, seed=s)
-        assert np.isfinite(post.log_weights).all()  # no particle walked into a text that cannot end
-        for k, w in post.distribution().items():
-            estimate[k] = estimate.get(k, 0.0) + w / 3
-    assert set(estimate) <= set(target), set(estimate) - set(target)
-    tv = 0.5 * sum(abs(estimate.get(k, 0.0) - p) for k, p in target.items())
-    assert tv < 0.05, tv
-    estimates = [math.exp(steer.importance_sampling(WithinBudget(lm, make(pattern), budget),
-                                                    particles=100, seed=s).log_ml) for s in range(20)]
-    assert abs(np.mean(estimates) - z) < 4 * np.std(estimates) / math.sqrt(len(estimates)) + 1e-9
+    assert_exact(lambda: WithinBudget(lm, make(pattern), budget), target, z, runs=3, particles=1000)
     # without the check, particles walk into texts that cannot end in time
     monkeypatch.setattr(engine.Structured, "token_check", lambda self, context: None)
     post = steer.importance_sampling(WithinBudget(lm, make(pattern), budget), particles=1000, seed=0)
@@ -229,18 +234,8 @@ def test_drawn_tokens_with_no_canonical_continuation_are_refused_and_the_posteri
     target = {k: v / z for k, v in target.items()}
     assert len(target) >= 4
     lone_space = lm.vocab.strings.index(" ")
-    estimate: dict = {}
-    for s in range(2):
-        post = steer.importance_sampling(WithinBudget(lm, regex_mask(pattern), budget), particles=4000, seed=s)
-        assert np.isfinite(post.log_weights).all()  # no particle walked into a dead end
-        for k, w in post.distribution().items():
-            estimate[k] = estimate.get(k, 0.0) + w / 2
-    assert set(estimate) <= set(target), set(estimate) - set(target)
-    tv = 0.5 * sum(abs(estimate.get(k, 0.0) - p) for k, p in target.items())
-    assert tv < 0.05, tv
-    estimates = [math.exp(steer.importance_sampling(WithinBudget(lm, regex_mask(pattern), budget),
-                                                    particles=100, seed=s).log_ml) for s in range(20)]
-    assert abs(np.mean(estimates) - z) < 4 * np.std(estimates) / math.sqrt(len(estimates)) + 1e-9
+    assert_exact(lambda: WithinBudget(lm, regex_mask(pattern), budget), target, z, runs=2, particles=4000,
+                 sampler=steer.importance_sampling)
     # without the check, particles draw the lone space and die
     monkeypatch.setattr(engine.Structured, "_continues_check", lambda self, context: None)
     post = steer.importance_sampling(WithinBudget(lm, regex_mask(pattern), budget), particles=1000, seed=0)

@@ -206,7 +206,7 @@ def completion(matcher: LLMatcher, vocab: Vocabulary, tokenizer: LLTokenizer, li
     text before) where another fits.  It is not always the shortest, but for JSON (close the string,
     `0` for a number, the required keys in order) and most patterns it is close, and it costs a few
     hundred microseconds.  Where it finds nothing, a letter or digit and one more character that
-    complete the text are looked for (`ly` for `\w+ly`, where the walk writes digits).
+    complete the text are looked for (`ly` for `\\w+ly`, where the walk writes digits).
     """
     text, found = _greedy_walk(matcher, probe_tokens(vocab), tokenizer, limit, tail)
     if not found:
