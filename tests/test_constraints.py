@@ -54,6 +54,29 @@ def test_awrs_with_nothing_allowed_kills():
     assert token is None and log_w == float("-inf")
 
 
+def test_awrs_that_gives_up_falls_back_on_the_tokens_the_check_names():
+    """Passing tokens far down the list: with a cap on checks AWRS gives up; a check that names likely
+    candidates then gets one of those that pass, drawn in proportion to the LM, weighted by their mass."""
+    logits = torch.linspace(8.0, 0.0, 50)
+    logprobs = torch.log_softmax(logits, 0)
+    passing = {46, 48}
+
+    def accepts(i):
+        return i in passing
+
+    token, log_w, _ = awrs(logprobs, None, accepts, max_checks=10)
+    assert token is None and log_w == float("-inf")  # nothing named: the particle dies, as before
+    accepts.candidates = lambda: [45, 46, 48]
+    seed(0)
+    drawn = [awrs(logprobs, None, accepts, max_checks=10) for _ in range(400)]
+    assert {t for t, _, _ in drawn} == passing
+    expected = math.log(sum(math.exp(logprobs[i].item()) for i in passing))
+    assert all(abs(w - expected) < 1e-9 for _, w, _ in drawn)
+    share = sum(t == 46 for t, _, _ in drawn) / len(drawn)
+    p46, p48 = (math.exp(logprobs[i].item()) for i in (46, 48))
+    assert abs(share - p46 / (p46 + p48)) < 0.08
+
+
 class Constrained(steer.Program):
     """Up to T tokens, each observed to satisfy the constraint, then sampled from the LM."""
 

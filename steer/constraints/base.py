@@ -149,7 +149,14 @@ def all_of(checks: list[TokenTest | None]) -> TokenTest | None:
         return NOTHING_FITS
     if len(found) <= 1:
         return found[0] if found else None
-    return lambda token: all(check(token) for check in found)
+
+    def every(token: int) -> bool:
+        return all(check(token) for check in found)
+
+    named = [c.candidates for c in found if hasattr(c, "candidates")]
+    if named:  # the tokens a check names as likely to pass (see `checks.awrs`), of every such check
+        every.candidates = lambda: sorted({i for candidates in named for i in candidates()})
+    return every
 
 
 class FixedMask(Constraint):

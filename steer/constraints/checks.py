@@ -378,13 +378,27 @@ def _without_replacement(probs: torch.Tensor, first: int | None = None, cheap: i
     yield from _descending(keys)
 
 
+def _fall_back(probs: torch.Tensor, accepts: Callable[[int], bool], checks: int) -> tuple[int | None, float, int]:
+    """After AWRS gives up: the tokens the check itself names as likely to pass (`accepts.candidates()`:
+    for a budget, those that begin a short completion), drawn in proportion to the LM among those that
+    pass.  Their mass is the weight, a lower bound of what AWRS estimates: the particle goes on
+    slightly under-weighted instead of dying where its few passing tokens lie far down the list."""
+    propose = getattr(accepts, "candidates", None)
+    passing = [i for i in (propose() if propose is not None else []) if probs[i] > 0 and accepts(i)]
+    if not passing:
+        return None, NEG_INF, checks
+    mass = probs[passing]
+    token = passing[int(categorical(mass / mass.sum()))]
+    return token, math.log(float(mass.sum())), checks + len(passing)
+
+
 def awrs(logprobs: torch.Tensor, given: torch.Tensor | None, accepts: Callable[[int], bool],
          first: int | None = None, max_checks: int | None = None) -> tuple[int | None, float, int]:
     """Adaptive weighted rejection sampling of the LM's next token restricted to `accepts`.
 
     `logprobs`: the LM's next-token log-probabilities; `given`: an existing restriction (the target is
     then conditional on it); `first`: a token already drawn from the LM (the batched round's draw),
-    used as the first candidate; `max_checks`: give up (as if none were accepted) after that many.
+    used as the first candidate; `max_checks`: give up after that many (see `_fall_back`).
     Returns (token or None if no token is accepted, log of an unbiased estimate of P(accepted | given),
     number of checks).
     """
@@ -403,7 +417,7 @@ def awrs(logprobs: torch.Tensor, given: torch.Tensor | None, accepts: Callable[[
         for i in _without_replacement(probs, first if round_ == 0 else None):
             checks += 1
             if max_checks is not None and checks > max_checks and token is None:
-                return None, NEG_INF, checks
+                return _fall_back(probs, accepts, checks)
             if accepts(i):
                 if token is None:
                     token = i

@@ -632,6 +632,16 @@ class Structured(TokenConstraint):
                 if n:
                     m.rollback(n)
 
+        def candidates() -> list[int]:
+            """The tokens that begin a short completion: where the budget leaves only those, they can lie
+            too far down the LM's list for adaptive rejection to reach (see `checks.awrs`)."""
+            found, complete = completion(m, vocab, tokenizer, 6 * left + 16, text[-2:])
+            by_string = TokenTable.of(vocab).by_string
+            return [i for k in range(1, min(len(found), 16) + 1) for i in by_string.get(found[:k], [])] \
+                if complete else []
+
+        if not pending:
+            fits.candidates = candidates
         return fits
 
     def done(self, context) -> bool:
