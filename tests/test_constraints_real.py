@@ -11,7 +11,6 @@ import pytest
 
 import steer
 from steer_lang import Script
-from steer.context import LMContext
 
 pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
