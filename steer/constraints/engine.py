@@ -121,12 +121,13 @@ class MatcherState:
     by resampling) forks it first.
     """
 
-    __slots__ = ("matcher", "consumed", "owner", "_mask", "ahead", "tokenizer", "result", "__weakref__")
+    __slots__ = ("matcher", "consumed", "owner", "_mask", "_few", "ahead", "tokenizer", "result", "__weakref__")
 
     def __init__(self, matcher: LLMatcher, tokenizer: LLTokenizer, owner: int):
         self.matcher, self.tokenizer, self.owner = matcher, tokenizer, owner
         self.consumed = 0  # generated tokens read so far
         self._mask: tuple[int, np.ndarray] | None = None
+        self._few: tuple[int, int, np.ndarray | None] | None = None
         # masks the look-ahead computed after some next tokens: the next step's mask if one is drawn
         self.ahead: tuple[int, dict[int, np.ndarray]] | None = None
         # the last full mask, with what it depends on; held weakly, so that a particle keeps no
@@ -135,7 +136,8 @@ class MatcherState:
 
     def fork(self, owner: int) -> MatcherState:
         new = MatcherState(self.matcher.deep_copy(), self.tokenizer, owner)
-        new.consumed, new._mask, new.ahead, new.result = self.consumed, self._mask, self.ahead, self.result
+        new.consumed, new._mask, new._few = self.consumed, self._mask, self._few
+        new.ahead, new.result = self.ahead, self.result
         return new
 
     def advance_token(self, token: int) -> bool:
@@ -163,6 +165,13 @@ class MatcherState:
         if self._mask is None or self._mask[0] != self.consumed:
             self._mask = (self.consumed, packed(self.matcher, self.tokenizer.vocab_size))
         return self._mask[1]
+
+    def few(self, limit: int) -> np.ndarray | None:
+        """The ids the engine allows here when there are at most `limit` of them (None: more), computed
+        once per position: the mask's look-ahead and the check of drawn tokens both ask."""
+        if self._few is None or self._few[:2] != (self.consumed, limit):
+            self._few = (self.consumed, limit, few_ids(self.packed(), limit))
+        return self._few[2]
 
     def allowed(self) -> np.ndarray:
         """Bool per token: the engine allows it next (end-of-text: the text may end here)."""
@@ -321,6 +330,16 @@ def _packed_text_after(vocab: Vocabulary, canon: Canonical, last: int) -> np.nda
     return found
 
 
+def _few_limit(vocab: Vocabulary) -> int:
+    """Up to this many allowed tokens (end-of-text and a few more beside WIDE), a step is looked ahead of."""
+    return WIDE + len(vocab.eos_ids) + 8
+
+
+def _search_limit(left: int) -> int:
+    """The characters a completion search may write with `left` tokens left: 6 a token."""
+    return 6 * left + 16
+
+
 def few_ids(words: np.ndarray, limit: int) -> np.ndarray | None:
     """The ids set in a packed mask when there are at most `limit` of them (None: more), without
     touching the whole vocabulary: every set word holds at least one id, so many set words end it."""
@@ -470,11 +489,10 @@ class Structured(TokenConstraint):
         keeps the tokenization canonical; before the budget's last token, those after which the text
         cannot end.  Dropping them changes no weight the target gives a complete text."""
         vocab = context.lm.vocab
-        eos = vocab.eos_ids
         # when the engine allows very many tokens, nothing is checked (nor is the vocabulary scanned)
         if canon is None and not last_but_one:
             return ok
-        ids = np.flatnonzero(ok) if context.heal else few_ids(state.packed(), WIDE + len(eos) + 8)
+        ids = np.flatnonzero(ok) if context.heal else state.few(_few_limit(vocab))
         if ids is None:  # very many allowed: drawn tokens are checked instead (see `token_check`)
             return ok
         candidates = ids[ok[ids] & ~vocab.special[ids]]
@@ -545,8 +563,7 @@ class Structured(TokenConstraint):
         characters a token: the search went round in circles or got stuck, so nothing is known).
         With `canon`: one more where the completion's first token cannot canonically follow `last`
         (after ` "` an empty string cannot close with `"`: ` ""` is one token)."""
-        limit = 6 * left + 16
-        text, found = completion(matcher, vocab, tokenizer, limit, tail)
+        text, found = completion(matcher, vocab, tokenizer, _search_limit(left), tail)
         if not found:
             return None
         ids = tokenizer.tokenize_str(text)
@@ -570,7 +587,7 @@ class Structured(TokenConstraint):
         if canon is None or context.heal or context.ended:
             return None
         state, vocab = self.state(context), context.lm.vocab
-        if few_ids(state.packed(), WIDE + len(vocab.eos_ids) + 8) is not None:
+        if state.few(_few_limit(vocab)) is not None:
             return None  # few allowed: the mask was looked ahead of
         m, keep, text = state.matcher, state.keep_ahead(), context.text
 
@@ -635,7 +652,7 @@ class Structured(TokenConstraint):
         def candidates() -> list[int]:
             """The tokens that begin a short completion: where the budget leaves only those, they can lie
             too far down the LM's list for adaptive rejection to reach (see `checks.awrs`)."""
-            found, complete = completion(m, vocab, tokenizer, 6 * left + 16, text[-2:])
+            found, complete = completion(m, vocab, tokenizer, _search_limit(left), text[-2:])
             by_string = TokenTable.of(vocab).by_string
             return [i for k in range(1, min(len(found), 16) + 1) for i in by_string.get(found[:k], [])] \
                 if complete else []
