@@ -92,7 +92,7 @@ def test_word_bonus_over_multi_token_words_is_exact(bpe_lm, masked):
     mask = steer.masks.max_words(1) if masked else None
     allowed = (lambda text: len(text.split()) <= 1) if masked else (lambda text: True)
     check(bpe_lm, "b ", lambda: steer.tilts.prefer_words(["ab"], bonus=1.5),
-          lambda text, ended: words.potential(text, ended=True), mask=mask, allowed=allowed)
+          lambda text, ended: words.potential(text, bpe_lm.vocab, ended=True), mask=mask, allowed=allowed)
 
 
 def test_word_bonus_values_are_the_change_in_the_potential(bpe_lm):
@@ -105,11 +105,11 @@ def test_word_bonus_values_are_the_change_in_the_potential(bpe_lm):
         phi = words.values(ctx)
         for i, s in enumerate(vocab.strings):
             if i in vocab.eos_ids:
-                expected = words.potential(text, ended=True) - words.potential(text)
+                expected = words.potential(text, vocab, ended=True) - words.potential(text, vocab)
             elif vocab.special[i]:
                 expected = 0.0
             else:
-                expected = words.potential(text + s) - words.potential(text)
+                expected = words.potential(text + s, vocab) - words.potential(text, vocab)
             assert phi[i].item() == pytest.approx(expected), (text, s)
 
 
@@ -125,7 +125,21 @@ def test_word_bonus_on_gemma_matches_the_potential(gemma):
         phi = words.values(ctx)
         for i in sample:
             s = gemma.vocab.strings[i]
-            assert phi[i].item() == pytest.approx(words.potential(text + s) - words.potential(text)), (text, s)
+            expected = words.potential(text + s, gemma.vocab) - words.potential(text, gemma.vocab)
+            assert phi[i].item() == pytest.approx(expected), (text, s)
+
+
+def test_word_bonus_holds_prefixes_on_the_tokenizers_way_only(gemma):
+    """" enjoyable" is written " enjoy" "able", so "enjoy" holds the prefix bonus; "amazing" is one
+    token, so the article "a" holds none (it cannot become "amazing" in canonical tokens)."""
+    words = steer.tilts.prefer_words(["amazing", "enjoyable", "brilliant"], bonus=2.0)
+    prefixes = words.prefixes(gemma.vocab)
+    assert {"amazing", "enjoyable", "brilliant", "enjoy", "br"} <= prefixes
+    assert not {"a", "am", "en", "b", "bri"} & prefixes
+    ctx = LMContext(gemma, "The movie was", heal=False)
+    phi = words.values(ctx)
+    a, amazing, enjoy = (gemma.encode(s, bos=False)[0] for s in (" a", " amazing", " enjoy"))
+    assert phi[a].item() == 0.0 and phi[amazing].item() == 2.0 and phi[enjoy].item() == 2.0
 
 
 # -- one-step look-ahead with a sequence-level reward --------------------------------------------

@@ -9,9 +9,15 @@ likelier at the moment they can be drawn.
 
 `prefer_words(words, bonus)` rewards complete words from a list, exactly, even when a word takes
 several tokens: the potential is `bonus` per complete listed word plus `bonus` while the open word is
-a prefix of a listed word, and each token's tilt is the change in that potential.  So the bonus for a
-prefix is paid when the prefix is written (which steers towards it) and taken back if the word turns
-out to be another ("good" then "ness"); at the end of the text only complete words count.
+a prefix on the tokenizer's way to a listed word, and each token's tilt is the change in that
+potential.  So the bonus for a prefix is paid when the prefix is written (which steers towards it) and
+taken back if the word turns out to be another ("enjoy" then "ment"); at the end of the text only
+complete words count.  Any prefix bonus leaves the target unchanged (it is taken back or confirmed
+before the end), so the prefixes are chosen for the proposal's sake: only those the tokenizer writes
+on the way to a listed word (" enjoy" of " enjoy|able"), not every string a listed word starts with.
+Paying for "a" because "amazing" starts with it would push particles into the article, then take the
+bonus back from each of them a token later, and that swing is what made runs with few particles
+collapse onto one unsteered text.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import SteerError
+from ..lm.base import Vocabulary
 from .base import Constraint
 from .masks import lead_maps, open_word_length
 from .target import ending_tokens, healed_view
@@ -121,33 +128,56 @@ class WordBonus(Tilt):
         if not np.isfinite(bonus):
             raise SteerError(f"prefer_words needs a finite bonus, got {bonus}")
         self.bonus = float(bonus)
-        self.prefixes = {w[:k] for w in self.words for k in range(1, len(w) + 1)}
         self._static: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._by_state: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"prefer_words({sorted(self.words)!r}, {self.bonus})"
 
+    def prefixes(self, vocab: Vocabulary) -> frozenset[str]:
+        """The open words (lower-cased) that hold the prefix bonus: each listed word, and the letters
+        the tokenizer has written after each token of it (lower-case or capitalised, with or without a
+        leading space).  A vocabulary without a tokenizer holds the bonus for every prefix."""
+        return vocab.derived(("word-bonus-prefixes", self.words), lambda: self._prefixes(vocab))
+
+    def _prefixes(self, vocab: Vocabulary) -> frozenset[str]:
+        if vocab.tokenizer is None:
+            return frozenset(w[:k] for w in self.words for k in range(1, len(w) + 1))
+        found = set(self.words)
+        for w in self.words:
+            for variant in (w, w.capitalize()):
+                for lead in ("", " "):
+                    written = ""
+                    for i in vocab.tokenizer.encode(lead + variant, add_special_tokens=False):
+                        written += vocab.strings[i]
+                        run = written.strip().lower()
+                        if run and w.startswith(run):
+                            found.add(run)
+        return frozenset(found)
+
     # -- the potential on plain text (also the reference the tests compare with) ----------------------
-    def potential(self, text: str, ended: bool = False) -> float:
-        """bonus x (complete listed words + [the open word is a prefix of one, unless the text ended])."""
+    def potential(self, text: str, vocab: Vocabulary, ended: bool = False) -> float:
+        """bonus x (complete listed words + [the open word holds the prefix bonus, unless the text
+        ended])."""
         runs = [(m.group().lower(), m.end()) for m in _LETTERS.finditer(text)]
         complete = [w for w, end in runs if end < len(text) or ended]
         score = sum(w in self.words for w in complete)
         if not ended and runs and runs[-1][1] == len(text):
-            score += runs[-1][0] in self.prefixes
+            score += runs[-1][0] in self.prefixes(vocab)
         return self.bonus * score
 
     def settle(self, context) -> float:
         """What to `score` when a program stops before the end of the text: takes back the bonus held
         for an open word that is only a prefix of a listed word (at end-of-text the tilt does this)."""
-        return self.potential(context.text, ended=True) - self.potential(context.text)
+        vocab = context.lm.vocab
+        return self.potential(context.text, vocab, ended=True) - self.potential(context.text, vocab)
 
     # -- vectorised over the vocabulary -------------------------------------------------------------
     def _statics(self, table) -> tuple[np.ndarray, np.ndarray]:
         """Per token, independent of the text before it: the listed words it completes inside itself,
-        and whether its trailing open run is a listed prefix (for tokens with a non-letter)."""
+        and whether its trailing open run holds the prefix bonus (for tokens with a non-letter)."""
         if table.vocab not in self._static:
+            prefixes = self.prefixes(table.vocab)
             inner = np.zeros(table.vocab.size)
             trail = np.zeros(table.vocab.size)
             for i in np.flatnonzero(table.text & table.breaks & (table.runs > 0)):
@@ -155,7 +185,7 @@ class WordBonus(Tilt):
                 for m in _LETTERS.finditer(s):
                     word = m.group().lower()
                     if m.end() == len(s):
-                        trail[i] = word in self.prefixes
+                        trail[i] = word in prefixes
                     elif m.start() > 0:
                         inner[i] += word in self.words
             self._static[table.vocab] = (inner, trail)
@@ -170,15 +200,16 @@ class WordBonus(Tilt):
         if phi is None:
             t = TokenTable.of(vocab)
             inner, trail = self._statics(t)
+            prefixes = self.prefixes(vocab)
             b = self.bonus
-            paid = b * (open_word in self.prefixes)  # the prefix bonus held now
+            paid = b * (open_word in prefixes)  # the prefix bonus held now
             closes = b * (open_word in self.words) - paid  # what closing the open word changes
             letters_only = t.text & ~t.breaks & (t.lead > 0)
             phi = np.where(letters_only, -paid, closes + b * (inner + trail))
             by_lead, by_letters = lead_maps(t)
             leads = t.text & t.breaks & (t.lead > 0)
             phi[leads] = -paid + b * (inner[leads] + trail[leads])
-            for p in self.prefixes:  # tokens that extend the open word into a listed prefix
+            for p in prefixes:  # tokens that extend the open word into a listed prefix
                 if p.startswith(open_word) and len(p) > len(open_word):
                     phi[by_letters.get(p[len(open_word):], [])] = b - paid
             for w in self.words:  # tokens whose leading letters complete a listed word
@@ -203,8 +234,9 @@ def _ending_values(tilt: WordBonus, context) -> dict[int, float]:
     """Tokens that write an end string end the text: their tilt closes it, from the text before it."""
     if not getattr(context, "end", ()) or getattr(context, "ended", False):
         return {}
-    now = tilt.potential(context.text)
-    return {int(i): tilt.potential(ended, ended=True) - now
+    vocab = context.lm.vocab
+    now = tilt.potential(context.text, vocab)
+    return {int(i): tilt.potential(ended, vocab, ended=True) - now
             for ended, ids in ending_tokens(context).items() for i in ids}
 
 
