@@ -139,7 +139,9 @@ class Canonical:
         tokenizer = vocab.tokenizer
         self.bpe = _bpe_model(tokenizer) if tokenizer is not None else None
         # Per instance, so that a vocabulary's tables go with it.
-        self.after = functools.lru_cache(maxsize=512)(self._after)
+        # `after` masks are 1 byte a token: a few are kept whole, many more as what they leave out
+        self.after = functools.lru_cache(maxsize=64)(self._after_of)
+        self._left_out_after = functools.lru_cache(maxsize=4096)(self._left_out)
         self.before = functools.lru_cache(maxsize=512)(self._before)
         self.exempt = vocab.special.copy()  # not judged: special tokens, EOS
         self.exempt[list(vocab.eos_ids)] = True
@@ -239,6 +241,22 @@ class Canonical:
         return bad
 
     # -- queries (`after` and `before` are these, cached per token) ------------------------------------
+    def _after_of(self, prev: int) -> torch.Tensor:
+        left_out = self._left_out_after(prev)
+        ok = self.alone.copy()
+        if left_out.dtype == np.uint8:  # packed bits: many left out
+            ok &= ~np.unpackbits(left_out, count=len(ok)).view(bool)
+        else:
+            ok[left_out] = False
+        return torch.from_numpy(ok)
+
+    def _left_out(self, prev: int) -> np.ndarray:
+        """The tokens standing alone that may not follow `prev`: their ids, or packed bits when many
+        (at most 1 bit a token: computing `_after` takes milliseconds, keeping it costs little)."""
+        left_out = self.alone & ~self._after(prev).numpy()
+        ids = np.flatnonzero(left_out)
+        return ids.astype(np.int32) if len(ids) * 32 < len(left_out) else np.packbits(left_out)
+
     def _after(self, prev: int) -> torch.Tensor:
         """Bool mask over the vocabulary: tokens that may follow `prev` in a canonical sequence (`prev`
         itself is not judged: a prompt may hold any tokens)."""

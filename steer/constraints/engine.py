@@ -345,9 +345,9 @@ def few_ids(words: np.ndarray, limit: int) -> np.ndarray | None:
     touching the whole vocabulary: every set word holds at least one id, so many set words end it."""
     if np.count_nonzero(words) > limit:
         return None
-    nonzero = np.flatnonzero(words)
+    nonzero = (words != 0).nonzero()[0]  # NumPy finds non-zero bools five times faster than int32s
     bits = np.unpackbits(words[nonzero].view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
-    rows, cols = np.nonzero(bits)
+    rows, cols = bits.view(bool).nonzero()
     if len(rows) > limit:
         return None
     return nonzero[rows] * 32 + cols
