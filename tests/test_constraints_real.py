@@ -193,3 +193,29 @@ def test_the_completion_search_finds_a_fixed_ending_the_greedy_walk_misses(gemma
     assert engine._greedy_walk(matcher, engine.probe_tokens(gemma.vocab), tokenizer, 76, "56")[1] is False
     assert engine.completion(matcher, gemma.vocab, tokenizer, 76, "56") == ("ly", True)
     assert not matcher.is_accepting()  # left where it was
+
+
+def test_a_detour_finds_the_required_key_the_greedy_walk_passes_over(gemma):
+    """After `[{"key": "a"}, ` in an array of objects whose one required key comes after optional
+    ones, the greedy walk writes every optional key first; leaving it once at the first free choice
+    finds `{"key": ""}]}`, so a budget that only that fits does not kill the particle."""
+    from steer.constraints import engine
+
+    item = {"type": "object", "additionalProperties": False, "required": ["key"],
+            "properties": {name: {"type": "string"} for name in ("assets", "date", "id", "name", "key")}}
+    schema = {"type": "object", "additionalProperties": False, "required": ["items"],
+              "properties": {"items": {"type": "array", "items": item}}}
+    constraint = engine.json_schema(schema)
+    matcher = constraint.matcher(gemma.vocab)
+    assert matcher.consume_tokens(gemma.encode('{"items": [{"key": "a"}, ', bos=False))
+    tokenizer = engine.ll_tokenizer(gemma.vocab)
+    greedy, found = engine.completion(matcher, gemma.vocab, tokenizer, 400, ", ")
+    assert found and greedy.startswith('{"assets"')
+    greedy_tokens = len(tokenizer.tokenize_str(greedy))
+    shorter = engine.shorter_completion(matcher, gemma.vocab, tokenizer, 400, ", ", greedy_tokens)
+    assert shorter == '{"key": ""}]}'
+    assert matcher.consume_tokens(tokenizer.tokenize_str(shorter)) and matcher.is_accepting()
+    matcher.rollback(len(tokenizer.tokenize_str(shorter)))
+    # the budget uses it: with room for the short completion only, the particle is not ended
+    need = constraint.need(matcher, gemma.vocab, tokenizer, 12, within=12)
+    assert need == len(tokenizer.tokenize_str(shorter)) + 1 < greedy_tokens

@@ -51,6 +51,10 @@ PROBE_ORDER = _CLOSERS + "".join(c for c in string.punctuation + string.ascii_le
 ENDING_SCAN = 3  # steps of the search that look for a character completing the text
 MARGIN, END_GAME = 2, 8  # tokens kept in hand until the budget's last 8
 FAR = 16  # drawn tokens are checked once the shortest completion is within this many tokens of the budget
+# Where the greedy completion is too long to fit, other characters are tried at its first DETOURS free
+# choices (up to DETOUR_WIDTH each), each walk then greedy again: `{"` then `k` for a required "key"
+# where the greedy walk writes the optional keys that come before it
+DETOURS, DETOUR_WIDTH = 3, 12
 # JSON is written as `json.dumps` writes it: fixed separators, no free white space (a model given
 # free white space can spend its whole budget on it).
 JSON_FORMAT = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False,
@@ -225,28 +229,62 @@ def completion(matcher: LLMatcher, vocab: Vocabulary, tokenizer: LLTokenizer, li
     return text, found
 
 
+def shorter_completion(matcher: LLMatcher, vocab: Vocabulary, tokenizer: LLTokenizer, limit: int,
+                       tail: str, tokens: int) -> str | None:
+    """A completion of fewer than `tokens` tokens found by leaving the greedy walk once: at one of its
+    first DETOURS free choices another allowed character (up to DETOUR_WIDTH of them), then greedy
+    again; the shortest such, or None.  It costs up to DETOURS x DETOUR_WIDTH walks, so it is tried
+    only where the greedy completion would refuse a token or end a particle."""
+    best, probes = None, probe_tokens(vocab)
+    for choice in range(DETOURS):
+        for skip in range(1, DETOUR_WIDTH + 1):
+            text, found = _greedy_walk(matcher, probes, tokenizer, limit, tail, detour=(choice, skip))
+            if text is None:  # no such choice, or no more characters to choose from there
+                break
+            if found:
+                n = len(tokenizer.tokenize_str(text))
+                if n < tokens:
+                    best, tokens = text, n
+        if text is None and skip == 1:  # the walk makes fewer free choices than this
+            break
+    return best
+
+
 def _greedy_walk(matcher: LLMatcher, probes: list[tuple[str, int]], tokenizer: LLTokenizer, limit: int,
-                 tail: str) -> tuple[str, bool]:
+                 tail: str, detour: tuple[int, int] | None = None) -> tuple[str | None, bool]:
+    """The greedy walk of `completion`.  With `detour` (k, j) its k-th free choice takes the character
+    j places further down the probe order (text None: the walk has no such choice)."""
     picked: list[str] = []
-    consumed, length = 0, 0
+    consumed, length, choices = 0, 0, 0
+
+    def result(found: bool) -> tuple[str | None, bool]:
+        return ("".join(picked) if detour is None or choices > detour[0] else None), found
+
     try:
         while not matcher.is_accepting():
             if length >= limit or matcher.is_error():
-                return "".join(picked), False
+                return result(False)
             forced = matcher.compute_ff_tokens()
             n = matcher.try_consume_tokens(forced) if forced else 0
             if n:
                 piece = tokenizer.decode_str(forced[:n])
             else:
-                piece = (_probe_ending(matcher, probes) if len(picked) < ENDING_SCAN else None) \
-                    or _probe(matcher, probes, (tail + "".join(picked[-2:]))[-2:])
-                if piece is None:
-                    return "".join(picked), False
+                recent = (tail + "".join(picked[-2:]))[-2:]
+                if detour is not None and choices == detour[0]:
+                    piece = _probe(matcher, probes, recent, skip=detour[1])
+                    if piece is None:
+                        return None, False
+                else:
+                    piece = (_probe_ending(matcher, probes) if len(picked) < ENDING_SCAN else None) \
+                        or _probe(matcher, probes, recent)
+                    if piece is None:
+                        return result(False)
+                choices += 1
                 n = 1
             consumed += n
             length += len(piece)
             picked.append(piece)
-        return "".join(picked), True
+        return result(True)
     finally:
         if consumed:
             matcher.rollback(consumed)
@@ -277,9 +315,22 @@ def _probe_ending(matcher: LLMatcher, probes: list[tuple[str, int]]) -> str | No
     return None
 
 
-def _probe(matcher: LLMatcher, probes: list[tuple[str, int]], recent: str) -> str | None:
+def _probe(matcher: LLMatcher, probes: list[tuple[str, int]], recent: str, skip: int = 0) -> str | None:
     """Consume the first probe character the matcher allows, one that the last two picks were only if
-    nothing else fits (so that `a+b` is not `aaaa...`); None if none fits."""
+    nothing else fits (so that `a+b` is not `aaaa...`); None if none fits.  `skip`: the character that
+    many places further down that order instead."""
+    if skip:
+        allowed = []
+        for c, token in probes:
+            if matcher.try_consume_tokens([token]) == 1:
+                matcher.rollback(1)
+                allowed.append((c, token))
+        allowed.sort(key=lambda pick: recent == pick[0] * 2)  # stable: a third repeat comes last
+        if skip >= len(allowed):
+            return None
+        c, token = allowed[skip]
+        matcher.try_consume_tokens([token])
+        return c
     for avoid_repeats in (True, False):
         for c, token in probes:
             if avoid_repeats and recent == c + c:
@@ -557,13 +608,21 @@ class Structured(TokenConstraint):
 
     # -- the budget ---------------------------------------------------------------------------------
     def need(self, matcher: LLMatcher, vocab: Vocabulary, tokenizer: LLTokenizer, left: int,
-             canon: Canonical | None = None, last: int | None = None, tail: str = "") -> int | None:
+             canon: Canonical | None = None, last: int | None = None, tail: str = "",
+             within: int | None = None) -> int | None:
         """Tokens still needed to end the text from `matcher`'s position, the ending token included:
         the length of a greedy completion, an upper bound (None when none is found within 6
         characters a token: the search went round in circles or got stuck, so nothing is known).
         With `canon`: one more where the completion's first token cannot canonically follow `last`
-        (after ` "` an empty string cannot close with `"`: ` ""` is one token)."""
-        text, found = completion(matcher, vocab, tokenizer, _search_limit(left), tail)
+        (after ` "` an empty string cannot close with `"`: ` ""` is one token).  With `within`: where
+        the greedy completion needs more than that, a shorter one is looked for before saying so."""
+        limit = _search_limit(left)
+        text, found = completion(matcher, vocab, tokenizer, limit, tail)
+        if within is not None and (not found or len(tokenizer.tokenize_str(text)) + 1 > within):
+            shorter = shorter_completion(matcher, vocab, tokenizer, limit, tail,
+                                         len(tokenizer.tokenize_str(text)) if found else limit)
+            if shorter is not None:
+                text, found = shorter, True
         if not found:
             return None
         ids = tokenizer.tokenize_str(text)
@@ -616,7 +675,7 @@ class Structured(TokenConstraint):
         room = left - 1 - (MARGIN if left - 1 > END_GAME else 0)
         if not context.heal:
             need = self.need(m, vocab, tokenizer, left, canon, context.tokens[-1] if state.consumed else None,
-                             context.text[-2:])
+                             context.text[-2:], within=left)
             if need is not None and need > left:
                 if state.consumed == 0:  # a budget no text fits is reported before sampling
                     raise SteerError(f"{self.describe}: no text it allows was found that fits in max_tokens "
@@ -643,7 +702,7 @@ class Structured(TokenConstraint):
             try:
                 if n < len(ids):
                     return True  # not allowed at all: the mask leaves it out
-                need = self.need(m, vocab, tokenizer, left - 1, canon, token, (text + s)[-2:])
+                need = self.need(m, vocab, tokenizer, left - 1, canon, token, (text + s)[-2:], within=room)
                 return need is None or need <= room
             finally:
                 if n:
