@@ -219,3 +219,25 @@ def test_a_detour_finds_the_required_key_the_greedy_walk_passes_over(gemma):
     # the budget uses it: with room for the short completion only, the particle is not ended
     need = constraint.need(matcher, gemma.vocab, tokenizer, 12, within=12)
     assert need == len(tokenizer.tokenize_str(shorter)) + 1 < greedy_tokens
+
+
+def test_the_budget_check_before_the_last_token_is_exact_inside_a_string(gemma):
+    """With two tokens left inside a JSON string (where a quarter-million tokens are allowed and the
+    mask is not looked ahead of), a drawn token passes only if the text can end right after it: `",`
+    opens another key that cannot be written in one token, `"}` ends the document.  (The greedy
+    completion search gives up after `",` within so few characters, which once let it through.)"""
+    from steer.constraints import engine
+    from steer.constraints.checks import all_of
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["description"],
+              "properties": {"description": {"type": "string"}, "a_rather_long_optional_note": {"type": "string"}}}
+    constraint = engine.json_schema(schema)
+    prefix = gemma.encode('{"description": "a long story', bos=False)
+    ctx = steer.LMContext(gemma, "JSON:", heal=False, max_tokens=len(prefix) + 2)
+    ctx.extend(prefix)
+    assert ctx.tokens_left == 2
+    fits = constraint._budget_check(ctx)
+    opens, ends = (gemma.encode(s, bos=False) for s in ('",', '"}'))
+    assert len(opens) == 1 and len(ends) == 1
+    assert not fits(opens[0]) and fits(ends[0])
+    assert not all_of([fits, constraint._continues_check(ctx)])(opens[0])

@@ -567,15 +567,20 @@ class Structured(TokenConstraint):
             n = m.try_consume_tokens(ids)
             if n < len(ids):
                 alive = False
-            elif budget:  # the last token must end the text: end-of-text, or a token writing an end string
-                alive = (m.is_accepting() and self._final(context.text + vocab.strings[x][len(pending):])) or \
-                    (bool(context.end) and bool(packed(m, vocab.size, scratch(vocab.size)).any()))
+            elif budget:  # the last token must end the text
+                alive = self._may_end_next(m, context, context.text + vocab.strings[x][len(pending):])
             else:
                 alive = self._lives(m, vocab, canon, x, DEPTH, keep)
             if n:
                 m.rollback(n)
             ok[x] = alive
         return ok
+
+    def _may_end_next(self, m: LLMatcher, context, text: str) -> bool:
+        """Whether the text `m` has read (`text`) can end with its next token: end-of-text, or a
+        token that writes one of the context's end strings."""
+        return (m.is_accepting() and self._final(text)) or \
+            (bool(context.end) and bool(packed(m, context.lm.vocab.size, scratch(context.lm.vocab.size)).any()))
 
     def _lives(self, m: LLMatcher, vocab: Vocabulary, canon: Canonical, last: int, depth: int,
                keep: dict[int, np.ndarray] | None = None) -> bool:
@@ -702,6 +707,8 @@ class Structured(TokenConstraint):
             try:
                 if n < len(ids):
                     return True  # not allowed at all: the mask leaves it out
+                if left == 2:  # the next token is the last: known exactly, not searched for
+                    return self._may_end_next(m, context, text + s)
                 need = self.need(m, vocab, tokenizer, left - 1, canon, token, (text + s)[-2:], within=room)
                 return need is None or need <= room
             finally:
