@@ -11,6 +11,7 @@ of a round is scored in one batch, and repeated texts (resampled copies) are sco
 from __future__ import annotations
 
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -180,13 +181,33 @@ class RewardModel(ScoringModel):
             raise ModelLoadError(f"{self.path} has {self.model.config.num_labels} outputs; a reward model has one")
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.max_length = max_length
+        self._warned = False
 
     def _score_batch(self, pairs: list[tuple[str, str]]) -> list[float]:
         # Scored as a finished text ending in EOS, as reward models are trained (TRL appends EOS).
         texts = [format_prompt(i) + r + self.tokenizer.eos_token for i, r in pairs]
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length)
+        batch, cut = reward_batch(self.tokenizer, texts, self.max_length)
+        if cut and not self._warned:
+            warnings.warn(f"reward model {self.path.name}: a text is longer than max_length={self.max_length} "
+                          "tokens; the start of its prompt is cut (the response's end is kept). Raise max_length "
+                          "to score such texts whole.", stacklevel=4)
+            self._warned = True
         with torch.no_grad():
             return self.model(**batch.to(self.model.device)).logits[:, 0].tolist()
+
+
+def reward_batch(tokenizer, texts: Sequence[str], max_length: int) -> tuple[Any, int]:
+    """`texts` tokenized and padded for a reward head, and how many were cut.  A text longer than
+    `max_length` tokens loses the start of its prompt, not its end: the head reads the response's last
+    tokens and the EOS it pools (a BOS token stays first)."""
+    bos, rows, cut = tokenizer.bos_token_id, [], 0
+    for ids in tokenizer(list(texts))["input_ids"]:
+        if len(ids) > max_length:
+            cut += 1
+            head = [bos] if bos is not None and ids[0] == bos else []
+            ids = head + ids[len(ids) - max_length + len(head):]
+        rows.append(ids)
+    return tokenizer.pad({"input_ids": rows}, return_tensors="pt"), cut
 
 
 class JudgeModel(ScoringModel):

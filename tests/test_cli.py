@@ -72,3 +72,17 @@ def test_console_script_on_the_default_model(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "log_ml =" in out.stdout and len(out.stdout.splitlines()) >= 2
     assert page.read_text().count("<details>") >= 1
+
+
+@pytest.mark.parametrize("user, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_wait_passively_unless_the_user_says_otherwise(user, expected):
+    """Set before torch loads its OpenMP runtime (which reads it once, at load)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if user:
+        env["OMP_WAIT_POLICY"] = user
+    code = ("import sys, steer, os; assert 'torch' in sys.modules; "
+            "print(os.environ['OMP_WAIT_POLICY'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected

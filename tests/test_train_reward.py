@@ -254,3 +254,26 @@ def test_decile_table_shows_weak_pairs_teach_the_wrong_preference(tiny_text_dir,
     # The weakest decile is mostly flipped pairs: a model trained on it prefers the wrong answers.
     assert table[0]["validation_accuracy"] < 0.5 < table[-1]["validation_accuracy"]
     assert "| 10 |" in (tmp_path / "s" / "report.md").read_text()
+
+
+def test_a_long_text_keeps_its_response_end_and_says_so(tiny_reward_dir):
+    """Past max_length the reward reads the BOS token and the text's last tokens (the response and the
+    EOS the head pools), as a direct forward pass on exactly those tokens does; changing the start of
+    the instruction then changes nothing, changing the response's end does; a warning says so."""
+    from steer.template import format_prompt
+
+    reward_model = RewardModel(tiny_reward_dir, max_length=48)
+    tokenizer, model = reward_model.tokenizer, reward_model.model
+    instruction, response = "x" * 150, "the answer is 42"
+    with pytest.warns(UserWarning, match="start of its prompt is cut"):
+        score = reward_model.rewards([instruction], [response])[0]
+    ids = tokenizer(format_prompt(instruction) + response + tokenizer.eos_token)["input_ids"]
+    assert len(ids) > 48
+    head = [ids[0]] if ids[0] == tokenizer.bos_token_id else []
+    kept = head + ids[len(ids) - 48 + len(head):]
+    assert len(kept) == 48 and kept[-1] == tokenizer.eos_token_id
+    with torch.no_grad():
+        direct = model(input_ids=torch.tensor([kept])).logits[0, 0].item()
+    assert score == pytest.approx(direct, abs=1e-5)
+    assert reward_model.rewards(["y" + instruction[1:]], [response])[0] == pytest.approx(score, abs=1e-6)
+    assert reward_model.rewards([instruction], [response[:-2] + "7."])[0] != pytest.approx(score, abs=1e-6)

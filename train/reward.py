@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from steer.errors import SteerError
 from steer.files import atomic_path
+from steer.potentials import reward_batch
 
 from .common import (
     TrainOptions,
@@ -210,8 +211,7 @@ def score_pairs(model, tokenizer, pairs: list[Pair], max_length: int, batch_size
         chunk = pairs[start:start + batch_size]
         eos = tokenizer.eos_token  # as RewardTrainer appends it in training: the reward is read at EOS
         texts = [p.prompt + p.chosen + eos for p in chunk] + [p.prompt + p.rejected + eos for p in chunk]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-        batch = batch.to(model.device)
+        batch = reward_batch(tokenizer, texts, max_length)[0].to(model.device)  # as the reward potential reads them
         with torch.no_grad():
             rewards = model(**batch).logits[:, 0]
         chosen, rejected = rewards.chunk(2)
