@@ -241,3 +241,25 @@ def test_the_budget_check_before_the_last_token_is_exact_inside_a_string(gemma):
     assert len(opens) == 1 and len(ends) == 1
     assert not fits(opens[0]) and fits(ends[0])
     assert not all_of([fits, constraint._continues_check(ctx)])(opens[0])
+
+
+def test_the_completion_search_leaves_a_recursive_optional_key(gemma):
+    """An optional recursive key that comes first (`{"children": [{"children": ...`) sends the greedy
+    walk round for ever; the search sees it going round, takes another key at the last round, and
+    comes back out of the nesting with a complete document."""
+    from steer.constraints import engine
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["name"],
+              "properties": {"children": {"type": "array", "minItems": 1, "items": {"$ref": "#"}},
+                             "name": {"type": "string"}}}
+    matcher = engine.json_schema(schema).matcher(gemma.vocab)
+    tokenizer, probes = engine.ll_tokenizer(gemma.vocab), engine.probe_tokens(gemma.vocab)
+    walked, found = engine._greedy_walk(matcher, probes, tokenizer, 2000, "")
+    assert not found and walked.startswith('{"children": [{"children": [{"children": [')
+    text, found = engine.completion(matcher, gemma.vocab, tokenizer, 2000, "")
+    assert found and text.endswith('"name": ""}'), text
+    ids = tokenizer.tokenize_str(text)
+    assert matcher.consume_tokens(ids) and matcher.is_accepting()
+    matcher.rollback(len(ids))
+    assert engine._circling('[{"a": [{"a": [{"a": [{"a": ') is not None
+    assert engine._circling('"x": 0}], "x": 0}], "x": 0}], "x": 0}]') is None  # coming back out

@@ -221,9 +221,23 @@ def completion(matcher: LLMatcher, vocab: Vocabulary, tokenizer: LLTokenizer, li
     hundred microseconds.  Where it finds nothing, a letter or digit and one more character that
     complete the text are looked for (`ly` for `\\w+ly`, where the walk writes digits).
     """
-    text, found = _greedy_walk(matcher, probe_tokens(vocab), tokenizer, limit, tail)
+    probes, notes = probe_tokens(vocab), {}
+    text, found = _greedy_walk(matcher, probes, tokenizer, limit, tail, notes=notes)
+    if not found and notes.get("round"):
+        # The walk went round (an optional recursive key first in every object: `{"headers": [{"headers":
+        # ...`): take another character at one of the free choices of the last round.
+        best = None
+        for choice in notes["round"]:
+            for skip in range(1, DETOUR_WIDTH + 1):
+                other, done = _greedy_walk(matcher, probes, tokenizer, limit, tail, detour=(choice, skip))
+                if other is None:
+                    break
+                if done and (best is None or len(other) < len(best)):
+                    best = other
+            if best is not None:
+                return best, True
     if not found:
-        ending = _ending_pair(matcher, probe_tokens(vocab))
+        ending = _ending_pair(matcher, probes)
         if ending is not None:
             return ending, True
     return text, found
@@ -250,12 +264,29 @@ def shorter_completion(matcher: LLMatcher, vocab: Vocabulary, tokenizer: LLToken
     return best
 
 
+CIRCLE_CHECK = 160  # a walk this many characters long is checked, every 16 steps, for going round
+
+
+def _circling(text: str) -> int | None:
+    """Where the last of three equal pieces at the end of `text` starts (the walk went round), if any.
+    A piece that closes more brackets than it opens is a walk coming back out of nested values, not
+    going round."""
+    for size in range(4, min(96, len(text) // 3) + 1):
+        piece = text[-size:]
+        if text.endswith(piece * 3) and sum(map(piece.count, "{[(")) >= sum(map(piece.count, "}])")):
+            return len(text) - size
+    return None
+
+
 def _greedy_walk(matcher: LLMatcher, probes: list[tuple[str, int]], tokenizer: LLTokenizer, limit: int,
-                 tail: str, detour: tuple[int, int] | None = None) -> tuple[str | None, bool]:
+                 tail: str, detour: tuple[int, int] | None = None,
+                 notes: dict | None = None) -> tuple[str | None, bool]:
     """The greedy walk of `completion`.  With `detour` (k, j) its k-th free choice takes the character
-    j places further down the probe order (text None: the walk has no such choice)."""
+    j places further down the probe order (text None: the walk has no such choice).  A walk that goes
+    round stops there; `notes["round"]` then lists the free choices of its last round."""
     picked: list[str] = []
     consumed, length, choices = 0, 0, 0
+    choice_at: list[int] = []  # the text's length at each free choice
 
     def result(found: bool) -> tuple[str | None, bool]:
         return ("".join(picked) if detour is None or choices > detour[0] else None), found
@@ -279,11 +310,18 @@ def _greedy_walk(matcher: LLMatcher, probes: list[tuple[str, int]], tokenizer: L
                         or _probe(matcher, probes, recent)
                     if piece is None:
                         return result(False)
+                choice_at.append(length)
                 choices += 1
                 n = 1
             consumed += n
             length += len(piece)
             picked.append(piece)
+            if length >= CIRCLE_CHECK and len(picked) % 16 == 0:
+                start = _circling("".join(picked))
+                if start is not None:
+                    if notes is not None:
+                        notes["round"] = [k for k, at in enumerate(choice_at) if at >= start]
+                    return result(False)
         return result(True)
     finally:
         if consumed:
