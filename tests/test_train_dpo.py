@@ -166,3 +166,30 @@ def test_precomputed_reference_log_probs_give_the_same_run(tiny_text_dir, arithm
     assert stored["settings"]["precompute_ref"]
     for key in ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies"):
         assert stored["eval"][key] == pytest.approx(live["eval"][key], abs=1e-5)
+
+
+def test_held_out_pair_accuracy_counts_ties_half_and_equals_a_direct_computation(tmp_path, tiny_text_dir,
+                                                                                   arithmetic_pairs):
+    """Before training a LoRA policy is its reference: every held-out margin is 0, a tie, and the
+    accuracy is 0.5 (TRL's counts it 0.0).  After training, each margin equals β times the log-ratio
+    difference computed from plain logits of the policy and of the adapter-disabled model."""
+    from train.dpo import held_out_margins, pair_accuracy
+
+    pairs = load_pairs(arithmetic_pairs)
+    opts = options(tmp_path, tiny_text_dir, lora=True, lora_r=4, learning_rate=5e-3, max_steps=4)
+    trainer = build_trainer(pairs[:16], pairs[16:], opts, beta=BETA)
+    before = pair_accuracy(trainer)
+    assert before["pair_ties"] == 1.0 and before["pair_accuracy"] == 0.5 and before["pairs"] == 8
+    trainer.train()
+    margins = held_out_margins(trainer)
+    assert (margins != 0).all()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_eval_dataloader())))
+    policy = summed_logps(trainer.model, batch)
+    with trainer.model.disable_adapter():
+        reference = summed_logps(trainer.model, batch)
+    (pc, pr), (rc, rr) = policy.chunk(2), reference.chunk(2)
+    direct = BETA * ((pc - rc) - (pr - rr))
+    assert torch.allclose(margins[:len(direct)], direct, atol=1e-4)
+    after = pair_accuracy(trainer)
+    assert after["pair_accuracy"] == pytest.approx(float((margins > 0).float().mean()))
+    assert after["pair_ties"] == 0.0 and after["pair_accuracy_ci95"][0] <= after["pair_accuracy"]

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -189,16 +190,20 @@ def save_final(trainer, tokenizer, out: str | Path, lora: bool) -> Path:
 
 
 def run_and_save(trainer, tokenizer, options: TrainOptions, checkpoint: str | None,
-                 has_eval: bool) -> dict[str, Any]:
+                 has_eval: bool, held_out: Callable[[Any], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Evaluate (fresh runs only), train (from `checkpoint` if resuming), evaluate again and save the
-    final model: the part of `metrics.json` every causal-LM trainer shares."""
+    final model: the part of `metrics.json` every causal-LM trainer shares.  `held_out(trainer)` adds
+    a trainer's own held-out metrics to both evaluations."""
     import time
 
-    before = trainer.evaluate() if has_eval and checkpoint is None else None
+    def evaluate() -> dict[str, Any]:
+        return {**trainer.evaluate(), **(held_out(trainer) if held_out else {})}
+
+    before = evaluate() if has_eval and checkpoint is None else None
     started = time.perf_counter()
     result = train_from(trainer, checkpoint)
     seconds = time.perf_counter() - started
-    after = trainer.evaluate() if has_eval else None
+    after = evaluate() if has_eval else None
     final = Path(options.out) / "model"
     if trainer.is_world_process_zero():
         save_final(trainer, tokenizer, options.out, options.lora)
