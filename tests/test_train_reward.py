@@ -16,7 +16,7 @@ import steer
 from steer.potentials import RewardModel
 from steer.context import LMContext
 from train.common import TrainOptions, load_tokenizer
-from train.data import load_pairs
+from train.data import held_out, load_pairs
 from train.reward import (
     build_reward_trainer,
     load_reward_backbone,
@@ -277,3 +277,25 @@ def test_a_long_text_keeps_its_response_end_and_says_so(tiny_reward_dir):
     assert score == pytest.approx(direct, abs=1e-5)
     assert reward_model.rewards(["y" + instruction[1:]], [response])[0] == pytest.approx(score, abs=1e-6)
     assert reward_model.rewards([instruction], [response[:-2] + "7."])[0] != pytest.approx(score, abs=1e-6)
+
+
+def test_a_fresh_head_starts_at_zero_and_the_metrics_say_before_after_and_baseline(tiny_text_dir, arithmetic_pairs,
+                                                                                    tmp_path):
+    """A causal LM's new score head is zero (every pair a tie: accuracy 0.5 with ties half, before any
+    step); after training, the held-out accuracy is the share of positive margins r(chosen) - r(rejected)
+    computed directly; the length baseline prefers the longer (here always the wrong) response."""
+    model = load_reward_backbone(tiny_text_dir)
+    assert not model.score.weight.any()
+    opts = TrainOptions(model=str(tiny_text_dir), out=str(tmp_path / "rm"), max_steps=6, batch_size=4,
+                        learning_rate=3e-3, eval_fraction=0.34, save_steps=100, progress=False, max_length=64)
+    metrics = train_reward(arithmetic_pairs, opts)
+    before, after = metrics["eval_before"], metrics["eval"]
+    assert before["pair_ties"] == 1.0 and before["pair_accuracy"] == 0.5
+    assert metrics["length_baseline"]["pair_accuracy"] == 0.0  # the rejected "n maybe" is always longer
+    assert metrics["pairs"]["kept_share"] == 1.0
+    evaluation = held_out(load_pairs(arithmetic_pairs), 0.34, opts.seed)[1]
+    trained = load_reward_backbone(metrics["model"])
+    diffs = score_pairs(trained, load_tokenizer(metrics["model"]), evaluation, 64)
+    assert after["pairs"] == len(evaluation)
+    assert after["pair_accuracy"] == pytest.approx(float((diffs > 0).float().mean() + 0.5 * (diffs == 0).float().mean()))
+    assert after["pair_accuracy_ci95"][0] <= after["pair_accuracy"] <= after["pair_accuracy_ci95"][1]

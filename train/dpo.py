@@ -29,7 +29,7 @@ from .common import (
     write_metrics,
 )
 from .data import fit_length, held_out, load_pairs
-from .intervals import mean_ci95
+from .intervals import ties_half
 from .lm_head import completion_only_head
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,4 @@ def pair_accuracy(trainer) -> dict[str, Any]:
     wrong, so an untrained LoRA policy, all ties, scored 0.0), its 95% bootstrap interval and the
     share of ties."""
     margins = held_out_margins(trainer)
-    outcomes = ((margins > 0).float() + 0.5 * (margins == 0).float()).tolist()
-    return {"pair_accuracy": sum(outcomes) / len(outcomes), "pair_accuracy_ci95": mean_ci95(outcomes),
-            "pair_ties": float((margins == 0).float().mean()), "pair_margin": float(margins.mean()),
-            "pairs": len(outcomes)}
+    return {**ties_half(margins.tolist()), "pair_margin": float(margins.mean())}

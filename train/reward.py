@@ -37,6 +37,7 @@ from .common import (
     write_metrics,
 )
 from .data import DataError, Pair, fit_length, held_out, load_pairs
+from .intervals import ties_half
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,21 @@ def pair_id(pair: Pair) -> str:
 
 
 def load_reward_backbone(directory: Path):
-    """A causal LM checkpoint with a fresh one-output score head (or a reward checkpoint as it is)."""
+    """A causal LM checkpoint with a fresh one-output score head (or a reward checkpoint as it is).
+
+    A fresh head starts at zero: every reward 0, every pair a tie, the loss ln 2.  A randomly drawn
+    head starts with margins of one or two nats that training first has to undo (an eval loss above
+    ln 2 after the first steps)."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1, dtype=torch.float32,
-                                                               local_files_only=True, use_safetensors=True)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        directory, num_labels=1, dtype=torch.float32, local_files_only=True, use_safetensors=True,
+        output_loading_info=True)
+    fresh = {key.split(".")[0] for key in info["missing_keys"]}
+    with torch.no_grad():
+        for name in fresh & {"score", "classifier"}:
+            for parameter in getattr(model, name).parameters():
+                parameter.zero_()
     return model
 
 
@@ -154,18 +165,38 @@ def save_reward_model(trainer, tokenizer, out: Path, lora: bool) -> Path:
 
 def fit_reward_model(train: list[Pair], evaluation: list[Pair], options: TrainOptions, *,
                      margins: list[float] | None = None, label_smoothing: float = 0.0,
-                     callbacks: list | None = None, resume: str | None = None) -> tuple[Any, dict]:
-    """Train one reward model; returns (trainer, held-out metrics)."""
+                     callbacks: list | None = None, resume: str | None = None,
+                     before: bool = False) -> tuple[Any, dict]:
+    """Train one reward model; returns (trainer, held-out metrics: `eval`, and with `before` also
+    `eval_before`, measured before the first step)."""
     tokenizer = load_tokenizer(model_dir(options.model))
     trainer = build_reward_trainer(train, evaluation, options, margins=margins, label_smoothing=label_smoothing,
                                    callbacks=callbacks, tokenizer=tokenizer)
+    metrics: dict[str, Any] = {}
+    if evaluation and before and resume is None:
+        metrics["eval_before"] = evaluate_reward(trainer, tokenizer, evaluation, options.max_length)
     started = time.perf_counter()
     result = train_from(trainer, resume)
-    metrics = {"steps": result.global_step, "loss": result.training_loss, "seconds": time.perf_counter() - started,
-               "processes": trainer.args.world_size}
+    metrics.update({"steps": result.global_step, "loss": result.training_loss,
+                    "seconds": time.perf_counter() - started, "processes": trainer.args.world_size})
     if evaluation:
-        metrics["eval"] = trainer.evaluate()
+        metrics["eval"] = evaluate_reward(trainer, tokenizer, evaluation, options.max_length)
     return trainer, metrics
+
+
+def evaluate_reward(trainer, tokenizer, pairs: list[Pair], max_length: int) -> dict[str, Any]:
+    """TRL's held-out metrics, and the pairwise accuracy with ties counted half over every held-out
+    pair, with its 95% interval and the share of ties (all ties for a zero head: 0.5)."""
+    diffs = score_pairs(trainer.model, tokenizer, pairs, max_length)
+    return {**trainer.evaluate(), **ties_half(diffs.tolist())}
+
+
+def length_baseline(tokenizer, pairs: list[Pair]) -> dict[str, Any]:
+    """"Prefer the longer response" (in tokens) on the same pairs: what a reward model must beat."""
+    def length(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return ties_half([length(p.chosen) - length(p.rejected) for p in pairs])
 
 
 def train_reward(data: str | Path, options: TrainOptions, *, label_smoothing: float = 0.0,
@@ -186,17 +217,20 @@ def train_reward(data: str | Path, options: TrainOptions, *, label_smoothing: fl
     train, margins, flipped = apply_mitigations(train, records, flip_fraction=flip_fraction,
                                                 adaptive_margin=adaptive_margin)
     trainer, fit = fit_reward_model(train, evaluation, options, margins=margins, label_smoothing=label_smoothing,
-                                    callbacks=callbacks, resume=checkpoint)
+                                    callbacks=callbacks, resume=checkpoint, before=True)
     final = Path(options.out) / "model"
     if trainer.is_world_process_zero():
         save_reward_model(trainer, tokenizer, Path(options.out), options.lora)
     wait_for_everyone()
     metrics = {
         "trainer": "reward", "data": str(data),
-        "pairs": {"train": len(train), "eval": len(evaluation), "too_long": too_long, "flipped": flipped},
+        "pairs": {"train": len(train), "eval": len(evaluation), "too_long": too_long,
+                  "kept_share": len(pairs) / (len(pairs) + too_long), "flipped": flipped},
         "settings": {**options.as_dict(), "label_smoothing": label_smoothing, "strength": str(strength or ""),
                      "flip_fraction": flip_fraction, "adaptive_margin": adaptive_margin},
-        "train": {k: v for k, v in fit.items() if k != "eval"}, "eval": fit.get("eval"),
+        "train": {k: v for k, v in fit.items() if k not in ("eval", "eval_before")},
+        "eval_before": fit.get("eval_before"), "eval": fit.get("eval"),
+        "length_baseline": length_baseline(tokenizer, evaluation) if evaluation else None,
         "log": train_log(trainer), "model": str(final),
     }
     write_metrics(options.out, metrics)

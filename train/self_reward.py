@@ -34,7 +34,7 @@ from steer.potentials import ScoringModel
 from .common import TrainOptions, model_dir, write_metrics
 from .data import format_prompt
 from .generation import GenerationStats, Generator
-from .intervals import mean_ci95
+from .intervals import grouped_mean_ci95, mean_ci95
 from .judge import judge_instruction, preference_pair, verdict
 from .seed_data import RatedPrompt, load_seed_data
 from .self_instruct import clean_task, deduplicate, few_shot_prompt
@@ -142,29 +142,48 @@ def judge_agreement(generator: Generator, rated: list[RatedPrompt], config: Self
     different human scores, and exact match of the rounded score."""
     items = [(r.prompt, response) for r in rated for response, _ in r.responses]
     judged = judge(generator, items, config, seed, desc="judge agreement")
-    exact = scored = 0
-    agreement: list[float] = []  # per human-ordered pair: 1 if the judge orders it the same way
-    k = 0
+    scores, k = [], 0
     for r in rated:
-        model_scores = [judged[k + i]["score"] for i in range(len(r.responses))]
-        human = [p for _, p in r.responses]
+        scores.append([judged[k + i]["score"] for i in range(len(r.responses))])
         k += len(r.responses)
+    return {**agreement(rated, scores, seed),
+            "unparseable": sum(s is None for row in judged for s in row["scores"]),
+            "judgments": sum(len(row["scores"]) for row in judged)}
+
+
+def agreement(rated: list[RatedPrompt], scores: list[list[float | None]], seed: int = 0) -> dict[str, Any]:
+    """How a judge's scores (None: no score) order each prompt's responses against the human scores.
+
+    Over the pairs of one prompt's responses with different human scores: 1 where the judge orders them
+    the same way, 0 the other way, and a half where it scores them the same or could not score one
+    (an uninformative judge gets 0.5, not 0).  The interval resamples prompts, since pairs of one
+    prompt share its responses."""
+    by_prompt: list[list[float]] = []
+    ties = exact = scored = 0
+    for r, model_scores in zip(rated, scores):
+        human = [h for _, h in r.responses]
         for m, h in zip(model_scores, human):
             if m is not None:
                 scored += 1
                 exact += round(m) == h
+        row = []
         for i in range(len(human)):
             for j in range(i + 1, len(human)):
                 if human[i] == human[j]:
                     continue
                 a, b = model_scores[i], model_scores[j]
-                agreement.append(float(a is not None and b is not None and (a - b) * (human[i] - human[j]) > 0))
-    unparseable = sum(s is None for row in judged for s in row["scores"])
-    pairs = len(agreement)
-    return {"pairwise_accuracy": sum(agreement) / pairs if pairs else None, "ci95": mean_ci95(agreement, seed),
-            "human_pairs": pairs,
-            "exact_match": exact / scored if scored else None, "scored": scored,
-            "unparseable": unparseable, "judgments": sum(len(row["scores"]) for row in judged)}
+                if a is None or b is None or a == b:
+                    ties += 1
+                    row.append(0.5)
+                else:
+                    row.append(float((a - b) * (human[i] - human[j]) > 0))
+        if row:
+            by_prompt.append(row)
+    pairs = sum(map(len, by_prompt))
+    return {"pairwise_accuracy": sum(map(sum, by_prompt)) / pairs if pairs else None,
+            "ci95": grouped_mean_ci95(by_prompt, seed), "human_pairs": pairs, "prompts": len(by_prompt),
+            "tie_rate": ties / pairs if pairs else None,
+            "exact_match": exact / scored if scored else None, "scored": scored}
 
 
 def answers(directory: Path, questions: list[str], config: SelfRewardConfig, stats: GenerationStats) -> list[str]:
@@ -296,9 +315,9 @@ def _save(path: Path, iterations: dict, config: SelfRewardConfig, options: Train
 
 def report(out: Path, iterations: dict[str, Any]) -> Path:
     """A markdown table and a plot of the per-iteration measurements."""
-    header = ("| model | judge pairwise acc. [95% CI] | judge exact match | unparseable | pairs | "
-              "win rate vs previous [95% CI] |")
-    rows = [header, "|---|---|---|---|---|---|"]
+    header = ("| model | judge pairwise acc., ties half [95% CI by prompt] | judge ties | judge exact match | "
+              "unparseable | pairs | win rate vs previous [95% CI] |")
+    rows = [header, "|---|---|---|---|---|---|---|"]
 
     def fmt(x):
         return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
@@ -310,7 +329,8 @@ def report(out: Path, iterations: dict[str, Any]) -> Path:
     for t in ts:
         r = iterations[t]
         j, h, a = r.get("judge", {}), r.get("head_to_head", {}), r.get("aift", {})
-        rows.append(f"| M{t} | {with_ci(j.get('pairwise_accuracy'), j.get('ci95'))} | {fmt(j.get('exact_match'))} | "
+        rows.append(f"| M{t} | {with_ci(j.get('pairwise_accuracy'), j.get('ci95'))} | {fmt(j.get('tie_rate'))} | "
+                    f"{fmt(j.get('exact_match'))} | "
                     f"{j.get('unparseable', '-')}/{j.get('judgments', '-')} | {a.get('pairs', '-')} | "
                     f"{with_ci(h.get('win_rate'), h.get('ci95'))} vs {h.get('against', '-')} |")
     atomic_write_text(out / "report.md", "# Self-rewarding training\n\n" + "\n".join(rows) + "\n")
