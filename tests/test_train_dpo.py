@@ -193,3 +193,16 @@ def test_held_out_pair_accuracy_counts_ties_half_and_equals_a_direct_computation
     after = pair_accuracy(trainer)
     assert after["pair_accuracy"] == pytest.approx(float((margins > 0).float().mean()))
     assert after["pair_ties"] == 0.0 and after["pair_accuracy_ci95"][0] <= after["pair_accuracy"]
+
+
+def test_sft_first_then_dpo_from_it(tmp_path, tiny_text_dir, arithmetic_pairs):
+    """`sft_first`: SFT on the chosen responses into OUT/sft, then DPO (LoRA) from that model, which is
+    also the reference: before DPO's first step every held-out margin is 0, and the SFT model made the
+    chosen responses likelier than the base model does."""
+    opts = options(tmp_path, tiny_text_dir, lora=True, lora_r=4, max_steps=3, learning_rate=5e-3)
+    metrics = train_dpo(arithmetic_pairs, opts, beta=BETA, sft_first=True)
+    sft_model = tmp_path / "run" / "sft" / "model"
+    assert metrics["sft"]["model"] == str(sft_model) and metrics["settings"]["model"] == str(sft_model)
+    assert metrics["eval_before"]["pair_ties"] == 1.0 and metrics["eval_before"]["pair_accuracy"] == 0.5
+    assert metrics["sft"]["eval"]["eval_loss"] < metrics["sft"]["eval_before"]["eval_loss"]
+    assert (tmp_path / "run" / "model" / "config.json").exists()

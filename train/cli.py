@@ -98,8 +98,8 @@ def _dpo(args: argparse.Namespace) -> int:
 
     metrics = train_dpo(args.data, _options(args), beta=args.beta, loss_type=args.loss,
                         label_smoothing=args.label_smoothing, precompute_ref=args.precompute_ref,
-                        fast_head=not args.trl_head)
-    _summary(metrics, ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"))
+                        fast_head=not args.trl_head, sft_first=args.sft_first)
+    _summary(metrics, ("eval_loss", "pair_accuracy", "eval_rewards/margins"))
     return 0
 
 
@@ -108,7 +108,7 @@ def _reward(args: argparse.Namespace) -> int:
 
     metrics = train_reward(args.data, _options(args), label_smoothing=args.label_smoothing, strength=args.strength,
                            flip_fraction=args.flip, adaptive_margin=args.adaptive_margin)
-    _summary(metrics, ("eval_loss", "eval_accuracy", "eval_margin"))
+    _summary(metrics, ("eval_loss", "pair_accuracy", "eval_margin"))
     return 0
 
 
@@ -211,6 +211,8 @@ def add_commands(commands) -> None:
                      help="assumed label-noise rate (robust, exo_pair losses)")
     dpo.add_argument("--precompute-ref", action="store_true",
                      help="compute the reference log-probs once before training")
+    dpo.add_argument("--sft-first", action="store_true",
+                     help="fine-tune on the chosen responses first (into OUT/sft), then DPO from that model")
     dpo.add_argument("--trl-head", action="store_true",
                      help="use TRL's LM head over every position (default: completion positions only)")
     dpo.set_defaults(handler=_dpo)

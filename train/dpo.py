@@ -9,7 +9,9 @@ only needs the completion positions (`train.lm_head`).
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +30,10 @@ from .common import (
     trainer_arguments,
     write_metrics,
 )
-from .data import fit_length, held_out, load_pairs
+from .data import Example, fit_length, held_out, load_pairs
 from .intervals import ties_half
 from .lm_head import completion_only_head
+from .sft import train_sft
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +76,12 @@ def build_trainer(pairs_train: list, pairs_eval: list, options: TrainOptions, *,
 
 def train_dpo(data: str | Path, options: TrainOptions, *, beta: float = 0.1, loss_type: str = "sigmoid",
               label_smoothing: float = 0.0, precompute_ref: bool = False, fast_head: bool = True,
-              callbacks: list | None = None) -> dict[str, Any]:
-    """Train with DPO on preference pairs; returns (and writes to `out/metrics.json`) the metrics."""
+              sft_first: bool = False, callbacks: list | None = None) -> dict[str, Any]:
+    """Train with DPO on preference pairs; returns (and writes to `out/metrics.json`) the metrics.
+
+    `sft_first`: fine-tune on the training pairs' chosen responses first (into `out/sft/`), then run
+    DPO from that model, which is also the reference: the recipe of the DPO paper, where the
+    reference should be close to the distribution the pairs came from."""
     quiet_transformers()
     checkpoint = resume_from(options)
     tokenizer = load_tokenizer(model_dir(options.model))
@@ -84,6 +91,9 @@ def train_dpo(data: str | Path, options: TrainOptions, *, beta: float = 0.1, los
     if truncated:
         log.warning("%d of %d pairs are longer than --max-length %d: their responses are truncated",
                     truncated, len(pairs), options.max_length)
+    sft = _sft_on_chosen(train, options) if sft_first else None
+    if sft is not None:
+        options = replace(options, model=sft["model"])
     trainer = build_trainer(train, evaluation, options, beta=beta, loss_type=loss_type,
                             label_smoothing=label_smoothing, precompute_ref=precompute_ref, fast_head=fast_head,
                             callbacks=callbacks, tokenizer=tokenizer)
@@ -91,11 +101,22 @@ def train_dpo(data: str | Path, options: TrainOptions, *, beta: float = 0.1, los
         "trainer": "dpo", "data": str(data), "pairs": {"train": len(train), "eval": len(evaluation),
                                                        "truncated": truncated},
         "settings": {**options.as_dict(), "beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing,
-                     "precompute_ref": precompute_ref},
+                     "precompute_ref": precompute_ref, "sft_first": sft_first},
+        **({"sft": {k: sft[k] for k in ("train", "eval_before", "eval", "model")}} if sft is not None else {}),
         **run_and_save(trainer, tokenizer, options, checkpoint, bool(evaluation), held_out=pair_accuracy),
     }
     write_metrics(options.out, metrics)
     return metrics
+
+
+def _sft_on_chosen(train: list, options: TrainOptions) -> dict[str, Any]:
+    """SFT on (prompt, chosen) of the training pairs into `out/sft/` with the same options (its metrics;
+    a finished one is reused when resuming)."""
+    out = Path(options.out) / "sft"
+    if (out / "model" / "config.json").exists() and (out / "metrics.json").exists():
+        return json.loads((out / "metrics.json").read_text())
+    examples = [Example(p.prompt, p.chosen, p.source) for p in train]
+    return train_sft(examples, replace(options, out=str(out), resume=options.resume and out.exists()))
 
 
 def held_out_margins(trainer) -> torch.Tensor:
