@@ -100,6 +100,18 @@ class Posterior:
         rng = rng or np.random.default_rng()
         return self.particles[int(rng.choice(len(self.particles), p=self.weights))]
 
+    def kl_to_base(self, log_potentials: Sequence[float]) -> float:
+        """KL(target || base) for a program whose target is base(x) exp(φ(x)) / Z: E_target[φ] - log Z,
+        from the weights, φ of each final particle (`log_potentials`, in the order of `particles`) and
+        log_ml.  Exact for the base the program's weights are relative to (with healing or canonical
+        tokenization on, the base restricted that way).  How far a steered distribution moved from the
+        model, as the KL of a policy trained towards the same target (DPO) is measured."""
+        phi = np.asarray(log_potentials, dtype=float)
+        if phi.shape != (len(self.particles),):
+            raise SteerError(f"kl_to_base needs one log-potential per particle ({len(self.particles)}), got {phi.shape}")
+        w = self.weights
+        return float(np.dot(w[w > 0], phi[w > 0]) - self.log_ml)
+
     def summary(self) -> dict[str, Any]:
         return {
             "method": self.method,

@@ -193,3 +193,25 @@ def test_look_ahead_scores_every_particles_candidates_in_one_batch(bpe_lm):
     model = CountA()
     steer.smc(Guided(bpe_lm, model, True), particles=16, seed=0)
     assert model.batches <= 2 * T  # per step: the candidates' round, then the guide's round
+
+
+@pytest.mark.slow
+def test_kl_to_base_matches_exact_enumeration(tiny_lm):
+    """KL(target || model) from SMC's weights and log_ml equals sum pi log(pi / p) over every sequence."""
+    a = tiny_lm.encode("a", bos=False)[0]
+    bonus = torch.zeros(tiny_lm.vocab.size)
+    bonus[a] = 1.3
+    potential = lambda text, ended: 1.3 * text.count("a")  # noqa: E731
+    posterior, _ = exact(tiny_lm, "b", potential)
+    ctx = LMContext(tiny_lm, "b", heal=False)
+    logp = complete_sequences(tiny_lm, ctx.tokens, T)
+    expected = sum(pi * (math.log(pi) - logp[seq]) for seq, pi in posterior.items() if pi > 0)
+    assert expected > 0.05  # the bonus moves the target
+    estimates = []
+    for seed in range(3):
+        post = steer.smc(Tilted(tiny_lm, "b", steer.tilts.token_bonus(bonus)), particles=2000, seed=seed)
+        phi = [potential(p.ctx.text, True) for p in post.particles]
+        estimates.append(post.kl_to_base(phi))
+    assert np.mean(estimates) == pytest.approx(expected, abs=0.03)
+    with pytest.raises(steer.SteerError, match="one log-potential per particle"):
+        post.kl_to_base(phi[:-1])
