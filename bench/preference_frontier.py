@@ -135,24 +135,29 @@ def summarise(rewards: list[list[float]], kls: list[list[float]], seconds: float
             "seconds_per_output": seconds}
 
 
-def dpo_arm(base, tokenizer, train_subjects: list[str], eval_subjects: list[str], beta: float, args,
-            out: Path) -> dict:
-    started = time.perf_counter()
-    prompts = [format_prompt(instruction(s)) for s in train_subjects]
+def preference_pairs(base, tokenizer, subjects: list[str], candidates: int, seed: int, out: Path) -> Path:
+    """The base model's responses to the training subjects, the best and the worst by r as a pair
+    (subjects whose responses all score the same give none), written as JSONL."""
+    prompts = [format_prompt(instruction(s)) for s in subjects]
     rows = []
-    for prompt, subject, responses in zip(prompts, train_subjects, sample(base, tokenizer, prompts,
-                                                                         args.candidates, args.seed)):
-        texts = [text_of(tokenizer, r).strip() for r in responses]
-        scored = sorted(((hits(t), t) for t in texts if t), key=lambda x: x[0])
+    for subject, responses in zip(subjects, sample(base, tokenizer, prompts, candidates, seed)):
+        scored = sorted(((hits(t), t) for t in (text_of(tokenizer, r).strip() for r in responses) if t),
+                        key=lambda x: x[0])
         if len(scored) >= 2 and scored[-1][0] > scored[0][0]:
             rows.append({"prompt": instruction(subject), "chosen": scored[-1][1], "rejected": scored[0][1]})
-    data = out / f"pairs-beta{beta:g}.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = out / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def dpo_arm(base, tokenizer, data: Path, eval_subjects: list[str], beta: float, args, out: Path,
+            pair_minutes: float) -> dict:
+    started = time.perf_counter()
     options = TrainOptions(model=str(default_model_path()), out=str(out / f"dpo-beta{beta:g}"), epochs=args.epochs,
                            batch_size=8, learning_rate=args.lr, max_length=96, lora=True, lora_r=16,
                            eval_fraction=0.1, save_steps=10_000, progress=False, seed=args.seed)
     metrics = train_dpo(data, options, beta=beta)
-    minutes = (time.perf_counter() - started) / 60
+    minutes = (time.perf_counter() - started) / 60 + pair_minutes
     policy = load_causal_lm(Path(metrics["model"])).eval()
     rewards, kls = [], []
     sample_started = time.perf_counter()
@@ -162,7 +167,8 @@ def dpo_arm(base, tokenizer, train_subjects: list[str], eval_subjects: list[str]
     for prompt, responses in zip(eval_prompts, drawn):
         rewards.append([float(hits(text_of(tokenizer, r))) for r in responses])
         kls.append([log_prob(policy, tokenizer, prompt, r) - log_prob(base, tokenizer, prompt, r) for r in responses])
-    return {**summarise(rewards, kls, seconds), "training_minutes": minutes, "pairs": len(rows),
+    return {**summarise(rewards, kls, seconds), "training_minutes": minutes,
+            "pairs": sum(1 for _ in data.open()),
             "held_out_pair_accuracy": (metrics.get("eval") or {}).get("pair_accuracy")}
 
 
@@ -228,9 +234,12 @@ def main() -> None:
         rows.append({"method": "SMC", "setting": f"beta={beta:g}", "beta": beta,
                      **steered(lm, eval_subjects, beta, args.particles, args.seed)})
     if not args.no_dpo:
+        started = time.perf_counter()
+        data = preference_pairs(base, tokenizer, train_subjects, args.candidates, args.seed, args.out)
+        pair_minutes = (time.perf_counter() - started) / 60  # counted in every beta's training time
         for beta in args.betas:
             rows.append({"method": "DPO", "setting": f"beta={beta:g}", "beta": beta,
-                         **dpo_arm(base, tokenizer, train_subjects, eval_subjects, beta, args, args.out)})
+                         **dpo_arm(base, tokenizer, data, eval_subjects, beta, args, args.out, pair_minutes)})
 
     def ci(x):
         return f"[{x[0]:.2f}, {x[1]:.2f}]" if x else "-"
