@@ -34,6 +34,9 @@ def test_bradley_terry_loss_with_margin_and_smoothing_equals_a_direct_computatio
     margins = [0.5, -0.2, 0.0, 1.0]
     options = TrainOptions(model=str(tiny_text_dir), out=str(tmp_path), progress=False, batch_size=4)
     trainer = build_reward_trainer(pairs, [], options, margins=margins, label_smoothing=0.1)
+    with torch.no_grad():  # the head starts at zero: give the pairs different rewards to compare
+        torch.manual_seed(0)
+        trainer.model.score.weight.normal_(0, 1.0)
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.model.eval()
     with torch.no_grad():
