@@ -661,14 +661,13 @@ class Structured(TokenConstraint):
         the greedy completion needs more than that, a shorter one is looked for before saying so."""
         limit = _search_limit(left)
         text, found = completion(matcher, vocab, tokenizer, limit, tail)
-        if within is not None and (not found or len(tokenizer.tokenize_str(text)) + 1 > within):
-            shorter = shorter_completion(matcher, vocab, tokenizer, limit, tail,
-                                         len(tokenizer.tokenize_str(text)) if found else limit)
+        ids = tokenizer.tokenize_str(text) if found else None
+        if within is not None and (ids is None or len(ids) + 1 > within):
+            shorter = shorter_completion(matcher, vocab, tokenizer, limit, tail, limit if ids is None else len(ids))
             if shorter is not None:
-                text, found = shorter, True
-        if not found:
+                ids = tokenizer.tokenize_str(shorter)
+        if ids is None:
             return None
-        ids = tokenizer.tokenize_str(text)
         clash = bool(ids) and canon is not None and last is not None and not canon.before(ids[0])[last]
         return len(ids) + 1 + clash
 
