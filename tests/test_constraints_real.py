@@ -263,3 +263,25 @@ def test_the_completion_search_leaves_a_recursive_optional_key(gemma):
     matcher.rollback(len(ids))
     assert engine._circling('[{"a": [{"a": [{"a": [{"a": ') is not None
     assert engine._circling('"x": 0}], "x": 0}], "x": 0}], "x": 0}]') is None  # coming back out
+
+
+def test_the_completion_search_writes_a_patterns_literal_ending(gemma):
+    """Inside `^file:.+\\.tpkx?$` every character is allowed but `"`, and the greedy walk writes `}]`
+    for ever (so the budget knew nothing and particles ran out of tokens); the pattern's literal
+    pieces, tried where they fit, end the string."""
+    from steer.constraints import engine
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["path"],
+              "properties": {"path": {"type": "string", "pattern": "^file:.+\\.tpkx?$"}}}
+    constraint = engine.json_schema(schema)
+    assert constraint.hints == ("file:", ".tpk")
+    matcher = constraint.matcher(gemma.vocab)
+    tokenizer = engine.ll_tokenizer(gemma.vocab)
+    assert matcher.consume_tokens(gemma.encode('{"path": "file:../p20/portland', bos=False))
+    assert engine.completion(matcher, gemma.vocab, tokenizer, 200, "nd")[1] is False
+    text, found = engine.completion(matcher, gemma.vocab, tokenizer, 200, "nd", constraint.hints)
+    assert found and text.endswith('.tpk"}'), text
+    ids = tokenizer.tokenize_str(text)
+    assert matcher.consume_tokens(ids) and matcher.is_accepting()
+    matcher.rollback(len(ids))
+    assert constraint.need(matcher, gemma.vocab, tokenizer, 100, tail="nd") == len(ids) + 1

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from steer import SteerError
-from steer.constraints.engine import json_schema, schema_validator
+from steer.constraints.engine import json_schema, literal_runs, schema_validator
 
 CASES = [
     # (schema, instances): every instance is judged by the constraint and by jsonschema alike
@@ -61,6 +61,33 @@ def test_lenient_mode_checks_the_complete_text():
     assert lenient.final_check is not None
     assert lenient.matches("[1, 2, 3]")
     assert not lenient.matches("[1, 1]")  # the mask allows it; the final check does not
+
+
+def test_a_schema_that_lists_its_values_is_masked_exactly():
+    """Where the schema lists every value it may take (enums under oneOf and a $ref), the listed values
+    that pass `jsonschema` are the mask: `if`/`then` and `multipleOf` on the items, which the mask
+    cannot express, leave only [6, 8], and nothing is left to a final check that particles would die at."""
+    schema = {"type": "array", "oneOf": [{"$ref": "#/definitions/x"}, {"$ref": "#/definitions/z"}],
+              "if": {"minItems": 1}, "then": {"minItems": 2, "items": {"multipleOf": 2}},
+              "definitions": {"x": {"enum": [[2], [2, 4], [6]]}, "z": {"enum": [[1], [2, 4], [6, 8]]}}}
+    constraint = json_schema(schema, lenient=True)
+    assert constraint.final_check is None
+    assert constraint.matches("[6, 8]")
+    for other in ([2], [2, 4], [6], [1]):  # listed, each fails the schema: [2, 4] is in both oneOf branches
+        assert not constraint.matches(json.dumps(other)), other
+    assert json_schema({"enum": [1, True]}).matches("true")  # 1 == True in Python, not in JSON
+    with pytest.raises(SteerError, match="allows no document"):
+        json_schema({"enum": [1, 2], "not": {"enum": [1, 2]}}, lenient=True)
+
+
+@pytest.mark.parametrize("pattern,runs", [
+    (r"^file:.+\.tpkx?$", ("file:", ".tpk")),  # an optional character leaves the run
+    (r"(?:foo|bar)-\d{3}", ("foo", "bar")),  # group flags and classes are no literals
+    (r"[a-z]{2}\.com|colou?r", (".com", "colo")),
+    (r"\p{Lu}xy{0,2}z", ()),  # `y{0,2}` may be absent: no two-letter run is certain
+])
+def test_literal_runs_of_a_pattern(pattern, runs):
+    assert literal_runs([pattern]) == runs
 
 
 @pytest.mark.parametrize("schema,message", [

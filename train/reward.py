@@ -36,7 +36,7 @@ from .common import (
     wait_for_everyone,
     write_metrics,
 )
-from .data import DataError, Pair, fit_length, held_out, load_pairs
+from .data import DataError, Pair, held_out, keep_ends, load_pairs
 from .intervals import ties_half
 
 log = logging.getLogger(__name__)
@@ -208,11 +208,14 @@ def train_reward(data: str | Path, options: TrainOptions, *, label_smoothing: fl
         raise SteerError(f"--label-smoothing must be in [0, 0.5), got {label_smoothing}")
     checkpoint = resume_from(options)
     tokenizer = load_tokenizer(model_dir(options.model))
-    pairs, too_long = fit_length(load_pairs(data, options.limit), tokenizer, options.max_length,
-                                 ("chosen", "rejected"), cut=False)
-    train, evaluation = held_out(pairs, options.eval_fraction, options.seed)
-    if too_long:  # the reward is read at the last token, so a pair is not cut to fit: it is left out
-        log.warning("%d pairs are longer than --max-length %d and are left out", too_long, options.max_length)
+    loaded = load_pairs(data, options.limit)
+    pairs, cut, too_long = keep_ends(loaded, tokenizer, options.max_length)
+    train, evaluation = held_out(pairs, options.eval_fraction, options.seed, group=lambda p: p.prompt)
+    if cut:
+        log.info("%d prompts lose their start to fit --max-length %d", cut, options.max_length)
+    if too_long:  # the reward is read at the last token, so a response is never cut: the pair is left out
+        log.warning("%d pairs' responses are longer than --max-length %d and are left out", too_long,
+                    options.max_length)
     records = read_strength(strength) if strength else None
     train, margins, flipped = apply_mitigations(train, records, flip_fraction=flip_fraction,
                                                 adaptive_margin=adaptive_margin)
@@ -224,8 +227,8 @@ def train_reward(data: str | Path, options: TrainOptions, *, label_smoothing: fl
     wait_for_everyone()
     metrics = {
         "trainer": "reward", "data": str(data),
-        "pairs": {"train": len(train), "eval": len(evaluation), "too_long": too_long,
-                  "kept_share": len(pairs) / (len(pairs) + too_long), "flipped": flipped},
+        "pairs": {"train": len(train), "eval": len(evaluation), "too_long": too_long, "prompt_cut": cut,
+                  "kept_share": len(pairs) / len(loaded), "flipped": flipped},
         "settings": {**options.as_dict(), "label_smoothing": label_smoothing, "strength": str(strength or ""),
                      "flip_fraction": flip_fraction, "adaptive_margin": adaptive_margin},
         "train": {k: v for k, v in fit.items() if k not in ("eval", "eval_before")},

@@ -209,7 +209,7 @@ def probe_tokens(vocab: Vocabulary) -> list[tuple[str, int]]:
 
 
 def completion(matcher: LLMatcher, vocab: Vocabulary, tokenizer: LLTokenizer, limit: int,
-               tail: str = "") -> tuple[str, bool]:
+               tail: str = "", hints: tuple[str, ...] = ()) -> tuple[str, bool]:
     """A short text after which `matcher`'s text is complete, and whether one was found (if not: the
     text reached `limit` characters, or no probe character fits); the matcher is left where it was.
 
@@ -218,24 +218,23 @@ def completion(matcher: LLMatcher, vocab: Vocabulary, tokenizer: LLTokenizer, li
     character in PROBE_ORDER, not the same character three times running (counting the `tail` of the
     text before) where another fits.  It is not always the shortest, but for JSON (close the string,
     `0` for a number, the required keys in order) and most patterns it is close, and it costs a few
-    hundred microseconds.  Where it finds nothing, a letter or digit and one more character that
-    complete the text are looked for (`ly` for `\\w+ly`, where the walk writes digits).
+    hundred microseconds.  Where it finds nothing, the walk is tried again writing the constraint's
+    `hints` where they fit (`.tpk` under `^file:.+\\.tpkx?$`, where it writes `}]` for ever), then a
+    letter or digit and one more character that complete the text are looked for (`ly` for `\\w+ly`,
+    where the walk writes digits).
     """
     probes, notes = probe_tokens(vocab), {}
     text, found = _greedy_walk(matcher, probes, tokenizer, limit, tail, notes=notes)
     if not found and notes.get("round"):
         # The walk went round (an optional recursive key first in every object: `{"headers": [{"headers":
         # ...`): take another character at one of the free choices of the last round.
-        best = None
-        for choice in notes["round"]:
-            for skip in range(1, DETOUR_WIDTH + 1):
-                other, done = _greedy_walk(matcher, probes, tokenizer, limit, tail, detour=(choice, skip))
-                if other is None:
-                    break
-                if done and (best is None or len(other) < len(best)):
-                    best = other
-            if best is not None:
-                return best, True
+        other = _detour(matcher, probes, tokenizer, limit, tail, notes["round"], len, first=True)
+        if other is not None:
+            return other, True
+    if not found and hints:
+        other, done = _greedy_walk(matcher, probes, tokenizer, limit, tail, hints=hints)
+        if done:
+            return other, True
     if not found:
         ending = _ending_pair(matcher, probes)
         if ending is not None:
@@ -249,17 +248,29 @@ def shorter_completion(matcher: LLMatcher, vocab: Vocabulary, tokenizer: LLToken
     first DETOURS free choices another allowed character (up to DETOUR_WIDTH of them), then greedy
     again; the shortest such, or None.  It costs up to DETOURS x DETOUR_WIDTH walks, so it is tried
     only where the greedy completion would refuse a token or end a particle."""
-    best, probes = None, probe_tokens(vocab)
-    for choice in range(DETOURS):
+    def size(text: str) -> int:
+        return len(tokenizer.tokenize_str(text))
+
+    best = _detour(matcher, probe_tokens(vocab), tokenizer, limit, tail, range(DETOURS), size)
+    return best if best is not None and size(best) < tokens else None
+
+
+def _detour(matcher: LLMatcher, probes: list[tuple[str, int]], tokenizer: LLTokenizer, limit: int, tail: str,
+            choices, size: Callable[[str], int], first: bool = False) -> str | None:
+    """The smallest (by `size`) completion among greedy walks that take another character at one of
+    the free `choices` (up to DETOUR_WIDTH others each); with `first`, the smallest at the first
+    choice that gives any."""
+    best, best_size = None, None
+    for choice in choices:
         for skip in range(1, DETOUR_WIDTH + 1):
             text, found = _greedy_walk(matcher, probes, tokenizer, limit, tail, detour=(choice, skip))
-            if text is None:  # no such choice, or no more characters to choose from there
+            if found is None:  # the walk makes fewer free choices than this: none further on either
+                return best
+            if text is None:  # no more characters to choose from there
                 break
-            if found:
-                n = len(tokenizer.tokenize_str(text))
-                if n < tokens:
-                    best, tokens = text, n
-        if text is None and skip == 1:  # the walk makes fewer free choices than this
+            if found and (best_size is None or size(text) < best_size):
+                best, best_size = text, size(text)
+        if first and best is not None:
             break
     return best
 
@@ -280,16 +291,21 @@ def _circling(text: str) -> int | None:
 
 def _greedy_walk(matcher: LLMatcher, probes: list[tuple[str, int]], tokenizer: LLTokenizer, limit: int,
                  tail: str, detour: tuple[int, int] | None = None,
-                 notes: dict | None = None) -> tuple[str | None, bool]:
+                 notes: dict | None = None, hints: tuple[str, ...] = ()) -> tuple[str | None, bool | None]:
     """The greedy walk of `completion`.  With `detour` (k, j) its k-th free choice takes the character
-    j places further down the probe order (text None: the walk has no such choice).  A walk that goes
-    round stops there; `notes["round"]` then lists the free choices of its last round."""
+    j places further down the probe order: (None, False) where there is no such character, (None,
+    None) where the walk makes no k-th free choice.  With `hints`, a free choice takes the first hint
+    allowed there (starting each time at the next one), if the last one did not.  A walk that goes round stops there;
+    `notes["round"]` then lists the free choices of its last round."""
     picked: list[str] = []
     consumed, length, choices = 0, 0, 0
     choice_at: list[int] = []  # the text's length at each free choice
+    hinted = 0  # hints written
 
-    def result(found: bool) -> tuple[str | None, bool]:
-        return ("".join(picked) if detour is None or choices > detour[0] else None), found
+    def result(found: bool) -> tuple[str | None, bool | None]:
+        if detour is not None and choices <= detour[0]:
+            return None, None
+        return "".join(picked), found
 
     try:
         while not matcher.is_accepting():
@@ -305,14 +321,19 @@ def _greedy_walk(matcher: LLMatcher, probes: list[tuple[str, int]], tokenizer: L
                     piece = _probe(matcher, probes, recent, skip=detour[1])
                     if piece is None:
                         return None, False
+                    n = 1
                 else:
-                    piece = (_probe_ending(matcher, probes) if len(picked) < ENDING_SCAN else None) \
-                        or _probe(matcher, probes, recent)
+                    piece, n = (None, 0) if not hints or (picked and picked[-1] in hints) \
+                        else _take_hint(matcher, hints[hinted % len(hints):] + hints[:hinted % len(hints)],
+                                        tokenizer)
+                    hinted += piece is not None  # the next hint choice starts at the next hint
+                    if piece is None:
+                        piece, n = (_probe_ending(matcher, probes) if len(picked) < ENDING_SCAN else None) \
+                            or _probe(matcher, probes, recent), 1
                     if piece is None:
                         return result(False)
                 choice_at.append(length)
                 choices += 1
-                n = 1
             consumed += n
             length += len(piece)
             picked.append(piece)
@@ -326,6 +347,18 @@ def _greedy_walk(matcher: LLMatcher, probes: list[tuple[str, int]], tokenizer: L
     finally:
         if consumed:
             matcher.rollback(consumed)
+
+
+def _take_hint(matcher: LLMatcher, hints: tuple[str, ...], tokenizer: LLTokenizer) -> tuple[str | None, int]:
+    """Consume the first of `hints` the matcher allows next: (it, its tokens), or (None, 0)."""
+    for hint in hints:
+        ids = tokenizer.tokenize_str(hint)
+        n = matcher.try_consume_tokens(ids)
+        if n == len(ids):
+            return hint, n
+        if n:
+            matcher.rollback(n)
+    return None, 0
 
 
 def _ending_pair(matcher: LLMatcher, probes: list[tuple[str, int]]) -> str | None:
@@ -464,6 +497,9 @@ class Structured(TokenConstraint):
         self._healed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._byte_start: LLMatcher | None = None  # for model-free checks (`allows`)
         self.key = object()  # this constraint's slot in a context's states
+        # literal pieces of its regular expressions (`.tpk` of `^file:.+\.tpkx?$`): where the greedy
+        # completion search writes on for ever inside such a pattern, it tries them (see `completion`)
+        self.hints: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return self.describe
@@ -660,7 +696,7 @@ class Structured(TokenConstraint):
         (after ` "` an empty string cannot close with `"`: ` ""` is one token).  With `within`: where
         the greedy completion needs more than that, a shorter one is looked for before saying so."""
         limit = _search_limit(left)
-        text, found = completion(matcher, vocab, tokenizer, limit, tail)
+        text, found = completion(matcher, vocab, tokenizer, limit, tail, self.hints)
         ids = tokenizer.tokenize_str(text) if found else None
         if within is not None and (ids is None or len(ids) + 1 > within):
             shorter = shorter_completion(matcher, vocab, tokenizer, limit, tail, limit if ids is None else len(ids))
@@ -755,7 +791,7 @@ class Structured(TokenConstraint):
         def candidates() -> list[int]:
             """The tokens that begin a short completion: where the budget leaves only those, they can lie
             too far down the LM's list for adaptive rejection to reach (see `checks.awrs`)."""
-            found, complete = completion(m, vocab, tokenizer, _search_limit(left), text[-2:])
+            found, complete = completion(m, vocab, tokenizer, _search_limit(left), text[-2:], self.hints)
             by_string = TokenTable.of(vocab).by_string
             return [i for k in range(1, min(len(found), 16) + 1) for i in by_string.get(found[:k], [])] \
                 if complete else []
@@ -833,8 +869,56 @@ def regex(pattern: str, allow_eos: bool = True) -> Structured:
             if any(w in message for w in ("look", "backreference", "not supported", "unrecognized flag")) else ""
         return f"invalid regular expression {pattern!r}: {message}{hint}"
 
-    return Structured(LLMatcher.grammar_from_regex(body), f"regex({pattern!r})", allow_eos=allow_eos,
-                      locate=explain)
+    constraint = Structured(LLMatcher.grammar_from_regex(body), f"regex({pattern!r})", allow_eos=allow_eos,
+                            locate=explain)
+    constraint.hints = literal_runs([pattern])
+    return constraint
+
+
+def literal_runs(patterns: list[str], most: int = 8) -> tuple[str, ...]:
+    """The runs of two or more literal characters that a match of each pattern must contain (`file:`
+    and `.tpk` of `^file:.+\.tpkx?$`; an optional character ends a run), at most `most` of them."""
+    runs: dict[str, None] = {}
+    for pattern in patterns:
+        run, i = "", 0
+        while i < len(pattern):
+            c = pattern[i]
+            literal = None
+            if c == "\\" and i + 1 < len(pattern):
+                nxt, i = pattern[i + 1], i + 2
+                if not nxt.isalnum():
+                    literal = nxt
+                elif nxt in "pP" and pattern[i:i + 1] == "{":  # \p{Letter}
+                    i = pattern.find("}", i) + 1 or len(pattern)
+            elif c == "[":  # a class: skip it, escapes and a leading ] included
+                i += 2 if pattern[i + 1:i + 2] in ("]", "^") else 1
+                while i < len(pattern) and pattern[i] != "]":
+                    i += 2 if pattern[i] == "\\" else 1
+                i += 1
+            elif c == "(" and pattern[i + 1:i + 2] == "?":  # (?:  (?i)  (?P<name>  (?=: past the group's flags
+                i += 2
+                while i < len(pattern) and pattern[i] not in ":)>=!":
+                    i += 1
+                i += 1
+            elif c in "?*{":  # the character before is optional (or counted): it leaves the run
+                if c == "{":
+                    counted = pattern[i:pattern.find("}", i) + 1 or len(pattern)]
+                    i += len(counted)
+                    run = run[:-1] if counted.startswith(("{0", "{,")) else run
+                else:
+                    run, i = run[:-1], i + 1
+            else:
+                i += 1
+                literal = c if c not in ".^$|()+" else None
+            if literal is None:
+                if len(run) >= 2:
+                    runs.setdefault(run)
+                run = ""
+            else:
+                run += literal
+        if len(run) >= 2:
+            runs.setdefault(run)
+    return tuple(runs)[:most]
 
 
 def search(pattern: str, allow_eos: bool = True) -> Structured:
@@ -899,6 +983,12 @@ def json_schema(schema: dict | str | bool, *, lenient: bool = False, key_order: 
     options = dict(JSON_FORMAT, lenient=lenient)
     masked = _interoperable_integers(_any_key_order(schema) if key_order == "any" else schema)
     masked = {} if masked is True else masked  # `true`: any document
+    values = _finite_values(schema, schema)
+    if values is not None:  # a few candidates: the valid ones are the mask, exactly, whatever else is said
+        valid = [v for v in values if check(json.dumps(v))]
+        if not valid:
+            raise SteerError("the JSON schema allows no document: none of the values it lists is valid")
+        masked, lenient = {"enum": valid}, False
     try:
         compiled = LLMatcher.grammar_from_json_schema(json.dumps(masked), overrides=options)
     except ValueError as e:
@@ -909,7 +999,62 @@ def json_schema(schema: dict | str | bool, *, lenient: bool = False, key_order: 
     if (lenient and constraint.warnings) or key_order == "any":
         constraint.final_check = check
     constraint.schema = schema
+    constraint.hints = literal_runs(_patterns(schema))
     return constraint
+
+
+def _patterns(node: Any) -> list[str]:
+    """Every `pattern` in a schema (the regular expressions string values must match)."""
+    found, stack = [], [node]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("pattern"), str):
+                found.append(node["pattern"])
+            stack.extend(v for k, v in node.items() if k not in _DATA_KEYS)
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
+
+
+FINITE_VALUES = 1000  # at most this many candidate values are checked one by one
+
+
+def _finite_values(node: Any, root: Any, depth: int = 0) -> list | None:
+    """A finite list of values that holds every document valid under `node`, where the schema says so
+    plainly (`enum`, `const`, `anyOf`/`oneOf` of such, `allOf` with one such, a local `$ref` to one),
+    else None.  Checked one by one with `jsonschema`, the valid ones make an exact mask whatever other
+    keywords (`if`/`then`, `not`, `multipleOf` on items) narrow them further."""
+    if not isinstance(node, dict) or depth > 32:
+        return None
+    if "const" in node:
+        return [node["const"]]
+    if isinstance(node.get("enum"), list):
+        return node["enum"][:FINITE_VALUES] if len(node["enum"]) <= FINITE_VALUES else None
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target = root
+        for part in ref[2:].split("/"):
+            target = target.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(target, dict) else None
+        found = _finite_values(target, root, depth + 1)
+        if found is not None:
+            return found
+    for branch in node.get("allOf") or []:
+        found = _finite_values(branch, root, depth + 1)
+        if found is not None:
+            return found
+    for key in ("anyOf", "oneOf"):
+        branches = node.get(key)
+        if isinstance(branches, list) and branches:
+            union: dict[str, Any] = {}  # by their JSON text: 1 and true are different values
+            for branch in branches:
+                found = _finite_values(branch, root, depth + 1)
+                if found is None or len(union) + len(found) > FINITE_VALUES:
+                    break
+                union.update((json.dumps(v, sort_keys=True), v) for v in found)
+            else:
+                return list(union.values())
+    return None
 
 
 MAX_SCHEMA_DEPTH = 200  # nesting levels of a schema (objects and lists), checked before any recursion
