@@ -11,6 +11,7 @@ from train.data import (
     fit_length,
     format_prompt,
     held_out,
+    keep_ends,
     load_examples,
     load_pairs,
     split_hh,
@@ -102,6 +103,27 @@ def test_rows_whose_prompt_fills_max_length_are_left_out_and_long_responses_coun
     assert "data.jsonl:3: field 'prompt' is" in caplog.text and "left out 1 row(s)" in caplog.text
     with pytest.raises(DataError, match=r"data.jsonl:3: field 'prompt' is \d+ tokens.*no row fits"):
         fit_length(pairs[2:], tokenizer, 64, ("chosen", "rejected"))
+
+
+def test_reward_pairs_keep_their_ends_and_lose_the_prompts_start(tmp_path, tiny_text_dir):
+    """The reward head reads the last token: a long prompt loses its start (the response and its end
+    stay whole), a response that cannot fit with any context leaves the pair out."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_text_dir)
+    rows = [{"prompt": "p" * 30 + " the question?", "chosen": "yes", "rejected": "no"},
+            {"prompt": "q", "chosen": "a" * 60, "rejected": "b"}, {"prompt": "r", "chosen": "c", "rejected": "d"}]
+    pairs = load_pairs(write(tmp_path, "".join(json.dumps(r) + "\n" for r in rows)))
+    kept, cut, dropped = keep_ends(pairs, tokenizer, 40)
+    assert (cut, dropped) == (1, 1) and kept[1] == pairs[2]
+    assert kept[0].prompt.endswith(" the question?\n\nResponse:\n") and pairs[0].prompt.startswith("Instruction")
+    assert not kept[0].prompt.startswith("Instruction")
+    assert (kept[0].chosen, kept[0].rejected) == ("yes", "no")
+    for pair in kept:
+        for response in (pair.chosen, pair.rejected):
+            assert len(tokenizer(pair.prompt + response)["input_ids"]) + 1 <= 40
+    with pytest.raises(DataError, match="no pair's responses fit"):
+        keep_ends(pairs[1:2], tokenizer, 40)
 
 
 def test_held_out_split_is_seeded_and_disjoint():

@@ -174,21 +174,23 @@ def fit_reward_model(train: list[Pair], evaluation: list[Pair], options: TrainOp
                                    callbacks=callbacks, tokenizer=tokenizer)
     metrics: dict[str, Any] = {}
     if evaluation and before and resume is None:
-        metrics["eval_before"] = evaluate_reward(trainer, tokenizer, evaluation, options.max_length)
+        metrics["eval_before"] = evaluate_reward(trainer, tokenizer, evaluation, options.max_length, options.progress)
     started = time.perf_counter()
     result = train_from(trainer, resume)
     metrics.update({"steps": result.global_step, "loss": result.training_loss,
                     "seconds": time.perf_counter() - started, "processes": trainer.args.world_size})
     if evaluation:
-        metrics["eval"] = evaluate_reward(trainer, tokenizer, evaluation, options.max_length)
+        metrics["eval"] = evaluate_reward(trainer, tokenizer, evaluation, options.max_length, options.progress)
     return trainer, metrics
 
 
-def evaluate_reward(trainer, tokenizer, pairs: list[Pair], max_length: int) -> dict[str, Any]:
-    """TRL's held-out metrics, and the pairwise accuracy with ties counted half over every held-out
-    pair, with its 95% interval and the share of ties (all ties for a zero head: 0.5)."""
-    diffs = score_pairs(trainer.model, tokenizer, pairs, max_length)
-    return {**trainer.evaluate(), **ties_half(diffs.tolist())}
+def evaluate_reward(trainer, tokenizer, pairs: list[Pair], max_length: int, progress: bool = True) -> dict[str, Any]:
+    """Held-out metrics from one scoring pass: the Bradley-Terry loss -log sigmoid(r_c - r_r), the share
+    of positive margins (ties wrong, as TRL counts them), the mean margin, and the pairwise accuracy
+    with ties counted half, its 95% interval and the share of ties (all ties for a zero head: 0.5)."""
+    diffs = score_pairs(trainer.model, tokenizer, pairs, max_length, progress=progress)
+    return {"eval_loss": float(F.softplus(-diffs).mean()), "eval_accuracy": float((diffs > 0).float().mean()),
+            "eval_margin": float(diffs.mean()), **ties_half(diffs.tolist())}
 
 
 def length_baseline(tokenizer, pairs: list[Pair]) -> dict[str, Any]:
@@ -240,11 +242,15 @@ def train_reward(data: str | Path, options: TrainOptions, *, label_smoothing: fl
     return metrics
 
 
-def score_pairs(model, tokenizer, pairs: list[Pair], max_length: int, batch_size: int = 16) -> torch.Tensor:
+def score_pairs(model, tokenizer, pairs: list[Pair], max_length: int, batch_size: int = 16,
+                progress: bool = False) -> torch.Tensor:
     """r(chosen) - r(rejected) for every pair under a (trained) sequence-classification model."""
+    from tqdm.auto import tqdm
+
     model.eval()
     diffs = []
-    for start in range(0, len(pairs), batch_size):
+    for start in tqdm(range(0, len(pairs), batch_size), desc="scoring held-out pairs", unit="batch",
+                      disable=not progress):
         chunk = pairs[start:start + batch_size]
         eos = tokenizer.eos_token  # as RewardTrainer appends it in training: the reward is read at EOS
         texts = [p.prompt + p.chosen + eos for p in chunk] + [p.prompt + p.rejected + eos for p in chunk]
