@@ -4,6 +4,7 @@ conditioned on the constraint, and AWRS's weight is unbiased."""
 
 import math
 
+import llguidance.numpy as llnp
 import numpy as np
 import pytest
 import regex
@@ -309,3 +310,16 @@ def test_a_constraint_no_token_can_meet_ends_with_a_clear_message():
         steer.smc(Constrained(lm, steer.masks.charset("z")), particles=4, seed=0)
     message = str(info.value)
     assert "no particle satisfied the constraints" in message and "no next token satisfies charset('z')" in message
+
+
+def test_the_engine_writes_every_word_of_a_mask_buffer():
+    """`engine.packed` lets the engine write into an uninitialised buffer: every word must be written
+    (a stale bit would allow a token the grammar refuses)."""
+    lm = steer.tiny_model("ab ", seed=4)
+    matcher = regex_mask(r"(ab|ba)+ ?").matcher(lm.vocab)
+    for token in lm.encode("abba", bos=False):
+        expected = np.full((1, -(-lm.vocab.size // 32)), -1, dtype=np.int32)
+        llnp.fill_next_token_bitmask(matcher, expected, 0)
+        garbage = np.full_like(expected, 0x5A5A5A5A)
+        assert np.array_equal(engine.packed(matcher, lm.vocab.size, garbage), expected[0])
+        assert matcher.consume_token(token)
