@@ -171,6 +171,21 @@ def test_loop_stops_on_unparseable_judgments_keeps_its_files_and_resumes(tiny_lo
     assert (h2h["wins"], h2h["losses"], h2h["ties"]) == (outcomes.count(1.0), outcomes.count(0.0), outcomes.count(0.5))
     assert h2h["ci95"][0] <= h2h["win_rate"] <= h2h["ci95"][1]
     assert result["generation"]["tokens"] > 0
+    # the judge validated on the held-out human-rated responses first: its pairwise accuracy by hand
+    rated = load_seed_data(seed, held_out=config.held_out, seed=options.seed, limit=config.seed_limit).held_out
+    flat = judge.rewards([r.prompt for r in rated for _ in r.responses], [x for r in rated for x, _ in r.responses])
+    outcomes, k = [], 0
+    for r in rated:
+        s, k = flat[k:k + len(r.responses)], k + len(r.responses)
+        for i in range(len(s)):
+            for j in range(i + 1, len(s)):
+                if r.responses[i][1] != r.responses[j][1]:
+                    agree = (s[i] - s[j]) * (r.responses[i][1] - r.responses[j][1])
+                    outcomes.append(1.0 if agree > 0 else 0.0 if agree < 0 else 0.5)
+    validation = result["head_to_head_judge"]
+    assert validation["judge"] == str(judge_dir) and validation["human_pairs"] == len(outcomes) > 0
+    assert validation["pairwise_accuracy"] == pytest.approx(np.mean(outcomes))
+    assert f"(judge acc. {validation['pairwise_accuracy']:.3f})" in (tmp_path / "run" / "report.md").read_text()
     assert "| M2 |" in (tmp_path / "run" / "report.md").read_text()
     assert (tmp_path / "run" / "report.png").exists()
 

@@ -194,6 +194,20 @@ def answers(directory: Path, questions: list[str], config: SelfRewardConfig, sta
     return out
 
 
+def validate_judge(judge: ScoringModel, rated: list[RatedPrompt], seed: int = 0) -> dict[str, Any]:
+    """The head-to-head judge on held-out human-rated responses, scored as the models' own judges are
+    (pairwise accuracy, ties half, interval by prompt): a win rate means little from a judge that
+    cannot order responses in this domain, so its accuracy is reported beside every win rate."""
+    flat = judge.rewards([r.prompt for r in rated for _ in r.responses],
+                         [response for r in rated for response, _ in r.responses])
+    scores, k = [], 0
+    for r in rated:
+        scores.append([float(x) for x in flat[k:k + len(r.responses)]])
+        k += len(r.responses)
+    found = agreement(rated, scores, seed)
+    return {k: v for k, v in found.items() if k not in ("exact_match", "scored")}  # rewards are not 0-5 points
+
+
 def win_rate(judge: ScoringModel, questions: list[str], new: list[str], old: list[str],
              seed: int = 0) -> dict[str, Any]:
     """Head to head on held-out questions, scored by a judge that is neither model: wins + ties / 2 over
@@ -235,17 +249,20 @@ def self_reward(seed_dir: str | Path, options: TrainOptions, config: SelfRewardC
     seeds = load_seed_data(seed_dir, held_out=config.held_out, seed=options.seed, limit=config.seed_limit)
     questions = seeds.questions[:config.questions]
     base = model_dir(options.model)
+    metrics_path = out / "metrics.json"
+    state = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     head_to_head_judge = None
     if config.judge is not None:
         from steer.potentials import load_potential
 
         head_to_head_judge = load_potential(config.judge)  # a reward model, or a causal LM as judge
+        if "head_to_head_judge" not in state:
+            state["head_to_head_judge"] = {"judge": config.judge,
+                                           **validate_judge(head_to_head_judge, seeds.held_out, options.seed + 11)}
     else:
         log.warning("no --judge: win rates are not measured (a model must not grade its own answers)")
     models = {0: base}
     stats = GenerationStats()
-    metrics_path = out / "metrics.json"
-    state = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     iterations: dict[str, Any] = state.get("iterations", {})
 
     def train_stage(name: str, fn, data, start: Path) -> Path:
@@ -288,7 +305,7 @@ def self_reward(seed_dir: str | Path, options: TrainOptions, config: SelfRewardC
             record["judge"] = judge_agreement(generator, seeds.held_out, config, options.seed + 7)
             _add(stats, generator.stats)
             _free(generator)
-            _save(metrics_path, iterations, config, options, stats)
+            _save(metrics_path, iterations, config, options, stats, state.get("head_to_head_judge"))
         if "head_to_head" not in record and head_to_head_judge is not None:
             new = answers(models[t], questions, config, stats)
             old = answers(models[t - 1], questions, config, stats)
@@ -296,25 +313,26 @@ def self_reward(seed_dir: str | Path, options: TrainOptions, config: SelfRewardC
                                       **win_rate(head_to_head_judge, questions, new, old, options.seed + 9)}
             write_jsonl(stage / "head_to_head.jsonl", [{"question": q, f"M{t}": a, f"M{t - 1}": b}
                                                         for q, a, b in zip(questions, new, old)])
-        _save(metrics_path, iterations, config, options, stats)
-    report(out, iterations)
+        _save(metrics_path, iterations, config, options, stats, state.get("head_to_head_judge"))
+    report(out, iterations, state.get("head_to_head_judge"))
     return json.loads(metrics_path.read_text())
 
 
 def _save(path: Path, iterations: dict, config: SelfRewardConfig, options: TrainOptions,
-          stats: GenerationStats) -> None:
+          stats: GenerationStats, validation: dict | None = None) -> None:
     previous = json.loads(path.read_text()).get("generation", {}) if path.exists() else {}
     tokens = previous.get("tokens", 0) + stats.tokens
     seconds = previous.get("seconds", 0.0) + stats.seconds
     stats.tokens, stats.seconds = 0, 0.0  # counted once
     write_metrics(path.parent, {"trainer": "self_reward", "config": asdict(config), "settings": options.as_dict(),
-                                "iterations": iterations,
+                                "iterations": iterations, "head_to_head_judge": validation,
                                 "generation": {"tokens": tokens, "seconds": seconds,
                                                "tokens_per_second": tokens / seconds if seconds else None}})
 
 
-def report(out: Path, iterations: dict[str, Any]) -> Path:
-    """A markdown table and a plot of the per-iteration measurements."""
+def report(out: Path, iterations: dict[str, Any], validation: dict[str, Any] | None = None) -> Path:
+    """A markdown table and a plot of the per-iteration measurements; with the head-to-head judge's
+    own accuracy on held-out human ratings (`validation`) beside every win rate."""
     header = ("| model | judge pairwise acc., ties half [95% CI by prompt] | judge ties | judge exact match | "
               "unparseable | pairs | win rate vs previous [95% CI] |")
     rows = [header, "|---|---|---|---|---|---|---|"]
@@ -325,6 +343,7 @@ def report(out: Path, iterations: dict[str, Any]) -> Path:
     def with_ci(value, ci):
         return fmt(value) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
+    judged_by = f" (judge acc. {fmt(validation.get('pairwise_accuracy'))})" if validation else ""
     ts = sorted(iterations, key=int)
     for t in ts:
         r = iterations[t]
@@ -332,8 +351,15 @@ def report(out: Path, iterations: dict[str, Any]) -> Path:
         rows.append(f"| M{t} | {with_ci(j.get('pairwise_accuracy'), j.get('ci95'))} | {fmt(j.get('tie_rate'))} | "
                     f"{fmt(j.get('exact_match'))} | "
                     f"{j.get('unparseable', '-')}/{j.get('judgments', '-')} | {a.get('pairs', '-')} | "
-                    f"{with_ci(h.get('win_rate'), h.get('ci95'))} vs {h.get('against', '-')} |")
-    atomic_write_text(out / "report.md", "# Self-rewarding training\n\n" + "\n".join(rows) + "\n")
+                    f"{with_ci(h.get('win_rate'), h.get('ci95'))} vs {h.get('against', '-')}"
+                    f"{judged_by if h else ''} |")
+    note = ""
+    if validation:
+        note = (f"\n\nThe head-to-head judge ({validation['judge']}) on held-out human-rated responses: pairwise "
+                f"accuracy {with_ci(validation.get('pairwise_accuracy'), validation.get('ci95'))}, ties "
+                f"{fmt(validation.get('tie_rate'))}; near 0.5 it cannot tell better answers from worse in this "
+                "domain, and its win rates say nothing.\n")
+    atomic_write_text(out / "report.md", "# Self-rewarding training\n\n" + "\n".join(rows) + "\n" + note)
     import matplotlib
 
     matplotlib.use("Agg")
