@@ -188,9 +188,18 @@ def evaluate_reward(trainer, tokenizer, pairs: list[Pair], max_length: int, prog
     """Held-out metrics from one scoring pass: the Bradley-Terry loss -log sigmoid(r_c - r_r), the share
     of positive margins (ties wrong, as TRL counts them), the mean margin, and the pairwise accuracy
     with ties counted half, its 95% interval and the share of ties (all ties for a zero head: 0.5)."""
-    diffs = score_pairs(trainer.model, tokenizer, pairs, max_length, progress=progress)
+    if _zero_head(trainer.model):  # every reward is exactly 0: nothing to compute
+        diffs = torch.zeros(len(pairs))
+    else:
+        diffs = score_pairs(trainer.model, tokenizer, pairs, max_length, progress=progress)
     return {"eval_loss": float(F.softplus(-diffs).mean()), "eval_accuracy": float((diffs > 0).float().mean()),
             "eval_margin": float(diffs.mean()), **ties_half(diffs.tolist())}
+
+
+def _zero_head(model) -> bool:
+    """The score head is all zeros (a fresh head, before the first step: every reward is 0)."""
+    head = [p for name, p in model.named_parameters() if ".score." in f".{name}"]
+    return bool(head) and not any(p.detach().any() for p in head)
 
 
 def length_baseline(tokenizer, pairs: list[Pair]) -> dict[str, Any]:
