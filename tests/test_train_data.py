@@ -14,6 +14,7 @@ from train.data import (
     keep_ends,
     load_examples,
     load_pairs,
+    split_by_prompt,
     split_hh,
 )
 
@@ -124,6 +125,24 @@ def test_reward_pairs_keep_their_ends_and_lose_the_prompts_start(tmp_path, tiny_
             assert len(tokenizer(pair.prompt + response)["input_ids"]) + 1 <= 40
     with pytest.raises(DataError, match="no pair's responses fit"):
         keep_ends(pairs[1:2], tokenizer, 40)
+
+
+def test_pairs_are_held_out_by_prompt_whatever_else_is_left_out():
+    """The split depends on each prompt alone: filtering pairs (for length, as one trainer does and
+    another does not) keeps every remaining pair on its side, so a reward model and a DPO policy are
+    compared on the same held-out prompts; a prompt's pairs stay together; the share is the fraction."""
+    from train.data import Pair
+
+    pairs = [Pair(f"prompt {i // 2}", f"good {i}", f"bad {i}", f"f:{i}") for i in range(4000)]
+    train, evaluation = split_by_prompt(pairs, 0.2, seed=1)
+    assert len(train) + len(evaluation) == len(pairs) and not {p.prompt for p in train} & {p.prompt for p in evaluation}
+    assert abs(len(evaluation) / len(pairs) - 0.2) < 0.03
+    kept = pairs[::3]  # another trainer leaves some pairs out
+    assert split_by_prompt(kept, 0.2, seed=1) == ([p for p in kept if p in train], [p for p in kept if p in evaluation])
+    assert split_by_prompt(pairs, 0.2, seed=2)[1] != evaluation
+    few = pairs[:4]  # two prompts: the hash may hold out neither; a seeded draw of whole prompts then
+    small_train, small_eval = split_by_prompt(few, 0.3, seed=0)
+    assert small_train and small_eval and {p.prompt for p in small_train}.isdisjoint(p.prompt for p in small_eval)
 
 
 def test_held_out_split_is_seeded_and_disjoint():

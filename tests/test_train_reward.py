@@ -16,7 +16,7 @@ import steer
 from steer.potentials import RewardModel
 from steer.context import LMContext
 from train.common import TrainOptions, load_tokenizer
-from train.data import held_out, load_pairs
+from train.data import load_pairs, split_by_prompt
 from train.reward import (
     build_reward_trainer,
     load_reward_backbone,
@@ -297,7 +297,7 @@ def test_a_fresh_head_starts_at_zero_and_the_metrics_say_before_after_and_baseli
     assert before["pair_ties"] == 1.0 and before["pair_accuracy"] == 0.5
     assert metrics["length_baseline"]["pair_accuracy"] == 0.0  # the rejected "n maybe" is always longer
     assert metrics["pairs"]["kept_share"] == 1.0
-    evaluation = held_out(load_pairs(arithmetic_pairs), 0.34, opts.seed, group=lambda p: p.prompt)[1]
+    evaluation = split_by_prompt(load_pairs(arithmetic_pairs), 0.34, opts.seed)[1]
     trained = load_reward_backbone(metrics["model"])
     diffs = score_pairs(trained, load_tokenizer(metrics["model"]), evaluation, 64)
     assert after["pairs"] == len(evaluation)

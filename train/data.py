@@ -7,6 +7,7 @@ Bad rows are reported as `file:line: field ...`, before any trainer sees them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from collections.abc import Callable, Hashable
@@ -184,6 +185,27 @@ def held_out(rows: list, fraction: float, seed: int,
         evaluation.extend(g)
     chosen = set(evaluation)
     return [rows[i] for g in groups for i in g if i not in chosen], [rows[i] for i in evaluation]
+
+
+def split_by_prompt(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """A (train, eval) split of preference pairs decided by each prompt alone (a seeded hash), so that
+    trainers given the same file, seed and fraction hold out the same prompts whatever pairs each
+    leaves out for length: a reward model and a DPO policy are then compared on the same held-out
+    pairs, and no prompt is on both sides.  Tiny data where the hash holds out nothing (or
+    everything) falls back on a seeded draw of whole prompts."""
+    if not 0 <= fraction < 1:
+        raise DataError(f"the held-out fraction must be in [0, 1), got {fraction}")
+    threshold = fraction * 2**64
+
+    def held(prompt: str) -> bool:
+        digest = hashlib.blake2b(f"{seed}\0{prompt}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") < threshold
+
+    evaluation = [p for p in pairs if held(p.prompt)]
+    train = [p for p in pairs if not held(p.prompt)]
+    if fraction > 0 and (not evaluation or not train):
+        return held_out(pairs, fraction, seed, group=lambda p: p.prompt)
+    return train, evaluation
 
 
 def keep_ends(pairs: list[Pair], tokenizer, max_length: int) -> tuple[list[Pair], int, int]:

@@ -30,7 +30,7 @@ from .common import (
     trainer_arguments,
     write_metrics,
 )
-from .data import Example, fit_length, held_out, load_pairs
+from .data import Example, fit_length, load_pairs, split_by_prompt
 from .intervals import ties_half
 from .lm_head import completion_only_head
 from .sft import train_sft
@@ -87,7 +87,7 @@ def train_dpo(data: str | Path, options: TrainOptions, *, beta: float = 0.1, los
     tokenizer = load_tokenizer(model_dir(options.model))
     pairs, truncated = fit_length(load_pairs(data, options.limit), tokenizer, options.max_length,
                                   ("chosen", "rejected"))
-    train, evaluation = held_out(pairs, options.eval_fraction, options.seed)
+    train, evaluation = split_by_prompt(pairs, options.eval_fraction, options.seed)
     if truncated:
         log.warning("%d of %d pairs are longer than --max-length %d: their responses are truncated",
                     truncated, len(pairs), options.max_length)

@@ -36,7 +36,7 @@ from .common import (
     wait_for_everyone,
     write_metrics,
 )
-from .data import DataError, Pair, held_out, keep_ends, load_pairs
+from .data import DataError, Pair, keep_ends, load_pairs, split_by_prompt
 from .intervals import ties_half
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ def train_reward(data: str | Path, options: TrainOptions, *, label_smoothing: fl
     tokenizer = load_tokenizer(model_dir(options.model))
     loaded = load_pairs(data, options.limit)
     pairs, cut, too_long = keep_ends(loaded, tokenizer, options.max_length)
-    train, evaluation = held_out(pairs, options.eval_fraction, options.seed, group=lambda p: p.prompt)
+    train, evaluation = split_by_prompt(pairs, options.eval_fraction, options.seed)
     if cut:
         log.info("%d prompts lose their start to fit --max-length %d", cut, options.max_length)
     if too_long:  # the reward is read at the last token, so a response is never cut: the pair is left out
