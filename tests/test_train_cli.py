@@ -109,3 +109,14 @@ def test_lora_adapts_every_linear_layer_whatever_the_architecture_calls_them():
     assert adapted(gpt2, TrainOptions(lora=True, lora_dropout=0.1, lora_alpha=8)) == {"c_attn", "c_proj", "c_fc"}
     named = TrainOptions(lora=True, lora_targets="q_proj, v_proj")
     assert adapted(steer.tiny_model("ab", hidden=32).model, named) == {"q_proj", "v_proj"}
+
+
+@pytest.mark.parametrize("flags,lr", [(["--lora"], 2e-4), ([], 1e-5), (["--lora", "--lr", "3e-5"], 3e-5)])
+def test_reward_learning_rate_defaults_to_one_that_moves_a_lora_adapter(flags, lr):
+    """A LoRA adapter barely moves at a full fine-tune's 1e-5 (HH-RLHF harmless held-out accuracy 0.44
+    after 100 steps); 2e-4 reached 0.63 [0.58, 0.67] on 433 held-out pairs (docs/training.md)."""
+    from steer.cli import build_parser
+    from train.cli import _options
+
+    args = build_parser().parse_args(["train", "reward", "--data", "d.jsonl", "--out", "o", *flags])
+    assert _options(args).learning_rate == lr

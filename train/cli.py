@@ -32,7 +32,7 @@ def _fraction(name: str, high: float = 1.0):
     return parse
 
 
-def _run_flags(parser: argparse.ArgumentParser, lr: float, data: bool = True) -> None:
+def _run_flags(parser: argparse.ArgumentParser, lr: float, data: bool = True, lora_lr: float | None = None) -> None:
     if data:
         parser.add_argument("--data", required=True, help="JSONL data file (.jsonl or .jsonl.gz)")
     parser.add_argument("--model", default=None, help="local HF model directory (default: Gemma 3 270M)")
@@ -41,7 +41,11 @@ def _run_flags(parser: argparse.ArgumentParser, lr: float, data: bool = True) ->
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after N optimiser steps (overrides --epochs)")
     parser.add_argument("--batch-size", type=positive("--batch-size"), default=2)
     parser.add_argument("--grad-accum", type=positive("--grad-accum"), default=1)
-    parser.add_argument("--lr", type=float, default=lr)
+    if lora_lr is None:
+        parser.add_argument("--lr", type=float, default=lr)
+    else:  # a LoRA adapter barely moves at a full fine-tune's learning rate
+        parser.add_argument("--lr", type=float, default=None, help=f"default: {lora_lr:g} with --lora, else {lr:g}")
+        parser.set_defaults(lr_default=(lr, lora_lr))
     parser.add_argument("--max-length", type=positive("--max-length"), default=256, help="tokens per sequence")
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of every weight")
     parser.add_argument("--lora-r", type=positive("--lora-r"), default=16)
@@ -62,6 +66,8 @@ def _run_flags(parser: argparse.ArgumentParser, lr: float, data: bool = True) ->
 
 
 def _options(args: argparse.Namespace) -> TrainOptions:
+    if args.lr is None:
+        args.lr = args.lr_default[1] if args.lora else args.lr_default[0]
     return TrainOptions(model=args.model, out=args.out, epochs=args.epochs, max_steps=args.max_steps,
                         batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.lr,
                         max_length=args.max_length, lora=args.lora, lora_r=args.lora_r,
@@ -218,7 +224,7 @@ def add_commands(commands) -> None:
     dpo.set_defaults(handler=_dpo)
 
     reward = kinds.add_parser("reward", help="a Bradley-Terry reward model on preference pairs")
-    _run_flags(reward, lr=1e-5)
+    _run_flags(reward, lr=1e-5, lora_lr=2e-4)
     reward.add_argument("--label-smoothing", type=_fraction("--label-smoothing", 0.5), default=0.0)
     reward.add_argument("--strength", default=None, help="strength.jsonl from `steer train strength`")
     reward.add_argument("--flip", type=_fraction("--flip"), default=0.0,
