@@ -66,10 +66,9 @@ def _run_flags(parser: argparse.ArgumentParser, lr: float, data: bool = True, lo
 
 
 def _options(args: argparse.Namespace) -> TrainOptions:
-    if args.lr is None:
-        args.lr = args.lr_default[1] if args.lora else args.lr_default[0]
+    lr = args.lr if args.lr is not None else args.lr_default[1 if args.lora else 0]
     return TrainOptions(model=args.model, out=args.out, epochs=args.epochs, max_steps=args.max_steps,
-                        batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.lr,
+                        batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=lr,
                         max_length=args.max_length, lora=args.lora, lora_r=args.lora_r,
                         lora_alpha=args.lora_alpha or 2 * args.lora_r, lora_dropout=args.lora_dropout,
                         lora_targets=args.lora_targets,

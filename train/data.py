@@ -201,8 +201,9 @@ def split_by_prompt(pairs: list[Pair], fraction: float, seed: int) -> tuple[list
         digest = hashlib.blake2b(f"{seed}\0{prompt}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "big") < threshold
 
-    evaluation = [p for p in pairs if held(p.prompt)]
-    train = [p for p in pairs if not held(p.prompt)]
+    sides = [held(p.prompt) for p in pairs]
+    evaluation = [p for p, side in zip(pairs, sides) if side]
+    train = [p for p, side in zip(pairs, sides) if not side]
     if fraction > 0 and (not evaluation or not train):
         return held_out(pairs, fraction, seed, group=lambda p: p.prompt)
     return train, evaluation

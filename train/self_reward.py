@@ -142,13 +142,19 @@ def judge_agreement(generator: Generator, rated: list[RatedPrompt], config: Self
     different human scores, and exact match of the rounded score."""
     items = [(r.prompt, response) for r in rated for response, _ in r.responses]
     judged = judge(generator, items, config, seed, desc="judge agreement")
-    scores, k = [], 0
-    for r in rated:
-        scores.append([judged[k + i]["score"] for i in range(len(r.responses))])
-        k += len(r.responses)
+    scores = _per_prompt(rated, [row["score"] for row in judged])
     return {**agreement(rated, scores, seed),
             "unparseable": sum(s is None for row in judged for s in row["scores"]),
             "judgments": sum(len(row["scores"]) for row in judged)}
+
+
+def _per_prompt(rated: list[RatedPrompt], flat: list) -> list[list]:
+    """Scores listed response by response over all prompts, regrouped by prompt."""
+    out, k = [], 0
+    for r in rated:
+        out.append(flat[k:k + len(r.responses)])
+        k += len(r.responses)
+    return out
 
 
 def agreement(rated: list[RatedPrompt], scores: list[list[float | None]], seed: int = 0) -> dict[str, Any]:
@@ -200,11 +206,7 @@ def validate_judge(judge: ScoringModel, rated: list[RatedPrompt], seed: int = 0)
     cannot order responses in this domain, so its accuracy is reported beside every win rate."""
     flat = judge.rewards([r.prompt for r in rated for _ in r.responses],
                          [response for r in rated for response, _ in r.responses])
-    scores, k = [], 0
-    for r in rated:
-        scores.append([float(x) for x in flat[k:k + len(r.responses)]])
-        k += len(r.responses)
-    found = agreement(rated, scores, seed)
+    found = agreement(rated, _per_prompt(rated, [float(x) for x in flat]), seed)
     return {k: v for k, v in found.items() if k not in ("exact_match", "scored")}  # rewards are not 0-5 points
 
 

@@ -268,8 +268,10 @@ def _detour(matcher: LLMatcher, probes: list[tuple[str, int]], tokenizer: LLToke
                 return best
             if text is None:  # no more characters to choose from there
                 break
-            if found and (best_size is None or size(text) < best_size):
-                best, best_size = text, size(text)
+            if found:
+                n = size(text)
+                if best_size is None or n < best_size:
+                    best, best_size = text, n
         if first and best is not None:
             break
     return best
