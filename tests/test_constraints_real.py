@@ -285,3 +285,20 @@ def test_the_completion_search_writes_a_patterns_literal_ending(gemma):
     assert matcher.consume_tokens(ids) and matcher.is_accepting()
     matcher.rollback(len(ids))
     assert constraint.need(matcher, gemma.vocab, tokenizer, 100, tail="nd") == len(ids) + 1
+
+
+def test_the_check_before_the_last_token_needs_an_ending_token_after_a_complete_text(gemma):
+    """With an end string, the last token may be one that writes it, but only after a complete text:
+    with two tokens left in `\\w+ly` after digits, "ly" passes (a newline then ends the text) and
+    another digit does not (no one token writes "ly" and the newline; every particle that took it
+    used to die at the last step)."""
+    from steer.constraints import engine
+
+    constraint = engine.regex(r" \w+ly")
+    prefix = gemma.encode(" 1962", bos=False)
+    ctx = steer.LMContext(gemma, "An adverb:", heal=False, end="\n", max_tokens=len(prefix) + 2)
+    ctx.extend(prefix)
+    assert ctx.tokens_left == 2
+    fits = constraint._budget_check(ctx)
+    (ly,), (digit,) = (gemma.encode(s, bos=False) for s in ("ly", "6"))
+    assert fits(ly) and not fits(digit)

@@ -656,9 +656,21 @@ class Structured(TokenConstraint):
 
     def _may_end_next(self, m: LLMatcher, context, text: str) -> bool:
         """Whether the text `m` has read (`text`) can end with its next token: end-of-text, or a
-        token that writes one of the context's end strings."""
-        return (m.is_accepting() and self._final(text)) or \
-            (bool(context.end) and bool(packed(m, context.lm.vocab.size, scratch(context.lm.vocab.size)).any()))
+        token that writes one of the context's end strings after a complete text ("ly\\n" after "quick")."""
+        if m.is_accepting() and self._final(text):
+            return True
+        tokenizer = ll_tokenizer(context.lm.vocab)
+        for ended in ending_tokens(context, text):
+            if len(ended) <= len(text):
+                continue
+            ids = tokenizer.tokenize_str(ended[len(text):])
+            n = m.try_consume_tokens(ids)
+            complete = n == len(ids) and m.is_accepting()
+            if n:
+                m.rollback(n)
+            if complete and self._final(ended):
+                return True
+        return False
 
     def _lives(self, m: LLMatcher, vocab: Vocabulary, canon: Canonical, last: int, depth: int,
                keep: dict[int, np.ndarray] | None = None) -> bool:

@@ -197,10 +197,11 @@ def healed_view(context: Context) -> View:
     return View(context, "", View.vocabulary(vocab, ("heal", pending), strings))
 
 
-def ending_tokens(context: Context) -> dict[str, np.ndarray]:
-    """The tokens that would write an end string of `context` next, grouped by the text they would
-    end with (the text before the end string)."""
-    vocab, text, pending = context.lm.vocab, context.text, context.heal
+def ending_tokens(context: Context, text: str | None = None) -> dict[str, np.ndarray]:
+    """The tokens that would write an end string of `context` next (after `text`, by default the
+    context's), grouped by the text they would end with (the text before the end string)."""
+    vocab, pending = context.lm.vocab, context.heal
+    text = context.text if text is None else text
     if not context.end or context.ended:
         return {}
     keep = max(len(e) for e in context.end) - 1
