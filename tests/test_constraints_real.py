@@ -302,3 +302,33 @@ def test_the_check_before_the_last_token_needs_an_ending_token_after_a_complete_
     fits = constraint._budget_check(ctx)
     (ly,), (digit,) = (gemma.encode(s, bos=False) for s in ("ly", "6"))
     assert fits(ly) and not fits(digit)
+
+
+def test_one_token_probes_settle_the_look_ahead_as_the_whole_mask_would(gemma, monkeypatch):
+    """The look-ahead settles most candidates with a few one-character probes instead of the engine's
+    whole mask after each: along a JSON document, with and without the probes, every step's mask is
+    the same, dead ends (a lone space before a quoted key) included."""
+    from steer.constraints import engine
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "tags": {"type": "array",
+              "items": {"enum": ["red", "green"]}}, "ok": {"type": "boolean"}}}
+    ids = gemma.encode(json.dumps({"name": "Ada Lovelace", "tags": ["red", "green"], "ok": False}), bos=False)
+
+    def masks(probes: int) -> list[np.ndarray]:
+        monkeypatch.setattr(engine, "PROBES", probes)
+        gemma.vocab._derived.pop(engine._one_character_tokens, None)
+        constraint = engine.json_schema(schema)
+        ctx = steer.LMContext(gemma, [gemma.vocab.bos_id], heal=False)
+        out = []
+        for token in ids:
+            out.append(constraint.allowed_in(ctx).numpy().copy())
+            assert out[-1][token]
+            cut.append(bool((constraint.state(ctx).allowed() & ~gemma.vocab.special & ~out[-1]).any()))
+            ctx.extend([token])
+        gemma.vocab._derived.pop(engine._one_character_tokens, None)
+        return out
+
+    cut: list[bool] = []
+    with_probes, without = masks(engine.PROBES), masks(0)
+    assert all(np.array_equal(a, b) for a, b in zip(with_probes, without))
+    assert any(cut)  # somewhere the look-ahead leaves out a token the engine allows

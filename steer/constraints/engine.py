@@ -48,6 +48,7 @@ BUDGET_CHECK = 4096  # the second-to-last token of a budget is checked one by on
 _CLOSERS = '"}]),:0'
 PROBE_ORDER = _CLOSERS + "".join(c for c in string.punctuation + string.ascii_letters + string.digits + " "
                                  if c not in _CLOSERS)
+PROBES = 12  # one-character tokens tried after a look-ahead candidate before its whole mask is computed
 ENDING_SCAN = 3  # steps of the search that look for a character completing the text
 MARGIN, END_GAME = 2, 8  # tokens kept in hand until the budget's last 8
 FAR = 16  # drawn tokens are checked once the shortest completion is within this many tokens of the budget
@@ -206,6 +207,16 @@ def probe_tokens(vocab: Vocabulary) -> list[tuple[str, int]]:
         return [(c, single[c]) for c in PROBE_ORDER if c in single]
 
     return vocab.derived(probe_tokens, build)
+
+
+def _one_character_tokens(vocab: Vocabulary) -> list[int]:
+    """Every token spelling one of the first PROBES characters of PROBE_ORDER (a byte-fallback token
+    and the merged one alike: the canonical pair table tells them apart)."""
+    def build() -> list[int]:
+        by_string = TokenTable.of(vocab).by_string
+        return [int(i) for c in PROBE_ORDER[:PROBES] for i in by_string.get(c, []) if not vocab.special[i]]
+
+    return vocab.derived(_one_character_tokens, build)
 
 
 def completion(matcher: LLMatcher, vocab: Vocabulary, tokenizer: LLTokenizer, limit: int,
@@ -445,7 +456,7 @@ def bitmask(matcher: LLMatcher, size: int) -> np.ndarray:
 
 def _packed_text_after(vocab: Vocabulary, canon: Canonical, last: int) -> np.ndarray:
     """The text tokens that may follow `last` canonically, packed as the engine packs its masks."""
-    cache = recent(vocab, "packed canonical after", 64)
+    cache = recent(vocab, "packed canonical after", 256)
     found = cache.recall(last)
     if found is None:
         ok = np.zeros(-(-vocab.size // 32) * 32, dtype=bool)  # whole 32-token words
@@ -675,25 +686,27 @@ class Structured(TokenConstraint):
     def _lives(self, m: LLMatcher, vocab: Vocabulary, canon: Canonical, last: int, depth: int,
                keep: dict[int, np.ndarray] | None = None) -> bool:
         """Whether, after token `last`, some allowed token keeps the tokenization canonical (or the text
-        may end), following forced choices `depth` tokens deep.  Past a wide choice one canonical
+        may end), following forced choices `depth` tokens deep.  Past a real choice one canonical
         continuation is enough.  `keep` receives the mask after `last` (the next step's, should `last` be drawn)."""
         if self.allow_eos and m.is_accepting():
             return True
+        after = _packed_text_after(vocab, canon, last)
+        # Most tokens are followed canonically by a closer, a comma or a letter: a few one-token probes
+        # settle them without the engine's whole mask.
+        for y in _one_character_tokens(vocab):
+            if after[y >> 5] >> (y & 31) & 1 and m.try_consume_tokens([y]):
+                m.rollback(1)
+                return True
         words = packed(m, vocab.size) if keep is not None else packed(m, vocab.size, scratch(vocab.size))
         if keep is not None:
             keep[last] = words
-        ids = few_ids(words, WIDE)
-        if ids is None:  # a wide choice may still hold no canonical one: " " then capitals (" A" is a token)
-            return bool(np.bitwise_and(words, _packed_text_after(vocab, canon, last)).any())
-        ids = ids[~vocab.special[ids]]
-        if len(ids) > LOOK_AHEAD:  # a wide choice: one canonical continuation is enough
-            return bool(canon.after(last).numpy()[ids].any())
-        # (a pair judged from its right side: `before` tables are cached per token, and the few tokens
-        # that follow here are the same punctuation again and again)
-        ys = [y for y in ids.tolist() if canon.before(y)[last]]
-        if not ys or depth == 0 or len(ys) > NARROW:
-            return bool(ys)  # past a real choice, one canonical continuation is enough
-        for y in ys:
+        # the allowed text tokens that may follow `last` canonically, as one AND of packed masks
+        canonical = np.bitwise_and(words, after)
+        # (followed only through a narrow choice: at most LOOK_AHEAD tokens allowed, NARROW canonical)
+        ys = few_ids(canonical, NARROW) if depth and np.count_nonzero(words) <= LOOK_AHEAD else None
+        if ys is None or not len(ys):
+            return bool(canonical.any())  # none, or past a real choice: one canonical continuation is enough
+        for y in ys.tolist():
             if m.consume_token(y):
                 alive = self._lives(m, vocab, canon, y, depth - 1)
                 m.rollback(1)
