@@ -173,13 +173,17 @@ def test_held_out_pair_accuracy_counts_ties_half_and_equals_a_direct_computation
     """Before training a LoRA policy is its reference: every held-out margin is 0, a tie, and the
     accuracy is 0.5 (TRL's counts it 0.0).  After training, each margin equals β times the log-ratio
     difference computed from plain logits of the policy and of the adapter-disabled model."""
-    from train.dpo import held_out_margins, pair_accuracy
+    from train.dpo import _before_training, held_out_margins, pair_accuracy
 
     pairs = load_pairs(arithmetic_pairs)
     opts = options(tmp_path, tiny_text_dir, lora=True, lora_r=4, learning_rate=5e-3, max_steps=4)
     trainer = build_trainer(pairs[:16], pairs[16:], opts, beta=BETA)
     before = pair_accuracy(trainer)
     assert before["pair_ties"] == 1.0 and before["pair_accuracy"] == 0.5 and before["pairs"] == 8
+    # what train_dpo reports before the first step without a pass is what the pass gives
+    known, measured = _before_training(8), {**trainer.evaluate(), **before}
+    for key, value in known.items():
+        assert measured[key] == pytest.approx(value, abs=1e-6), key
     trainer.train()
     margins = held_out_margins(trainer)
     assert (margins != 0).all()

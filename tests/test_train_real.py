@@ -24,7 +24,6 @@ def test_dpo_with_lora_on_gemma(tmp_path):
 
     metrics = train_dpo(DATA / "hh_rlhf_harmless.jsonl.gz", options(tmp_path / "dpo"))
     assert metrics["train"]["steps"] == 2 and math.isfinite(metrics["train"]["loss"])
-    assert metrics["eval_before"]["eval_rewards/margins"] == 0.0  # policy == reference before training
     assert metrics["eval"]["eval_rewards/margins"] != 0.0
     assert (tmp_path / "dpo" / "checkpoint-2").is_dir() and (tmp_path / "dpo" / "adapter").is_dir()
     lm = steer.load_model(tmp_path / "dpo" / "model")  # the merged model steers like any other

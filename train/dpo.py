@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,8 @@ def train_dpo(data: str | Path, options: TrainOptions, *, beta: float = 0.1, los
         "settings": {**options.as_dict(), "beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing,
                      "precompute_ref": precompute_ref, "sft_first": sft_first},
         **({"sft": {k: sft[k] for k in ("train", "eval_before", "eval", "model")}} if sft is not None else {}),
-        **run_and_save(trainer, tokenizer, options, checkpoint, bool(evaluation), held_out=pair_accuracy),
+        **run_and_save(trainer, tokenizer, options, checkpoint, bool(evaluation), held_out=pair_accuracy,
+                       known_before=_before_training(len(evaluation)) if loss_type == "sigmoid" else None),
     }
     write_metrics(options.out, metrics)
     return metrics
@@ -147,6 +149,14 @@ def _completion_log_probs(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         log_probs = model(**kwargs, use_cache=False, labels=labels, fused_lm_head=True).log_probs
     width = inputs["completion_mask"].size(1) - 1
     return log_probs[:, -width:].sum(1).chunk(2)
+
+
+def _before_training(pairs: int) -> dict[str, Any]:
+    """The held-out metrics before the first step, known without a pass (about as long as the one after
+    training): the policy starts as its reference (LoRA's zero adapter, or the frozen copy), so every
+    implicit reward margin is 0 and the sigmoid loss is ln 2 (TRL counts a tie as a wrong answer)."""
+    return {"eval_loss": math.log(2), "eval_rewards/accuracies": 0.0, "eval_rewards/margins": 0.0,
+            **ties_half([0.0] * pairs), "pair_margin": 0.0}
 
 
 def pair_accuracy(trainer) -> dict[str, Any]:
