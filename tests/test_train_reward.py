@@ -50,6 +50,43 @@ def test_bradley_terry_loss_with_margin_and_smoothing_equals_a_direct_computatio
     assert loss == pytest.approx(expected, abs=1e-5)
 
 
+def test_contrastive_loss_is_bradley_terry_plus_info_nce_of_the_difference_representations(
+        tiny_text_dir, arithmetic_pairs, tmp_path):
+    """With dropout off (both views the same), the training loss is the Bradley-Terry loss plus the
+    weight times InfoNCE over the pairs' h(chosen) - h(rejected), h read at each text's last token from
+    one unpadded text at a time; weight 0 leaves Bradley-Terry alone."""
+    pairs = load_pairs(arithmetic_pairs)[:4]
+    options = TrainOptions(model=str(tiny_text_dir), out=str(tmp_path), progress=False, batch_size=4)
+    trainer = build_reward_trainer(pairs, [], options, contrastive=0.5)
+    trainer.contrastive_dropout = 0.0
+    model = trainer.model
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    with torch.no_grad():
+        torch.manual_seed(0)
+        model.score.weight.normal_(0, 1.0)
+    batch = next(iter(trainer.get_train_dataloader()))
+    model.train()
+    with torch.no_grad():
+        total = trainer.compute_loss(model, dict(batch)).item()
+        trainer.contrastive = 0.0
+        plain = trainer.compute_loss(model, dict(batch)).item()
+    tokenizer = load_tokenizer(tiny_text_dir)
+    model.eval()
+    with torch.no_grad():
+        def h(text):
+            ids = tokenizer(text + tokenizer.eos_token, return_tensors="pt")
+            return model(**ids, output_hidden_states=True).hidden_states[-1][0, -1]
+        d = torch.stack([h(p.prompt + p.chosen) - h(p.prompt + p.rejected) for p in pairs])
+        diffs = score_pairs(model, tokenizer, pairs, 256)
+    cos = F.cosine_similarity(d[:, None], d[None], dim=-1) / trainer.contrastive_temperature
+    info_nce = (torch.logsumexp(cos, dim=1) - cos.diagonal()).mean().item()
+    assert plain == pytest.approx(-F.logsigmoid(diffs).mean().item(), abs=1e-5)
+    assert info_nce > 1e-3
+    assert total == pytest.approx(plain + 0.5 * info_nce, abs=1e-4)
+
+
 def synthetic_pairs(n, flip_rate, seed):
     """Chosen responses are mostly "a", rejected mostly "b"; a known set of pairs has its labels swapped."""
     rng = random.Random(seed)

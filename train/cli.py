@@ -112,6 +112,7 @@ def _reward(args: argparse.Namespace) -> int:
     from .reward import train_reward
 
     metrics = train_reward(args.data, _options(args), label_smoothing=args.label_smoothing, strength=args.strength,
+                           contrastive=args.contrastive,
                            flip_fraction=args.flip, adaptive_margin=args.adaptive_margin)
     _summary(metrics, ("eval_loss", "pair_accuracy", "eval_margin"))
     return 0
@@ -230,6 +231,9 @@ def add_commands(commands) -> None:
                         help="flip the labels of this share of pairs, most negative strength first")
     reward.add_argument("--adaptive-margin", type=float, default=0.0,
                         help="margin = this x the pair's mean strength, in the loss")
+    reward.add_argument("--contrastive", type=float, default=0.0,
+                        help="weight of a SimCSE-style contrastive loss on the pairs' difference representations "
+                             "beside Bradley-Terry (0: off; the paper's contrastive reward modelling)")
     reward.set_defaults(handler=_reward)
 
     strength = kinds.add_parser("strength", help="preference strength of every pair from a reward-model ensemble")

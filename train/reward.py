@@ -2,8 +2,9 @@
 RewardTrainer, plus the paper's strength-driven mitigations.
 
 What steer adds to TRL: label smoothing in the Bradley-Terry loss (TRL has margins but not
-smoothing), label flipping and adaptive margins computed from a preference-strength file written by
-`train.strength`, and held-out accuracy before and after.
+smoothing), the paper's contrastive loss on the pairs' difference representations, label flipping
+and adaptive margins computed from a preference-strength file written by `train.strength`, and
+held-out accuracy before and after.
 """
 
 from __future__ import annotations
@@ -69,13 +70,28 @@ def load_reward_backbone(directory: Path):
 def _reward_trainer_class():
     from trl import RewardTrainer
 
-    class SmoothedRewardTrainer(RewardTrainer):
-        """TRL's RewardTrainer with label smoothing: the pair's label is right with probability 1 - eps,
-        loss = -(1-eps) log s(d - m) - eps log s(m - d), d = r(chosen) - r(rejected), m the margin."""
+    class SteerRewardTrainer(RewardTrainer):
+        """TRL's RewardTrainer with two additions to the Bradley-Terry loss.
+
+        Label smoothing: the pair's label is right with probability 1 - eps,
+        loss = -(1-eps) log s(d - m) - eps log s(m - d), d = r(chosen) - r(rejected), m the margin.
+
+        Contrastive learning ("Secrets of RLHF II", section 4; SimCSE): the pair's difference
+        representation h(chosen) - h(rejected), read where the reward is read, is seen twice through
+        dropout, and an InfoNCE loss (weight `contrastive`, temperature `contrastive_temperature`) asks
+        each view to pick its twin out of the batch: the representation has to tell pairs apart
+        beyond the one direction the score head reads.
+        """
 
         label_smoothing = 0.0
+        contrastive = 0.0
+        contrastive_temperature = 0.05
+        contrastive_dropout = 0.1
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            contrast = self.contrastive > 0 and model.training
+            if contrast:
+                inputs["output_hidden_states"] = True
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
             if self.label_smoothing:
                 chosen, rejected = outputs.logits.squeeze(-1).chunk(2)
@@ -84,9 +100,30 @@ def _reward_trainer_class():
                 loss = -((1 - eps) * F.logsigmoid(d) + eps * F.logsigmoid(-d)).mean()
                 if self.args.center_rewards_coefficient is not None:
                     loss = loss + self.args.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
+            if contrast:
+                differences = difference_representations(outputs.hidden_states[-1], inputs["attention_mask"])
+                views = [F.dropout(differences, self.contrastive_dropout, training=True) for _ in range(2)]
+                loss = loss + self.contrastive * info_nce(*views, self.contrastive_temperature)
+                outputs.hidden_states = None  # not kept past the step
             return (loss, outputs) if return_outputs else loss
 
-    return SmoothedRewardTrainer
+    return SteerRewardTrainer
+
+
+def difference_representations(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """h(chosen) - h(rejected) per pair, h the last layer's state at each sequence's last token (where
+    the score head reads the reward); the batch holds the chosen sequences, then the rejected."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (positions * attention_mask).argmax(-1)
+    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    chosen, rejected = h.chunk(2)
+    return chosen - rejected
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE with in-batch negatives: row i of `a` should be closest (cosine) to row i of `b`."""
+    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature
+    return F.cross_entropy(logits, torch.arange(len(a), device=a.device))
 
 
 def read_strength(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -130,7 +167,7 @@ def apply_mitigations(pairs: list[Pair], strength: dict[str, dict] | None, *, fl
 
 def build_reward_trainer(train: list[Pair], evaluation: list[Pair], options: TrainOptions, *,
                          margins: list[float] | None = None, label_smoothing: float = 0.0,
-                         callbacks: list | None = None, tokenizer=None):
+                         contrastive: float = 0.0, callbacks: list | None = None, tokenizer=None):
     from datasets import Dataset
     from trl import RewardConfig
 
@@ -148,7 +185,7 @@ def build_reward_trainer(train: list[Pair], evaluation: list[Pair], options: Tra
         peft_config=lora_config(options, task_type="SEQ_CLS"), callbacks=callbacks,
     )
     quiet_trainer(trainer, options)
-    trainer.label_smoothing = label_smoothing
+    trainer.label_smoothing, trainer.contrastive = label_smoothing, contrastive
     return trainer
 
 
@@ -165,13 +202,13 @@ def save_reward_model(trainer, tokenizer, out: Path, lora: bool) -> Path:
 
 def fit_reward_model(train: list[Pair], evaluation: list[Pair], options: TrainOptions, *,
                      margins: list[float] | None = None, label_smoothing: float = 0.0,
-                     callbacks: list | None = None, resume: str | None = None,
+                     contrastive: float = 0.0, callbacks: list | None = None, resume: str | None = None,
                      before: bool = False) -> tuple[Any, dict]:
     """Train one reward model; returns (trainer, held-out metrics: `eval`, and with `before` also
     `eval_before`, measured before the first step)."""
     tokenizer = load_tokenizer(model_dir(options.model))
     trainer = build_reward_trainer(train, evaluation, options, margins=margins, label_smoothing=label_smoothing,
-                                   callbacks=callbacks, tokenizer=tokenizer)
+                                   contrastive=contrastive, callbacks=callbacks, tokenizer=tokenizer)
     metrics: dict[str, Any] = {}
     if evaluation and before and resume is None:
         metrics["eval_before"] = evaluate_reward(trainer, tokenizer, evaluation, options.max_length, options.progress)
@@ -212,8 +249,9 @@ def length_baseline(tokenizer, pairs: list[Pair]) -> dict[str, Any]:
 
 def train_reward(data: str | Path, options: TrainOptions, *, label_smoothing: float = 0.0,
                  strength: str | Path | None = None, flip_fraction: float = 0.0, adaptive_margin: float = 0.0,
-                 callbacks: list | None = None) -> dict[str, Any]:
-    """Train a reward model on preference pairs; writes the model to `out/model` and `out/metrics.json`."""
+                 contrastive: float = 0.0, callbacks: list | None = None) -> dict[str, Any]:
+    """Train a reward model on preference pairs; writes the model to `out/model` and `out/metrics.json`.
+    `contrastive`: the weight of the contrastive loss beside Bradley-Terry (0: plain Bradley-Terry)."""
     quiet_transformers()
     if not 0 <= label_smoothing < 0.5:
         raise SteerError(f"--label-smoothing must be in [0, 0.5), got {label_smoothing}")
@@ -230,8 +268,10 @@ def train_reward(data: str | Path, options: TrainOptions, *, label_smoothing: fl
     records = read_strength(strength) if strength else None
     train, margins, flipped = apply_mitigations(train, records, flip_fraction=flip_fraction,
                                                 adaptive_margin=adaptive_margin)
+    if contrastive < 0:
+        raise SteerError(f"--contrastive must be >= 0, got {contrastive}")
     trainer, fit = fit_reward_model(train, evaluation, options, margins=margins, label_smoothing=label_smoothing,
-                                    callbacks=callbacks, resume=checkpoint, before=True)
+                                    contrastive=contrastive, callbacks=callbacks, resume=checkpoint, before=True)
     final = Path(options.out) / "model"
     if trainer.is_world_process_zero():
         save_reward_model(trainer, tokenizer, Path(options.out), options.lora)
@@ -241,7 +281,7 @@ def train_reward(data: str | Path, options: TrainOptions, *, label_smoothing: fl
         "pairs": {"train": len(train), "eval": len(evaluation), "too_long": too_long, "prompt_cut": cut,
                   "kept_share": len(pairs) / len(loaded), "flipped": flipped},
         "settings": {**options.as_dict(), "label_smoothing": label_smoothing, "strength": str(strength or ""),
-                     "flip_fraction": flip_fraction, "adaptive_margin": adaptive_margin},
+                     "flip_fraction": flip_fraction, "adaptive_margin": adaptive_margin, "contrastive": contrastive},
         "train": {k: v for k, v in fit.items() if k not in ("eval", "eval_before")},
         "eval_before": fit.get("eval_before"), "eval": fit.get("eval"),
         "length_baseline": length_baseline(tokenizer, evaluation) if evaluation else None,
