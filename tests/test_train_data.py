@@ -14,6 +14,7 @@ from train.data import (
     keep_ends,
     load_examples,
     load_pairs,
+    load_response_sets,
     split_by_prompt,
     split_hh,
 )
@@ -75,6 +76,23 @@ def test_bad_pair_files_name_the_line_and_field(tmp_path, text, message):
 def test_bad_instruction_files_name_the_line_and_field(tmp_path, row, message):
     with pytest.raises(DataError, match=message):
         load_examples(write(tmp_path, json.dumps(row) + "\n"))
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"responses": ["a", "b"]}, "data.jsonl:1: missing field 'prompt'"),
+    ({"prompt": "p", "responses": ["a"]}, "data.jsonl:1: field 'responses' must be a list of at least two"),
+    ({"prompt": "p", "responses": "ab"}, "data.jsonl:1: field 'responses' must be a list of at least two"),
+    ({"prompt": "p", "responses": ["a", " "]}, "data.jsonl:1: field 'responses'[1] must be a non-empty string"),
+])
+def test_bad_response_set_files_name_the_line_and_field(tmp_path, row, message):
+    with pytest.raises(DataError) as info:
+        load_response_sets(write(tmp_path, json.dumps(row) + "\n"))
+    assert message in str(info.value)
+
+
+def test_response_sets_use_the_template(tmp_path):
+    sets = load_response_sets(write(tmp_path, json.dumps({"prompt": "Say hi", "responses": [" hi", "hello "]}) + "\n"))
+    assert sets[0].prompt == format_prompt("Say hi") and sets[0].responses == ("hi", "hello")
 
 
 def test_instruction_formats_all_use_the_template(tmp_path):

@@ -87,6 +87,69 @@ def test_contrastive_loss_is_bradley_terry_plus_info_nce_of_the_difference_repre
     assert total == pytest.approx(plain + 0.5 * info_nce, abs=1e-4)
 
 
+def test_meta_rm_takes_the_bradley_terry_gradient_after_an_ascent_step_on_the_difference_loss(
+        tiny_text_dir, arithmetic_pairs, tmp_path):
+    """One MetaRM step, checked by hand: the optimizer receives grad L(θ'), θ' = θ + η grad J(θ), J the
+    mean sigmoid(|r_i - r_j|) over each prompt's responses, and the parameters it steps from are θ."""
+    from transformers import TrainerCallback
+
+    from train.data import ResponseSet
+    from train.reward import MetaSet
+
+    pairs = load_pairs(arithmetic_pairs)[:4]
+    sets = [ResponseSet(p.prompt, (p.chosen, p.rejected, p.chosen + " 1"), "test") for p in pairs[:2]]
+    eta = 0.5
+    options = TrainOptions(model=str(tiny_text_dir), out=str(tmp_path), progress=False, batch_size=4, max_steps=1,
+                           save_steps=1000)
+    trainer = build_reward_trainer(pairs, [], options, meta=MetaSet(sets, eta, batch=2))
+    model = trainer.model
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    with torch.no_grad():
+        torch.manual_seed(0)
+        model.score.weight.normal_(0, 1.0)
+    tokenizer = load_tokenizer(tiny_text_dir)
+    params = [p for p in model.parameters() if p.requires_grad]
+    theta = [p.detach().clone() for p in params]
+
+    # by hand: J over both sets (the order does not change the mean), its ascent, then BT's gradient there
+    def rewards(texts):
+        return torch.stack([model(**tokenizer(t + tokenizer.eos_token, return_tensors="pt")).logits[0, 0] for t in texts])
+
+    r = [rewards([s.prompt + x for x in s.responses]) for s in sets]
+    j = torch.stack([torch.sigmoid((x[:, None] - x[None]).abs())[torch.triu(torch.ones(3, 3), 1).bool()].mean()
+                     for x in r]).mean()
+    ascent = torch.autograd.grad(j, params, allow_unused=True)
+    with torch.no_grad():
+        for p, g in zip(params, ascent):
+            if g is not None:
+                p.add_(g, alpha=eta)
+    chosen, rejected = (rewards([p.prompt + getattr(p, side) for p in pairs]) for side in ("chosen", "rejected"))
+    expected = torch.autograd.grad(-F.logsigmoid(chosen - rejected).mean(), params, allow_unused=True)
+    with torch.no_grad():
+        for p, t in zip(params, theta):
+            p.copy_(t)
+
+    seen = {}
+
+    class Capture(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            seen["params"] = [p.detach().clone() for p in params]
+            seen["grads"] = [None if p.grad is None else p.grad.detach().clone() for p in params]
+
+    trainer.add_callback(Capture())
+    trainer.args.max_grad_norm = 1e9  # no clipping: the raw gradient reaches the optimizer
+    trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(seen["params"], theta))  # stepped from θ, not θ'
+    moved = [g for g in ascent if g is not None and g.abs().max() > 0]
+    assert moved  # the ascent step changed something
+    for got, want in zip(seen["grads"], expected):
+        if want is not None:
+            assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    assert trainer.meta and j.item() > 0.5
+
+
 def synthetic_pairs(n, flip_rate, seed):
     """Chosen responses are mostly "a", rejected mostly "b"; a known set of pairs has its labels swapped."""
     rng = random.Random(seed)

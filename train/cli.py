@@ -112,7 +112,7 @@ def _reward(args: argparse.Namespace) -> int:
     from .reward import train_reward
 
     metrics = train_reward(args.data, _options(args), label_smoothing=args.label_smoothing, strength=args.strength,
-                           contrastive=args.contrastive,
+                           contrastive=args.contrastive, meta_data=args.meta_data, meta_lr=args.meta_lr,
                            flip_fraction=args.flip, adaptive_margin=args.adaptive_margin)
     _summary(metrics, ("eval_loss", "pair_accuracy", "eval_margin"))
     return 0
@@ -234,6 +234,10 @@ def add_commands(commands) -> None:
     reward.add_argument("--contrastive", type=float, default=0.0,
                         help="weight of a SimCSE-style contrastive loss on the pairs' difference representations "
                              "beside Bradley-Terry (0: off; the paper's contrastive reward modelling)")
+    reward.add_argument("--meta-data", default=None,
+                        help='MetaRM: JSONL of {"prompt", "responses": [...]} sampled from the policy (the shifted '
+                             "distribution); each step's gradient is taken after an ascent step on their difference loss")
+    reward.add_argument("--meta-lr", type=float, default=1e-3, help="MetaRM's ascent step size")
     reward.set_defaults(handler=_reward)
 
     strength = kinds.add_parser("strength", help="preference strength of every pair from a reward-model ensemble")

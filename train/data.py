@@ -117,6 +117,36 @@ def load_pairs(path: str | Path, limit: int | None = None) -> list[Pair]:
 
 
 @dataclass(frozen=True)
+class ResponseSet:
+    """Several unlabelled responses to one prompt (its prompt already in the template): a sample of a
+    policy's outputs, the shifted distribution MetaRM keeps a reward model able to tell apart."""
+
+    prompt: str
+    responses: tuple[str, ...]
+    source: str
+
+
+def load_response_sets(path: str | Path, limit: int | None = None) -> list[ResponseSet]:
+    """Rows `{"prompt": ..., "responses": [at least two strings]}` from JSONL."""
+    path = Path(path)
+    sets: list[ResponseSet] = []
+    for number, row in read_jsonl(path):
+        prompt = _text(path, number, row, "prompt")
+        responses = row.get("responses")
+        if not isinstance(responses, list) or len(responses) < 2:
+            raise DataError(f"{path}:{number}: field 'responses' must be a list of at least two strings")
+        for k, response in enumerate(responses):
+            if not isinstance(response, str) or not response.strip():
+                raise DataError(f"{path}:{number}: field 'responses'[{k}] must be a non-empty string")
+        sets.append(ResponseSet(format_prompt(prompt), tuple(r.strip() for r in responses), f"{path.name}:{number}"))
+        if limit is not None and len(sets) >= limit:
+            break
+    if not sets:
+        raise DataError(f"{path}: no response sets")
+    return sets
+
+
+@dataclass(frozen=True)
 class Example:
     """One supervised example: a templated prompt and the completion the model should learn."""
 

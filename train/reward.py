@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -37,7 +38,7 @@ from .common import (
     wait_for_everyone,
     write_metrics,
 )
-from .data import DataError, Pair, keep_ends, load_pairs, split_by_prompt
+from .data import DataError, Pair, ResponseSet, keep_ends, load_pairs, load_response_sets, split_by_prompt
 from .intervals import ties_half
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,28 @@ def _reward_trainer_class():
         contrastive = 0.0
         contrastive_temperature = 0.05
         contrastive_dropout = 0.1
+        meta: MetaSet | None = None
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            """With a meta set (MetaRM): the step's Bradley-Terry gradient is taken at θ' = θ + η ∇J(θ),
+            one ascent step on the difference loss J over shifted-distribution responses, and then
+            applied to θ (first-order meta-learning: the data that also sharpen J weigh more)."""
+            if self.meta is None:
+                return super().training_step(model, inputs, num_items_in_batch)
+            params = [p for p in model.parameters() if p.requires_grad]
+            difference = self.meta.difference_loss(model, self.processing_class, self.args.max_length or 1024)
+            ascent = torch.autograd.grad(difference, params, allow_unused=True)
+            self._metrics["train"]["meta_difference"].append(difference.item())
+            moved = [(p, p.detach().clone()) for p, g in zip(params, ascent) if g is not None]
+            with torch.no_grad():
+                for (p, _), g in zip(moved, (g for g in ascent if g is not None)):
+                    p.add_(g, alpha=self.meta.lr)
+            try:
+                return super().training_step(model, inputs, num_items_in_batch)
+            finally:
+                with torch.no_grad():  # back to θ exactly (θ' - η g need not round to θ)
+                    for p, saved in moved:
+                        p.copy_(saved)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             contrast = self.contrastive > 0 and model.training
@@ -108,6 +131,45 @@ def _reward_trainer_class():
             return (loss, outputs) if return_outputs else loss
 
     return SteerRewardTrainer
+
+
+class MetaSet:
+    """MetaRM's meta set (Dou et al. 2024, "MetaRM: Shifted Distributions Alignment via Meta-Learning";
+    "Secrets of RLHF II", section 5): unlabelled responses of the policy being trained, drawn `batch`
+    prompts at a time in a seeded order, and the step size `lr` of the ascent on their difference loss."""
+
+    def __init__(self, sets: list[ResponseSet], lr: float, batch: int = 4, seed: int = 0):
+        if not sets:
+            raise SteerError("MetaRM needs at least one response set")
+        if not lr > 0:
+            raise SteerError(f"--meta-lr must be positive, got {lr}")
+        self.sets, self.lr, self.batch = sets, lr, batch
+        self._order: list[int] = []
+        self._random = random.Random(seed)
+
+    def next_batch(self) -> list[ResponseSet]:
+        out = []
+        while len(out) < min(self.batch, len(self.sets)):
+            if not self._order:
+                self._order = list(range(len(self.sets)))
+                self._random.shuffle(self._order)
+            out.append(self.sets[self._order.pop()])
+        return out
+
+    def difference_loss(self, model, tokenizer, max_length: int, sets: list[ResponseSet] | None = None) -> torch.Tensor:
+        """J = mean over prompts of mean over response pairs i < j of sigmoid(|r(x, s_i) - r(x, s_j)|):
+        large when the reward model tells the responses to one prompt apart."""
+        sets = self.next_batch() if sets is None else sets
+        texts = [s.prompt + r + tokenizer.eos_token for s in sets for r in s.responses]
+        batch = reward_batch(tokenizer, texts, max_length)[0].to(model.device)
+        rewards = model(**batch, use_cache=False).logits[:, 0]
+        terms, start = [], 0
+        for s in sets:
+            r = rewards[start:start + len(s.responses)]
+            start += len(s.responses)
+            i, j = torch.triu_indices(len(r), len(r), offset=1)
+            terms.append(torch.sigmoid((r[i] - r[j]).abs()).mean())
+        return torch.stack(terms).mean()
 
 
 def difference_representations(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -167,7 +229,8 @@ def apply_mitigations(pairs: list[Pair], strength: dict[str, dict] | None, *, fl
 
 def build_reward_trainer(train: list[Pair], evaluation: list[Pair], options: TrainOptions, *,
                          margins: list[float] | None = None, label_smoothing: float = 0.0,
-                         contrastive: float = 0.0, callbacks: list | None = None, tokenizer=None):
+                         contrastive: float = 0.0, meta: MetaSet | None = None, callbacks: list | None = None,
+                         tokenizer=None):
     from datasets import Dataset
     from trl import RewardConfig
 
@@ -185,7 +248,7 @@ def build_reward_trainer(train: list[Pair], evaluation: list[Pair], options: Tra
         peft_config=lora_config(options, task_type="SEQ_CLS"), callbacks=callbacks,
     )
     quiet_trainer(trainer, options)
-    trainer.label_smoothing, trainer.contrastive = label_smoothing, contrastive
+    trainer.label_smoothing, trainer.contrastive, trainer.meta = label_smoothing, contrastive, meta
     return trainer
 
 
@@ -202,13 +265,13 @@ def save_reward_model(trainer, tokenizer, out: Path, lora: bool) -> Path:
 
 def fit_reward_model(train: list[Pair], evaluation: list[Pair], options: TrainOptions, *,
                      margins: list[float] | None = None, label_smoothing: float = 0.0,
-                     contrastive: float = 0.0, callbacks: list | None = None, resume: str | None = None,
-                     before: bool = False) -> tuple[Any, dict]:
+                     contrastive: float = 0.0, meta: MetaSet | None = None, callbacks: list | None = None,
+                     resume: str | None = None, before: bool = False) -> tuple[Any, dict]:
     """Train one reward model; returns (trainer, held-out metrics: `eval`, and with `before` also
     `eval_before`, measured before the first step)."""
     tokenizer = load_tokenizer(model_dir(options.model))
     trainer = build_reward_trainer(train, evaluation, options, margins=margins, label_smoothing=label_smoothing,
-                                   contrastive=contrastive, callbacks=callbacks, tokenizer=tokenizer)
+                                   contrastive=contrastive, meta=meta, callbacks=callbacks, tokenizer=tokenizer)
     metrics: dict[str, Any] = {}
     if evaluation and before and resume is None:
         metrics["eval_before"] = evaluate_reward(trainer, tokenizer, evaluation, options.max_length, options.progress)
@@ -249,9 +312,12 @@ def length_baseline(tokenizer, pairs: list[Pair]) -> dict[str, Any]:
 
 def train_reward(data: str | Path, options: TrainOptions, *, label_smoothing: float = 0.0,
                  strength: str | Path | None = None, flip_fraction: float = 0.0, adaptive_margin: float = 0.0,
-                 contrastive: float = 0.0, callbacks: list | None = None) -> dict[str, Any]:
+                 contrastive: float = 0.0, meta_data: str | Path | None = None, meta_lr: float = 1e-3,
+                 callbacks: list | None = None) -> dict[str, Any]:
     """Train a reward model on preference pairs; writes the model to `out/model` and `out/metrics.json`.
-    `contrastive`: the weight of the contrastive loss beside Bradley-Terry (0: plain Bradley-Terry)."""
+    `contrastive`: the weight of the contrastive loss beside Bradley-Terry (0: plain Bradley-Terry);
+    `meta_data`: response sets of the policy (`{"prompt", "responses"}` rows) for MetaRM, whose ascent
+    step on their difference loss is `meta_lr`."""
     quiet_transformers()
     if not 0 <= label_smoothing < 0.5:
         raise SteerError(f"--label-smoothing must be in [0, 0.5), got {label_smoothing}")
@@ -270,8 +336,10 @@ def train_reward(data: str | Path, options: TrainOptions, *, label_smoothing: fl
                                                 adaptive_margin=adaptive_margin)
     if contrastive < 0:
         raise SteerError(f"--contrastive must be >= 0, got {contrastive}")
+    meta = MetaSet(load_response_sets(meta_data), meta_lr, seed=options.seed) if meta_data else None
     trainer, fit = fit_reward_model(train, evaluation, options, margins=margins, label_smoothing=label_smoothing,
-                                    contrastive=contrastive, callbacks=callbacks, resume=checkpoint, before=True)
+                                    contrastive=contrastive, meta=meta, callbacks=callbacks, resume=checkpoint,
+                                    before=True)
     final = Path(options.out) / "model"
     if trainer.is_world_process_zero():
         save_reward_model(trainer, tokenizer, Path(options.out), options.lora)
@@ -281,7 +349,8 @@ def train_reward(data: str | Path, options: TrainOptions, *, label_smoothing: fl
         "pairs": {"train": len(train), "eval": len(evaluation), "too_long": too_long, "prompt_cut": cut,
                   "kept_share": len(pairs) / len(loaded), "flipped": flipped},
         "settings": {**options.as_dict(), "label_smoothing": label_smoothing, "strength": str(strength or ""),
-                     "flip_fraction": flip_fraction, "adaptive_margin": adaptive_margin, "contrastive": contrastive},
+                     "flip_fraction": flip_fraction, "adaptive_margin": adaptive_margin, "contrastive": contrastive,
+                     "meta_data": str(meta_data or ""), "meta_lr": meta_lr if meta_data else None},
         "train": {k: v for k, v in fit.items() if k not in ("eval", "eval_before")},
         "eval_before": fit.get("eval_before"), "eval": fit.get("eval"),
         "length_baseline": length_baseline(tokenizer, evaluation) if evaluation else None,
