@@ -31,7 +31,7 @@ from .common import (
     trainer_arguments,
     write_metrics,
 )
-from .data import Example, fit_length, load_pairs, split_by_prompt
+from .data import Example, keep_ends, load_pairs, split_by_prompt
 from .intervals import ties_half
 from .lm_head import completion_only_head
 from .sft import train_sft
@@ -86,12 +86,15 @@ def train_dpo(data: str | Path, options: TrainOptions, *, beta: float = 0.1, los
     quiet_transformers()
     checkpoint = resume_from(options)
     tokenizer = load_tokenizer(model_dir(options.model))
-    pairs, truncated = fit_length(load_pairs(data, options.limit), tokenizer, options.max_length,
-                                  ("chosen", "rejected"))
+    loaded = load_pairs(data, options.limit)
+    # as for reward models: a long prompt loses its start, the responses (and their EOS) stay whole
+    pairs, cut, too_long = keep_ends(loaded, tokenizer, options.max_length)
     train, evaluation = split_by_prompt(pairs, options.eval_fraction, options.seed)
-    if truncated:
-        log.warning("%d of %d pairs are longer than --max-length %d: their responses are truncated",
-                    truncated, len(pairs), options.max_length)
+    if cut:
+        log.info("%d prompts lose their start to fit --max-length %d", cut, options.max_length)
+    if too_long:
+        log.warning("%d pairs' responses are longer than --max-length %d and are left out", too_long,
+                    options.max_length)
     sft = _sft_on_chosen(train, options) if sft_first else None
     if sft is not None:
         options = replace(options, model=sft["model"])
@@ -100,7 +103,8 @@ def train_dpo(data: str | Path, options: TrainOptions, *, beta: float = 0.1, los
                             callbacks=callbacks, tokenizer=tokenizer)
     metrics = {
         "trainer": "dpo", "data": str(data), "pairs": {"train": len(train), "eval": len(evaluation),
-                                                       "truncated": truncated},
+                                                       "too_long": too_long, "prompt_cut": cut,
+                                                       "kept_share": len(pairs) / len(loaded)},
         "settings": {**options.as_dict(), "beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing,
                      "precompute_ref": precompute_ref, "sft_first": sft_first},
         **({"sft": {k: sft[k] for k in ("train", "eval_before", "eval", "model")}} if sft is not None else {}),
