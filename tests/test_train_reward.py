@@ -50,6 +50,16 @@ def test_bradley_terry_loss_with_margin_and_smoothing_equals_a_direct_computatio
     assert loss == pytest.approx(expected, abs=1e-5)
 
 
+def deterministic_with_a_random_head(model) -> None:
+    """No dropout, and a random score head (a fresh one is zero: every reward alike)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    with torch.no_grad():
+        torch.manual_seed(0)
+        model.score.weight.normal_(0, 1.0)
+
+
 def test_contrastive_loss_is_bradley_terry_plus_info_nce_of_the_difference_representations(
         tiny_text_dir, arithmetic_pairs, tmp_path):
     """With dropout off (both views the same), the training loss is the Bradley-Terry loss plus the
@@ -60,12 +70,7 @@ def test_contrastive_loss_is_bradley_terry_plus_info_nce_of_the_difference_repre
     trainer = build_reward_trainer(pairs, [], options, contrastive=0.5)
     trainer.contrastive_dropout = 0.0
     model = trainer.model
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    with torch.no_grad():
-        torch.manual_seed(0)
-        model.score.weight.normal_(0, 1.0)
+    deterministic_with_a_random_head(model)
     batch = next(iter(trainer.get_train_dataloader()))
     model.train()
     with torch.no_grad():
@@ -103,12 +108,7 @@ def test_meta_rm_takes_the_bradley_terry_gradient_after_an_ascent_step_on_the_di
                            save_steps=1000)
     trainer = build_reward_trainer(pairs, [], options, meta=MetaSet(sets, eta, batch=2))
     model = trainer.model
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    with torch.no_grad():
-        torch.manual_seed(0)
-        model.score.weight.normal_(0, 1.0)
+    deterministic_with_a_random_head(model)
     tokenizer = load_tokenizer(tiny_text_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     theta = [p.detach().clone() for p in params]
