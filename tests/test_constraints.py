@@ -295,6 +295,38 @@ def test_regex_that_needs_look_around_points_to_partial_regex():
         regex_mask(r"(?<=a)b").mask(LMContext(lm, ""))
 
 
+@pytest.mark.parametrize("pattern", [r' (")?\w+(?(1)")', r"(\[)?[a-z]+(?(1)\])", r"(a)?(?(1)b|c)d",
+                                     r"(a)?(?(1)[|])e", r"(a)?(?(1)(x|y))z", r"(\w+) \1", r"(?>\d+)-(?=[A-Z])[A-Z]"])
+def test_the_regular_part_allows_every_text_the_pattern_does(pattern):
+    """The over-approximation AWRS proposes from must contain the pattern's language: a conditional
+    without a "no" branch may also match nothing (it once kept only the "yes" branch, so ` abc` never
+    ended under `(")?\w+(?(1)")` and every particle that wrote no quote died)."""
+    from steer.constraints.checks import regular_part
+
+    part = regex.compile(regular_part(pattern))
+    texts = [" abc", ' "abc"', "abc", "[abc]", "ad", "bd", "e", "[e", "|e", "z", "xz", "yz", "ab ab", "12-Q"]
+    for text in texts:
+        if regex.fullmatch(pattern, text):
+            assert part.fullmatch(text), (pattern, text, regular_part(pattern))
+
+
+def test_a_checked_pattern_before_the_last_token_needs_an_exact_ending():
+    """With two tokens left, a drawn token passes only if the exact check lets the text end right
+    after it: after `"ab` the over-approximation (the conditional's closing quote optional) would end
+    after `a`, the pattern wants the quote."""
+    lm = steer.tiny_model('ab"')
+    check = partial_regex(r'(")?[ab]+(?(1)")')
+    ctx = LMContext(lm, "", heal=False, max_tokens=5)
+    ctx.extend([lm.vocab.strings.index(c) for c in '"ab'])
+    assert ctx.tokens_left == 2
+    test = check.token_check(ctx)
+    a, quote = lm.vocab.strings.index("a"), lm.vocab.strings.index('"')
+    assert test(quote) and not test(a)
+    ctx2 = LMContext(lm, "", heal=False, max_tokens=4)
+    ctx2.extend([a, a])  # no opening quote: more letters may end the text
+    assert ctx2.tokens_left == 2 and check.token_check(ctx2)(a)
+
+
 def test_json_grammar_prefixes():
     g = json_grammar()
     for ok in ['{', '{"a"', '{"a": [1, 2.', '{"a": tr', '[', '"x', '-', '{"a": {"b": null}, "c"']:

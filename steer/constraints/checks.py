@@ -21,7 +21,7 @@ from ..errors import SteerError
 from ..randomness import categorical, streams
 from . import engine
 from .base import Constraint, Context, TokenTest, all_of
-from .target import Recent
+from .target import Recent, can_end_next
 
 NEG_INF = float("-inf")
 
@@ -73,9 +73,22 @@ class TokenCheck(Constraint):
             return not vocab.special[i] and self.allows(text + s)
 
         # With a budget, only tokens after which the approximation can still end in time (a necessary
-        # condition: it allows every text the check does).
+        # condition: it allows every text the check does); before the last token, known exactly: the
+        # text must be able to end right after the drawn one (the approximation may think `"abc`
+        # complete where the check wants its closing quote).
         fits = None if self.approximation is None else self.approximation.token_check(context)
-        return all_of([fits, accepts])
+        last_but_one = None
+        if getattr(context, "tokens_left", None) == 2 and not context.ended:
+            def last_but_one(i: int) -> bool:
+                if i in vocab.eos_ids or vocab.special[i]:
+                    return True  # judged by `accepts`
+                s = vocab.strings[i]
+                if pending:
+                    s = s[len(pending):] if s.startswith(pending) else ""
+                if context.end_position(text, s) is not None:
+                    return True  # writes an end string: judged by `accepts`
+                return can_end_next(context, text + s, lambda t: self.allows(t, complete=True))
+        return all_of([fits, accepts, last_but_one])
 
 
 class PartialRegex(TokenCheck):
@@ -144,6 +157,27 @@ def regular_part(pattern: str) -> str:
                 j += 1
         return min(j + 1, n)
 
+    def top_level_bar(text: str) -> bool:  # an alternation outside every group and class of `text`
+        depth, j = 0, 0
+        while j < len(text):
+            c = text[j]
+            if c == "\\":
+                j += 2
+                continue
+            if c == "[":  # a class: skip to its "]" (a "]" right after "[" or "[^" is a literal)
+                j += 2 if text[j + 1:j + 2] == "^" else 1
+                j += 1 if text[j:j + 1] == "]" else 0
+                while j < len(text) and text[j] != "]":
+                    j += 2 if text[j] == "\\" else 1
+            elif c == "(":
+                depth += 1
+            elif c == ")":
+                depth -= 1
+            elif c == "|" and depth == 0:
+                return True
+            j += 1
+        return False
+
     while i < n:
         c = pattern[i]
         if c == "\\" and i + 1 < n:
@@ -181,9 +215,11 @@ def regular_part(pattern: str) -> str:
             elif rest.startswith("(?>"):
                 out.append("(?:")
                 i += 3
-            elif rest.startswith("(?("):  # a conditional: either branch
-                i = pattern.find(")", i + 3) + 1 or n
-                out.append("(?:")
+            elif rest.startswith("(?("):  # a conditional: either branch (no "no" branch: the empty text)
+                end = group_end(i)
+                body = pattern[(pattern.find(")", i + 3) + 1 or n):max(end - 1, 0)]
+                out.append(f"(?:{regular_part(body)}{'' if top_level_bar(body) else '|'})")
+                i = end
             elif rest.startswith("(?P=") or regex.match(r"\(\?(R|[0-9]+|&\w+|P>\w+)\)", rest):
                 i = group_end(i)
                 out.append(_ANY)

@@ -35,7 +35,7 @@ from ..lm.base import Vocabulary
 from .base import NOTHING_FITS, all_of
 from .canonical import Canonical
 from .masks import TokenConstraint
-from .target import canonical_filter, ending_tokens, recent
+from .target import can_end_next, canonical_filter, ending_tokens, recent
 from .tokens import TokenTable
 
 LOOK_AHEAD = 16  # tokens checked one by one for a canonical continuation when at most this many are allowed
@@ -666,22 +666,18 @@ class Structured(TokenConstraint):
         return ok
 
     def _may_end_next(self, m: LLMatcher, context, text: str) -> bool:
-        """Whether the text `m` has read (`text`) can end with its next token: end-of-text, or a
-        token that writes one of the context's end strings after a complete text ("ly\\n" after "quick")."""
-        if m.is_accepting() and self._final(text):
-            return True
+        """Whether the text `m` has read (`text`) can end with its next token (see `can_end_next`)."""
         tokenizer = ll_tokenizer(context.lm.vocab)
-        for ended in ending_tokens(context, text):
-            if len(ended) <= len(text):
-                continue
-            ids = tokenizer.tokenize_str(ended[len(text):])
+
+        def complete(longer: str) -> bool:  # `m` reads what `longer` adds to `text`, and is left where it was
+            ids = tokenizer.tokenize_str(longer[len(text):]) if len(longer) > len(text) else []
             n = m.try_consume_tokens(ids)
-            complete = n == len(ids) and m.is_accepting()
+            accepting = n == len(ids) and m.is_accepting()
             if n:
                 m.rollback(n)
-            if complete and self._final(ended):
-                return True
-        return False
+            return accepting and self._final(longer)
+
+        return can_end_next(context, text, complete)
 
     def _lives(self, m: LLMatcher, vocab: Vocabulary, canon: Canonical, last: int, depth: int,
                keep: dict[int, np.ndarray] | None = None) -> bool:

@@ -234,6 +234,15 @@ def ending_tokens(context: Context, text: str | None = None) -> dict[str, np.nda
     return {k: np.array(v, dtype=np.int64) for k, v in groups.items()}
 
 
+def can_end_next(context: Context, text: str, complete: Callable[[str], bool]) -> bool:
+    """Whether `text` (the context's text and what a drawn token adds) can end with the next token:
+    it is complete (end-of-text, or an end string alone, follows), or a token writes an end string
+    after a complete text ("ly\\n" after "quick").  `complete(t)` judges a text that extends `text`."""
+    if complete(text):
+        return True
+    return any(complete(ended) for ended in ending_tokens(context, text) if len(ended) > len(text))
+
+
 def constraint_mask(constraint: Any, context: Context) -> torch.Tensor:
     """`constraint`'s mask in `context`, judging only generated text: while healing is pending each
     token is judged by the text it adds after the backed-off prompt, and a token that writes an end
