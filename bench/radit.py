@@ -8,7 +8,8 @@ sentence of a paragraph, relevant is that paragraph ("source") or the one after 
 questions (a year blanked out of a sentence) have their source paragraph as relevant too. Embedders:
 MiniLM, the default model as an LLM embedder before and after LLaRA (LoRA, trained on paragraph
 pairs of the *other* articles), and MiniLM with an LSR-tuned query encoder (R-ft on half of the cloze
-questions, scored by the default model). QA: exact match on the other half of the cloze questions,
+questions, scored by the default model, evaluated on the other half).  95% bootstrap intervals over
+queries and questions. QA: exact match on the other half of the cloze questions,
 without and with the top-1 retrieved paragraph, before and after LM-ft (LoRA). Prints tables, then
 one JSON line.
 """
@@ -72,6 +73,10 @@ def evaluate(embedder, documents, query_sets) -> dict[str, dict[str, float]]:
     return results
 
 
+def fmt(interval) -> str:
+    return f"[{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "-"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--articles", type=int, default=5, help="articles whose paragraphs form the corpus")
@@ -107,7 +112,7 @@ def main() -> None:
         lora=True, eval_fraction=0.05, save_steps=10_000, seed=args.seed))
     retrieval["LLM (LLaRA)"] = evaluate(LLMEmbedder.load(llara["model"]), corpus, query_sets)
 
-    rft = train_radit_retriever(train_q, index_dir, work / "rft", k=4, epochs=3, seed=args.seed)
+    rft = train_radit_retriever(train_q, index_dir, work / "rft", k=4, epochs=3, eval_questions=test_q, seed=args.seed)
     retrieval["MiniLM + LSR query encoder"] = evaluate(load_embedder(str(work / "rft")), corpus, query_sets)
 
     retriever = Retriever.load(index_dir, embedder=minilm)
@@ -124,22 +129,27 @@ def main() -> None:
     for name, by_set in retrieval.items():
         cells = "".join(f"{m['recall@1']:>20.3f}/{m['recall@10']:.3f}/{m['ndcg@10']:.3f}" for m in by_set.values())
         print(f"{name:<28}{cells}")
+    print("95% intervals of R@1 over queries: " + "; ".join(
+        f"{name} {k}: {fmt(m['recall@1_ci95'])}" for name, by_set in retrieval.items() for k, m in by_set.items()))
     print(f"LLaRA: {llara['train']['steps']} steps on {min(len(pairs), args.llara_pairs)} pairs, eval loss "
           f"{llara['eval_before']['eval_loss']:.3f} -> {llara['eval']['eval_loss']:.3f}")
     held = rft["questions"]
     print(f"LSR on {held['eval']} held-out questions (trained on {held['train']}): loss "
           f"{rft['before']['eval']['lsr_loss']:.3f} -> {rft['after']['eval']['lsr_loss']:.3f}; the LM's best chunk "
-          f"ranked first {rft['before']['eval']['lm_best_ranked_first']:.2f} -> "
-          f"{rft['after']['eval']['lm_best_ranked_first']:.2f}")
+          f"ranked first {rft['before']['eval']['lm_best_ranked_first']:.2f} "
+          f"{fmt(rft['before']['eval']['lm_best_ranked_first_ci95'])} -> "
+          f"{rft['after']['eval']['lm_best_ranked_first']:.2f} {fmt(rft['after']['eval']['lm_best_ranked_first_ci95'])}")
     print(f"\nQA exact match on {len(test_q)} held-out cloze questions (LM-ft on {len(train_q)}, 2 chunks each)")
-    print(f"{'model':<8}{'no retrieval':>14}{'top-1 retrieved':>17}")
+    print(f"{'model':<8}{'no retrieval [95% CI]':<23}{'top-1 retrieved [95% CI]':<23}")
     for name, row in qa.items():
-        print(f"{name:<8}{row['no retrieval']['exact_match']:>14.3f}{row['top-1 retrieved']['exact_match']:>17.3f}")
+        print(f"{name:<8}" + "".join(f"{row[k]['exact_match']:>8.3f} {fmt(row[k]['exact_match_ci95']):<14}"
+                                     for k in ("no retrieval", "top-1 retrieved")))
     minutes = (time.perf_counter() - started) / 60
     print(f"({minutes:.1f} min)")
     print(json.dumps({"retrieval": retrieval, "llara": {k: llara[k] for k in ("eval_before", "eval")},
                       "lsr": {k: rft[k] for k in ("questions", "before", "after")},
-                      "qa": {m: {k: {x: v[x] for x in ("exact_match", "contains", "n")} for k, v in row.items()}
+                      "qa": {m: {k: {x: v[x] for x in ("exact_match", "exact_match_ci95", "contains", "n")}
+                                 for k, v in row.items()}
                              for m, row in qa.items()},
                       "minutes": round(minutes, 1)}))
 

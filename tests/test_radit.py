@@ -51,6 +51,9 @@ def test_ranking_metrics_by_hand():
     metrics = ranking_metrics(ranked, ["a", "z", "missing"], ks=(1, 3))
     assert metrics["recall@1"] == pytest.approx(1 / 3) and metrics["recall@3"] == pytest.approx(2 / 3)
     assert metrics["ndcg@10"] == pytest.approx((1 + 1 / math.log2(4) + 0) / 3)
+    assert metrics["queries"] == 3
+    low, high = metrics["recall@1_ci95"]
+    assert 0 <= low < 1 / 3 < high <= 1  # resampled over the three queries
 
 
 def test_cloze_questions_blank_a_year_of_their_source(wiki_docs):
@@ -82,7 +85,13 @@ def test_rft_changes_only_the_query_encoder(wiki_index, wiki_docs, tiny_text_dir
     before, after, held = metrics["before"], metrics["after"], metrics["questions"]
     assert after["train"]["lsr_loss"] < before["train"]["lsr_loss"]
     assert held["eval"] == round(0.2 * len(questions)) and held["train"] + held["eval"] == len(questions)
-    assert set(after["eval"]) == {"lsr_loss", "lm_best_ranked_first"}
+    assert set(after["eval"]) == {"lsr_loss", "lm_best_ranked_first", "lm_best_ranked_first_ci95"}
+    low, high = after["train"]["lm_best_ranked_first_ci95"]  # (the held-out few may be one question: None)
+    assert held["train"] >= 2 and low <= after["train"]["lm_best_ranked_first"] <= high
+    # held-out questions given: every question of the data trains, the given ones are evaluated
+    given = train_radit_retriever(questions[:-3], wiki_index, tmp_path / "rft2", lm=str(tiny_text_dir), k=3,
+                                  epochs=1, batch_size=4, eval_questions=questions[-3:], progress=False)
+    assert given["questions"] == {"train": len(questions) - 3, "eval": 3}
     dual = load_embedder(str(tmp_path / "rft"))
     assert isinstance(dual, DualEmbedder) and dual.name == minilm.name
     texts = ["Anarchism is a political philosophy.", questions[0].question]

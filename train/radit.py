@@ -43,6 +43,7 @@ from .common import (
     write_metrics,
 )
 from .data import Example, held_out
+from .intervals import mean_ci95
 
 log = logging.getLogger(__name__)
 
@@ -158,19 +159,26 @@ QUERY_ENCODER, DUAL = "query_encoder", "dual.json"
 def train_radit_retriever(data: str | Path | list[QA], index: str | Path, out: str | Path, *,
                           lm: str | None = None, k: int = 4, tau: float = 0.1, epochs: int = 2,
                           batch_size: int = 8, learning_rate: float = 2e-5, limit: int | None = None,
-                          eval_fraction: float = 0.2, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                          eval_fraction: float = 0.2, eval_questions: list[QA] | None = None, seed: int = 0,
+                          progress: bool = True) -> dict[str, Any]:
     """R-ft: train a copy of the index's query encoder on LSR targets from `lm`; writes `out/` as an
     embedder directory (`dual.json` + `query_encoder/`) that `Retriever.load(index, load_embedder(out))`
     uses, with the index's passage vectors unchanged.
 
     `eval_fraction` of the questions (whole source passages) are held out: the LSR loss and how often the
     LM's preferred chunk is ranked first are reported on them, before and after, as well as on the
-    training questions.  Each question's k candidates are retrieved once, with the original encoder:
+    training questions (`eval_questions`, when given, are held out instead: every question of `data`
+    trains).  Each question's k candidates are retrieved once, with the original encoder:
     the passage index stays frozen (only the query tower learns, as in RA-DIT), and re-retrieving would
     mean scoring every new candidate with the LM again."""
     questions = load_qa(data, limit) if isinstance(data, (str, Path)) else list(data)
-    train_q, eval_q = held_out(list(range(len(questions))), eval_fraction, seed,
-                               group=lambda i: questions[i].source or questions[i].question)
+    if eval_questions is None:
+        train_q, eval_q = held_out(list(range(len(questions))), eval_fraction, seed,
+                                   group=lambda i: questions[i].source or questions[i].question)
+    else:
+        train_q = list(range(len(questions)))
+        eval_q = list(range(len(questions), len(questions) + len(eval_questions)))
+        questions = questions + list(eval_questions)
     retriever = Retriever.load(index)
     if retriever.index.meta.embedder != MINILM:
         raise RetrievalError("R-ft trains a sentence-transformers query encoder: build the index with MiniLM")
@@ -206,8 +214,9 @@ def train_radit_retriever(data: str | Path | list[QA], index: str | Path, out: s
         with torch.no_grad():
             sims = torch.cat([batch_sims(idx[s:s + 64]) for s in range(0, len(idx), 64)])
         scores = lm_scores[idx]
-        return {"lsr_loss": lsr_loss(sims, scores, tau).item(),
-                "lm_best_ranked_first": float((sims.argmax(-1) == scores.argmax(-1)).float().mean())}
+        first = (sims.argmax(-1) == scores.argmax(-1)).float().tolist()
+        return {"lsr_loss": lsr_loss(sims, scores, tau).item(), "lm_best_ranked_first": float(np.mean(first)),
+                "lm_best_ranked_first_ci95": mean_ci95(first)}
 
     before = {"train": evaluate(train_q), "eval": evaluate(eval_q)}
     history = []
@@ -259,14 +268,20 @@ def exact_match(model_path: str | Path | None, questions: list[QA], retriever: R
             answers += tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     exact = [_normalise(a) == _normalise(q.answer) for a, q in zip(answers, questions)]
     contains = [q.answer in a for a, q in zip(answers, questions)]
-    return {"exact_match": float(np.mean(exact)), "contains": float(np.mean(contains)), "n": len(questions),
+    return {"exact_match": float(np.mean(exact)), "exact_match_ci95": mean_ci95([float(x) for x in exact]),
+            "contains": float(np.mean(contains)), "n": len(questions),
             "examples": [{"question": q.question, "answer": q.answer, "output": a}
                          for q, a in zip(questions[:5], answers[:5])]}
 
 
-def ranking_metrics(ranked: list[list[str]], relevant: list[str], ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """recall@k (one relevant passage per query) and nDCG@10 (1 / log2(rank + 1) at its rank)."""
+def ranking_metrics(ranked: list[list[str]], relevant: list[str], ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, Any]:
+    """recall@k (one relevant passage per query) and nDCG@10 (1 / log2(rank + 1) at its rank), with
+    95% bootstrap intervals over queries for recall@1 and nDCG@10, and the number of queries."""
     ranks = [r.index(rel) + 1 if rel in r else math.inf for r, rel in zip(ranked, relevant)]
-    metrics = {f"recall@{k}": float(np.mean([rank <= k for rank in ranks])) for k in ks}
-    metrics["ndcg@10"] = float(np.mean([1 / math.log2(rank + 1) if rank <= 10 else 0.0 for rank in ranks]))
+    metrics: dict[str, Any] = {f"recall@{k}": float(np.mean([rank <= k for rank in ranks])) for k in ks}
+    gains = [1 / math.log2(rank + 1) if rank <= 10 else 0.0 for rank in ranks]
+    metrics["ndcg@10"] = float(np.mean(gains))
+    metrics["recall@1_ci95"] = mean_ci95([float(rank <= 1) for rank in ranks])
+    metrics["ndcg@10_ci95"] = mean_ci95(gains)
+    metrics["queries"] = len(ranks)
     return metrics
