@@ -40,8 +40,9 @@ def test_pair_test_agrees_with_the_tokenizer_on_every_short_sequence(merges):
                 if canon.is_canonical(list(seq)) != encodes_to_itself(lm.tokenizer, vocab, seq)]
     assert not disagree
     assert not canon.is_canonical(lm.encode("a", bos=False) + lm.encode("b", bos=False))  # "ab" is one token
-    for b in text_ids:  # `before` is `after` read the other way
+    for b in text_ids:  # `before` is `after` read the other way, and `follows` reads the sparse table
         assert [bool(canon.before(b)[a]) for a in text_ids] == [canon.pair(a, b) for a in text_ids]
+        assert [canon.follows(b, c) for c in range(vocab.size)] == canon.after(b).tolist()
 
 
 def test_a_tokenizer_without_merges_is_trivially_canonical(tiny_lm):
@@ -65,6 +66,11 @@ def test_gemma_pairs_agree_with_the_tokenizer(gemma):
     disagree = [(vocab.strings[a], vocab.strings[b]) for a, b in pairs
                 if canon.pair(a, b) != encodes_to_itself(gemma.tokenizer, vocab, (a, b))]
     assert not disagree
+    # `follows` (the sparse table, ids or packed bits) agrees with `after`, left-out tokens included
+    for a in {a for a, _ in pairs[:40]} | {one(" "), one("\n")}:
+        after = canon.after(a).numpy()
+        probe = np.concatenate([np.flatnonzero(~after)[:200], rng.sample(range(vocab.size), 200)])
+        assert [canon.follows(a, int(b)) for b in probe] == after[probe].tolist()
 
 
 # -- SMC under canonicality against exact enumeration -------------------------------------------

@@ -316,7 +316,7 @@ def test_one_token_probes_settle_the_look_ahead_as_the_whole_mask_would(gemma, m
 
     def masks(probes: int) -> list[np.ndarray]:
         monkeypatch.setattr(engine, "PROBES", probes)
-        gemma.vocab._derived.pop(engine._one_character_tokens, None)
+        forget_probes()
         constraint = engine.json_schema(schema)
         ctx = steer.LMContext(gemma, [gemma.vocab.bos_id], heal=False)
         out = []
@@ -325,8 +325,12 @@ def test_one_token_probes_settle_the_look_ahead_as_the_whole_mask_would(gemma, m
             assert out[-1][token]
             cut.append(bool((constraint.state(ctx).allowed() & ~gemma.vocab.special & ~out[-1]).any()))
             ctx.extend([token])
-        gemma.vocab._derived.pop(engine._one_character_tokens, None)
+        forget_probes()
         return out
+
+    def forget_probes():  # the probe lists are cached per vocabulary
+        gemma.vocab._derived.pop(engine._one_character_tokens, None)
+        gemma.vocab._derived.pop(("recent", "probes after"), None)
 
     cut: list[bool] = []
     with_probes, without = masks(engine.PROBES), masks(0)

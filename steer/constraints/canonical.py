@@ -283,6 +283,17 @@ class Canonical:
             ok |= self.exempt
         return ok
 
+    def follows(self, prev: int, nxt: int) -> bool:
+        """Whether `nxt` may follow `prev` canonically, read from the sparse table of what `prev` leaves
+        out (no vocabulary-wide mask is built: the look-ahead asks this of a few probes per candidate)."""
+        if not self.alone[nxt]:
+            return False
+        left_out = self._left_out_after(prev)
+        if left_out.dtype == np.uint8:  # packed bits (np.packbits: the first token is the high bit)
+            return not (int(left_out[nxt >> 3]) >> (7 - (nxt & 7))) & 1
+        at = int(np.searchsorted(left_out, nxt))
+        return not (at < len(left_out) and left_out[at] == nxt)
+
     def pair(self, a: int, b: int) -> bool:
         """(a, b) is canonical: both tokens on their own, and no merge across the boundary."""
         return bool(self.alone[a] and self.after(a)[b])

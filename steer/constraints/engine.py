@@ -219,6 +219,15 @@ def _one_character_tokens(vocab: Vocabulary) -> list[int]:
     return vocab.derived(_one_character_tokens, build)
 
 
+def _probes_after(vocab: Vocabulary, canon: Canonical, last: int) -> list[int]:
+    """The one-character probe tokens that may follow `last` canonically (cached per token)."""
+    cache = recent(vocab, "probes after", 4096)
+    found = cache.recall(last)
+    if found is None:
+        found = cache.keep(last, [y for y in _one_character_tokens(vocab) if canon.follows(last, y)])
+    return found
+
+
 def completion(matcher: LLMatcher, vocab: Vocabulary, tokenizer: LLTokenizer, limit: int,
                tail: str = "", hints: tuple[str, ...] = ()) -> tuple[str, bool]:
     """A short text after which `matcher`'s text is complete, and whether one was found (if not: the
@@ -686,18 +695,17 @@ class Structured(TokenConstraint):
         continuation is enough.  `keep` receives the mask after `last` (the next step's, should `last` be drawn)."""
         if self.allow_eos and m.is_accepting():
             return True
-        after = _packed_text_after(vocab, canon, last)
         # Most tokens are followed canonically by a closer, a comma or a letter: a few one-token probes
         # settle them without the engine's whole mask.
-        for y in _one_character_tokens(vocab):
-            if after[y >> 5] >> (y & 31) & 1 and m.try_consume_tokens([y]):
+        for y in _probes_after(vocab, canon, last):
+            if m.try_consume_tokens([y]):
                 m.rollback(1)
                 return True
         words = packed(m, vocab.size) if keep is not None else packed(m, vocab.size, scratch(vocab.size))
         if keep is not None:
             keep[last] = words
         # the allowed text tokens that may follow `last` canonically, as one AND of packed masks
-        canonical = np.bitwise_and(words, after)
+        canonical = np.bitwise_and(words, _packed_text_after(vocab, canon, last))
         # (followed only through a narrow choice: at most LOOK_AHEAD tokens allowed, NARROW canonical)
         ys = few_ids(canonical, NARROW) if depth and np.count_nonzero(words) <= LOOK_AHEAD else None
         if ys is None or not len(ys):
