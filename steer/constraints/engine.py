@@ -695,8 +695,9 @@ class Structured(TokenConstraint):
         continuation is enough.  `keep` receives the mask after `last` (the next step's, should `last` be drawn)."""
         if self.allow_eos and m.is_accepting():
             return True
-        # Most tokens are followed canonically by a closer, a comma or a letter: a few one-token probes
-        # settle them without the engine's whole mask.
+        # Most tokens are followed canonically by a closer or a comma: a few one-token probes settle them
+        # without the engine's whole mask (a probe that fits counts as a real choice: it is not followed
+        # deeper, which only ever keeps a token the deeper look would have dropped: no weight changes).
         for y in _probes_after(vocab, canon, last):
             if m.try_consume_tokens([y]):
                 m.rollback(1)
