@@ -55,7 +55,7 @@ def test_strength_command_writes_its_report(tiny_text_dir, arithmetic_pairs, tmp
     ('{"prompt": "p", "chosen": "a"}\n', "bad.jsonl:1: missing field 'rejected'"),
     ("", "bad.jsonl: the file has no rows"),
     ('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{oops\n', "bad.jsonl:2: not a JSON line"),
-    ('{"prompt": "' + "p" * 300 + '", "chosen": "a", "rejected": "b"}\n', "bad.jsonl:1: field 'prompt' is"),
+    ('{"prompt": "p", "chosen": "' + "a " * 600 + '", "rejected": "b"}\n', "bad.jsonl:1: no pair's responses fit"),
     ('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a", "rejected": "b", "x": [}\n',
      "bad.jsonl:2: not a JSON line"),
 ])
