@@ -157,23 +157,18 @@ def regular_part(pattern: str) -> str:
                 j += 1
         return min(j + 1, n)
 
-    def top_level_bar(text: str) -> bool:  # an alternation outside every group and class of `text`
-        depth, j = 0, 0
-        while j < len(text):
-            c = text[j]
+    def top_level_bar(start: int, stop: int) -> bool:  # an alternation in pattern[start:stop], outside groups and classes
+        depth, j = 0, start
+        while j < stop:
+            c = pattern[j]
             if c == "\\":
                 j += 2
                 continue
-            if c == "[":  # a class: skip to its "]" (a "]" right after "[" or "[^" is a literal)
-                j += 2 if text[j + 1:j + 2] == "^" else 1
-                j += 1 if text[j:j + 1] == "]" else 0
-                while j < len(text) and text[j] != "]":
-                    j += 2 if text[j] == "\\" else 1
-            elif c == "(":
-                depth += 1
-            elif c == ")":
-                depth -= 1
-            elif c == "|" and depth == 0:
+            if c == "[":
+                j = class_end(j)
+                continue
+            depth += (c == "(") - (c == ")")
+            if c == "|" and depth == 0:
                 return True
             j += 1
         return False
@@ -217,8 +212,9 @@ def regular_part(pattern: str) -> str:
                 i += 3
             elif rest.startswith("(?("):  # a conditional: either branch (no "no" branch: the empty text)
                 end = group_end(i)
-                body = pattern[(pattern.find(")", i + 3) + 1 or n):max(end - 1, 0)]
-                out.append(f"(?:{regular_part(body)}{'' if top_level_bar(body) else '|'})")
+                body_start, body_stop = pattern.find(")", i + 3) + 1 or n, max(end - 1, 0)
+                no_branch = "" if top_level_bar(body_start, body_stop) else "|"
+                out.append(f"(?:{regular_part(pattern[body_start:body_stop])}{no_branch})")
                 i = end
             elif rest.startswith("(?P=") or regex.match(r"\(\?(R|[0-9]+|&\w+|P>\w+)\)", rest):
                 i = group_end(i)
