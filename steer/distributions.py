@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .constraints.checks import awrs
-from .constraints.target import base_mask, excluded_ids, healing_mask
+from .constraints.target import base_mask, excluded_ids, healing_mask, restricted
 from .constraints.maskops import both, negate
 from .constraints.base import NOTHING_FITS, Context, as_constraint
 from .constraints.tilts import as_tilt
@@ -188,10 +188,9 @@ class NextToken(Distribution):
         if self.constraint is None and ctx.mask is not None and ctx.mask_log_mass is not None:
             return ctx.mask  # observed as allowed just before: it holds the base restriction already
         mask = None if self.constraint is None else self.constraint.allowed_in(ctx)
-        for extra in (ctx.mask, base_mask(ctx) if base is ... else base):
-            if extra is not None:
-                mask = extra if mask is None else both(mask, extra)
-        return mask
+        if ctx.mask is not None:
+            mask = ctx.mask if mask is None else both(mask, ctx.mask)
+        return restricted(mask, base_mask(ctx) if base is ... else base)
 
     def _base_log_mass(self, logprobs: torch.Tensor) -> float:
         """The target observes the base restriction (see `steer.constraints.target.base_mask`): its log mass, given
@@ -314,8 +313,7 @@ class TokenInMask(Distribution):
         log_given = 0.0 if given is None else _log_mass(logprobs, given)
         if check is NOTHING_FITS or log_given == NEG_INF:
             return self._dead()
-        self._allowed = self._resolved if given is None else (
-            given if self._resolved is None else both(self._resolved, given))
+        self._allowed = restricted(self._resolved, given)
         self._new_log_mass = _log_mass(logprobs, self._allowed)
         log_in = self._new_log_mass - log_given
         if check is None or log_in == NEG_INF:

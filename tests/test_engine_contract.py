@@ -8,6 +8,7 @@ import random
 
 import pytest
 import regex
+import torch
 
 import steer
 from steer.constraints import engine
@@ -201,3 +202,55 @@ def test_copies_share_a_mask_in_use_and_no_state_keeps_one_after(lm):
     gc.collect()
     assert state.result[1]() is None
     assert constraint.allowed_in(twin).tolist() == constraint.allowed_in(ctx).tolist()
+
+
+@pytest.mark.parametrize("name", list(CONSTRAINTS))
+def test_the_packed_intersection_with_the_base_restriction_is_the_plain_one(lm, name):
+    """Under canonical tokenization the mask is intersected with the base restriction while packed and
+    marked as lying within it: it must equal the engine's own mask (with its end-of-text entry) and
+    the base mask intersected as bools, along random walks."""
+    from steer.constraints.maskops import both
+    from steer.constraints.target import base_mask, restricted
+
+    constraint = CONSTRAINTS[name]()
+    rng = random.Random(1)
+    eos = next(iter(lm.vocab.eos_ids))
+    for walk in range(4):
+        ctx = LMContext(lm, "", canonical=True)
+        for _ in range(8):
+            mask, base = constraint.allowed_in(ctx), base_mask(ctx)
+            assert base is not None and mask.within is base
+            state = constraint.state(ctx)
+            engine_mask = engine.bitmask(state.matcher, lm.vocab.size)
+            engine_mask[eos] = mask[eos].item()  # (end-of-text: judged by completeness, checked elsewhere)
+            plain = both(torch.from_numpy(engine_mask), base)
+            # the packed path never allows more, and drops only what the look-ahead drops (tokens with
+            # no canonical continuation)
+            assert not (mask & ~plain).any(), (name, ctx.text)
+            assert restricted(mask, base) is mask and torch.equal(restricted(mask.clone(), base), mask)
+            text_tokens = [i for i in mask.nonzero().flatten().tolist() if i != eos]
+            if not text_tokens:
+                break
+            ctx.extend([rng.choice(text_tokens)])
+
+
+def test_packed_mask_helpers_agree_with_bool_arrays():
+    import numpy as np
+
+    from steer.constraints.maskops import bits_at, cleared, few_ids, pack, unpack
+
+    rng = np.random.default_rng(0)
+    for size in (1, 31, 32, 33, 1000, 4099):
+        for density in (0.0, 0.002, 0.3, 1.0):
+            ok = rng.random(size) < density
+            words = pack(ok)
+            assert words.dtype == np.int32 and len(words) == -(-size // 32)
+            assert np.array_equal(unpack(words, size), ok)
+            ids = np.sort(rng.choice(size, min(size, 17), replace=False))
+            assert np.array_equal(bits_at(words, ids), ok[ids])
+            expect = ok.copy()
+            expect[ids] = False
+            assert np.array_equal(unpack(cleared(words, ids), size), expect)
+            n = int(ok.sum())
+            assert np.array_equal(few_ids(words, n), np.flatnonzero(ok))
+            assert few_ids(words, n - 1) is None if n else few_ids(words, 0).size == 0

@@ -31,6 +31,7 @@ import torch
 
 from ..files import cache_dir
 from ..lm.base import Vocabulary
+from .maskops import cleared, pack, unpack
 from .tokens import TokenTable, load_arrays, save_arrays
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,10 @@ class Canonical:
         tokenizer = vocab.tokenizer
         self.bpe = _bpe_model(tokenizer) if tokenizer is not None else None
         # Per instance, so that a vocabulary's tables go with it.
-        # `after` masks are 1 byte a token: a few are kept whole, many more as what they leave out
+        # `after` masks are 1 byte a token: a few are kept whole, more packed (1 bit a token), many
+        # more as what they leave out
         self.after = functools.lru_cache(maxsize=64)(self._after_of)
+        self.after_words = functools.lru_cache(maxsize=512)(self._after_words)
         self._left_out_after = functools.lru_cache(maxsize=4096)(self._left_out)
         self.before = functools.lru_cache(maxsize=512)(self._before)
         self.exempt = vocab.special.copy()  # not judged: special tokens, EOS
@@ -158,6 +161,7 @@ class Canonical:
                 self._save(arrays)
         self.arrays = arrays
         self.alone = arrays["alone"] | self.exempt
+        self._alone_words = pack(self.alone)
         for added in self.bpe["added"]:
             content = added.get("content", "")
             if not added.get("special") and len(content) > 1:
@@ -242,20 +246,24 @@ class Canonical:
 
     # -- queries (`after` and `before` are these, cached per token) ------------------------------------
     def _after_of(self, prev: int) -> torch.Tensor:
+        return torch.from_numpy(unpack(self.after_words(prev), self.vocab.size))
+
+    def _after_words(self, prev: int) -> np.ndarray:
+        """`after(prev)` packed 32 tokens per int32 word, as llguidance packs its masks."""
+        if self.arrays is None:
+            return pack(np.ones(self.vocab.size, dtype=bool))
         left_out = self._left_out_after(prev)
-        ok = self.alone.copy()
-        if left_out.dtype == np.uint8:  # packed bits: many left out
-            ok &= ~np.unpackbits(left_out, count=len(ok)).view(bool)
-        else:
-            ok[left_out] = False
-        return torch.from_numpy(ok)
+        if left_out.dtype == np.uint32:  # packed: many left out
+            return self._alone_words & ~left_out.view(np.int32)
+        return cleared(self._alone_words, left_out)
 
     def _left_out(self, prev: int) -> np.ndarray:
-        """The tokens standing alone that may not follow `prev`: their ids, or packed bits when many
-        (at most 1 bit a token: computing `_after` takes milliseconds, keeping it costs little)."""
+        """The tokens standing alone that may not follow `prev`: their sorted ids (int32), or packed
+        words (uint32) when many (at most 1 bit a token: computing `_after` takes a millisecond,
+        keeping it costs little)."""
         left_out = self.alone & ~self._after(prev).numpy()
         ids = np.flatnonzero(left_out)
-        return ids.astype(np.int32) if len(ids) * 32 < len(left_out) else np.packbits(left_out)
+        return ids.astype(np.int32) if len(ids) * 32 < len(left_out) else pack(left_out).view(np.uint32)
 
     def _after(self, prev: int) -> torch.Tensor:
         """Bool mask over the vocabulary: tokens that may follow `prev` in a canonical sequence (`prev`
@@ -289,8 +297,8 @@ class Canonical:
         if not self.alone[nxt]:
             return False
         left_out = self._left_out_after(prev)
-        if left_out.dtype == np.uint8:  # packed bits (np.packbits: the first token is the high bit)
-            return not (int(left_out[nxt >> 3]) >> (7 - (nxt & 7))) & 1
+        if left_out.dtype == np.uint32:  # packed words
+            return not (int(left_out[nxt >> 5]) >> (nxt & 31)) & 1
         at = int(np.searchsorted(left_out, nxt))
         return not (at < len(left_out) and left_out[at] == nxt)
 

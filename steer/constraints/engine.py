@@ -34,8 +34,9 @@ from ..errors import SteerError
 from ..lm.base import Vocabulary
 from .base import NOTHING_FITS, all_of
 from .canonical import Canonical
+from .maskops import bits_at, few_ids, pack, unpack
 from .masks import TokenConstraint
-from .target import can_end_next, canonical_filter, ending_tokens, recent
+from .target import base_words, can_end_next, canonical_filter, ending_tokens, recent
 from .tokens import TokenTable
 
 LOOK_AHEAD = 16  # tokens checked one by one for a canonical continuation when at most this many are allowed
@@ -132,7 +133,7 @@ class MatcherState:
         self.matcher, self.tokenizer, self.owner = matcher, tokenizer, owner
         self.consumed = 0  # generated tokens read so far
         self._mask: tuple[int, np.ndarray] | None = None
-        self._few: tuple[int, int, np.ndarray | None] | None = None
+        self._few: tuple | None = None  # (position, limit), within, words, ids
         # masks the look-ahead computed after some next tokens: the next step's mask if one is drawn
         self.ahead: tuple[int, dict[int, np.ndarray]] | None = None
         # the last full mask, with what it depends on; held weakly, so that a particle keeps no
@@ -171,11 +172,17 @@ class MatcherState:
             self._mask = (self.consumed, packed(self.matcher, self.tokenizer.vocab_size))
         return self._mask[1]
 
-    def few(self, limit: int) -> np.ndarray | None:
-        """The ids the engine allows here when there are at most `limit` of them (None: more), computed
-        once per position: the mask's look-ahead and the check of drawn tokens both ask."""
-        if self._few is None or self._few[:2] != (self.consumed, limit):
-            self._few = (self.consumed, limit, few_ids(self.packed(), limit))
+    def few(self, limit: int, within: np.ndarray | None = None) -> np.ndarray | None:
+        """The ids the engine allows here, `within` the packed base restriction when given, when there
+        are at most `limit` of them (None: more), computed once per position: the mask, its look-ahead
+        and the check of drawn tokens all ask."""
+        if self._few is None or self._few[0] != (self.consumed, limit) or self._few[1] is not within:
+            words = self.packed() if within is None else np.bitwise_and(self.packed(), within)
+            self._few = ((self.consumed, limit), within, words, few_ids(words, limit))
+        return self._few[3]
+
+    def words(self) -> np.ndarray:
+        """The packed mask `few` looked at last."""
         return self._few[2]
 
     def allowed(self) -> np.ndarray:
@@ -454,26 +461,19 @@ def scratch(size: int) -> np.ndarray:
     return found
 
 
-def unpack(words: np.ndarray, size: int) -> np.ndarray:
-    return np.unpackbits(words.view(np.uint8), bitorder="little")[:size].view(bool)
-
-
 def bitmask(matcher: LLMatcher, size: int) -> np.ndarray:
     """The matcher's allowed-token bitmask unpacked to one bool per token."""
     return unpack(packed(matcher, size), size)
 
 
-def _packed_text_after(vocab: Vocabulary, canon: Canonical, last: int) -> np.ndarray:
-    """The text tokens that may follow `last` canonically, packed as the engine packs its masks."""
-    cache = recent(vocab, "packed canonical after", 256)
-    found = cache.recall(last)
-    if found is None:
-        ok = np.zeros(-(-vocab.size // 32) * 32, dtype=bool)  # whole 32-token words
-        ok[:vocab.size] = canon.after(last).numpy() & ~vocab.special
+def _text_words(vocab: Vocabulary) -> np.ndarray:
+    """The text tokens (not special, not end-of-text), packed as the engine packs its masks."""
+    def build() -> np.ndarray:
+        ok = ~vocab.special
         ok[list(vocab.eos_ids)] = False
-        found = np.packbits(ok, bitorder="little").view(np.int32)
-        cache.keep(last, found)
-    return found
+        return pack(ok)
+
+    return vocab.derived(_text_words, build)
 
 
 def _few_limit(vocab: Vocabulary) -> int:
@@ -484,19 +484,6 @@ def _few_limit(vocab: Vocabulary) -> int:
 def _search_limit(left: int) -> int:
     """The characters a completion search may write with `left` tokens left: 6 a token."""
     return 6 * left + 16
-
-
-def few_ids(words: np.ndarray, limit: int) -> np.ndarray | None:
-    """The ids set in a packed mask when there are at most `limit` of them (None: more), without
-    touching the whole vocabulary: every set word holds at least one id, so many set words end it."""
-    if np.count_nonzero(words) > limit:
-        return None
-    nonzero = (words != 0).nonzero()[0]  # NumPy finds non-zero bools five times faster than int32s
-    bits = np.unpackbits(words[nonzero].view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
-    rows, cols = bits.view(bool).nonzero()
-    if len(rows) > limit:
-        return None
-    return nonzero[rows] * 32 + cols
 
 
 class Structured(TokenConstraint):
@@ -575,7 +562,7 @@ class Structured(TokenConstraint):
         left = context.tokens_left
         # copies made by resampling share the state, and with it this mask (computed once per step)
         key = (state.consumed, context.tokens[-1], left == 2, context.heal, context.end, context.end_at,
-               context.canonical)
+               context.canonical, context.allow_special)
         if state.result is not None and state.result[0] == key:
             found = state.result[1]()
             if found is not None:
@@ -594,19 +581,32 @@ class Structured(TokenConstraint):
             ok = np.zeros(size, dtype=bool)
             ok[eos] = self.allow_eos and self._complete(vocab, context.text)
             return torch.from_numpy(ok)
+        base, few = None, None
         if context.heal:
             ok = self._healed_mask(context, state).copy()
         else:
-            ok = state.allowed()  # a fresh array
+            # intersected with the base restriction while packed; a few allowed ids are set in a
+            # zeroed array, many are unpacked in one pass
+            base = base_words(context)
+            within = None if base is None else base[1]
+            few = state.few(_few_limit(vocab), within)
+            if few is None:
+                ok = unpack(state.words(), size)
+            else:
+                ok = np.zeros(size, dtype=bool)
+                ok[few] = True
         ok[eos] = self.allow_eos and state.matcher.is_accepting() and self._final_of(context)
         for ended, ids in ending_tokens(context).items():  # the text before an end string must be complete
             extra = ended[len(context.text):] if len(ended) >= len(context.text) else None
             good = extra is not None and state.accepts(extra) and self._final(ended)
-            ok[ids] = good
+            ok[ids] = good if base is None else good & bits_at(base[1], ids)
         canon = canonical_filter(context)
         if canon is not None or (left is not None and left == 2):
-            ok = self._look_ahead(context, state, ok, canon, left == 2)
-        return torch.from_numpy(ok)
+            ok = self._look_ahead(context, state, ok, canon, left == 2, few)
+        mask = torch.from_numpy(ok)
+        if base is not None:
+            mask.within = base[0]  # (see `target.restricted`)
+        return mask
 
     def _final_of(self, context) -> bool:
         """The final check on the context's text (decoded only when there is a check)."""
@@ -633,7 +633,7 @@ class Structured(TokenConstraint):
         return cache[pending]
 
     def _look_ahead(self, context, state: MatcherState, ok: np.ndarray, canon: Canonical | None,
-                    last_but_one: bool) -> np.ndarray:
+                    last_but_one: bool, few: np.ndarray | None) -> np.ndarray:
         """Drop tokens that lead nowhere: when few tokens are allowed, those after which no allowed token
         keeps the tokenization canonical; before the budget's last token, those after which the text
         cannot end.  Dropping them changes no weight the target gives a complete text."""
@@ -641,7 +641,7 @@ class Structured(TokenConstraint):
         # when the engine allows very many tokens, nothing is checked (nor is the vocabulary scanned)
         if canon is None and not last_but_one:
             return ok
-        ids = np.flatnonzero(ok) if context.heal else state.few(_few_limit(vocab))
+        ids = np.flatnonzero(ok) if context.heal else few
         if ids is None:  # very many allowed: drawn tokens are checked instead (see `token_check`)
             return ok
         candidates = ids[ok[ids] & ~vocab.special[ids]]
@@ -660,6 +660,9 @@ class Structured(TokenConstraint):
         m, pending = state.matcher, context.heal
         keep = None if pending else state.keep_ahead()
         for x in candidates.tolist():
+            if not (pending or budget):
+                ok[x] = bool(self._continues(m, vocab, canon, x, keep))
+                continue
             # what the matcher reads for x: while healing, the text x adds after the backed-off prompt
             ids = state.tokenizer.tokenize_str(vocab.strings[x][len(pending):]) if pending else [x]
             n = m.try_consume_tokens(ids)
@@ -688,25 +691,39 @@ class Structured(TokenConstraint):
 
         return can_end_next(context, text, complete)
 
+    def _continues(self, m: LLMatcher, vocab: Vocabulary, canon: Canonical, x: int,
+                   keep: dict[int, np.ndarray] | None = None) -> bool | None:
+        """Whether `m` may read token `x` and then go on canonically (see `_lives`); None: it may not
+        read `x`.  The probes are validated from where `m` stands, without reading `x`: reading a token
+        that closes an object costs the engine tens of microseconds, validating one about one."""
+        if any(m.validate_tokens([x, y]) == 2 for y in _probes_after(vocab, canon, x)):
+            return True
+        if not m.try_consume_tokens([x]):
+            return None
+        try:
+            return self._lives(m, vocab, canon, x, DEPTH, keep, probed=True)
+        finally:
+            m.rollback(1)
+
     def _lives(self, m: LLMatcher, vocab: Vocabulary, canon: Canonical, last: int, depth: int,
-               keep: dict[int, np.ndarray] | None = None) -> bool:
+               keep: dict[int, np.ndarray] | None = None, probed: bool = False) -> bool:
         """Whether, after token `last`, some allowed token keeps the tokenization canonical (or the text
         may end), following forced choices `depth` tokens deep.  Past a real choice one canonical
-        continuation is enough.  `keep` receives the mask after `last` (the next step's, should `last` be drawn)."""
+        continuation is enough.  `keep` receives the mask after `last` (the next step's, should `last` be
+        drawn); `probed`: the probes after `last` were tried already."""
         if self.allow_eos and m.is_accepting():
             return True
         # Most tokens are followed canonically by a closer or a comma: a few one-token probes settle them
         # without the engine's whole mask (a probe that fits counts as a real choice: it is not followed
         # deeper, which only ever keeps a token the deeper look would have dropped: no weight changes).
-        for y in _probes_after(vocab, canon, last):
-            if m.try_consume_tokens([y]):
-                m.rollback(1)
-                return True
+        if not probed and any(m.validate_tokens([y]) for y in _probes_after(vocab, canon, last)):
+            return True
         words = packed(m, vocab.size) if keep is not None else packed(m, vocab.size, scratch(vocab.size))
         if keep is not None:
             keep[last] = words
         # the allowed text tokens that may follow `last` canonically, as one AND of packed masks
-        canonical = np.bitwise_and(words, _packed_text_after(vocab, canon, last))
+        canonical = np.bitwise_and(words, canon.after_words(last))
+        canonical &= _text_words(vocab)
         # (followed only through a narrow choice: at most LOOK_AHEAD tokens allowed, NARROW canonical)
         ys = few_ids(canonical, NARROW) if depth and np.count_nonzero(words) <= LOOK_AHEAD else None
         if ys is None or not len(ys):
@@ -758,18 +775,17 @@ class Structured(TokenConstraint):
         if canon is None or context.heal or context.ended:
             return None
         state, vocab = self.state(context), context.lm.vocab
-        if state.few(_few_limit(vocab)) is not None:
+        base = base_words(context)
+        if state.few(_few_limit(vocab), None if base is None else base[1]) is not None:
             return None  # few allowed: the mask was looked ahead of
         m, keep, text = state.matcher, state.keep_ahead(), context.text
 
         def continues(token: int) -> bool:
             if token in vocab.eos_ids or vocab.special[token] or context.end_position(text, vocab.strings[token]) \
-                    is not None or not m.try_consume_tokens([token]):
+                    is not None:
                 return True  # judged by the mask
-            try:
-                return self._lives(m, vocab, canon, token, DEPTH, keep)
-            finally:
-                m.rollback(1)
+            alive = self._continues(m, vocab, canon, token, keep)
+            return alive is None or alive  # (None: not allowed at all, judged by the mask)
 
         return continues
 

@@ -21,7 +21,7 @@ import torch
 from ..lm.base import Vocabulary
 from .base import Context
 from .canonical import Canonical
-from .maskops import both
+from .maskops import both, pack, unpack
 from .tokens import TokenTable
 
 
@@ -108,31 +108,61 @@ def base_mask(context: Context) -> torch.Tensor | None:
 
 
 def _base_mask(context: Context) -> torch.Tensor | None:
+    found = _base(context)
+    return None if found is None else found[0]
+
+
+def base_words(context: Context) -> tuple[torch.Tensor, np.ndarray] | None:
+    """The base mask of a context that has not ended and has more than one token of its budget left,
+    with the same mask packed as llguidance packs its masks (None: no restriction, or another case).
+    A constraint that intersects its packed mask with it, and marks its result `within` the base
+    mask, spares the caller the intersection (see `restricted`)."""
+    if context.ended:
+        return None
+    left = getattr(context, "tokens_left", None)
+    if left is not None and left <= 1:
+        return None
+    return _base(context)
+
+
+def restricted(mask: torch.Tensor | None, base: torch.Tensor | None) -> torch.Tensor | None:
+    """`mask` within `base`: their intersection, unless `mask` was computed within `base` already."""
+    if base is None or mask is None:
+        return base if mask is None else mask
+    return mask if getattr(mask, "within", None) is base else both(mask, base)
+
+
+def _base(context: Context) -> tuple[torch.Tensor, np.ndarray] | None:
+    """The base restriction before a budget's last token, as a mask and packed (cached per state)."""
     pending, canonical = context.heal, context.canonical
-    cache = recent(context.lm.vocab, "base masks", 256)
+    vocab = context.lm.vocab
+    cache = recent(vocab, "base masks", 256)
     key = (pending, context.tokens[-1] if canonical else None, context.allow_special)
     if key in cache:
         return cache.recall(key)
-    t = TokenTable.of(context.lm.vocab)
-    parts = [healing_mask(context)]
+    t = TokenTable.of(vocab)
     canon = canonical_filter(context)
-    if canon is not None:
-        parts.append(canon.after(context.tokens[-1]))
-    if not context.allow_special and t.vocab.special.any():
-        parts.append(_text_or_eos(t))
-    mask = None
-    for part in parts:
-        if part is not None:
-            mask = part if mask is None else both(mask, part)
-    cache.keep(key, mask)
-    if mask is not None:
-        excluded = torch.from_numpy(np.flatnonzero(~mask.numpy()))
-        if len(excluded) < mask.numel() // 4:
-            _EXCLUDED.keep(id(mask), (mask, excluded))  # the entry holds the mask: its id stays its own
-    return mask
+    no_special = not context.allow_special and vocab.special.any()
+    if pending or canon is None:
+        parts = [healing_mask(context), canon.after(context.tokens[-1]) if canon is not None else None,
+                 _text_or_eos(t) if no_special else None]
+        mask = None
+        for part in parts:
+            if part is not None:
+                mask = part if mask is None else both(mask, part)
+        found = None if mask is None else (mask, pack(mask.numpy()))
+    else:  # the common case, computed packed: a few microseconds where the canonical table is cached
+        words = canon.after_words(context.tokens[-1])
+        if no_special:
+            words = words & _text_or_eos_words(t)
+        found = (torch.from_numpy(unpack(words, vocab.size)), words)
+    cache.keep(key, found)
+    if found is not None:  # the entry holds the mask: its id stays its own
+        _EXCLUDED.keep(id(found[0]), [found[0], None])
+    return found
 
 
-_EXCLUDED = Recent(512)
+_EXCLUDED = Recent(512)  # per base mask: the ids it leaves out (found on first use), or False: many
 
 
 def _text_or_eos(t: TokenTable) -> torch.Tensor:
@@ -143,10 +173,22 @@ def _text_or_eos(t: TokenTable) -> torch.Tensor:
     return found
 
 
+def _text_or_eos_words(t: TokenTable) -> np.ndarray:
+    found = t.__dict__.get("_text_or_eos_words")
+    if found is None:
+        found = t.__dict__["_text_or_eos_words"] = pack(_text_or_eos(t).numpy())
+    return found
+
+
 def excluded_ids(mask: torch.Tensor) -> torch.Tensor | None:
     """The ids a base mask leaves out, when it is one of the cached base masks and they are few."""
     hit = _EXCLUDED.recall(id(mask))
-    return hit[1] if hit is not None and hit[0] is mask else None
+    if hit is None or hit[0] is not mask:
+        return None
+    if hit[1] is None:
+        ids = np.flatnonzero(~mask.numpy())
+        hit[1] = torch.from_numpy(ids) if len(ids) < mask.numel() // 4 else False
+    return hit[1] if hit[1] is not False else None
 
 
 class View:
@@ -200,10 +242,10 @@ def healed_view(context: Context) -> View:
 def ending_tokens(context: Context, text: str | None = None) -> dict[str, np.ndarray]:
     """The tokens that would write an end string of `context` next (after `text`, by default the
     context's), grouped by the text they would end with (the text before the end string)."""
-    vocab, pending = context.lm.vocab, context.heal
-    text = context.text if text is None else text
     if not context.end or context.ended:
         return {}
+    vocab, pending = context.lm.vocab, context.heal
+    text = context.text if text is None else text
     keep = max(len(e) for e in context.end) - 1
     t = TokenTable.of(vocab)
     cache = recent(vocab, "ending tokens", 256)
