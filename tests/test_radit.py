@@ -144,15 +144,15 @@ def test_radit_lm_cli_trains_on_retrieved_prompts(wiki_index, wiki_docs, tiny_lo
 
 
 def test_exact_match_reads_the_first_line_of_greedy_answers(tiny_long_dir, wiki_index, minilm):
-    from train.radit import _normalise, exact_match
+    from train.radit import answer_line, exact_match
 
-    assert _normalise(" 1840.\nmore text") == "1840" and _normalise("In 1840") != "1840"
+    assert answer_line(" 1840.\nmore text") == "1840" and answer_line("In 1840") != "1840"
     questions = [QA("Which year fills the blank? It began in ____.", "1840")]
     result = exact_match(str(tiny_long_dir), questions, max_new_tokens=3)
     retrieved = exact_match(str(tiny_long_dir), questions, Retriever.load(wiki_index, embedder=minilm), 3)
     for r in (result, retrieved):
         assert r["n"] == 1 and r["exact_match"] in (0.0, 1.0) and len(r["examples"]) == 1
-        assert r["exact_match"] == float(_normalise(r["examples"][0]["output"]) == "1840")
+        assert r["exact_match"] == float(answer_line(r["examples"][0]["output"]) == "1840")
 
 
 def test_a_query_encoder_of_another_dimension_is_refused(minilm, tmp_path):

@@ -143,6 +143,18 @@ def _self_reward(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkable(args: argparse.Namespace) -> int:
+    from .checkable_reward import CheckableConfig, checkable_self_reward
+
+    config = CheckableConfig(iterations=args.iterations, train_questions=args.train_questions,
+                             eval_questions=args.eval_questions, candidates=args.candidates)
+    options = _options(argparse.Namespace(**{**vars(args), "data": None}))
+    metrics = checkable_self_reward(args.qa, args.passages, options, config, dpo_options={"beta": args.beta})
+    _print_json({"out": args.out, "exact_match": {f"M{t}": m["exact_match"] for t, m in metrics["models"].items()},
+                 "change_vs_m0": {f"M{t}": m["vs_m0"] for t, m in metrics["models"].items() if "vs_m0" in m}})
+    return 0
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from .pretrain import pretrain
 
@@ -202,7 +214,7 @@ def _icp_order(args: argparse.Namespace) -> int:
 def add_commands(commands) -> None:
     from .dpo import LOSS_TYPES
 
-    train = commands.add_parser("train", help="train models: sft, dpo, reward, strength, self-reward, icp-order, pretrain, llara, radit-lm, radit-retriever")
+    train = commands.add_parser("train", help="train models: sft, dpo, reward, strength, self-reward, checkable-reward, icp-order, pretrain, llara, radit-lm, radit-retriever")
     kinds = train.add_subparsers(dest="trainer", required=True, parser_class=type(train))
 
     sft = kinds.add_parser("sft", help="supervised fine-tuning on prompt/completion or messages JSONL")
@@ -272,6 +284,23 @@ def add_commands(commands) -> None:
                       help="training prompts taken from the seed data")
     loop.add_argument("--beta", type=float, default=0.1, help="DPO beta")
     loop.set_defaults(handler=_self_reward)
+
+    checkable = kinds.add_parser("checkable-reward",
+                                 help="the self-rewarding loop with a checked reward: iterative DPO on cloze-year "
+                                      "questions, exact match as reward and as metric")
+    _run_flags(checkable, lr=1e-4, data=False)
+    checkable.add_argument("--qa", required=True, help="cloze questions: JSONL with question, answer, source "
+                                                       "(examples/data/wikipedia_cloze_qa.jsonl)")
+    checkable.add_argument("--passages", required=True, help="the source paragraphs: JSONL with id and text "
+                                                             "(examples/data/wikipedia_passages.jsonl.gz)")
+    checkable.add_argument("--iterations", type=positive("--iterations"), default=3, help="models M1..M_N")
+    checkable.add_argument("--train-questions", type=positive("--train-questions"), default=240,
+                           help="questions answered per iteration")
+    checkable.add_argument("--eval-questions", type=positive("--eval-questions"), default=150,
+                           help="held-out questions (whole articles)")
+    checkable.add_argument("--candidates", type=positive("--candidates"), default=8, help="answers per question")
+    checkable.add_argument("--beta", type=float, default=0.1, help="DPO beta")
+    checkable.set_defaults(handler=_checkable)
 
     llara = kinds.add_parser("llara", help="adapt a causal LM into a text embedder (LLaRA: EBAE + EBAR)")
     _run_flags(llara, lr=1e-4)

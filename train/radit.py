@@ -246,7 +246,8 @@ def train_radit_retriever(data: str | Path | list[QA], index: str | Path, out: s
 
 
 # -- evaluation --------------------------------------------------------------------------------------
-def _normalise(text: str) -> str:
+def answer_line(text: str) -> str:
+    """The first line of an answer without punctuation or case: what exact match compares."""
     return re.sub(r"[^\w\s]", "", text.strip().split("\n")[0]).strip().lower()
 
 
@@ -266,7 +267,7 @@ def exact_match(model_path: str | Path | None, questions: list[QA], retriever: R
             generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=tokenizer.pad_token_id)
             answers += tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    exact = [_normalise(a) == _normalise(q.answer) for a, q in zip(answers, questions)]
+    exact = [answer_line(a) == answer_line(q.answer) for a, q in zip(answers, questions)]
     contains = [q.answer in a for a, q in zip(answers, questions)]
     return {"exact_match": float(np.mean(exact)), "exact_match_ci95": mean_ci95([float(x) for x in exact]),
             "contains": float(np.mean(contains)), "n": len(questions),
