@@ -4,8 +4,8 @@ A model that judges its own answers cannot show on a 270M model whether the loop
 judgments are near chance, and a win rate needs another judge.  This variant keeps the loop —
 M_t samples several answers per question, a reward ranks them, M_{t+1} = DPO(M_t, highest- vs
 lowest-rewarded answer, ties dropped) with M_t as the reference — but the reward is checked against
-a known answer: a cloze question cut from a Wikipedia paragraph (a year blanked out), asked with the
-paragraph as background, so answering is reading, not recall.  The metric is the same check on
+a known answer: a cloze question cut from a Wikipedia paragraph (a year blanked out), asked after
+the paragraph, so answering is reading, not recall.  The metric is the same check on
 held-out questions (greedy answers, the first line exactly the year), so the change from M0 to each
 M_t carries a paired 95% interval over questions.
 
@@ -29,12 +29,11 @@ from typing import Any
 import numpy as np
 
 from retrieval.corpus import load_documents
-from retrieval.retriever import background_prompt
 from steer.errors import SteerError
 from steer.jsonl import write_jsonl
 
 from .common import TrainOptions, last_checkpoint, model_dir, write_metrics
-from .data import format_prompt, held_out
+from .data import held_out
 from .generation import Generator
 from .intervals import mean_ci95
 from .judge import preference_pair
@@ -49,7 +48,7 @@ class CheckableConfig:
     iterations: int = 3  # models M1..M_iterations
     train_questions: int = 240  # questions M_t answers each iteration (the pairs come from them)
     eval_questions: int = 150  # held-out questions, by article
-    candidates: int = 8
+    candidates: int = 4
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 6  # a year and a newline
@@ -64,12 +63,14 @@ def reward(output: str, answer: str) -> int:
 
 
 def prompts_for(questions: list[QA], passages: dict[str, str]) -> list[str]:
-    """Each question with its source paragraph as background, in the instruction template."""
+    """Each question after its source paragraph, as plain text ending in "Answer:".  The default model
+    is a base model: in this completion form it answers (greedy exact match 7 of 12 on a sample), in the
+    instruction template it rambles (0 of 51 in docs/retrieval.md)."""
     missing = [q.source for q in questions if q.source not in passages]
     if missing:
         raise SteerError(f"{len(missing)} questions name a source paragraph the passages file lacks "
                          f"(first: {missing[0]!r})")
-    return [format_prompt(background_prompt([passages[q.source]], q.question)) for q in questions]
+    return [f"{passages[q.source]}\n\nQuestion: {q.question}\nAnswer:" for q in questions]
 
 
 def split_questions(questions: list[QA], config: CheckableConfig, seed: int) -> tuple[list[QA], list[QA]]:

@@ -298,7 +298,7 @@ def add_commands(commands) -> None:
                            help="questions answered per iteration")
     checkable.add_argument("--eval-questions", type=positive("--eval-questions"), default=150,
                            help="held-out questions (whole articles)")
-    checkable.add_argument("--candidates", type=positive("--candidates"), default=8, help="answers per question")
+    checkable.add_argument("--candidates", type=positive("--candidates"), default=4, help="answers per question")
     checkable.add_argument("--beta", type=float, default=0.1, help="DPO beta")
     checkable.set_defaults(handler=_checkable)
 
