@@ -61,12 +61,15 @@ class TokenCheck(Constraint):
         vocab = context.lm.vocab
         text, pending = context.text, context.heal
 
+        def added(i: int) -> str:
+            """The text token `i` adds (healing: only the part after the backed-off prompt text)."""
+            s = vocab.strings[i]
+            return (s[len(pending):] if s.startswith(pending) else "") if pending else s
+
         def accepts(i: int) -> bool:
             if i in vocab.eos_ids:
                 return self.allows(text, complete=True)
-            s = vocab.strings[i]
-            if pending:  # healing: only the part after the backed-off prompt text is new text
-                s = s[len(pending):] if s.startswith(pending) else ""
+            s = added(i)
             at = context.end_position(text, s)
             if at is not None:  # writes an end string: the text before it must be a complete text
                 return self.allows((text + s)[:at], complete=True)
@@ -82,9 +85,7 @@ class TokenCheck(Constraint):
             def last_but_one(i: int) -> bool:
                 if i in vocab.eos_ids or vocab.special[i]:
                     return True  # judged by `accepts`
-                s = vocab.strings[i]
-                if pending:
-                    s = s[len(pending):] if s.startswith(pending) else ""
+                s = added(i)
                 if context.end_position(text, s) is not None:
                     return True  # writes an end string: judged by `accepts`
                 return can_end_next(context, text + s, lambda t: self.allows(t, complete=True))
