@@ -77,3 +77,12 @@ def test_loop_trains_on_reward_ranked_pairs_and_reports_the_paired_change(tiny_l
     # a rerun resumes: nothing is sampled or trained again
     started.clear()
     assert checkable_self_reward(qa, texts, options, config)["models"] == result["models"] and started == []
+
+
+def test_questions_from_one_article_cannot_be_held_out_and_say_so(tmp_path):
+    from steer.errors import SteerError
+
+    qa, texts = _write(tmp_path, n=1)
+    options = TrainOptions(model=None, out=str(tmp_path / "run"), progress=False)
+    with pytest.raises(SteerError, match="at least two articles"):
+        checkable_self_reward(qa, texts, options, CheckableConfig())

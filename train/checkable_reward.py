@@ -117,6 +117,9 @@ def checkable_self_reward(qa: str | Path, passages: str | Path, options: TrainOp
     out.mkdir(parents=True, exist_ok=True)
     texts = {d.id: d.text for d in load_documents(passages)}
     train_q, eval_q = split_questions(load_qa(qa), config, options.seed)
+    if not train_q or not eval_q:
+        raise SteerError(f"{qa}: the questions must come from at least two articles (ids `<article>-<paragraph>`), "
+                         "so that some can be held out whole")
     train_prompts, eval_prompts = prompts_for(train_q, texts), prompts_for(eval_q, texts)
     metrics_path = out / "metrics.json"
     state = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
