@@ -133,7 +133,7 @@ class MatcherState:
         self.matcher, self.tokenizer, self.owner = matcher, tokenizer, owner
         self.consumed = 0  # generated tokens read so far
         self._mask: tuple[int, np.ndarray] | None = None
-        self._few: tuple | None = None  # (position, limit), within, words, ids
+        self._few: tuple | None = None  # (position, limit), within, ids
         # masks the look-ahead computed after some next tokens: the next step's mask if one is drawn
         self.ahead: tuple[int, dict[int, np.ndarray]] | None = None
         # the last full mask, with what it depends on; held weakly, so that a particle keeps no
@@ -175,15 +175,14 @@ class MatcherState:
     def few(self, limit: int, within: np.ndarray | None = None) -> np.ndarray | None:
         """The ids the engine allows here, `within` the packed base restriction when given, when there
         are at most `limit` of them (None: more), computed once per position: the mask, its look-ahead
-        and the check of drawn tokens all ask."""
+        and the check of drawn tokens all ask.  (Only the ids are kept: a particle's state stays small.)"""
         if self._few is None or self._few[0] != (self.consumed, limit) or self._few[1] is not within:
-            words = self.packed() if within is None else np.bitwise_and(self.packed(), within)
-            self._few = ((self.consumed, limit), within, words, few_ids(words, limit))
-        return self._few[3]
-
-    def words(self) -> np.ndarray:
-        """The packed mask `few` looked at last."""
+            self._few = ((self.consumed, limit), within, few_ids(self.within(within), limit))
         return self._few[2]
+
+    def within(self, base: np.ndarray | None) -> np.ndarray:
+        """The engine's packed mask here, intersected with packed `base` when given."""
+        return self.packed() if base is None else np.bitwise_and(self.packed(), base)
 
     def allowed(self) -> np.ndarray:
         """Bool per token: the engine allows it next (end-of-text: the text may end here)."""
@@ -591,7 +590,7 @@ class Structured(TokenConstraint):
             within = None if base is None else base[1]
             few = state.few(_few_limit(vocab), within)
             if few is None:
-                ok = unpack(state.words(), size)
+                ok = unpack(state.within(within), size)
             else:
                 ok = np.zeros(size, dtype=bool)
                 ok[few] = True
