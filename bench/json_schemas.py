@@ -105,7 +105,9 @@ def llguidance_walk(tokenizer, grammar: str, ids: list[int], times: list[float])
 
 def state_bytes(lm: TokenizerOnly, particles: int = 64) -> float:
     """Bytes per particle's matcher state: `particles` copies of a context half-way through a JSON
-    document, each forked by one different token (what resampling then sampling leaves).  The larger
+    document, each forked by one different token (what resampling then sampling leaves).  The caches
+    shared by every particle of a vocabulary (the base mask after each last token: bounded, and built
+    by unconstrained steps too) are filled before measuring.  The larger
     of the memory Python and NumPy allocate for them (traced: masks and caches) and the growth of the
     resident size (which also sees the Rust engine's own state, but not memory reused from the heap)."""
     import copy
@@ -124,6 +126,11 @@ def state_bytes(lm: TokenizerOnly, particles: int = 64) -> float:
         constraint.allowed_in(ctx)
         ctx.extend([token])
     allowed = [int(i) for i in np.flatnonzero(constraint.allowed_in(ctx).numpy())][:particles]
+    for k in range(particles):  # the shared per-vocabulary caches (base masks per last token) first
+        twin = copy.deepcopy(ctx)
+        twin.extend([allowed[k % len(allowed)]])
+        base_mask(twin)
+    del twin
     gc.collect()
     before = rss()
     tracemalloc.start()
