@@ -126,18 +126,20 @@ def state_bytes(lm: TokenizerOnly, particles: int = 64) -> float:
         constraint.allowed_in(ctx)
         ctx.extend([token])
     allowed = [int(i) for i in np.flatnonzero(constraint.allowed_in(ctx).numpy())][:particles]
-    for k in range(particles):  # the shared per-vocabulary caches (base masks per last token) first
+
+    def fork(k: int) -> LMContext:  # particle k: a copy that draws its own next token
         twin = copy.deepcopy(ctx)
         twin.extend([allowed[k % len(allowed)]])
-        base_mask(twin)
-    del twin
+        return twin
+
+    for k in range(particles):  # the shared per-vocabulary caches (base masks per last token) first
+        base_mask(fork(k))
     gc.collect()
     before = rss()
     tracemalloc.start()
     copies = []
     for k in range(particles):
-        twin = copy.deepcopy(ctx)
-        twin.extend([allowed[k % len(allowed)]])
+        twin = fork(k)
         constraint.allowed_in(twin)
         copies.append(twin)
     gc.collect()

@@ -90,8 +90,8 @@ def evaluate(directory: Path, questions: list[QA], prompts: list[str], config: C
                                                 temperature=0.0, desc="held-out answers")]
     write_jsonl(answers_file, [{"question": q.question, "answer": q.answer, "output": o}
                                for q, o in zip(questions, outputs)])
-    exact = [float(reward(o, q.answer) == 2) for o, q in zip(outputs, questions)]
-    contains = [float(reward(o, q.answer) >= 1) for o, q in zip(outputs, questions)]
+    rewards = [reward(o, q.answer) for o, q in zip(outputs, questions)]
+    exact, contains = [float(r == 2) for r in rewards], [float(r >= 1) for r in rewards]
     _free(generator)
     return {"exact_match": float(np.mean(exact)), "exact_match_ci95": mean_ci95(exact),
             "contains": float(np.mean(contains)), "questions": len(questions), "per_question": exact}
@@ -140,14 +140,16 @@ def checkable_self_reward(qa: str | Path, passages: str | Path, options: TrainOp
         model = stage / "model"
         record = results.get(str(t), {})
         if not ((stage / "metrics.json").exists() and model.is_dir()):
-            generator = Generator(models[t - 1], batch_size=config.generation_batch, progress=options.progress)
-            rows = _stage(stage / "candidates.jsonl", lambda: [
-                {"question": q.question, "answer": q.answer, "prompt": p, "candidates": c}
-                for q, p, c in zip(train_q, train_prompts, generator.generate(
-                    train_prompts, n=config.candidates, max_new_tokens=config.max_new_tokens,
-                    temperature=config.temperature, top_p=config.top_p, seed=options.seed + 100 * t,
-                    desc=f"M{t - 1} candidates"))])
-            _free(generator)
+            def sample(t: int = t) -> list[dict]:  # (the model is loaded only when the file is not there yet)
+                generator = Generator(models[t - 1], batch_size=config.generation_batch, progress=options.progress)
+                outputs = generator.generate(train_prompts, n=config.candidates, max_new_tokens=config.max_new_tokens,
+                                             temperature=config.temperature, top_p=config.top_p,
+                                             seed=options.seed + 100 * t, desc=f"M{t - 1} candidates")
+                _free(generator)
+                return [{"question": q.question, "answer": q.answer, "prompt": p, "candidates": c}
+                        for q, p, c in zip(train_q, train_prompts, outputs)]
+
+            rows = _stage(stage / "candidates.jsonl", sample)
             pairs, rewards = [], []
             for row in rows:
                 scores = [reward(c, row["answer"]) for c in row["candidates"]]
