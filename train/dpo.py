@@ -109,7 +109,7 @@ def train_dpo(data: str | Path, options: TrainOptions, *, beta: float = 0.1, los
                      "precompute_ref": precompute_ref, "sft_first": sft_first},
         **({"sft": {k: sft[k] for k in ("train", "eval_before", "eval", "model")}} if sft is not None else {}),
         **run_and_save(trainer, tokenizer, options, checkpoint, bool(evaluation), held_out=pair_accuracy,
-                       known_before=_before_training(len(evaluation)) if loss_type == "sigmoid" else None),
+                       known_before=_before_training(len(evaluation)) if loss_type == "sigmoid" and evaluation else None),
     }
     write_metrics(options.out, metrics)
     return metrics
