@@ -76,3 +76,21 @@ def test_the_default_model_as_its_own_judge():
              for i, r in zip(instructions, responses)]
     assert all(0 <= s <= 5 for s in batched) and batched[0] != batched[1]
     assert batched == pytest.approx(alone, abs=1e-3)  # left padding does not change a score
+
+
+def test_checkable_loop_on_gemma(tmp_path):
+    """One iteration on the default model: M0 answers after the paragraph, its sampled answers are
+    ranked by the exact-match reward into pairs, and M1 = DPO(M0) is scored on held-out articles."""
+    from train.checkable_reward import CheckableConfig, checkable_self_reward, reward
+
+    config = CheckableConfig(iterations=1, train_questions=6, eval_questions=4, candidates=4)
+    result = checkable_self_reward(DATA / "wikipedia_cloze_qa.jsonl", DATA / "wikipedia_passages.jsonl.gz",
+                                   options(tmp_path / "loop", max_steps=1, max_length=384, limit=None,
+                                           eval_fraction=0.0), config)
+    rows = [json.loads(line) for line in (tmp_path / "loop" / "m1" / "candidates.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(len(r["candidates"]) == 4 for r in rows)
+    # the base model answers in this form: some sampled answer is exactly the year
+    assert any(reward(c, r["answer"]) == 2 for r in rows for c in r["candidates"])
+    one = result["models"]["1"]
+    assert one["pairs"] >= 1 and one["questions"] == 4
+    assert one["vs_m0"]["change"] == pytest.approx(one["exact_match"] - result["models"]["0"]["exact_match"])
