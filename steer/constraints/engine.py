@@ -172,12 +172,15 @@ class MatcherState:
             self._mask = (self.consumed, packed(self.matcher, self.tokenizer.vocab_size))
         return self._mask[1]
 
-    def few(self, limit: int, within: np.ndarray | None = None) -> np.ndarray | None:
+    def few(self, limit: int, within: np.ndarray | None = None,
+            words: np.ndarray | None = None) -> np.ndarray | None:
         """The ids the engine allows here, `within` the packed base restriction when given, when there
         are at most `limit` of them (None: more), computed once per position: the mask, its look-ahead
-        and the check of drawn tokens all ask.  (Only the ids are kept: a particle's state stays small.)"""
+        and the check of drawn tokens all ask.  (Only the ids are kept: a particle's state stays small.)
+        `words`: `self.within(within)`, when the caller has it already."""
         if self._few is None or self._few[0] != (self.consumed, limit) or self._few[1] is not within:
-            self._few = ((self.consumed, limit), within, few_ids(self.within(within), limit))
+            words = self.within(within) if words is None else words
+            self._few = ((self.consumed, limit), within, few_ids(words, limit))
         return self._few[2]
 
     def within(self, base: np.ndarray | None) -> np.ndarray:
@@ -475,6 +478,10 @@ def _text_words(vocab: Vocabulary) -> np.ndarray:
     return vocab.derived(_text_words, build)
 
 
+def _eos_ids(vocab: Vocabulary) -> np.ndarray:
+    return vocab.derived(_eos_ids, lambda: np.array(sorted(vocab.eos_ids), dtype=np.int64))
+
+
 def _few_limit(vocab: Vocabulary) -> int:
     """Up to this many allowed tokens (end-of-text and a few more beside WIDE), a step is looked ahead of."""
     return WIDE + len(vocab.eos_ids) + 8
@@ -573,7 +580,7 @@ class Structured(TokenConstraint):
     def _allowed_in(self, context, state: MatcherState, left: int | None) -> torch.Tensor:
         vocab = context.lm.vocab
         size = vocab.size
-        eos = list(vocab.eos_ids)
+        eos = _eos_ids(vocab)
         if state.matcher.is_error():
             return torch.zeros(size, dtype=torch.bool)
         if context.ended:  # an end string was written: the text before it must be complete
@@ -588,19 +595,23 @@ class Structured(TokenConstraint):
             # zeroed array, many are unpacked in one pass
             base = base_words(context)
             within = None if base is None else base[1]
-            few = state.few(_few_limit(vocab), within)
+            words = state.within(within)
+            few = state.few(_few_limit(vocab), within, words)
             if few is None:
-                ok = unpack(state.within(within), size)
+                ok = unpack(words, size)
             else:
                 ok = np.zeros(size, dtype=bool)
                 ok[few] = True
         ok[eos] = self.allow_eos and state.matcher.is_accepting() and self._final_of(context)
-        for ended, ids in ending_tokens(context).items():  # the text before an end string must be complete
-            extra = ended[len(context.text):] if len(ended) >= len(context.text) else None
-            good = extra is not None and state.accepts(extra) and self._final(ended)
-            ok[ids] = good if base is None else good & bits_at(base[1], ids)
+        if context.end:
+            for ended, ids in ending_tokens(context).items():  # the text before an end string must be complete
+                extra = ended[len(context.text):] if len(ended) >= len(context.text) else None
+                good = extra is not None and state.accepts(extra) and self._final(ended)
+                ok[ids] = good if base is None else good & bits_at(base[1], ids)
         canon = canonical_filter(context)
-        if canon is not None or (left is not None and left == 2):
+        # (with very many tokens allowed nothing is looked ahead of: drawn tokens are checked instead;
+        # a forced token is kept: dropping it would only end the particle a step earlier)
+        if (canon is not None or left == 2) and (context.heal or (few is not None and (len(few) > 1 or left == 2))):
             ok = self._look_ahead(context, state, ok, canon, left == 2, few)
         mask = torch.from_numpy(ok)
         if base is not None:
@@ -642,6 +653,8 @@ class Structured(TokenConstraint):
             return ok
         ids = np.flatnonzero(ok) if context.heal else few
         if ids is None:  # very many allowed: drawn tokens are checked instead (see `token_check`)
+            return ok
+        if len(ids) <= 1 and not last_but_one:  # a forced token (see below: one candidate is kept)
             return ok
         candidates = ids[ok[ids] & ~vocab.special[ids]]
         for ending in ending_tokens(context).values():

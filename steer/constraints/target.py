@@ -58,8 +58,11 @@ def canonical_filter(context: Context) -> Canonical | None:
     """The canonical-tokenization filter of `context`'s tokenizer, or None when it is switched off."""
     if not context.canonical:
         return None
-    found = Canonical.of(context.lm.vocab)
-    return None if found.trivial else found
+    vocab = context.lm.vocab
+    return vocab.derived(canonical_filter, lambda: None if Canonical.of(vocab).trivial else Canonical.of(vocab))
+
+
+_MISSING = object()
 
 
 class Recent(OrderedDict):
@@ -70,10 +73,11 @@ class Recent(OrderedDict):
         self.limit = limit
 
     def recall(self, key: Any, default: Any = None) -> Any:
-        if key not in self:
+        found = self.get(key, _MISSING)
+        if found is _MISSING:
             return default
         self.move_to_end(key)
-        return self[key]
+        return found
 
     def keep(self, key: Any, value: Any) -> Any:
         self[key] = value
@@ -138,8 +142,9 @@ def _base(context: Context) -> tuple[torch.Tensor, np.ndarray] | None:
     vocab = context.lm.vocab
     cache = recent(vocab, "base masks", 256)
     key = (pending, context.tokens[-1] if canonical else None, context.allow_special)
-    if key in cache:
-        return cache.recall(key)
+    found = cache.recall(key, _MISSING)  # (asked several times a step: the hit is kept short)
+    if found is not _MISSING:
+        return found
     t = TokenTable.of(vocab)
     canon = canonical_filter(context)
     no_special = not context.allow_special and vocab.special.any()
