@@ -77,6 +77,12 @@ def test_loop_trains_on_reward_ranked_pairs_and_reports_the_paired_change(tiny_l
     # a rerun resumes: nothing is sampled or trained again
     started.clear()
     assert checkable_self_reward(qa, texts, options, config)["models"] == result["models"] and started == []
+    # stopped after M2 was trained, before it was evaluated: the rerun evaluates it and still counts its pairs
+    saved = json.loads((run / "metrics.json").read_text())
+    del saved["models"]["2"]
+    (run / "metrics.json").write_text(json.dumps(saved))
+    again = checkable_self_reward(qa, texts, options, config)["models"]["2"]
+    assert started == [] and again["pairs"] == two["pairs"] and again["exact_match"] == two["exact_match"]
 
 
 def test_questions_from_one_article_cannot_be_held_out_and_say_so(tmp_path):

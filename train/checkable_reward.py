@@ -139,31 +139,34 @@ def checkable_self_reward(qa: str | Path, passages: str | Path, options: TrainOp
         stage = out / f"m{t}"
         model = stage / "model"
         record = results.get(str(t), {})
-        if not ((stage / "metrics.json").exists() and model.is_dir()):
-            def sample(t: int = t) -> list[dict]:  # (the model is loaded only when the file is not there yet)
-                generator = Generator(models[t - 1], batch_size=config.generation_batch, progress=options.progress)
-                outputs = generator.generate(train_prompts, n=config.candidates, max_new_tokens=config.max_new_tokens,
-                                             temperature=config.temperature, top_p=config.top_p,
-                                             seed=options.seed + 100 * t, desc=f"M{t - 1} candidates")
-                _free(generator)
-                return [{"question": q.question, "answer": q.answer, "prompt": p, "candidates": c}
-                        for q, p, c in zip(train_q, train_prompts, outputs)]
+        trained = (stage / "metrics.json").exists() and model.is_dir()
 
-            rows = _stage(stage / "candidates.jsonl", sample)
-            pairs, rewards = [], []
-            for row in rows:
-                scores = [reward(c, row["answer"]) for c in row["candidates"]]
-                rewards += scores
-                pair = preference_pair(row["candidates"], scores)
-                if pair is not None:
-                    pairs.append({"prompt": row["prompt"], "chosen": pair[0], "rejected": pair[1]})
+        def sample(t: int = t) -> list[dict]:  # (the model is loaded only when the file is not there yet)
+            generator = Generator(models[t - 1], batch_size=config.generation_batch, progress=options.progress)
+            outputs = generator.generate(train_prompts, n=config.candidates, max_new_tokens=config.max_new_tokens,
+                                         temperature=config.temperature, top_p=config.top_p,
+                                         seed=options.seed + 100 * t, desc=f"M{t - 1} candidates")
+            _free(generator)
+            return [{"question": q.question, "answer": q.answer, "prompt": p, "candidates": c}
+                    for q, p, c in zip(train_q, train_prompts, outputs)]
+
+        # (recounted from the candidates on disk, also when a run stopped between training and evaluation)
+        rows = _stage(stage / "candidates.jsonl", sample)
+        pairs, rewards = [], []
+        for row in rows:
+            scores = [reward(c, row["answer"]) for c in row["candidates"]]
+            rewards += scores
+            pair = preference_pair(row["candidates"], scores)
+            if pair is not None:
+                pairs.append({"prompt": row["prompt"], "chosen": pair[0], "rejected": pair[1]})
+        record["pairs"] = len(pairs)
+        record["candidate_reward"] = {"mean": float(np.mean(rewards)),
+                                      "exact_share": float(np.mean([r == 2 for r in rewards]))}
+        if not trained:
             if not pairs:
                 raise SteerError(f"{stage}: every question's candidates got the same reward, so there are no "
                                  "pairs to train on; stopping here (the candidates are kept)")
             write_jsonl(stage / "pairs.jsonl", pairs)
-            record["pairs"] = len(pairs)
-            record["candidate_reward"] = {"mean": float(np.mean(rewards)),
-                                          "exact_share": float(np.mean([r == 2 for r in rewards]))}
             # M_t = DPO(M_{t-1}) with M_{t-1} as the reference
             train_dpo(stage / "pairs.jsonl", replace(options, model=str(models[t - 1]), out=str(stage),
                                                      resume=last_checkpoint(stage) is not None),
