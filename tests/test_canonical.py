@@ -71,6 +71,13 @@ def test_gemma_pairs_agree_with_the_tokenizer(gemma):
         after = canon.after(a).numpy()
         probe = np.concatenate([np.flatnonzero(~after)[:200], rng.sample(range(vocab.size), 200)])
         assert [canon.follows(a, int(b)) for b in probe] == after[probe].tolist()
+    # the look-ahead's table of probes that may follow a token (built from `before`) agrees with `follows`
+    from steer.constraints.engine import _one_character_tokens, _probes_after
+
+    probes = _one_character_tokens(vocab)
+    assert len(probes) > 10
+    for a in [a for a, _ in pairs[:300]] + [one(" "), one("\n"), one("("), one("5")]:
+        assert _probes_after(vocab, canon, a) == [y for y in probes if canon.follows(a, y)]
 
 
 # -- SMC under canonicality against exact enumeration -------------------------------------------
