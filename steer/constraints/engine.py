@@ -233,16 +233,23 @@ def _probes_after(vocab: Vocabulary, canon: Canonical, last: int) -> list[int]:
     probes each token may precede (built once from `canon.before`): asking `canon.follows` would build
     what `last` leaves out, about a millisecond for each token seen for the first time."""
     if not canon.alone[last]:  # (the table judges tokens that stand alone; a prompt's may not)
-        return [y for y in _one_character_tokens(vocab) if canon.follows(last, y)]
+        found = [y for y in _one_character_tokens(vocab) if canon.follows(last, y)]
+        return [y for k, y in enumerate(found) if vocab.strings[y] not in {vocab.strings[z] for z in found[:k]}]
     probes, table = _probe_table(vocab, canon)
     return probes[np.unpackbits(table[last], count=len(probes)).view(bool)].tolist()
 
 
 def _probe_table(vocab: Vocabulary, canon: Canonical) -> tuple[np.ndarray, np.ndarray]:
-    """The probe tokens, and per token the probes that may follow it canonically, packed 8 to a byte."""
+    """The probe tokens, and per token the probes that may follow it canonically, packed 8 to a byte:
+    one token per character (a byte-fallback token and the merged one spell the same bytes, which is
+    all the engine judges), the first that may follow."""
     def build() -> tuple[np.ndarray, np.ndarray]:
         probes = _one_character_tokens(vocab)
         before = np.stack([canon.before(y) for y in probes], axis=1) if probes else np.zeros((vocab.size, 0), bool)
+        for j, y in enumerate(probes):
+            twins = [k for k in range(j) if vocab.strings[probes[k]] == vocab.strings[y]]
+            if twins:
+                before[:, j] &= ~before[:, twins].any(axis=1)
         return np.array(probes, dtype=np.int64), np.packbits(before, axis=1)
 
     return vocab.derived(_probe_table, build)
