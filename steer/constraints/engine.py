@@ -808,7 +808,8 @@ class Structured(TokenConstraint):
         base = base_words(context)
         if state.few(_few_limit(vocab), None if base is None else base[1]) is not None:
             return None  # few allowed: the mask was looked ahead of
-        m, keep, text = state.matcher, state.keep_ahead(), context.text
+        # (the text is decoded only where an end string could be written: it is all `end_position` reads)
+        m, keep, text = state.matcher, state.keep_ahead(), context.text if context.end else ""
 
         def continues(token: int) -> bool:
             if token in vocab.eos_ids or vocab.special[token] or context.end_position(text, vocab.strings[token]) \
