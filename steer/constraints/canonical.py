@@ -162,6 +162,7 @@ class Canonical:
         self.arrays = arrays
         self.alone = arrays["alone"] | self.exempt
         self._alone_words = pack(self.alone)
+        self._judged = self.alone & ~self.exempt  # what a token may leave out after it
         for added in self.bpe["added"]:
             content = added.get("content", "")
             if not added.get("special") and len(content) > 1:
@@ -172,7 +173,12 @@ class Canonical:
         for side, mine, theirs in (("right", "merge_left", "merge_right"), ("left", "merge_right", "merge_left")):
             order, ptr = _grouped(arrays[mine], n)
             self._merges[side] = ptr, arrays[theirs][order], arrays["merge_rank"][order]
-        self._by_node = {side: _grouped(arrays[f"{side}_node"], n) for side in ("left", "right")}
+        # per side, the spine entries grouped by node (each node's entries contiguous, so that the
+        # conflict search reads runs of memory instead of gathering across the whole table)
+        self._by_node = {}
+        for side in ("left", "right"):
+            order, node_ptr = _grouped(arrays[f"{side}_node"], n)
+            self._by_node[side] = (node_ptr, *(arrays[f"{side}_{k}"][order] for k in ("tok", "consumed", "created")))
 
     @classmethod
     def of(cls, vocab: Vocabulary) -> Canonical:
@@ -216,8 +222,7 @@ class Canonical:
         other = "left" if side == "right" else "right"
         lo, hi = a[f"{side}_ptr"][token], a[f"{side}_ptr"][token + 1]
         nodes, consumed, created = (a[f"{side}_{k}"][lo:hi] for k in ("node", "consumed", "created"))
-        by_node, node_ptr = self._by_node[other]
-        o_tok, o_consumed, o_created = (a[f"{other}_{k}"] for k in ("tok", "consumed", "created"))
+        node_ptr, o_tok, o_consumed, o_created = self._by_node[other]
         ptr, partner, prank = self._merges[side]
         bad = np.zeros(self.vocab.size, dtype=bool)
         for node, used, made in zip(nodes, consumed, created):
@@ -235,7 +240,7 @@ class Canonical:
             if not lengths.sum():
                 continue
             offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-            entries = by_node[offsets + np.arange(lengths.sum())]
+            entries = offsets + np.arange(lengths.sum())
             c = np.repeat(c, lengths)
             # Equal ranks are the same merge, applied left to right: the boundary merge comes before
             # the one inside the right-hand token and after the one inside the left-hand token.
@@ -258,26 +263,20 @@ class Canonical:
         return cleared(self._alone_words, left_out)
 
     def _left_out(self, prev: int) -> np.ndarray:
-        """The tokens standing alone that may not follow `prev`: their sorted ids (int32), or packed
-        words (uint32) when many (at most 1 bit a token: computing `_after` takes a millisecond,
-        keeping it costs little)."""
-        left_out = self.alone & ~self._after(prev).numpy()
-        ids = np.flatnonzero(left_out)
-        return ids.astype(np.int32) if len(ids) * 32 < len(left_out) else pack(left_out).view(np.uint32)
-
-    def _after(self, prev: int) -> torch.Tensor:
-        """Bool mask over the vocabulary: tokens that may follow `prev` in a canonical sequence (`prev`
-        itself is not judged: a prompt may hold any tokens)."""
-        ok = self.alone.copy()
-        if self.arrays is not None and not self.exempt[prev]:
-            ok &= ~self._conflicts(prev, "right")
-            s = self.vocab.strings[prev]
-            table = TokenTable.of(self.vocab)
-            for k in range(1, min(len(s), self._longest_head) + 1):
-                for rest in self._added_splits.get(s[-k:], ()):
-                    ok[table.starting_with(rest)] = False
-        ok |= self.exempt
-        return torch.from_numpy(ok)
+        """The tokens standing alone that may not follow `prev` (`prev` itself is not judged: a prompt
+        may hold any tokens): their sorted ids (int32), or packed words (uint32) when many (at most 1
+        bit a token: computing this takes about a millisecond, keeping it costs little)."""
+        if self.arrays is None or self.exempt[prev]:
+            return np.zeros(0, dtype=np.int32)
+        bad = self._conflicts(prev, "right")
+        s = self.vocab.strings[prev]
+        table = TokenTable.of(self.vocab)
+        for k in range(1, min(len(s), self._longest_head) + 1):
+            for rest in self._added_splits.get(s[-k:], ()):  # an added token is matched whole across the boundary
+                bad[table.starting_with(rest)] = True
+        bad &= self._judged
+        ids = np.flatnonzero(bad)
+        return ids.astype(np.int32) if len(ids) * 32 < len(bad) else pack(bad).view(np.uint32)
 
     def _before(self, nxt: int) -> np.ndarray:
         """Bool array over the vocabulary: tokens after which `nxt` keeps the sequence canonical."""
