@@ -265,7 +265,7 @@ class Canonical:
     def _left_out(self, prev: int) -> np.ndarray:
         """The tokens standing alone that may not follow `prev` (`prev` itself is not judged: a prompt
         may hold any tokens): their sorted ids (int32), or packed words (uint32) when many (at most 1
-        bit a token: computing this takes about a millisecond, keeping it costs little)."""
+        bit a token: computing this takes about half a millisecond, keeping it costs little)."""
         if self.arrays is None or self.exempt[prev]:
             return np.zeros(0, dtype=np.int32)
         bad = self._conflicts(prev, "right")
