@@ -150,18 +150,20 @@ def checkable_self_reward(qa: str | Path, passages: str | Path, options: TrainOp
             return [{"question": q.question, "answer": q.answer, "prompt": p, "candidates": c}
                     for q, p, c in zip(train_q, train_prompts, outputs)]
 
-        # (recounted from the candidates on disk, also when a run stopped between training and evaluation)
-        rows = _stage(stage / "candidates.jsonl", sample)
-        pairs, rewards = [], []
-        for row in rows:
-            scores = [reward(c, row["answer"]) for c in row["candidates"]]
-            rewards += scores
-            pair = preference_pair(row["candidates"], scores)
-            if pair is not None:
-                pairs.append({"prompt": row["prompt"], "chosen": pair[0], "rejected": pair[1]})
-        record["pairs"] = len(pairs)
-        record["candidate_reward"] = {"mean": float(np.mean(rewards)),
-                                      "exact_share": float(np.mean([r == 2 for r in rewards]))}
+        # (recounted from the candidates on disk when a run stopped between training and evaluation; a
+        # trained model's candidates are never sampled again: new ones would not be what it trained on)
+        if not trained or ("pairs" not in record and (stage / "candidates.jsonl").exists()):
+            rows = _stage(stage / "candidates.jsonl", sample)
+            pairs, rewards = [], []
+            for row in rows:
+                scores = [reward(c, row["answer"]) for c in row["candidates"]]
+                rewards += scores
+                pair = preference_pair(row["candidates"], scores)
+                if pair is not None:
+                    pairs.append({"prompt": row["prompt"], "chosen": pair[0], "rejected": pair[1]})
+            record["pairs"] = len(pairs)
+            record["candidate_reward"] = {"mean": float(np.mean(rewards)),
+                                          "exact_share": float(np.mean([r == 2 for r in rewards]))}
         if not trained:
             if not pairs:
                 raise SteerError(f"{stage}: every question's candidates got the same reward, so there are no "
