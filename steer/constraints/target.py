@@ -59,7 +59,12 @@ def canonical_filter(context: Context) -> Canonical | None:
     if not context.canonical:
         return None
     vocab = context.lm.vocab
-    return vocab.derived(canonical_filter, lambda: None if Canonical.of(vocab).trivial else Canonical.of(vocab))
+
+    def build() -> Canonical | None:
+        found = Canonical.of(vocab)
+        return None if found.trivial else found
+
+    return vocab.derived(canonical_filter, build)
 
 
 _MISSING = object()
