@@ -15,6 +15,15 @@ def format_prompt(instruction: str) -> str:
     return TEMPLATE.format(instruction=instruction.strip())
 
 
+def instruction_of(prompt: str) -> str:
+    """The instruction inside a prompt laid out by `format_prompt` (files store instructions, so that
+    reading them back templates them once)."""
+    head, tail = TEMPLATE.split("{instruction}")
+    if not (prompt.startswith(head) and prompt.endswith(tail)):
+        raise ValueError("not a prompt in steer's instruction template")
+    return prompt[len(head):len(prompt) - len(tail)]
+
+
 # The additive 5-point LLM-as-a-Judge prompt of Self-Rewarding Language Models (Yuan et al. 2024,
 # arXiv 2401.10020, figure 2).
 JUDGE_PROMPT = """Review the user's question and the corresponding response using the additive 5-point scoring system described below. Points are accumulated based on the satisfaction of each criterion:

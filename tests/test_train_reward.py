@@ -150,6 +150,29 @@ def test_meta_rm_takes_the_bradley_terry_gradient_after_an_ascent_step_on_the_di
     assert trainer.meta and j.item() > 0.5
 
 
+def test_sampled_response_sets_are_a_meta_set_on_the_training_side_of_the_reward_split(
+        tiny_text_dir, arithmetic_pairs, tmp_path):
+    """`steer train sample --split train` writes response sets that MetaRM reads back, each prompt one
+    the reward trainer (same seed and fraction) trains on, templated once."""
+    from train.data import load_response_sets
+    from train.generation import sample_response_sets
+
+    out = tmp_path / "meta.jsonl"
+    stats = sample_response_sets(arithmetic_pairs, out, model=str(tiny_text_dir), n=3, split="train",
+                                 eval_fraction=0.3, seed=5, max_new_tokens=6, temperature=1.0, progress=False)
+    sets = load_response_sets(out)
+    train, held = split_by_prompt(load_pairs(arithmetic_pairs), 0.3, 5)
+    assert held and stats["sets"] == len(sets) and stats["sets"] + stats["skipped"] == len({p.prompt for p in train})
+    assert {s.prompt for s in sets} <= {p.prompt for p in train}
+    assert not {s.prompt for s in sets} & {p.prompt for p in held}
+    assert all(len(s.responses) >= 2 and all(s.responses) for s in sets)
+    drawn = sample_response_sets(arithmetic_pairs, tmp_path / "two.jsonl", model=str(tiny_text_dir), n=2,
+                                 prompts=2, split="eval", eval_fraction=0.3, seed=5, max_new_tokens=6,
+                                 temperature=1.0, progress=False)
+    assert drawn["sets"] + drawn["skipped"] == 2
+    assert {s.prompt for s in load_response_sets(tmp_path / "two.jsonl")} <= {p.prompt for p in held}
+
+
 def synthetic_pairs(n, flip_rate, seed):
     """Chosen responses are mostly "a", rejected mostly "b"; a known set of pairs has its labels swapped."""
     rng = random.Random(seed)

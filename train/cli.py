@@ -118,6 +118,16 @@ def _reward(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample(args: argparse.Namespace) -> int:
+    from .generation import sample_response_sets
+
+    _print_json(sample_response_sets(args.data, args.out, model=args.model, n=args.n, prompts=args.prompts,
+                                     split=args.split, eval_fraction=args.eval_fraction, seed=args.seed,
+                                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                     top_p=args.top_p, batch_size=args.batch_size, progress=not args.no_progress))
+    return 0
+
+
 def _strength(args: argparse.Namespace) -> int:
     from .strength import preference_strength
 
@@ -214,7 +224,7 @@ def _icp_order(args: argparse.Namespace) -> int:
 def add_commands(commands) -> None:
     from .dpo import LOSS_TYPES
 
-    train = commands.add_parser("train", help="train models: sft, dpo, reward, strength, self-reward, checkable-reward, icp-order, pretrain, llara, radit-lm, radit-retriever")
+    train = commands.add_parser("train", help="train models: sft, dpo, reward, sample, strength, self-reward, checkable-reward, icp-order, pretrain, llara, radit-lm, radit-retriever")
     kinds = train.add_subparsers(dest="trainer", required=True, parser_class=type(train))
 
     sft = kinds.add_parser("sft", help="supervised fine-tuning on prompt/completion or messages JSONL")
@@ -251,6 +261,25 @@ def add_commands(commands) -> None:
                              "distribution); each step's gradient is taken after an ascent step on their difference loss")
     reward.add_argument("--meta-lr", type=float, default=1e-3, help="MetaRM's ascent step size")
     reward.set_defaults(handler=_reward)
+
+    sample = kinds.add_parser("sample", help='sample a policy\'s responses to a file\'s prompts: {"prompt", '
+                                             '"responses"} rows (MetaRM\'s --meta-data)')
+    sample.add_argument("--data", required=True, help="preference pairs (their prompts are used) or rows with 'prompt'")
+    sample.add_argument("--out", required=True, help="JSONL file to write")
+    sample.add_argument("--model", default=None, help="the policy: a local HF model directory (default: Gemma 3 270M)")
+    sample.add_argument("--n", type=positive("--n"), default=2, help="responses per prompt (at least 2)")
+    sample.add_argument("--prompts", type=positive("--prompts"), default=None, help="draw this many prompts (seeded)")
+    sample.add_argument("--split", choices=("all", "train", "eval"), default="all",
+                        help="the side of the prompt split `steer train reward` makes with the same --seed and "
+                             "--eval-fraction (train: a meta set that shares no prompt with the held-out pairs)")
+    sample.add_argument("--eval-fraction", type=_fraction("--eval-fraction"), default=0.1)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--max-new-tokens", type=positive("--max-new-tokens"), default=64)
+    sample.add_argument("--temperature", type=float, default=0.7)
+    sample.add_argument("--top-p", type=float, default=0.9)
+    sample.add_argument("--batch-size", type=positive("--batch-size"), default=16, help="sequences per generate call")
+    sample.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sample.set_defaults(handler=_sample)
 
     strength = kinds.add_parser("strength", help="preference strength of every pair from a reward-model ensemble")
     _run_flags(strength, lr=1e-5)

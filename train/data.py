@@ -116,6 +116,19 @@ def load_pairs(path: str | Path, limit: int | None = None) -> list[Pair]:
     return pairs
 
 
+def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
+    """The distinct prompts (in the template, in file order) of a preference-pair file or of a file of
+    `prompt` rows: what a policy is asked when one samples its responses."""
+    path = Path(path)
+    first = next(read_jsonl(path))[1]
+    if "chosen" in first:
+        prompts = [pair.prompt for pair in load_pairs(path)]
+    else:
+        prompts = [format_prompt(_text(path, number, row, "prompt")) for number, row in read_jsonl(path)]
+    distinct = list(dict.fromkeys(prompts))
+    return distinct[:limit] if limit is not None else distinct
+
+
 @dataclass(frozen=True)
 class ResponseSet:
     """Several unlabelled responses to one prompt (its prompt already in the template): a sample of a

@@ -6,12 +6,17 @@ and a count of generated tokens so callers can report tokens per second.
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
+from steer.errors import SteerError
+from steer.jsonl import write_jsonl
 
 from .common import load_causal_lm, load_tokenizer
 
@@ -65,3 +70,55 @@ class Generator:
                 texts = [t.split(stop)[0] for t in texts]
             out.extend([t.strip() for t in texts[i * n:(i + 1) * n]] for i in range(len(group)))
         return out
+
+
+def sample_response_sets(data: str | Path, out: str | Path, *, model: str | None = None, n: int = 2,
+                         prompts: int | None = None, split: str = "all", eval_fraction: float = 0.1, seed: int = 0,
+                         max_new_tokens: int = 64, temperature: float = 0.7, top_p: float = 0.9,
+                         batch_size: int = 16, progress: bool = True) -> dict[str, Any]:
+    """Responses of a policy to the prompts of `data`, written as `{"prompt", "responses"}` rows (the
+    response sets MetaRM reads).  `split` picks the prompts a reward trainer given the same file,
+    `eval_fraction` and `seed` trains on ("train") or holds out ("eval"), so that a meta set never
+    shares a prompt with the held-out pairs; `prompts` draws that many of them (seeded).  A response
+    that comes out empty is dropped, and a prompt left with fewer than two is skipped and counted."""
+    from steer.template import instruction_of
+
+    from .common import model_dir
+    from .data import load_prompts, split_by_prompt
+
+    if split not in ("all", "train", "eval"):
+        raise SteerError(f"--split must be all, train or eval, got {split!r}")
+    if n < 2:
+        raise SteerError(f"a response set needs at least two responses, got --n {n}")
+    if not (0 < top_p <= 1 and temperature >= 0):
+        raise SteerError(f"--top-p must be in (0, 1] and --temperature at least 0, got {top_p} and {temperature}")
+    pool = load_prompts(data)
+    if split != "all":
+        train, held = split_by_prompt([_Prompted(p) for p in pool], eval_fraction, seed)
+        pool = [p.prompt for p in (train if split == "train" else held)]
+    if prompts is not None and prompts < len(pool):
+        pool = random.Random(seed).sample(pool, prompts)
+    if not pool:
+        raise SteerError(f"{data}: no prompts on the {split!r} side")
+    generator = Generator(model_dir(model), batch_size=batch_size, progress=progress)
+    outputs = generator.generate(pool, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                 seed=seed, desc="responses")
+    rows, skipped = [], 0
+    for prompt, responses in zip(pool, outputs):
+        kept = [r for r in responses if r]
+        if len(kept) < 2:
+            skipped += 1
+            continue
+        rows.append({"prompt": instruction_of(prompt), "responses": kept})
+    if not rows:
+        raise SteerError("every prompt got fewer than two non-empty responses; raise --max-new-tokens or --n")
+    write_jsonl(out, rows)
+    return {"out": str(out), "sets": len(rows), "skipped": skipped, "responses": sum(len(r["responses"]) for r in rows),
+            "tokens_per_second": round(generator.stats.tokens_per_second, 1)}
+
+
+@dataclass(frozen=True)
+class _Prompted:
+    """A bare prompt where `split_by_prompt` expects a pair: the split reads only `.prompt`."""
+
+    prompt: str
