@@ -205,6 +205,22 @@ def test_budget_checks_finish_every_particle_and_keep_the_posterior(pattern, bud
 
 
 @pytest.mark.slow
+def test_a_back_reference_leaves_room_for_its_copy_within_the_budget(monkeypatch):
+    """`(a+) \\1` in 7 tokens: the approximation reads `\\1` as any text, so without the copy check
+    particles write `aaa` and cannot copy it in time; with it none dies and the posterior is exact."""
+    from steer.constraints.checks import PartialRegex
+
+    lm = steer.tiny_model("ab ", seed=4, temperature=2.0)
+    pattern, budget = r"(a+) \1", 7
+    target, z = ended_within(lm, budget, lambda s: regex.fullmatch(pattern, s) is not None)
+    assert len(target) >= 2
+    assert_exact(lambda: WithinBudget(lm, partial_regex(pattern), budget), target, z, runs=3, particles=1000)
+    monkeypatch.setattr(PartialRegex, "_copies_fit", lambda self, context: None)
+    post = steer.importance_sampling(WithinBudget(lm, partial_regex(pattern), budget), particles=1000, seed=0)
+    assert not np.isfinite(post.log_weights).all()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("make,complete_ok,tv_runs", [
     # (paths through "a" carry heavy-tailed weights here: its posterior is checked through Z only)
     (lambda: steer.masks.must_end_with("b"), lambda s: s.endswith("b"), 0),

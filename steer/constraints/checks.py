@@ -113,7 +113,55 @@ class PartialRegex(TokenCheck):
     def _complete(self, text: str) -> bool:
         return self.compiled.fullmatch(text, timeout=self.timeout) is not None
 
+    def token_check(self, context: Context) -> TokenTest:
+        return all_of([super().token_check(context), self._copies_fit(context)])
 
+    def _copies_fit(self, context: Context) -> TokenTest | None:
+        """With a budget and back-references: a drawn token must leave room for the copies the text
+        still owes.  The approximation reads a back-reference as any text, even none, so its budget
+        check lets a particle write a 40-digit word that its copy can then not follow in time.  Here
+        the approximation's completion after the token is extended with the groups it captured until
+        the pattern itself accepts it; a token is refused when that completion does not fit (none
+        found: nothing is known, and the token passes)."""
+        left = getattr(context, "tokens_left", None)
+        if not _COPIES.search(self.pattern) or self.approximation is None or left is None or left <= 2 \
+                or context.ended or context.heal:
+            return None
+        state, vocab, text = self.approximation.state(context), context.lm.vocab, context.text
+        m, tokenizer = state.matcher, state.tokenizer
+
+        def fits(token: int) -> bool:
+            s = vocab.strings[token]
+            if token in vocab.eos_ids or vocab.special[token] or context.end_position(text, s) is not None:
+                return True  # judged by the other checks
+            if not m.try_consume_tokens([token]):
+                return True  # the approximation leaves it out
+            try:
+                ending, found = engine.completion(m, vocab, tokenizer, engine._search_limit(left - 1), (text + s)[-2:])
+            finally:
+                m.rollback(1)
+            ending = self._with_copies(text + s, ending) if found else None
+            return ending is None or len(tokenizer.tokenize_str(ending)) + 1 <= left - 1
+
+        return fits
+
+    def _with_copies(self, text: str, ending: str, rounds: int = 3) -> str | None:
+        """`ending`, then captured groups written after it, until `text + ending` is complete (None:
+        not within `rounds` copies)."""
+        for _ in range(rounds + 1):
+            if self.allows(text + ending, complete=True):
+                return ending
+            match = self.compiled.fullmatch(text + ending, partial=True, timeout=self.timeout)
+            if match is None:
+                return None
+            longer = [ending + g for g in match.groups() if g and self.allows(text + ending + g)]
+            if not longer:
+                return None
+            ending = next((e for e in longer if self.allows(text + e, complete=True)), longer[0])
+        return None
+
+
+_COPIES = regex.compile(r"\\[1-9]|\\g<|\\k<|\(\?P=")  # a back-reference: `\1`, `\g<name>`, `\k<name>`, `(?P=name)`
 _ANY = "(?s:.*)"
 _LOOK = ("(?=", "(?!", "(?<=", "(?<!")
 _FLAGS = regex.compile(r"\(\?([a-zA-Z^-]*)([:)])")
