@@ -103,6 +103,7 @@ class PartialRegex(TokenCheck):
             raise SteerError(f"invalid regular expression {pattern!r}: {e}") from None
         self.pattern, self.timeout = pattern, timeout
         self.approximation = regular_approximation(pattern)
+        self.copies = _COPIES.search(pattern) is not None  # back-references: see `_copies_fit`
 
     def __repr__(self) -> str:
         return f"partial_regex({self.pattern!r})"
@@ -124,7 +125,7 @@ class PartialRegex(TokenCheck):
         the pattern itself accepts it; a token is refused when that completion does not fit (none
         found: nothing is known, and the token passes)."""
         left = getattr(context, "tokens_left", None)
-        if not _COPIES.search(self.pattern) or self.approximation is None or left is None or left <= 2 \
+        if not self.copies or self.approximation is None or left is None or left <= 2 \
                 or context.ended or context.heal:
             return None
         state, vocab, text = self.approximation.state(context), context.lm.vocab, context.text
