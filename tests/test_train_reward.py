@@ -173,6 +173,26 @@ def test_sampled_response_sets_are_a_meta_set_on_the_training_side_of_the_reward
     assert {s.prompt for s in load_response_sets(tmp_path / "two.jsonl")} <= {p.prompt for p in held}
 
 
+def test_sampled_response_sets_on_the_default_model(tmp_path):
+    """The default model answers two HH-RLHF training-side prompts twice each; the file is a meta set
+    whose prompts are the dialogues' instructions, none of them held out."""
+    from pathlib import Path
+
+    from train.data import load_response_sets
+    from train.generation import sample_response_sets
+
+    data = Path(__file__).resolve().parents[1] / "examples" / "data" / "hh_rlhf_harmless.jsonl.gz"
+    out = tmp_path / "meta.jsonl"
+    stats = sample_response_sets(data, out, n=2, prompts=2, split="train", eval_fraction=0.2, max_new_tokens=8,
+                                 progress=False)
+    sets = load_response_sets(out)
+    assert stats["sets"] == len(sets) >= 1 and stats["sets"] + stats["skipped"] == 2
+    _, held = split_by_prompt(load_pairs(data), 0.2, 0)
+    assert not {s.prompt for s in sets} & {p.prompt for p in held}
+    assert all(s.prompt.startswith("Instruction:\n") and "Instruction:\nInstruction:" not in s.prompt for s in sets)
+    assert all(len(s.responses) == 2 for s in sets)
+
+
 def synthetic_pairs(n, flip_rate, seed):
     """Chosen responses are mostly "a", rejected mostly "b"; a known set of pairs has its labels swapped."""
     rng = random.Random(seed)

@@ -116,7 +116,7 @@ def load_pairs(path: str | Path, limit: int | None = None) -> list[Pair]:
     return pairs
 
 
-def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
+def load_prompts(path: str | Path) -> list[str]:
     """The distinct prompts (in the template, in file order) of a preference-pair file or of a file of
     `prompt` rows: what a policy is asked when one samples its responses."""
     path = Path(path)
@@ -125,8 +125,7 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
         prompts = [pair.prompt for pair in load_pairs(path)]
     else:
         prompts = [format_prompt(_text(path, number, row, "prompt")) for number, row in read_jsonl(path)]
-    distinct = list(dict.fromkeys(prompts))
-    return distinct[:limit] if limit is not None else distinct
+    return list(dict.fromkeys(prompts))
 
 
 @dataclass(frozen=True)
