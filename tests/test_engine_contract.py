@@ -254,3 +254,29 @@ def test_packed_mask_helpers_agree_with_bool_arrays():
             n = int(ok.sum())
             assert np.array_equal(few_ids(words, n), np.flatnonzero(ok))
             assert few_ids(words, n - 1) is None if n else few_ids(words, 0).size == 0
+
+
+def test_particles_at_the_same_tokens_share_the_budget_checks_completion_searches(lm, monkeypatch):
+    """The completion search behind a budget check is remembered by the grammar and the tokens read: a
+    copy at the same tokens (and a new constraint with the same grammar) gets every verdict a fresh
+    search gives, without searching again."""
+    from steer.constraints.target import Recent
+
+    searches = []
+    need = engine.Structured.need
+    monkeypatch.setattr(engine.Structured, "need", lambda self, *a, **k: searches.append(1) or need(self, *a, **k))
+
+    def verdicts(constraint, ctx):
+        fits = constraint.token_check(ctx)
+        return [bool(fits(t)) for t in range(lm.vocab.size)]
+
+    ctx = LMContext(lm, "", heal=False, max_tokens=6)
+    ctx.extend(lm.encode("ab", bos=False))
+    first = verdicts(engine.regex(r"(ab|ba)+ 12"), ctx)
+    assert searches and not all(first)  # some token leaves no room to end: the check does refuse
+    searched = len(searches)
+    twin = copy.deepcopy(ctx)
+    assert verdicts(engine.regex(r"(ab|ba)+ 12"), twin) == first
+    assert len(searches) == searched  # all remembered
+    monkeypatch.setattr(engine, "recent", lambda vocab, name, limit: Recent(limit))  # nothing remembered
+    assert verdicts(engine.regex(r"(ab|ba)+ 12"), twin) == first and len(searches) > searched

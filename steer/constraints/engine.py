@@ -36,7 +36,7 @@ from .base import NOTHING_FITS, all_of
 from .canonical import Canonical
 from .maskops import bits_at, few_ids, pack, unpack
 from .masks import TokenConstraint
-from .target import base_words, can_end_next, canonical_filter, ending_tokens
+from .target import base_words, can_end_next, canonical_filter, ending_tokens, recent
 from .tokens import TokenTable
 
 LOOK_AHEAD = 16  # tokens checked one by one for a canonical continuation when at most this many are allowed
@@ -788,6 +788,15 @@ class Structured(TokenConstraint):
         clash = bool(ids) and canon is not None and last is not None and not canon.before(ids[0])[last]
         return len(ids) + 1 + clash
 
+    def _remembered_need(self, vocab: Vocabulary, key: tuple, compute: Callable[[], int | None]) -> int | None:
+        """`compute()`, a completion search, remembered by what determines it (the grammar, the tokens
+        read, the budget): particles that share a prefix (all of them at a forced start, many after
+        resampling) and runs of the same program ask the same questions."""
+        memo = recent(vocab, "completion needs", 8192)
+        key = (self.grammar, self.hints, *key)
+        found = memo.recall(key, memo)
+        return memo.keep(key, compute()) if found is memo else found
+
     def token_check(self, context) -> Callable[[int], bool] | None:
         """Checks of a drawn token that the mask cannot afford to make for every token (each costs tens
         to hundreds of microseconds), applied by adaptive rejection so the weight stays exact: that
@@ -832,9 +841,12 @@ class Structured(TokenConstraint):
         # (a greedy completion can be a token or two off where it meets the text before it: keep that
         # much room until the budget's last few tokens)
         room = left - 1 - (MARGIN if left - 1 > END_GAME else 0)
+        # what the matcher has read: every particle with the same tokens is in the same state
+        position = (tuple(context.tokens[context.prompt_length:]), context.healed, context.heal, canon is None)
         if not context.heal:
-            need = self.need(m, vocab, tokenizer, left, canon, context.tokens[-1] if state.consumed else None,
-                             context.text[-2:], within=left)
+            need = self._remembered_need(vocab, (position, left), lambda: self.need(
+                m, vocab, tokenizer, left, canon, context.tokens[-1] if state.consumed else None,
+                context.text[-2:], within=left))
             if need is not None and need > left:
                 if state.consumed == 0:  # a budget no text fits is reported before sampling
                     raise SteerError(f"{self.describe}: no text it allows was found that fits in max_tokens "
@@ -863,7 +875,8 @@ class Structured(TokenConstraint):
                     return True  # not allowed at all: the mask leaves it out
                 if left == 2:  # the next token is the last: known exactly, not searched for
                     return self._may_end_next(m, context, text + s)
-                need = self.need(m, vocab, tokenizer, left - 1, canon, token, (text + s)[-2:], within=room)
+                need = self._remembered_need(vocab, (position, token, left - 1, room), lambda: self.need(
+                    m, vocab, tokenizer, left - 1, canon, token, (text + s)[-2:], within=room))
                 return need is None or need <= room
             finally:
                 if n:
