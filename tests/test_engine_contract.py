@@ -256,12 +256,13 @@ def test_packed_mask_helpers_agree_with_bool_arrays():
             assert few_ids(words, n - 1) is None if n else few_ids(words, 0).size == 0
 
 
-def test_particles_at_the_same_tokens_share_the_budget_checks_completion_searches(lm, monkeypatch):
+def test_particles_at_the_same_tokens_share_the_budget_checks_completion_searches(monkeypatch):
     """The completion search behind a budget check is remembered by the grammar and the tokens read: a
     copy at the same tokens (and a new constraint with the same grammar) gets every verdict a fresh
     search gives, without searching again."""
     from steer.constraints.target import Recent
 
+    lm = steer.tiny_model(ALPHABET, merges=MERGES, seed=0)  # its own vocabulary: nothing remembered yet
     searches = []
     need = engine.Structured.need
     monkeypatch.setattr(engine.Structured, "need", lambda self, *a, **k: searches.append(1) or need(self, *a, **k))
@@ -270,7 +271,6 @@ def test_particles_at_the_same_tokens_share_the_budget_checks_completion_searche
         fits = constraint.token_check(ctx)
         return [bool(fits(t)) for t in range(lm.vocab.size)]
 
-    lm.vocab._derived.pop(("recent", "completion needs"), None)  # whatever earlier tests left
     ctx = LMContext(lm, "", heal=False, max_tokens=6)
     ctx.extend(lm.encode("ab", bos=False))
     first = verdicts(engine.regex(r"(ab|ba)+ 12"), ctx)
