@@ -134,6 +134,25 @@ def test_a_conversion_killed_half_way_leaves_no_model_and_is_cleaned_up(tmp_path
     assert stale and remove_stale(models, ".convert-") == stale  # what the next conversion does first
 
 
+def test_the_conversion_parses_the_gguf_file_once(tmp_path):
+    """The tokenizer, the config and the weights share one parse of the file (each took 20 s)."""
+    import gguf
+
+    from steer.lm.loading import _gguf_parsed_once
+
+    path = tmp_path / "t.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_uint32("test.value", 7)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    original = gguf.GGUFReader
+    with _gguf_parsed_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first and first.fields["test.value"].contents() == 7
+    assert gguf.GGUFReader is original and gguf.GGUFReader(path) is not first
+
+
 def test_a_cached_model_cut_short_is_converted_again(tiny_dir, tmp_path, monkeypatch):
     """A converted model records its files' sizes; one cut short (a full disk, a crash) is rebuilt
     before anything reads it."""

