@@ -19,6 +19,28 @@ def options(out, **kw):
     return TrainOptions(**{**base, **kw})
 
 
+def test_the_training_tokenizer_drops_only_what_its_constructor_read():
+    """Without its Python copies of the vocabulary and merges, the tokenizer splits, lists its vocabulary
+    and saves exactly as the one transformers loads."""
+    import tempfile
+
+    from datasets.fingerprint import Hasher
+    from transformers import AutoTokenizer
+
+    from steer.lm import default_model_path
+    from train.common import load_tokenizer
+
+    light, full = load_tokenizer(default_model_path()), AutoTokenizer.from_pretrained(default_model_path())
+    text = "Hello wörld,  the quick\n\nbrown 123 fox <eos>"
+    assert light(text)["input_ids"] == full(text)["input_ids"] and light.get_vocab() == full.get_vocab()
+    assert not light.__dict__["_vocab"] and full.__dict__["_vocab"]
+    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+        light.save_pretrained(a)
+        full.save_pretrained(b)
+        assert (Path(a) / "tokenizer.json").read_bytes() == (Path(b) / "tokenizer.json").read_bytes()
+    assert Hasher.hash(light) == Hasher.hash(load_tokenizer(default_model_path()))  # fingerprints stay stable
+
+
 def test_dpo_with_lora_on_gemma(tmp_path):
     from train.dpo import train_dpo
 
