@@ -5,7 +5,8 @@ The reward r(x) counts positive words (bench/soft.py's list) in a response of at
 temperature beta the KL-regularised optimum is pi*(x) = p(x) exp(r(x)/beta) / Z, which is
 
 (a) what DPO at beta trains towards: LoRA on pairs of the base model's own responses to training
-    subjects (the best and the worst of `--candidates` by r, ties dropped); the trained policy is
+    subjects (the best and the worst of `--candidates` by r, ties dropped, and with
+    `--pairs-per-subject K` up to K - 1 more pairs of them whose rewards differ); the trained policy is
     sampled on held-out subjects, and KL(pi || p) = E_pi[log pi(x) - log p(x)] over its samples;
 (b) exactly the target of SMC steering with `prefer_words(words, 1/beta)`: E[r] from the weighted
     particles, KL = E[r]/beta - log Z from the weights and log_ml (`Posterior.kl_to_base`);
@@ -135,16 +136,24 @@ def summarise(rewards: list[list[float]], kls: list[list[float]], seconds: float
             "seconds_per_output": seconds}
 
 
-def preference_pairs(base, tokenizer, subjects: list[str], candidates: int, seed: int, out: Path) -> Path:
-    """The base model's responses to the training subjects, the best and the worst by r as a pair
-    (subjects whose responses all score the same give none), written as JSONL."""
+def preference_pairs(base, tokenizer, subjects: list[str], candidates: int, per_subject: int, seed: int,
+                     out: Path) -> Path:
+    """The base model's responses to the training subjects as pairs ranked by r, written as JSONL: per
+    subject the best against the worst, then up to `per_subject - 1` more pairs drawn at random from
+    the others whose rewards differ (subjects whose responses all score the same give none)."""
     prompts = [format_prompt(instruction(s)) for s in subjects]
+    rng = np.random.default_rng(seed)
     rows = []
     for subject, responses in zip(subjects, sample(base, tokenizer, prompts, candidates, seed)):
-        scored = sorted(((hits(t), t) for t in (text_of(tokenizer, r).strip() for r in responses) if t),
-                        key=lambda x: x[0])
-        if len(scored) >= 2 and scored[-1][0] > scored[0][0]:
-            rows.append({"prompt": instruction(subject), "chosen": scored[-1][1], "rejected": scored[0][1]})
+        texts = dict.fromkeys(t for t in (text_of(tokenizer, r).strip() for r in responses) if t)
+        scored = sorted(((hits(t), t) for t in texts), key=lambda x: x[0])
+        ordered = [(c, r) for c in scored for r in scored if c[0] > r[0]]
+        if not ordered:
+            continue
+        first = (scored[-1], scored[0])
+        others = [p for p in ordered if p != first]
+        picked = [first, *(others[i] for i in rng.permutation(len(others))[:per_subject - 1])]
+        rows += [{"prompt": instruction(subject), "chosen": c[1], "rejected": r[1]} for c, r in picked]
     path = out / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -205,6 +214,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16, help="samples per held-out subject")
     parser.add_argument("--particles", type=int, default=16)
     parser.add_argument("--candidates", type=int, default=8, help="base responses per training subject")
+    parser.add_argument("--pairs-per-subject", type=int, default=1,
+                        help="DPO pairs per training subject: the best against the worst, then random others")
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--no-dpo", action="store_true", help="skip the DPO arm (no training)")
@@ -235,7 +246,8 @@ def main() -> None:
                      **steered(lm, eval_subjects, beta, args.particles, args.seed)})
     if not args.no_dpo:
         started = time.perf_counter()
-        data = preference_pairs(base, tokenizer, train_subjects, args.candidates, args.seed, args.out)
+        data = preference_pairs(base, tokenizer, train_subjects, args.candidates, args.pairs_per_subject, args.seed,
+                                args.out)
         pair_minutes = (time.perf_counter() - started) / 60  # counted in every beta's training time
         for beta in args.betas:
             rows.append({"method": "DPO", "setting": f"beta={beta:g}", "beta": beta,

@@ -1,6 +1,24 @@
+import os
+
 import pytest
 
 import steer
+
+MAX_WORKERS = 4  # each worker may hold the default model and a training run: about 4 GB
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker a core, at most MAX_WORKERS (a worker's memory, not its core, is the limit)."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
+
+
+def pytest_configure(config) -> None:
+    """A worker computes on one thread: two workers with two threads each on two cores spend their time
+    in OpenMP barrier waits."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
