@@ -53,6 +53,8 @@ def test_two_processes_match_one_write_once_and_resume(tiny_text_dir, arithmetic
     # the same global batch (2 x 2 against 4): the same loss within the noise of another data order
     assert two["eval"]["eval_loss"] == pytest.approx(one["eval"]["eval_loss"], abs=0.05)
     assert two["eval"]["eval_loss"] < two["eval_before"]["eval_loss"]
+    # the pair metrics read every held-out pair, not the main process's shard of them
+    assert two["eval"]["pairs"] == one["eval"]["pairs"] == two["pairs"]["eval"]
 
     # stopped after step 3: the last checkpoint and the model are gone; --resume finishes the same run
     shutil.rmtree(tmp_path / "two" / "checkpoint-6")

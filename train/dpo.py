@@ -127,7 +127,7 @@ def _sft_on_chosen(train: list, options: TrainOptions) -> dict[str, Any]:
 
 def held_out_margins(trainer) -> torch.Tensor:
     """The implicit reward margin β[(log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r))] of every
-    held-out pair, in order.  Before training (LoRA: the policy is the reference) every margin is 0."""
+    held-out pair (in order in one process; with several, in the order their shards interleave).  Before training (LoRA: the policy is the reference) every margin is 0."""
     model = trainer.model
     reference = trainer.ref_model if trainer.ref_model is not None else model
     training = model.training
@@ -138,7 +138,10 @@ def held_out_margins(trainer) -> torch.Tensor:
             inputs = trainer._prepare_inputs(batch)
             ref_chosen, ref_rejected = trainer.compute_ref_log_probs(reference, inputs)
             chosen, rejected = _completion_log_probs(model, inputs)
-            margins.append(trainer.beta * ((chosen - ref_chosen) - (rejected - ref_rejected)))
+            margin = trainer.beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+            # each process reads its shard of the held-out pairs: every process gets all of them (the
+            # padding that evens out the shards dropped)
+            margins.append(trainer.accelerator.gather_for_metrics(margin))
     finally:
         model.train(training)
     return torch.cat(margins).float().cpu()
