@@ -173,7 +173,7 @@ def test_held_out_pair_accuracy_counts_ties_half_and_equals_a_direct_computation
     """Before training a LoRA policy is its reference: every held-out margin is 0, a tie, and the
     accuracy is 0.5 (TRL's counts it 0.0).  After training, each margin equals β times the log-ratio
     difference computed from plain logits of the policy and of the adapter-disabled model."""
-    from train.dpo import _before_training, held_out_margins, pair_accuracy
+    from train.dpo import _before_training, held_out_margins, pair_accuracy, sigmoid_evaluation
 
     pairs = load_pairs(arithmetic_pairs)
     opts = options(tmp_path, tiny_text_dir, lora=True, lora_r=4, learning_rate=5e-3, max_steps=4)
@@ -197,6 +197,13 @@ def test_held_out_pair_accuracy_counts_ties_half_and_equals_a_direct_computation
     after = pair_accuracy(trainer)
     assert after["pair_accuracy"] == pytest.approx(float((margins > 0).float().mean()))
     assert after["pair_ties"] == 0.0 and after["pair_accuracy_ci95"][0] <= after["pair_accuracy"]
+    # the one pass train_dpo makes for the sigmoid loss gives TRL's own evaluation (two equal batches)
+    ours, trls = sigmoid_evaluation(trainer), trainer.evaluate()
+    for key in ("eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/accuracies",
+                "eval_rewards/margins", "eval_logps/chosen", "eval_logps/rejected"):
+        assert ours[key] == pytest.approx(trls[key], abs=1e-5), key
+    for key in ("pair_accuracy", "pair_ties", "pair_margin", "pairs"):
+        assert ours[key] == pytest.approx(after[key], abs=1e-6), key
 
 
 def test_sft_first_then_dpo_from_it(tmp_path, tiny_text_dir, arithmetic_pairs):

@@ -197,15 +197,15 @@ def save_final(trainer, tokenizer, out: str | Path, lora: bool) -> Path:
 
 def run_and_save(trainer, tokenizer, options: TrainOptions, checkpoint: str | None,
                  has_eval: bool, held_out: Callable[[Any], dict[str, Any]] | None = None,
-                 known_before: dict[str, Any] | None = None) -> dict[str, Any]:
+                 known_before: dict[str, Any] | None = None, trainer_evaluates: bool = True) -> dict[str, Any]:
     """Evaluate (fresh runs only), train (from `checkpoint` if resuming), evaluate again and save the
     final model: the part of `metrics.json` every causal-LM trainer shares.  `held_out(trainer)` adds
-    a trainer's own held-out metrics to both evaluations; `known_before` stands for the first one
-    where it is known without a pass."""
+    a trainer's own held-out metrics to both evaluations (or, without `trainer_evaluates`, is the
+    whole evaluation); `known_before` stands for the first one where it is known without a pass."""
     import time
 
     def evaluate() -> dict[str, Any]:
-        return {**trainer.evaluate(), **(held_out(trainer) if held_out else {})}
+        return {**(trainer.evaluate() if trainer_evaluates else {}), **(held_out(trainer) if held_out else {})}
 
     before = (known_before or evaluate()) if has_eval and checkpoint is None else None
     started = time.perf_counter()
