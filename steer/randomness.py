@@ -40,6 +40,12 @@ def categorical(probs: torch.Tensor, n: int = 1, block: int = 512) -> torch.Tens
     *batch, size = probs.shape
     flat = probs.reshape(-1, size)
     rows = flat.shape[0]
+    if size <= block:  # one block (a small vocabulary): the same draw, without the blocks' bookkeeping
+        total = flat.sum(-1, keepdim=True).double()
+        u = torch.rand((rows, n), generator=streams.torch, dtype=torch.float64) * total
+        within = torch.searchsorted(flat.double().cumsum(-1), u, right=True)
+        last_positive = size - 1 - (flat > 0).flip(-1).int().argmax(-1, keepdim=True)
+        return torch.minimum(within, last_positive).reshape(*batch, n)
     if size % block:
         flat = torch.nn.functional.pad(flat, (0, block - size % block))
     blocks = flat.view(rows, -1, block)

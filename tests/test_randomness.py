@@ -27,3 +27,13 @@ def test_zero_probability_tokens_are_never_drawn_on_a_full_vocabulary():
     share = (draws == top).double().mean(-1)
     expected = (probs.gather(1, top)[:, 0] / probs.sum(-1)).double()
     assert ((share - expected).abs() < 4 * (expected * (1 - expected) / 2_000).sqrt() + 1e-3).all()
+
+
+def test_a_vocabulary_within_one_block_is_drawn_by_its_probabilities_and_never_a_zero():
+    seed(2)
+    probs = torch.tensor([[0.2, 0.0, 0.5, 0.3, 0.0], [0.0, 1e-30, 0.0, 0.0, 0.0]])  # 5 tokens: one block
+    draws = categorical(probs, 100_000)
+    first = torch.bincount(draws[0], minlength=5).double() / 100_000
+    assert torch.allclose(first, torch.tensor([0.2, 0.0, 0.5, 0.3, 0.0], dtype=torch.float64), atol=0.006)
+    assert (draws[1] == 1).all()  # a lone tiny mass is still the only choice
+    assert categorical(probs[0], 3).shape == (3,) and categorical(probs[None], 2).shape == (1, 2, 2)
