@@ -17,7 +17,7 @@ import pytest
 import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed here: `bash scripts/install-vllm.sh` makes "
-                                   ".venv-vllm, where `.venv-vllm/bin/python -m pytest tests/test_vllm.py` runs these")
+                                   ".venv-vllm, where `.venv-vllm/bin/python -m pytest -n 0 tests/test_vllm.py` runs these")
 
 import steer  # noqa: E402
 from backend_contract import check_backend_contract  # noqa: E402
