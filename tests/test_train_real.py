@@ -19,11 +19,9 @@ def options(out, **kw):
     return TrainOptions(**{**base, **kw})
 
 
-def test_the_training_tokenizer_drops_only_what_its_constructor_read():
+def test_the_training_tokenizer_drops_only_what_its_constructor_read(tmp_path):
     """Without its Python copies of the vocabulary and merges, the tokenizer splits, lists its vocabulary
     and saves exactly as the one transformers loads."""
-    import tempfile
-
     from datasets.fingerprint import Hasher
     from transformers import AutoTokenizer
 
@@ -34,10 +32,9 @@ def test_the_training_tokenizer_drops_only_what_its_constructor_read():
     text = "Hello wörld,  the quick\n\nbrown 123 fox <eos>"
     assert light(text)["input_ids"] == full(text)["input_ids"] and light.get_vocab() == full.get_vocab()
     assert not light.__dict__["_vocab"] and full.__dict__["_vocab"]
-    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
-        light.save_pretrained(a)
-        full.save_pretrained(b)
-        assert (Path(a) / "tokenizer.json").read_bytes() == (Path(b) / "tokenizer.json").read_bytes()
+    light.save_pretrained(tmp_path / "light")
+    full.save_pretrained(tmp_path / "full")
+    assert (tmp_path / "light" / "tokenizer.json").read_bytes() == (tmp_path / "full" / "tokenizer.json").read_bytes()
     assert Hasher.hash(light) == Hasher.hash(load_tokenizer(default_model_path()))  # fingerprints stay stable
 
 

@@ -185,7 +185,10 @@ def pair_accuracy(trainer) -> dict[str, Any]:
     """Held-out preference accuracy of the implicit reward with ties counted half (TRL counts a tie as
     wrong, so an untrained LoRA policy, all ties, scored 0.0), its 95% bootstrap interval and the
     share of ties."""
-    margins = held_out_margins(trainer)
+    return _pair_metrics(held_out_margins(trainer))
+
+
+def _pair_metrics(margins: torch.Tensor) -> dict[str, Any]:
     return {**ties_half(margins.tolist()), "pair_margin": float(margins.mean())}
 
 
@@ -202,5 +205,4 @@ def sigmoid_evaluation(trainer) -> dict[str, Any]:
             "eval_rewards/rejected": float(rejected.mean()),
             "eval_rewards/accuracies": float((chosen > rejected).float().mean()),
             "eval_rewards/margins": float(margins.mean()), "eval_logps/chosen": float(p["chosen"].mean()),
-            "eval_logps/rejected": float(p["rejected"].mean()),
-            **ties_half(margins.tolist()), "pair_margin": float(margins.mean())}
+            "eval_logps/rejected": float(p["rejected"].mean()), **_pair_metrics(margins)}
