@@ -222,6 +222,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/frontier"))
     args = parser.parse_args()
+    if args.pairs_per_subject < 1:
+        parser.error(f"--pairs-per-subject must be at least 1, got {args.pairs_per_subject}")
     args.out.mkdir(parents=True, exist_ok=True)
 
     eval_subjects = SUBJECTS[:args.eval_subjects]
