@@ -58,13 +58,10 @@ def cleared(words: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 def few_ids(words: np.ndarray, limit: int) -> np.ndarray | None:
     """The ids set in packed `words` when there are at most `limit` of them (None: more), counted
-    first without unpacking (many set words end it at once, else the bits are counted)."""
-    middle = len(words) // 2  # a wide mask sets every word of a short run: told without a full pass
-    if np.count_nonzero(words[middle:middle + limit + 1]) > limit:
+    first without unpacking (more set words than `limit` end it at once, else the bits are counted)."""
+    if np.count_nonzero(words) > limit:  # (a wide mask: counting words is one fast pass)
         return None
-    set_words = words != 0  # NumPy counts and finds non-zero bools several times faster than int32s
-    if np.count_nonzero(set_words) > limit:
-        return None
+    set_words = words != 0  # NumPy finds non-zero bools several times faster than int32s
     nonzero = set_words.nonzero()[0]
     if len(nonzero) <= _FEW_WORDS:  # a forced or narrow choice: its bits, read one by one
         ids = []
