@@ -209,3 +209,26 @@ def test_non_utf8_and_cut_off_gzip_data_are_named_by_file_and_line(tmp_path):
     assert next(rows)[0] == 1
     with pytest.raises(DataError, match=r"huge\.jsonl:2: the line is longer than 4 MiB"):
         next(rows)
+
+
+def test_a_tokenizer_read_once_is_handed_out_as_independent_copies(tiny_text_dir, tmp_path, monkeypatch):
+    """The same tokenizer files (a trained model's copy of its base model's included) are read once per
+    process; every caller gets its own copy, named after its own directory."""
+    import train.common as common
+
+    monkeypatch.setattr(common, "_TOKENIZERS", {})
+    reads = []
+    read = common._read_tokenizer
+    monkeypatch.setattr(common, "_read_tokenizer", lambda directory: reads.append(directory) or read(directory))
+    first = common.load_tokenizer(tiny_text_dir)
+    first.save_pretrained(tmp_path / "trained")  # (as a trainer saves it beside its model)
+    first.padding_side = "left" if first.padding_side == "right" else "right"
+    second = common.load_tokenizer(tmp_path / "trained")
+    third = common.load_tokenizer(tiny_text_dir)
+    assert reads == [tiny_text_dir] and len({id(first), id(second), id(third)}) == 3
+    assert third.padding_side != first.padding_side  # a caller's change stays its own
+    assert second.name_or_path == str(tmp_path / "trained") and third.name_or_path == str(tiny_text_dir)
+    assert second("add 2 and 3")["input_ids"] == third("add 2 and 3")["input_ids"]
+    (tmp_path / "trained" / "tokenizer.json").write_text((tmp_path / "trained" / "tokenizer.json").read_text() + " ")
+    common.load_tokenizer(tmp_path / "trained")  # other content: read anew
+    assert reads == [tiny_text_dir, tmp_path / "trained"]

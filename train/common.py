@@ -7,6 +7,8 @@ on a GPU the same code runs under `accelerate launch` with `--bf16`.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import logging
 import math
@@ -66,6 +68,43 @@ def model_dir(path: str | None) -> Path:
 
 
 def load_tokenizer(directory: Path):
+    """The tokenizer of a model directory, ready for training (a pad token; see `_read_tokenizer`).
+
+    Reading Gemma's 33 MB tokenizer takes about 6 s, and a training loop reads the same one for every
+    stage (each model it saves carries a copy): tokenizers read in this process are kept by the content
+    of their files, and a copy of the kept one (about 2 s) is handed out, so callers may change it."""
+    key = _tokenizer_key(Path(directory))
+    kept = _TOKENIZERS.pop(key, None)
+    if kept is None:
+        kept = _read_tokenizer(Path(directory))
+    _TOKENIZERS[key] = kept  # (the most recent last)
+    while len(_TOKENIZERS) > 2:
+        _TOKENIZERS.pop(next(iter(_TOKENIZERS)))
+    tokenizer = copy.deepcopy(kept)
+    tokenizer.name_or_path = tokenizer.init_kwargs["name_or_path"] = str(directory)
+    return tokenizer
+
+
+_TOKENIZERS: dict[str, Any] = {}  # content key -> a tokenizer never handed out itself
+_TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "added_tokens", "chat_template", "vocab", "merges", "spiece")
+
+
+def _tokenizer_key(directory: Path) -> str:
+    """A digest of the tokenizer's files, without the settings of a load that do not change the
+    tokenizer (a trained model's copy differs from its base model's only there)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path in sorted(directory.iterdir()):
+        if not path.is_file() or not path.name.startswith(_TOKENIZER_FILES):
+            continue
+        data = path.read_bytes()
+        if path.name == "tokenizer_config.json":
+            settings = {k: v for k, v in json.loads(data).items() if k not in ("local_files_only", "is_local", "name_or_path")}
+            data = json.dumps(settings, sort_keys=True).encode()
+        digest.update(path.name.encode() + b"\0" + data + b"\0")
+    return digest.hexdigest()
+
+
+def _read_tokenizer(directory: Path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)

@@ -14,9 +14,11 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from steer.errors import SteerError
 from steer.jsonl import write_jsonl
+from steer.lm.hf import cache_argument
 
 from .common import load_causal_lm, load_tokenizer
 
@@ -46,19 +48,21 @@ class Generator:
 
     def generate(self, prompts: list[str], *, n: int = 1, max_new_tokens: int = 128, temperature: float = 0.7,
                  top_p: float = 0.9, seed: int = 0, stop: str | None = None, desc: str = "generating") -> list[list[str]]:
-        """`n` samples for each prompt (greedy when temperature is 0), cut at `stop` if given."""
+        """`n` samples for each prompt (greedy when temperature is 0), cut at `stop` if given.
+
+        Prompts are batched by length (padding a short prompt to a long one's length costs as much as the
+        long one), and a batch's prompts are read once for all their `n` samples (`generate`'s
+        `num_return_sequences` would read each prompt `n` times)."""
         torch.manual_seed(seed)
-        per_call = max(1, self.batch_size // n)
-        out: list[list[str]] = []
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
             dict(do_sample=False)
-        for start in tqdm(range(0, len(prompts), per_call), desc=desc, disable=not self.progress):
-            group = prompts[start:start + per_call]
-            batch = self.tokenizer(group, return_tensors="pt", padding=True)
+        out: list[list[str]] = [[] for _ in prompts]
+        groups = length_groups([len(ids) for ids in self.tokenizer(prompts).input_ids], max(1, self.batch_size // n))
+        for group in tqdm(groups, desc=desc, disable=not self.progress):
+            batch = self.tokenizer([prompts[i] for i in group], return_tensors="pt", padding=True)
             started = time.perf_counter()
             with torch.no_grad():
-                ids = self.model.generate(**batch, max_new_tokens=max_new_tokens, num_return_sequences=n,
-                                          **sampling)
+                ids = self._sample(batch, n, max_new_tokens=max_new_tokens, **sampling)
             self.stats.seconds += time.perf_counter() - started
             new = ids[:, batch["input_ids"].shape[1]:]
             counted = int((new != self.tokenizer.pad_token_id).sum())
@@ -68,8 +72,38 @@ class Generator:
             texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
             if stop:
                 texts = [t.split(stop)[0] for t in texts]
-            out.extend([t.strip() for t in texts[i * n:(i + 1) * n]] for i in range(len(group)))
+            for k, i in enumerate(group):
+                out[i] = [t.strip() for t in texts[k * n:(k + 1) * n]]
         return out
+
+    def _sample(self, batch: dict[str, torch.Tensor], n: int, **options) -> torch.Tensor:
+        """`n` continuations of each (left-padded) prompt, grouped by prompt: the prompts but their last
+        token are read once, and the cache is repeated for the samples."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if n == 1 or ids.shape[1] < 2:
+            return self.model.generate(**batch, num_return_sequences=n, **options)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache, name = DynamicCache(config=self.model.config), cache_argument(self.model.forward)
+        self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                   use_cache=True, logits_to_keep=1, **{name: cache})
+        cache.batch_repeat_interleave(n)
+        return self.model.generate(input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
+                                   **{name: cache}, **options)
+
+def length_groups(lengths: list[int], size: int, waste: float = 0.25) -> list[list[int]]:
+    """Indices of prompts in batches of at most `size`, shortest first, so that padding adds at most
+    `waste` to the tokens a batch reads (a batch is padded to its longest prompt)."""
+    groups: list[list[int]] = []
+    total = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        group = groups[-1] if groups else None
+        if group is not None and len(group) < size and (len(group) + 1) * lengths[i] <= (1 + waste) * (total + lengths[i]):
+            group.append(i)
+            total += lengths[i]
+        else:
+            groups.append([i])
+            total = lengths[i]
+    return groups
 
 
 def sample_response_sets(data: str | Path, out: str | Path, *, model: str | None = None, n: int = 2,

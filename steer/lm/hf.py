@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import os
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +33,12 @@ from .base import DRAWS, ModelState, TokenizerLanguageModel, Vocabulary
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def cache_argument(forward: Callable) -> str:
+    """The name under which `forward` takes a KV cache: transformers 5.20 renamed `past_key_values` to
+    `cache` (vLLM's pins need the older)."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 @dataclass
@@ -68,9 +74,7 @@ class HFLanguageModel(TokenizerLanguageModel):
         self._head = model.get_output_embeddings()
         self._softcap = getattr(model.config, "final_logit_softcapping", None)
         self._make_cache = lambda: DynamicCache(config=model.config)
-        # transformers 5.20 renamed the decoder's `past_key_values` to `cache`; vLLM's pins need the older.
-        self._cache_argument = "cache" if "cache" in inspect.signature(self._decoder.forward).parameters \
-            else "past_key_values"
+        self._cache_argument = cache_argument(self._decoder.forward)
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
