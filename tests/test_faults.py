@@ -137,6 +137,7 @@ def test_a_conversion_killed_half_way_leaves_no_model_and_is_cleaned_up(tmp_path
 def test_the_conversion_parses_the_gguf_file_once(tmp_path):
     """The tokenizer, the config and the weights share one parse of the file (each took 20 s)."""
     import gguf
+    import numpy as np
 
     from steer.lm.loading import _gguf_parsed_once
 
@@ -150,6 +151,7 @@ def test_the_conversion_parses_the_gguf_file_once(tmp_path):
     with _gguf_parsed_once():
         first = gguf.GGUFReader(path)
         assert gguf.GGUFReader(str(path)) is first and first.fields["test.value"].contents() == 7
+        assert type(first.data) is np.ndarray  # read into memory: slices of a memory map run Python hooks
     assert gguf.GGUFReader is original and gguf.GGUFReader(path) is not first
 
 
