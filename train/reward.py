@@ -266,10 +266,10 @@ def save_reward_model(trainer, tokenizer, out: Path, lora: bool) -> Path:
 def fit_reward_model(train: list[Pair], evaluation: list[Pair], options: TrainOptions, *,
                      margins: list[float] | None = None, label_smoothing: float = 0.0,
                      contrastive: float = 0.0, meta: MetaSet | None = None, callbacks: list | None = None,
-                     resume: str | None = None, before: bool = False) -> tuple[Any, dict]:
+                     resume: str | None = None, before: bool = False, tokenizer=None) -> tuple[Any, dict]:
     """Train one reward model; returns (trainer, held-out metrics: `eval`, and with `before` also
     `eval_before`, measured before the first step)."""
-    tokenizer = load_tokenizer(model_dir(options.model))
+    tokenizer = tokenizer or load_tokenizer(model_dir(options.model))
     trainer = build_reward_trainer(train, evaluation, options, margins=margins, label_smoothing=label_smoothing,
                                    contrastive=contrastive, meta=meta, callbacks=callbacks, tokenizer=tokenizer)
     metrics: dict[str, Any] = {}
@@ -339,7 +339,7 @@ def train_reward(data: str | Path, options: TrainOptions, *, label_smoothing: fl
     meta = MetaSet(load_response_sets(meta_data), meta_lr, seed=options.seed) if meta_data else None
     trainer, fit = fit_reward_model(train, evaluation, options, margins=margins, label_smoothing=label_smoothing,
                                     contrastive=contrastive, meta=meta, callbacks=callbacks, resume=checkpoint,
-                                    before=True)
+                                    before=True, tokenizer=tokenizer)
     final = Path(options.out) / "model"
     if trainer.is_world_process_zero():
         save_reward_model(trainer, tokenizer, Path(options.out), options.lora)

@@ -57,8 +57,7 @@ def _member(pairs: list[Pair], options: TrainOptions, index: int, train_fraction
     opts = replace(options, out=str(out), seed=options.seed + index, resume=last_checkpoint(out) is not None,
                    eval_fraction=0.0)
     trainer, fit = fit_reward_model([pairs[i] for i in seen], [], opts)
-    tokenizer = load_tokenizer(model_dir(options.model))
-    diffs = score_pairs(trainer.model, tokenizer, pairs, options.max_length)
+    diffs = score_pairs(trainer.model, trainer.processing_class, pairs, options.max_length)
     result = {"seen": seen, "diffs": diffs.tolist(), "train": fit}
     atomic_write_text(saved, json.dumps(result))
     return result
@@ -93,8 +92,8 @@ def decile_accuracy(pairs: list[Pair], means: np.ndarray, validation: list[Pair]
         out = Path(options.out) / "deciles" / f"{g}"
         opts = replace(options, out=str(out), resume=last_checkpoint(out) is not None, eval_fraction=0.0)
         trainer, _ = fit_reward_model([pairs[i] for i in indices], [], opts)
-        tokenizer = load_tokenizer(model_dir(options.model))
-        accuracy = float((score_pairs(trainer.model, tokenizer, validation, options.max_length) > 0).float().mean())
+        scores = score_pairs(trainer.model, trainer.processing_class, validation, options.max_length)
+        accuracy = float((scores > 0).float().mean())
         rows.append({"decile": g + 1, "pairs": len(indices), "mean_strength": float(means[indices].mean()),
                      "validation_accuracy": accuracy})
     return rows
