@@ -6,6 +6,7 @@ and a count of generated tokens so callers can report tokens per second.
 
 from __future__ import annotations
 
+import inspect
 import random
 import time
 from dataclasses import dataclass, field
@@ -84,8 +85,10 @@ class Generator:
             return self.model.generate(**batch, num_return_sequences=n, **options)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         cache, name = DynamicCache(config=self.model.config), cache_argument(self.model.forward)
+        # (the prompt's logits are not needed: the last token, read by `generate`, gives the first ones)
+        last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
         self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                   use_cache=True, logits_to_keep=1, **{name: cache})
+                   use_cache=True, **last_only, **{name: cache})
         cache.batch_repeat_interleave(n)
         return self.model.generate(input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
                                    **{name: cache}, **options)
