@@ -1,7 +1,8 @@
 """Batched sampling from a causal LM checkpoint, for trainers that generate their own data.
 
-One `generate` call per group of prompts (left-padded), `n` samples per prompt, a seeded generator,
-and a count of generated tokens so callers can report tokens per second.
+One `generate` call per group of prompts of similar length (left-padded), `n` samples per prompt from
+one read of it, a seeded generator, and a count of generated tokens so callers can report tokens per
+second.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class Generator:
         cache.batch_repeat_interleave(n)
         return self.model.generate(input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
                                    **{name: cache}, **options)
+
 
 def length_groups(lengths: list[int], size: int, waste: float = 0.25) -> list[list[int]]:
     """Indices of prompts in batches of at most `size`, shortest first, so that padding adds at most
