@@ -158,8 +158,13 @@ def held_out_log_probs(trainer) -> dict[str, torch.Tensor]:
 def held_out_margins(trainer) -> torch.Tensor:
     """The implicit reward margin β[(log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r))] of every
     held-out pair.  Before training (LoRA: the policy is the reference) every margin is 0."""
-    p = held_out_log_probs(trainer)
-    return trainer.beta * ((p["chosen"] - p["ref_chosen"]) - (p["rejected"] - p["ref_rejected"]))
+    chosen, rejected = _implicit_rewards(trainer, held_out_log_probs(trainer))
+    return chosen - rejected
+
+
+def _implicit_rewards(trainer, p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """β(log π - log π_ref) of the chosen and of the rejected completions (see `held_out_log_probs`)."""
+    return trainer.beta * (p["chosen"] - p["ref_chosen"]), trainer.beta * (p["rejected"] - p["ref_rejected"])
 
 
 def _completion_log_probs(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,8 +203,7 @@ def sigmoid_evaluation(trainer) -> dict[str, Any]:
     (not its entropy, logits and token-accuracy diagnostics), so `trainer.evaluate()`, a second pass
     as long (half an hour on 433 HH-RLHF pairs on one core), is not run."""
     p = held_out_log_probs(trainer)
-    chosen = trainer.beta * (p["chosen"] - p["ref_chosen"])
-    rejected = trainer.beta * (p["rejected"] - p["ref_rejected"])
+    chosen, rejected = _implicit_rewards(trainer, p)
     margins = chosen - rejected
     return {"eval_loss": float(-F.logsigmoid(margins).mean()), "eval_rewards/chosen": float(chosen.mean()),
             "eval_rewards/rejected": float(rejected.mean()),

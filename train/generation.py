@@ -47,6 +47,11 @@ class Generator:
         self.model.generation_config.pad_token_id = self.tokenizer.pad_token_id
         self.batch_size, self.progress = batch_size, progress
         self.stats = GenerationStats()
+        # how this model's forward takes a cache, and whether it can skip the prompt's logits (which
+        # the shared prefill does not need: the last token, read by `generate`, gives the first ones)
+        self._cache_name = cache_argument(self.model.forward)
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters \
+            else {}
 
     def generate(self, prompts: list[str], *, n: int = 1, max_new_tokens: int = 128, temperature: float = 0.7,
                  top_p: float = 0.9, seed: int = 0, stop: str | None = None, desc: str = "generating") -> list[list[str]]:
@@ -85,14 +90,12 @@ class Generator:
         if n == 1 or ids.shape[1] < 2:
             return self.model.generate(**batch, num_return_sequences=n, **options)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        cache, name = DynamicCache(config=self.model.config), cache_argument(self.model.forward)
-        # (the prompt's logits are not needed: the last token, read by `generate`, gives the first ones)
-        last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
+        cache = DynamicCache(config=self.model.config)
         self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                   use_cache=True, **last_only, **{name: cache})
+                   use_cache=True, **self._last_only, **{self._cache_name: cache})
         cache.batch_repeat_interleave(n)
         return self.model.generate(input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
-                                   **{name: cache}, **options)
+                                   **{self._cache_name: cache}, **options)
 
 
 def length_groups(lengths: list[int], size: int, waste: float = 0.25) -> list[list[int]]:
