@@ -8,6 +8,9 @@ temperature beta the KL-regularised optimum is pi*(x) = p(x) exp(r(x)/beta) / Z,
     subjects (the best and the worst of `--candidates` by r, ties dropped, and with
     `--pairs-per-subject K` up to K - 1 more pairs of them whose rewards differ); the trained policy is
     sampled on held-out subjects, and KL(pi || p) = E_pi[log pi(x) - log p(x)] over its samples;
+(a') with `--online-steps N`, what online DPO at beta trains towards too: N steps, each drawing two
+    responses to each of 8 training subjects from the policy as it trains, ranked by r, against the
+    base model as reference; evaluated as (a);
 (b) exactly the target of SMC steering with `prefer_words(words, 1/beta)`: E[r] from the weighted
     particles, KL = E[r]/beta - log Z from the weights and log_ml (`Posterior.kl_to_base`);
 (c) approached by best-of-N for N in --best-of: E[r] of the best of N base samples, KL <= log N -
@@ -16,7 +19,7 @@ temperature beta the KL-regularised optimum is pi*(x) = p(x) exp(r(x)/beta) / Z,
 Intervals are 95% bootstrap intervals over held-out subjects.  Costs: DPO's training minutes (data
 generation included) and every method's sampling seconds per output.
 
-    python bench/preference_frontier.py [--betas 2 1 0.5] [--out runs/frontier]
+    python bench/preference_frontier.py [--betas 2 1 0.5] [--online-steps 60] [--out runs/frontier]
 
 Prints a table and a final JSON line; writes frontier.png and frontier.json to --out.
 """
@@ -41,6 +44,7 @@ from steer.lm.loading import default_model_path  # noqa: E402
 from steer.template import format_prompt  # noqa: E402
 from train.common import TrainOptions, load_causal_lm, load_tokenizer  # noqa: E402
 from train.dpo import train_dpo  # noqa: E402
+from train.online_dpo import train_online_dpo  # noqa: E402
 from train.intervals import grouped_mean_ci95  # noqa: E402
 
 TOKENS = 20
@@ -167,7 +171,32 @@ def dpo_arm(base, tokenizer, data: Path, eval_subjects: list[str], beta: float, 
                            eval_fraction=0.1, save_steps=10_000, progress=False, seed=args.seed)
     metrics = train_dpo(data, options, beta=beta)
     minutes = (time.perf_counter() - started) / 60 + pair_minutes
-    policy = load_causal_lm(Path(metrics["model"])).eval()
+    return {**sampled_policy(Path(metrics["model"]), base, tokenizer, eval_subjects, args),
+            "training_minutes": minutes, "pairs": sum(1 for _ in data.open()),
+            "held_out_pair_accuracy": (metrics.get("eval") or {}).get("pair_accuracy")}
+
+
+def online_dpo_arm(base, tokenizer, train_subjects: list[str], eval_subjects: list[str], beta: float, args,
+                   out: Path) -> dict:
+    """On-policy DPO at beta: every step draws two responses per training subject from the policy as it
+    is, ranks them by r and takes a DPO step against the base model (the adapter switched off)."""
+    started = time.perf_counter()
+    options = TrainOptions(model=str(default_model_path()), out=str(out / f"online-dpo-beta{beta:g}"),
+                           max_steps=args.online_steps, batch_size=8, learning_rate=args.online_lr, max_length=96,
+                           lora=True, lora_r=16, save_steps=10_000, progress=False, seed=args.seed)
+    metrics = train_online_dpo([format_prompt(instruction(s)) for s in train_subjects],
+                               lambda _, responses: [float(hits(r)) for r in responses], options, beta=beta,
+                               max_new_tokens=TOKENS)
+    minutes = (time.perf_counter() - started) / 60
+    return {**sampled_policy(Path(metrics["model"]), base, tokenizer, eval_subjects, args),
+            "training_minutes": minutes, "steps": args.online_steps,
+            "drawn_reward_first": metrics["reward_first"], "drawn_reward_last": metrics["reward_last"]}
+
+
+def sampled_policy(model: Path, base, tokenizer, eval_subjects: list[str], args) -> dict:
+    """A trained policy sampled on the held-out subjects: its mean reward, and KL(pi || p) =
+    E_pi[log pi(x) - log p(x)] over its samples."""
+    policy = load_causal_lm(model).eval()
     rewards, kls = [], []
     sample_started = time.perf_counter()
     eval_prompts = [format_prompt(instruction(s)) for s in eval_subjects]
@@ -176,9 +205,7 @@ def dpo_arm(base, tokenizer, data: Path, eval_subjects: list[str], beta: float, 
     for prompt, responses in zip(eval_prompts, drawn):
         rewards.append([float(hits(text_of(tokenizer, r))) for r in responses])
         kls.append([log_prob(policy, tokenizer, prompt, r) - log_prob(base, tokenizer, prompt, r) for r in responses])
-    return {**summarise(rewards, kls, seconds), "training_minutes": minutes,
-            "pairs": sum(1 for _ in data.open()),
-            "held_out_pair_accuracy": (metrics.get("eval") or {}).get("pair_accuracy")}
+    return summarise(rewards, kls, seconds)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -188,7 +215,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method, marker in (("base", "s"), ("best-of-N", "^"), ("SMC", "o"), ("DPO", "D")):
+    for method, marker in (("base", "s"), ("best-of-N", "^"), ("SMC", "o"), ("DPO", "D"), ("online DPO", "v")):
         mine = [r for r in rows if r["method"] == method]
         if not mine:
             continue
@@ -218,7 +245,10 @@ def main() -> None:
                         help="DPO pairs per training subject: the best against the worst, then random others")
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--no-dpo", action="store_true", help="skip the DPO arm (no training)")
+    parser.add_argument("--no-dpo", action="store_true", help="skip the offline DPO arm")
+    parser.add_argument("--online-steps", type=int, default=0,
+                        help="also train online DPO for this many steps (8 prompts a step) at each beta")
+    parser.add_argument("--online-lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/frontier"))
     args = parser.parse_args()
@@ -254,6 +284,10 @@ def main() -> None:
         for beta in args.betas:
             rows.append({"method": "DPO", "setting": f"beta={beta:g}", "beta": beta,
                          **dpo_arm(base, tokenizer, data, eval_subjects, beta, args, args.out, pair_minutes)})
+
+    for beta in args.betas if args.online_steps > 0 else []:
+        rows.append({"method": "online DPO", "setting": f"beta={beta:g}", "beta": beta,
+                     **online_dpo_arm(base, tokenizer, train_subjects, eval_subjects, beta, args, args.out)})
 
     def ci(x):
         return f"[{x[0]:.2f}, {x[1]:.2f}]" if x else "-"

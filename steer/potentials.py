@@ -184,8 +184,12 @@ class RewardModel(ScoringModel):
         self._warned = False
 
     def _score_batch(self, pairs: list[tuple[str, str]]) -> list[float]:
+        return self.score_laid_out([format_prompt(i) for i, _ in pairs], [r for _, r in pairs])
+
+    def score_laid_out(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        """r of each response to a prompt already in the instruction template (one batch, uncached)."""
         # Scored as a finished text ending in EOS, as reward models are trained (TRL appends EOS).
-        texts = [format_prompt(i) + r + self.tokenizer.eos_token for i, r in pairs]
+        texts = [p + r + self.tokenizer.eos_token for p, r in zip(prompts, responses)]
         batch, cut = reward_batch(self.tokenizer, texts, self.max_length)
         if cut and not self._warned:
             warnings.warn(f"reward model {self.path.name}: a text is longer than max_length={self.max_length} "

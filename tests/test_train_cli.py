@@ -1,6 +1,7 @@
 """`steer train ...` end to end on a tiny model: outputs, metrics, and clear errors for bad input."""
 
 import json
+import math
 
 import pytest
 
@@ -120,3 +121,18 @@ def test_reward_learning_rate_defaults_to_one_that_moves_a_lora_adapter(flags, l
 
     args = build_parser().parse_args(["train", "reward", "--data", "d.jsonl", "--out", "o", *flags])
     assert _options(args).learning_rate == lr
+
+
+def test_online_dpo_ranks_its_own_samples_with_a_reward_model(tiny_text_dir, arithmetic_pairs, tmp_path, capsys):
+    code, _, err = run(["train", "reward", *common(tiny_text_dir, tmp_path / "rm", arithmetic_pairs)], capsys)
+    assert code == 0, err
+    code, out, err = run(["train", "online-dpo", *common(tiny_text_dir, tmp_path / "run", arithmetic_pairs),
+                          "--reward-model", str(tmp_path / "rm" / "model"), "--lora", "--max-new-tokens", "6"],
+                         capsys)
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["steps"] == metrics["train"]["steps"] == 2
+    scores = [row["objective/scores"] for row in metrics["log"] if "objective/scores" in row]
+    assert len(scores) == 2 and all(math.isfinite(s) for s in scores)  # each step's responses were scored
+    assert steer.load_model(tmp_path / "run" / "model").vocab.size > 90

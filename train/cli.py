@@ -108,6 +108,20 @@ def _dpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _online_dpo(args: argparse.Namespace) -> int:
+    from steer.potentials import RewardModel
+
+    from .data import load_prompts
+    from .online_dpo import train_online_dpo
+
+    judge = RewardModel(args.reward_model, max_length=args.max_length)
+    metrics = train_online_dpo(load_prompts(args.data), judge.score_laid_out, _options(args), beta=args.beta,
+                               max_new_tokens=args.max_new_tokens)
+    _print_json({"out": metrics["model"], "steps": metrics["train"]["steps"],
+                 "reward_first": metrics["reward_first"], "reward_last": metrics["reward_last"]})
+    return 0
+
+
 def _reward(args: argparse.Namespace) -> int:
     from .reward import train_reward
 
@@ -244,6 +258,15 @@ def add_commands(commands) -> None:
     dpo.add_argument("--trl-head", action="store_true",
                      help="use TRL's LM head over every position (default: completion positions only)")
     dpo.set_defaults(handler=_dpo)
+
+    online = kinds.add_parser("online-dpo", help="on-policy DPO: each step's responses drawn from the policy "
+                                                 "and ranked by a reward model")
+    _run_flags(online, lr=5e-6, lora_lr=1e-4)
+    online.add_argument("--reward-model", required=True,
+                        help="a reward model directory (`steer train reward`'s OUT/model)")
+    online.add_argument("--beta", type=float, default=0.1)
+    online.add_argument("--max-new-tokens", type=positive("--max-new-tokens"), default=64)
+    online.set_defaults(handler=_online_dpo)
 
     reward = kinds.add_parser("reward", help="a Bradley-Terry reward model on preference pairs")
     _run_flags(reward, lr=1e-5, lora_lr=2e-4)
