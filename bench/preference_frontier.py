@@ -232,30 +232,8 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--betas", type=float, nargs="+", default=[2.0, 1.0, 0.5])
-    parser.add_argument("--best-of", type=int, nargs="+", default=[2, 4, 8, 16])
-    parser.add_argument("--eval-subjects", type=int, default=8)
-    parser.add_argument("--train-subjects", type=int, default=len(SUBJECTS), help="at most this many train on")
-    parser.add_argument("--samples", type=int, default=16, help="samples per held-out subject")
-    parser.add_argument("--particles", type=int, default=16)
-    parser.add_argument("--candidates", type=int, default=8, help="base responses per training subject")
-    parser.add_argument("--pairs-per-subject", type=int, default=1,
-                        help="DPO pairs per training subject: the best against the worst, then random others")
-    parser.add_argument("--epochs", type=float, default=2.0)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--no-dpo", action="store_true", help="skip the offline DPO arm")
-    parser.add_argument("--online-steps", type=int, default=0,
-                        help="also train online DPO for this many steps (8 prompts a step) at each beta")
-    parser.add_argument("--online-lr", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("runs/frontier"))
-    args = parser.parse_args()
-    if args.pairs_per_subject < 1:
-        parser.error(f"--pairs-per-subject must be at least 1, got {args.pairs_per_subject}")
-    args.out.mkdir(parents=True, exist_ok=True)
-
+def measured(args) -> list[dict]:
+    """Every method's row, measured."""
     eval_subjects = SUBJECTS[:args.eval_subjects]
     train_subjects = SUBJECTS[args.eval_subjects:][:args.train_subjects]
     lm = steer.load_model()
@@ -288,6 +266,45 @@ def main() -> None:
     for beta in args.betas if args.online_steps > 0 else []:
         rows.append({"method": "online DPO", "setting": f"beta={beta:g}", "beta": beta,
                      **online_dpo_arm(base, tokenizer, train_subjects, eval_subjects, beta, args, args.out)})
+
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--betas", type=float, nargs="+", default=[2.0, 1.0, 0.5])
+    parser.add_argument("--best-of", type=int, nargs="+", default=[2, 4, 8, 16])
+    parser.add_argument("--eval-subjects", type=int, default=8)
+    parser.add_argument("--train-subjects", type=int, default=len(SUBJECTS), help="at most this many train on")
+    parser.add_argument("--samples", type=int, default=16, help="samples per held-out subject")
+    parser.add_argument("--particles", type=int, default=16)
+    parser.add_argument("--candidates", type=int, default=8, help="base responses per training subject")
+    parser.add_argument("--pairs-per-subject", type=int, default=1,
+                        help="DPO pairs per training subject: the best against the worst, then random others")
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--no-dpo", action="store_true", help="skip the offline DPO arm")
+    parser.add_argument("--online-steps", type=int, default=0,
+                        help="also train online DPO for this many steps (8 prompts a step) at each beta")
+    parser.add_argument("--online-lr", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--merge", type=Path, nargs="*", default=[],
+                        help="earlier runs' frontier.json: their trained arms join this run's table and plot")
+    parser.add_argument("--replot", action="store_true",
+                        help="measure nothing: redraw the table and plot of OUT/frontier.json (with --merge)")
+    parser.add_argument("--out", type=Path, default=Path("runs/frontier"))
+    args = parser.parse_args()
+    if args.pairs_per_subject < 1:
+        parser.error(f"--pairs-per-subject must be at least 1, got {args.pairs_per_subject}")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    if args.replot:  # (rows an earlier --merge added are merged anew)
+        rows = [r for r in json.loads((args.out / "frontier.json").read_text()) if "from" not in r]
+    else:
+        rows = measured(args)
+    for earlier in args.merge:  # (the same base model, subjects and seeds: its base rows are this run's)
+        rows += [{**r, "setting": f"{r['setting']}, {earlier.parent.name}", "from": str(earlier)}
+                 for r in json.loads(earlier.read_text()) if r["method"] in ("DPO", "online DPO") and "from" not in r]
 
     def ci(x):
         return f"[{x[0]:.2f}, {x[1]:.2f}]" if x else "-"
