@@ -114,8 +114,9 @@ def _online_dpo(args: argparse.Namespace) -> int:
     from .data import load_prompts
     from .online_dpo import train_online_dpo
 
+    prompts = load_prompts(args.data)  # (a bad data file is told before any model loads)
     judge = RewardModel(args.reward_model, max_length=args.max_length)
-    metrics = train_online_dpo(load_prompts(args.data), judge.score_laid_out, _options(args), beta=args.beta,
+    metrics = train_online_dpo(prompts, judge.score_laid_out, _options(args), beta=args.beta,
                                max_new_tokens=args.max_new_tokens)
     _print_json({"out": metrics["model"], "steps": metrics["train"]["steps"],
                  "reward_first": metrics["reward_first"], "reward_last": metrics["reward_last"]})
