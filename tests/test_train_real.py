@@ -50,6 +50,25 @@ def test_dpo_with_lora_on_gemma(tmp_path):
     assert all(len(p.context.generated) >= 1 for p in post.particles)
 
 
+def test_online_dpo_with_lora_on_gemma(tmp_path):
+    from steer.template import format_prompt
+    from train.online_dpo import train_online_dpo
+
+    drawn = []
+
+    def positive(prompts: list[str], responses: list[str]) -> list[float]:
+        drawn.extend(responses)
+        return [float(sum(w in r.lower() for w in ("good", "great", "nice"))) for r in responses]
+
+    prompts = [format_prompt("Write a short review of a bakery."), format_prompt("Describe a sunny day.")]
+    metrics = train_online_dpo(prompts, positive, options(tmp_path / "online", max_steps=1, save_steps=10),
+                               beta=1.0, max_new_tokens=6)
+    # the policy starts as its reference (the adapter off), so the first DPO loss is ln 2 exactly
+    assert metrics["log"][0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert len(drawn) == 4 and any(d.strip() for d in drawn)  # two responses to each prompt, decoded text
+    assert (tmp_path / "online" / "model" / "model.safetensors").is_file() and (tmp_path / "online" / "adapter").is_dir()
+
+
 def test_sft_with_lora_on_gemma(tmp_path):
     from train.sft import train_sft
 
