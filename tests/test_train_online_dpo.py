@@ -1,7 +1,9 @@
 """Online DPO on a tiny model: the first step's loss against its closed form, the logged rewards
-against the reward function, and a policy whose own samples improve."""
+against the reward function, the completion-only LM head against TRL's, a policy whose own samples
+improve, and resume."""
 
 import math
+import shutil
 import string
 
 import pytest
@@ -88,3 +90,22 @@ def test_completion_only_logits_equal_trls_forward(tiny_text_dir):
             trls = trainer_class.__mro__[1]._forward(fake, model, prompt, prompt_mask, completion, completion_mask)
         assert ours.shape == completion.shape
         torch.testing.assert_close(ours, trls, atol=1e-5, rtol=1e-5)
+
+
+def test_a_resumed_run_ends_as_an_uninterrupted_one(tmp_path, tiny_text_dir):
+    prompts = [format_prompt("x"), format_prompt("y")]
+
+    def run(out, steps, resume=False):
+        options = TrainOptions(model=str(tiny_text_dir), out=str(out), max_steps=steps, batch_size=2,
+                               learning_rate=1e-3, lora=True, progress=False, save_steps=2, resume=resume)
+        return train_online_dpo(prompts, lowercase_rewards, options, beta=0.5, max_new_tokens=6)
+
+    whole = run(tmp_path / "whole", 4)
+    run(tmp_path / "cut", 4)  # then as if killed after step 2's checkpoint: the later outputs never written
+    for later in ("checkpoint-4", "model", "adapter"):
+        shutil.rmtree(tmp_path / "cut" / later)
+    (tmp_path / "cut" / "metrics.json").unlink()
+    resumed = run(tmp_path / "cut", 4, resume=True)
+    assert resumed["train"]["steps"] == 4
+    losses = [[row["loss"] for row in m["log"] if "objective/scores" in row] for m in (whole, resumed)]
+    assert losses[1][-2:] == pytest.approx(losses[0][-2:], abs=1e-4)  # the same draws and steps after the cut
